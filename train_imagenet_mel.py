@@ -1,0 +1,607 @@
+"""Semi-supervised ImageNet with MEL, NBEL and CAM locality (Bansal & Zepeda) — single GPU or torchrun DDP.
+
+Follows the note `papers/imagenet_mel_nbel_locality_note.txt` (eqs. 1-4) and REFERENCE §6. A class-balanced labeled
+subset and a disjoint unlabeled subset are drawn by the seed from an ImageNet-style `train/` folder; `val/` is the test
+set. Every batch slot is labeled with probability `--labeled-ratio`. The loss on a batch of T images is
+
+    L = CE(labeled rows) + alpha * MEL + beta * NBEL + gamma * Loc                                         (eq. 4)
+    MEL  = 1/T sum_t H(q_t)                                                                                 (eq. 1)
+    NBEL = -H(1/T sum_t q_t)          (under DDP: over the global batch, all-gathered with gradient)        (eq. 2)
+    Loc  = sum over 4 directions of ||[ ||C_i(1:k, :)||_2 for k = 1..N ]||_1 on the CAM of the top class   (eq. 3)
+
+with a DenseNet (torchvision, random init) whose CAMs come from its last ReLU feature map and classifier weights.
+Where the authors' code differs from the note, the note is the default and the code's behaviour is a flag
+(`--nbel-on-mean-logits`, `--loc-weighting prob`).
+
+    python train_imagenet_mel.py --data-dir /data/imagenet --num-labeled 64000 --num-unlabeled 200000
+    torchrun --standalone --nproc_per_node 8 train_imagenet_mel.py --data-dir /data/imagenet
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.utils.tensorboard import SummaryWriter
+from torchvision import transforms
+
+SCRIPT = "imagenet_mel"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Arguments that define the experiment; a resumed run must be started with the same values.
+MUST_MATCH_ON_RESUME = ("data_dir", "seed", "num_labeled", "num_unlabeled", "num_valid", "labeled_ratio", "batch_size",
+                        "lr", "momentum", "weight_decay", "lr_step_epochs", "arch", "growth_rate", "block_config",
+                        "num_init_features", "crop_size", "resize_size", "mel_weight", "nbel_weight", "loc_weight",
+                        "loc_weighting", "nbel_on_mean_logits")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = parser.add_argument_group("experiment")
+    g.add_argument("--seed", type=int, default=1, help="seeds the split, the batch schedule and the model init")
+    g.add_argument("--runs-dir", default="runs", help="parent of the run directory")
+    g.add_argument("--run-name", default=None, help="default: <dataset>__imagenet_mel__<seed>__<unix time>")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its checkpoint.pt")
+    g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA if available")
+    g.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=True,
+                   help="cudnn.deterministic (off = cudnn.benchmark, faster)")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast + channels_last on CUDA (ignored on CPU)")
+    g.add_argument("--log-every", type=int, default=100, help="steps between scalar logs")
+    g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations; 0 = once per epoch")
+    g = parser.add_argument_group("data")
+    g.add_argument("--data-dir", required=True, help="folder with ImageNet-style train/ and val/ class folders")
+    g.add_argument("--num-labeled", type=int, default=64000, help="class-balanced labeled subset of train/ (note §3)")
+    g.add_argument("--num-unlabeled", type=int, default=200000,
+                   help="unlabeled subset of train/, disjoint from the labeled one (note §3); -1 = all the rest")
+    g.add_argument("--num-valid", type=int, default=0,
+                   help="images of train/ held out for model selection; 0 = none, as in the note (val/ is the test set)")
+    g.add_argument("--labeled-ratio", type=float, default=0.25,
+                   help="probability that a batch slot is labeled (authors' default 0.25; the note found 0.8 best)")
+    g.add_argument("--crop-size", type=int, default=224, help="random-resized-crop / centre-crop size (standard)")
+    g.add_argument("--resize-size", type=int, default=256, help="evaluation resize before the centre crop (standard)")
+    g.add_argument("--num-workers", type=int, default=8, help="DataLoader workers per process")
+    g = parser.add_argument_group("model")
+    g.add_argument("--arch", default="densenet121", choices=["densenet121", "densenet161", "densenet169", "densenet201"],
+                   help="torchvision DenseNet, random init (issue 8; the note uses 'DenseNet')")
+    g.add_argument("--growth-rate", type=int, default=None, help="override the arch's growth rate (tiny test nets)")
+    g.add_argument("--block-config", default=None, help="override the arch's blocks, e.g. '2,2' (tiny test nets)")
+    g.add_argument("--num-init-features", type=int, default=None, help="override the arch's stem width")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=90, help="standard ImageNet schedule (LR /10 at 30 and 60)")
+    g.add_argument("--total-steps", type=int, default=None,
+                   help="override the number of steps (default: epochs x steps per epoch)")
+    g.add_argument("--batch-size", type=int, default=256, help="global batch, split over the DDP processes (standard)")
+    g.add_argument("--lr", type=float, default=0.1, help="authors' code / standard for batch 256")
+    g.add_argument("--lr-step-epochs", type=int, default=30, help="LR divided by 10 every this many epochs (authors)")
+    g.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum (authors' code)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="authors' code")
+    g = parser.add_argument_group("MEL / NBEL / locality")
+    g.add_argument("--mel-weight", type=float, default=1.0, help="alpha, eq. 4 (authors' ImageNet default 1)")
+    g.add_argument("--nbel-weight", type=float, default=2.0, help="beta, eq. 4 (authors' ImageNet default 2)")
+    g.add_argument("--loc-weight", type=float, default=0.01, help="gamma, eq. 4 (authors' ImageNet default 0.01)")
+    g.add_argument("--loc-weighting", default="max", choices=["max", "prob"],
+                   help="max: CAM of the most probable class (note §2.3); prob: every class's penalty weighted by its "
+                        "probability, with gradient (authors' code)")
+    g.add_argument("--nbel-on-mean-logits", action="store_true",
+                   help="NBEL as -H(softmax(mean logits)) like the authors' code, instead of -H(mean softmax) (note eq. 2)")
+    args = parser.parse_args(argv)
+
+    if not 0.0 <= args.labeled_ratio <= 1.0:
+        parser.error(f"--labeled-ratio must be in [0, 1], got {args.labeled_ratio}")
+    if args.num_labeled < 0 or args.num_valid < 0 or args.num_unlabeled < -1:
+        parser.error("--num-labeled and --num-valid must be >= 0 and --num-unlabeled >= -1")
+    if args.labeled_ratio > 0 and args.num_labeled == 0:
+        parser.error("--labeled-ratio > 0 needs --num-labeled > 0")
+    if args.labeled_ratio < 1 and args.num_unlabeled == 0:
+        parser.error("--labeled-ratio < 1 needs --num-unlabeled != 0")
+    for name in ("batch_size", "epochs", "lr_step_epochs", "crop_size", "log_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.total_steps is not None and args.total_steps < 1:
+        parser.error(f"--total-steps must be >= 1, got {args.total_steps}")
+    if args.eval_every < 0 or args.num_workers < 0:
+        parser.error("--eval-every and --num-workers must be >= 0")
+    if args.resize_size < args.crop_size:
+        parser.error(f"--resize-size ({args.resize_size}) must be >= --crop-size ({args.crop_size})")
+    if not (args.lr > 0 and math.isfinite(args.lr)) or not 0 <= args.momentum < 1 or args.weight_decay < 0:
+        parser.error("need --lr > 0, --momentum in [0, 1), --weight-decay >= 0")
+    for name in ("mel_weight", "nbel_weight", "loc_weight"):
+        if not (getattr(args, name) >= 0 and math.isfinite(getattr(args, name))):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(args, name)}")
+    if args.block_config is not None:
+        try:
+            blocks = tuple(int(b) for b in args.block_config.split(","))
+        except ValueError:
+            blocks = ()
+        if not blocks or min(blocks) < 1:
+            parser.error(f"--block-config must be comma-separated integers >= 1, got {args.block_config!r}")
+    for name in ("growth_rate", "num_init_features"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------- losses
+def mean_entropy_loss(logits):
+    """MEL, eq. 1: mean over the rows of the entropy of each row's softmax."""
+    log_probs = F.log_softmax(logits.float(), dim=1)
+    return -(log_probs.exp() * log_probs).sum(dim=1).mean()
+
+
+def negative_batch_entropy_loss(logits, on_mean_logits=False):
+    """NBEL, eq. 2: -H(mean over the rows of the softmax). on_mean_logits: -H(softmax(mean logits)), the authors' code."""
+    logits = logits.float()
+    if on_mean_logits:
+        mean_probs = F.softmax(logits.mean(dim=0), dim=0)
+    else:
+        mean_probs = F.softmax(logits, dim=1).mean(dim=0)
+    return (mean_probs * mean_probs.clamp_min(torch.finfo(mean_probs.dtype).tiny).log()).sum()
+
+
+def _safe_sqrt(x):
+    # sqrt with a zero (not NaN) gradient at 0: an all-zero CAM row is common after the ReLU.
+    positive = x > 0
+    return torch.where(positive, x.clamp_min(torch.finfo(x.dtype).tiny).sqrt(), torch.zeros_like(x))
+
+
+def locality_penalty(cams):
+    """Eq. 3 for maps of shape (..., H, W): sum over the 4 directions of sum_k ||first/last k rows/columns||_2.
+
+    ||C(1:k, :)||_2 = sqrt(sum_{r<=k} sum_w C[r, w]^2), so each direction is a cumulative sum of squared row (column)
+    norms: O(HW) instead of the O(H^2 W) loop over the groups."""
+    cams = cams.float()
+    row_sq, col_sq = cams.pow(2).sum(dim=-1), cams.pow(2).sum(dim=-2)  # (..., H), (..., W)
+    total = 0
+    for sq in (row_sq, col_sq):
+        total = total + _safe_sqrt(sq.cumsum(dim=-1)).sum(dim=-1)            # top-down / left-right
+        total = total + _safe_sqrt(sq.flip(-1).cumsum(dim=-1)).sum(dim=-1)   # bottom-up / right-left
+    return total
+
+
+def locality_loss(features, classifier_weight, logits, weighting="max"):
+    """Mean over the rows of the locality penalty on CAMs C_c = sum_k W[c, k] * features[k] (no bias).
+
+    weighting="max": the CAM of the most probable class only (note §2.3); "prob": every class's penalty weighted by its
+    softmax probability, which keeps its gradient (authors' code)."""
+    features, classifier_weight = features.float(), classifier_weight.float()
+    if weighting == "max":
+        top_class = logits.detach().argmax(dim=1)
+        cams = torch.einsum("bkhw,bk->bhw", features, classifier_weight[top_class])
+        return locality_penalty(cams).mean()
+    cams = torch.einsum("bkhw,ck->bchw", features, classifier_weight)
+    probs = F.softmax(logits.float(), dim=1)
+    return (probs * locality_penalty(cams)).sum(dim=1).mean()
+
+
+def supervised_loss(logits, targets, normaliser):
+    """Cross-entropy summed over the labeled rows (target >= 0) and divided by `normaliser`; 0 if none is labeled."""
+    per_row = F.cross_entropy(logits.float(), targets.clamp_min(0), reduction="none")
+    return torch.where(targets >= 0, per_row, torch.zeros_like(per_row)).sum() / normaliser
+
+
+def compute_losses(logits, features, classifier_weight, targets, mel_weight, nbel_weight, loc_weight,
+                   loc_weighting="max", nbel_on_mean_logits=False, world_size=1):
+    """Eq. 4 on this process's rows. Under DDP (world_size > 1) the losses are scaled so that DDP's gradient average
+    equals the gradient of the same loss on the global batch: CE is normalised by the global labeled count, and NBEL
+    sees the all-gathered logits (gather with gradient: every rank's loss depends on every row)."""
+    labeled_count = (targets >= 0).sum()
+    if world_size > 1:
+        labeled_count = labeled_count.clone()
+        dist.all_reduce(labeled_count)
+        batch_logits = torch.cat(dist_nn.all_gather(logits.float().contiguous()))
+    else:
+        batch_logits = logits
+    ce = supervised_loss(logits, targets, labeled_count.clamp_min(1).float() / world_size)
+    mel = mean_entropy_loss(logits)
+    nbel = negative_batch_entropy_loss(batch_logits, nbel_on_mean_logits)
+    loc = locality_loss(features, classifier_weight, logits, loc_weighting) if loc_weight > 0 else logits.new_zeros(())
+    total = ce + mel_weight * mel + nbel_weight * nbel + loc_weight * loc
+    return {"total": total, "cross_entropy": ce, "mel": mel, "nbel": nbel, "locality": loc}
+
+
+# ------------------------------------------------------------------------------------------------------- data
+def make_split(targets, num_classes, num_labeled, num_unlabeled, num_valid, seed):
+    """Class-balanced labeled indices, then uniformly drawn validation and unlabeled indices from the rest (all
+    disjoint). num_unlabeled = -1 takes all the rest. Raises ValueError when train/ is too small."""
+    targets = np.asarray(targets)
+    rng = np.random.default_rng(seed)
+    if num_labeled > len(targets):
+        raise ValueError(f"--num-labeled {num_labeled} is more than the {len(targets)} images in train/")
+    per_class = np.full(num_classes, num_labeled // num_classes)
+    per_class[rng.choice(num_classes, num_labeled % num_classes, replace=False)] += 1  # spread the remainder
+    labeled = []
+    for c in range(num_classes):
+        members = np.flatnonzero(targets == c)
+        if per_class[c] > len(members):
+            raise ValueError(f"--num-labeled {num_labeled} needs {per_class[c]} labels in class {c}, "
+                             f"which has only {len(members)} images")
+        labeled.append(rng.choice(members, per_class[c], replace=False))
+    labeled = np.sort(np.concatenate(labeled)).astype(np.int64)
+    rest = rng.permutation(np.setdiff1d(np.arange(len(targets)), labeled))
+    if num_unlabeled == -1:
+        num_unlabeled = len(rest) - num_valid
+    if num_valid + num_unlabeled > len(rest):
+        raise ValueError(f"--num-valid {num_valid} + --num-unlabeled {num_unlabeled} is more than the {len(rest)} "
+                         f"images of train/ left after the {num_labeled} labeled ones")
+    valid = np.sort(rest[:num_valid]).astype(np.int64)
+    unlabeled = np.sort(rest[num_valid:num_valid + num_unlabeled]).astype(np.int64)
+    return labeled, unlabeled, valid
+
+
+class LabeledRatioBatchSampler:
+    """Infinite stream of this rank's share of each global batch, as (train index, is_labeled) pairs.
+
+    Global batch `step`: slot s is labeled with probability `labeled_ratio` (a Bernoulli mask seeded by (seed, step));
+    labeled slots take the next images of a seeded reshuffle of the labeled pool, the other slots of the unlabeled pool.
+    Every rank builds the same global batch and takes its contiguous chunk of batch_size / world_size slots, so ranks
+    never share a slot, a pass through a pool is split between ranks without overlap, and the global batches (hence
+    the run) depend on the seed only — not on the number of processes. Resuming at `start_step` is exact."""
+
+    def __init__(self, labeled, unlabeled, batch_size, labeled_ratio, seed, rank=0, world_size=1, start_step=0):
+        self.pools = (np.asarray(labeled, dtype=np.int64), np.asarray(unlabeled, dtype=np.int64))
+        self.batch_size, self.labeled_ratio, self.seed = batch_size, labeled_ratio, seed
+        self.rank, self.world_size, self.start_step = rank, world_size, start_step
+        self.per_rank = batch_size // world_size
+        self._orders = {}
+
+    def slot_mask(self, step):
+        return np.random.default_rng([self.seed, 1, step]).random(self.batch_size) < self.labeled_ratio
+
+    def _take(self, pool_id, position, count):
+        # The `count` images after the first `position` of this pool's stream: concatenated seeded permutations.
+        pool, out = self.pools[pool_id], []
+        while count > 0:
+            cycle, offset = divmod(position, len(pool))
+            if self._orders.get(pool_id, (None,))[0] != cycle:
+                self._orders[pool_id] = (cycle, np.random.default_rng([self.seed, 2 + pool_id, cycle]).permutation(len(pool)))
+            n = min(count, len(pool) - offset)
+            out.append(pool[self._orders[pool_id][1][offset:offset + n]])
+            position, count = position + n, count - n
+        return (np.concatenate(out) if out else np.zeros(0, np.int64)), position
+
+    def global_batches(self):
+        labeled_pos = int(sum(self.slot_mask(s).sum() for s in range(self.start_step)))
+        unlabeled_pos = self.start_step * self.batch_size - labeled_pos
+        step = self.start_step
+        while True:
+            mask = self.slot_mask(step)
+            indices = np.empty(self.batch_size, np.int64)
+            indices[mask], labeled_pos = self._take(0, labeled_pos, int(mask.sum()))
+            indices[~mask], unlabeled_pos = self._take(1, unlabeled_pos, int((~mask).sum()))
+            yield indices, mask
+            step += 1
+
+    def __iter__(self):
+        mine = slice(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
+        for indices, mask in self.global_batches():
+            yield [(int(i), bool(m)) for i, m in zip(indices[mine], mask[mine])]
+
+
+class SemiSupervisedView(torch.utils.data.Dataset):
+    """Indexed by (index, is_labeled); unlabeled images get target -1 (their label is dropped)."""
+
+    def __init__(self, image_folder):
+        self.image_folder = image_folder
+
+    def __getitem__(self, item):
+        index, is_labeled = item
+        image, target = self.image_folder[index]
+        return image, (target if is_labeled else -1)
+
+
+def load_image_folders(data_dir, crop_size, resize_size):
+    """ImageFolders for train/ (augmented), train/ (evaluation transform) and val/; SystemExit on missing folders."""
+    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(crop_size), transforms.RandomHorizontalFlip(),
+                                   transforms.ToTensor(), normalize])
+    eval_tf = transforms.Compose([transforms.Resize(resize_size), transforms.CenterCrop(crop_size),
+                                  transforms.ToTensor(), normalize])
+    folders = {}
+    for split in ("train", "val"):
+        path = os.path.join(data_dir, split)
+        if not os.path.isdir(path):
+            sys.exit(f"error: {path} is not a directory (--data-dir needs ImageNet-style train/ and val/ folders)")
+        try:
+            folders[split] = torchvision.datasets.ImageFolder(path, transform=train_tf if split == "train" else eval_tf)
+        except (FileNotFoundError, RuntimeError) as error:
+            sys.exit(f"error: {path}: {error}".replace("\n", " "))
+    if folders["train"].classes != folders["val"].classes:
+        sys.exit(f"error: train/ and val/ in {data_dir} have different class folders")
+    train_eval = copy.copy(folders["train"])
+    train_eval.transform = eval_tf
+    return folders["train"], train_eval, folders["val"]
+
+
+# ------------------------------------------------------------------------------------------------------ model
+class DenseNetCAM(nn.Module):
+    """torchvision DenseNet returning (logits, ReLU feature map); logits = classifier(mean over space of the map)."""
+
+    def __init__(self, densenet):
+        super().__init__()
+        self.features, self.classifier = densenet.features, densenet.classifier
+
+    def forward(self, x):
+        features = F.relu(self.features(x))  # torchvision applies this ReLU before pooling; CAMs use the same maps
+        return self.classifier(features.mean(dim=(2, 3))), features
+
+
+def build_model(args, num_classes):
+    if args.growth_rate is None and args.block_config is None and args.num_init_features is None:
+        densenet = getattr(torchvision.models, args.arch)(weights=None, num_classes=num_classes)
+    else:  # tiny nets for tests: the arch's values unless overridden
+        defaults = {"densenet121": (32, (6, 12, 24, 16), 64), "densenet161": (48, (6, 12, 36, 24), 96),
+                    "densenet169": (32, (6, 12, 32, 32), 64), "densenet201": (32, (6, 12, 48, 32), 64)}[args.arch]
+        densenet = torchvision.models.DenseNet(
+            growth_rate=args.growth_rate or defaults[0],
+            block_config=tuple(int(b) for b in args.block_config.split(",")) if args.block_config else defaults[1],
+            num_init_features=args.num_init_features or defaults[2], num_classes=num_classes)
+    return DenseNetCAM(densenet)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, batch_size, num_workers, device, autocast, channels_last, rank, world_size):
+    """Top-1 / top-5 error (%) and mean CE over `dataset`, sharded over the ranks (no padding) and summed."""
+    model.eval()
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # count, top-1 correct, top-5 correct, CE sum
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        targets = targets.to(device, non_blocking=True)
+        with autocast():
+            logits = model(images)[0].float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        totals += torch.stack([torch.tensor(len(targets), device=device), (top5[:, 0] == targets).sum(),
+                               (top5 == targets[:, None]).any(dim=1).sum(),
+                               F.cross_entropy(logits, targets, reduction="sum")]).double()
+    if world_size > 1:
+        dist.all_reduce(totals)
+    model.train()
+    count = max(totals[0].item(), 1.0)
+    return {"top1_error": 100.0 * (1 - totals[1].item() / count), "top5_error": 100.0 * (1 - totals[2].item() / count),
+            "loss": totals[3].item() / count}
+
+
+def average_buffers(module, world_size):
+    # BN running statistics drift apart on the ranks (each sees its own images): average them before evaluating or
+    # saving. DDP re-broadcasts rank 0's buffers at the next forward, which are then this average.
+    if world_size > 1:
+        for buffer in module.buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer)
+                buffer /= world_size
+
+
+def save_checkpoint(path, state):
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    # torchrun sets WORLD_SIZE / RANK / LOCAL_RANK; a plain `python` run is a world of one.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = args.cuda and torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if args.batch_size % world_size:
+        sys.exit(f"error: --batch-size {args.batch_size} is not divisible by the {world_size} processes")
+    is_main = rank == 0
+    mixed = use_cuda and args.bf16 and torch.cuda.is_bf16_supported()
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=mixed)
+
+    # Data checks come before anything is written.
+    train_folder, train_eval_folder, val_folder = load_image_folders(args.data_dir, args.crop_size, args.resize_size)
+    num_classes = len(train_folder.classes)
+    try:
+        labeled_idx, unlabeled_idx, valid_idx = make_split(train_folder.targets, num_classes, args.num_labeled,
+                                                           args.num_unlabeled, args.num_valid, args.seed)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    steps_per_epoch = math.ceil((len(labeled_idx) + len(unlabeled_idx)) / args.batch_size)
+    total_steps = args.total_steps or args.epochs * steps_per_epoch
+    eval_every = args.eval_every or steps_per_epoch
+
+    # Run directory: rank 0 picks it, everyone learns it (or the error) by broadcast.
+    checkpoint = None
+    if args.resume:
+        run_dir = args.resume
+        ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+        if not os.path.isfile(ckpt_path):
+            sys.exit(f"error: no checkpoint.pt in {run_dir}")
+        try:
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as error:  # corrupt or foreign file
+            sys.exit(f"error: cannot read {ckpt_path}: {type(error).__name__}: {error}".replace("\n", " "))
+        saved = json.loads(checkpoint["args"])
+        mismatched = [k for k in MUST_MATCH_ON_RESUME if saved.get(k) != getattr(args, k)]
+        if mismatched:
+            sys.exit(f"error: --resume needs the run's own settings; these differ: {', '.join(mismatched)}")
+        saved_split = np.load(os.path.join(run_dir, "split.npz"))
+        if not (np.array_equal(saved_split["labeled"], labeled_idx) and np.array_equal(saved_split["unlabeled"], unlabeled_idx)):
+            sys.exit(f"error: train/ in {args.data_dir} no longer gives the split saved in {run_dir}")
+    else:
+        dataset_name = os.path.basename(os.path.normpath(args.data_dir))
+        run_dir = [os.path.join(args.runs_dir, args.run_name or f"{dataset_name}__{SCRIPT}__{args.seed}__{int(time.time())}")]
+        if world_size > 1:
+            dist.broadcast_object_list(run_dir, src=0)
+        run_dir = run_dir[0]
+        failed = [None]
+        if is_main:
+            if os.path.exists(run_dir):
+                failed[0] = f"error: {run_dir} exists; choose another --run-name (or --resume it)"
+            else:
+                os.makedirs(run_dir)
+                with open(os.path.join(run_dir, "args.json"), "w") as f:
+                    json.dump(vars(args) | {"world_size": world_size}, f, indent=2)
+                np.savez(os.path.join(run_dir, "split.npz"), labeled=labeled_idx, unlabeled=unlabeled_idx, valid=valid_idx)
+        if world_size > 1:
+            dist.broadcast_object_list(failed, src=0)
+        if failed[0]:
+            sys.exit(failed[0])
+    writer = SummaryWriter(run_dir) if is_main else None
+    if is_main:
+        table = "\n".join(f"|{k}|{v}|" for k, v in sorted(vars(args).items()))
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table + f"\n|world_size|{world_size}|")
+        print(f"{run_dir}: {num_classes} classes, {len(labeled_idx)} labeled / {len(unlabeled_idx)} unlabeled / "
+              f"{len(valid_idx)} valid / {len(val_folder)} test images, {steps_per_epoch} steps per epoch, "
+              f"{total_steps} steps, {world_size} process(es) on {device}", flush=True)
+
+    # Same seed on every rank: identical init (DDP also broadcasts rank 0's weights); augmentation differs per rank.
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cudnn.benchmark = not args.torch_deterministic
+
+    model = build_model(args, num_classes).to(device)
+    if mixed:
+        model = model.to(memory_format=torch.channels_last)
+    core = model
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=True,
+                                weight_decay=args.weight_decay)
+    start_step, best = 0, {"valid": None, "test_at_best_valid": None}
+    if checkpoint is not None:
+        core.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_step, best = checkpoint["step"], json.loads(checkpoint["best"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        if is_main:
+            print(f"resumed {run_dir} at step {start_step}", flush=True)
+    if world_size > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None)
+
+    sampler = LabeledRatioBatchSampler(labeled_idx, unlabeled_idx, args.batch_size, args.labeled_ratio, args.seed,
+                                       rank, world_size, start_step)
+    loader_generator = torch.Generator().manual_seed(args.seed * 1_000_003 + rank * 1_009 + start_step)
+    train_loader = torch.utils.data.DataLoader(SemiSupervisedView(train_folder), batch_sampler=sampler,
+                                               num_workers=args.num_workers, pin_memory=use_cuda,
+                                               generator=loader_generator)
+    train_iter = iter(train_loader)
+    eval_batch = args.batch_size // world_size
+    valid_set = torch.utils.data.Subset(train_eval_folder, valid_idx.tolist())
+
+    def lr_at(step):
+        return args.lr * 0.1 ** ((step // steps_per_epoch) // args.lr_step_epochs)
+
+    def run_evaluation(step):
+        average_buffers(core, world_size)
+        metrics = {"test": evaluate(core, val_folder, eval_batch, args.num_workers, device, autocast, mixed, rank, world_size)}
+        if len(valid_idx):
+            metrics["valid"] = evaluate(core, valid_set, eval_batch, args.num_workers, device, autocast, mixed, rank, world_size)
+            if best["valid"] is None or metrics["valid"]["top1_error"] < best["valid"]:
+                best.update(valid=metrics["valid"]["top1_error"], test_at_best_valid=metrics["test"]["top1_error"])
+        if is_main:
+            for split, values in metrics.items():
+                prefix = "eval/" if split == "test" else "eval/valid_"
+                for key, value in values.items():
+                    writer.add_scalar(prefix + key, value, step)
+            print(f"step {step}: test top-1 error {metrics['test']['top1_error']:.2f}% top-5 "
+                  f"{metrics['test']['top5_error']:.2f}%" + (f", valid top-1 {metrics['valid']['top1_error']:.2f}%"
+                                                              if "valid" in metrics else ""), flush=True)
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
+                "model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "args": json.dumps(vars(args)), "best": json.dumps(best), "torch_rng": torch.get_rng_state()})
+        return metrics
+
+    model.train()
+    train_time, steps_done, metrics = 0.0, 0, None
+    running = torch.zeros(6, device=device)  # summed loss components and labeled share since the last log
+    for step in range(start_step, total_steps):
+        tick = time.time()
+        # ALGO LOGIC: a batch with labeled and unlabeled slots, one forward, eq. 4, one SGD step.
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        images, targets = next(train_iter)
+        images = images.to(device, non_blocking=True, memory_format=torch.channels_last if mixed else torch.preserve_format)
+        targets = targets.to(device, non_blocking=True)
+        with autocast():
+            logits, features = model(images)
+        losses = compute_losses(logits.float(), features.float(), core.classifier.weight, targets, args.mel_weight,
+                                args.nbel_weight, args.loc_weight, args.loc_weighting, args.nbel_on_mean_logits,
+                                world_size)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        optimizer.step()
+        running += torch.stack([v.detach() for v in losses.values()] + [(targets >= 0).float().mean()])
+        if use_cuda:
+            torch.cuda.synchronize()
+        train_time += time.time() - tick
+        steps_done += 1
+
+        # LOGGING: component means over the log interval and all ranks (one all-reduce per log).
+        if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
+            interval = (step % args.log_every) + 1 if step + 1 == total_steps else args.log_every
+            interval = min(interval, steps_done)
+            if world_size > 1:
+                dist.all_reduce(running)
+                running /= world_size
+            values = (running / interval).tolist()
+            running.zero_()
+            if not all(math.isfinite(v) for v in values):
+                sys.exit(f"error: non-finite loss at step {step + 1}: {values}")
+            if is_main:
+                for name, value in zip(list(losses) + ["labeled_share"], values):
+                    writer.add_scalar(("charts/" if name == "labeled_share" else "losses/") + name, value, step + 1)
+                sps = steps_done / max(train_time, 1e-9)
+                writer.add_scalar("charts/learning_rate", lr_at(step), step + 1)
+                writer.add_scalar("charts/SPS", sps, step + 1)
+                print(f"step {step + 1}/{total_steps} loss {values[0]:.4f} (ce {values[1]:.4f} mel {values[2]:.4f} "
+                      f"nbel {values[3]:.4f} loc {values[4]:.4f}) labeled {values[5]:.2f} lr {lr_at(step):.4g} "
+                      f"SPS {sps:.2f} ETA {(total_steps - step - 1) / max(sps, 1e-9) / 60:.1f} min", flush=True)
+        # EVAL and checkpoint.
+        if (step + 1) % eval_every == 0 or step + 1 == total_steps:
+            metrics = run_evaluation(step + 1)
+    if metrics is None:  # resumed a finished run: evaluate the loaded weights
+        metrics = run_evaluation(total_steps)
+
+    # Sanity check that DDP kept the replicas identical (0.0 = bitwise equal weights and buffers on every rank).
+    max_rank_diff = 0.0
+    if world_size > 1:
+        for tensor in core.state_dict().values():
+            reference = tensor.clone()
+            dist.broadcast(reference, src=0)
+            max_rank_diff = max(max_rank_diff, (tensor.double() - reference.double()).abs().max().item())
+        diff = torch.tensor(max_rank_diff, dtype=torch.float64, device=device)
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        max_rank_diff = diff.item()
+    if is_main:
+        summary = {"steps": total_steps, "steps_this_run": steps_done,
+                   "steps_per_second": steps_done / train_time if train_time > 0 else None,
+                   "final_test_error": metrics["test"]["top1_error"], "final_test_top5_error": metrics["test"]["top5_error"],
+                   "final_test_loss": metrics["test"]["loss"],
+                   "final_valid_error": metrics["valid"]["top1_error"] if "valid" in metrics else None,
+                   "best_valid_error": best["valid"], "test_error_at_best_valid": best["test_at_best_valid"],
+                   "world_size": world_size, "max_param_diff_across_ranks": max_rank_diff,
+                   "num_labeled": len(labeled_idx), "num_unlabeled": len(unlabeled_idx), "num_valid": len(valid_idx),
+                   "num_test": len(val_folder), "args": vars(args)}
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        writer.add_hparams({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
+                           {"hparam/test_top1_error": summary["final_test_error"],
+                            "hparam/test_top5_error": summary["final_test_top5_error"]}, run_name=".")
+        writer.close()
+        print(f"done: {total_steps} steps, {summary['steps_per_second'] or 0:.2f} steps/s, test top-1 error "
+              f"{summary['final_test_error']:.2f}% top-5 {summary['final_test_top5_error']:.2f}%, "
+              f"ranks max |diff| {max_rank_diff}", flush=True)
+    if world_size > 1:
+        dist.destroy_process_group()
