@@ -1,0 +1,380 @@
+"""Tests for train_imagenet_mel.py: the losses against loop-based definitions, the labeled-ratio sampler, the split,
+DDP gradient equivalence, end-to-end runs (single process and 2-process torchrun on gloo) and bad inputs."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train_imagenet_mel as mel  # noqa: E402
+
+SCRIPT = os.path.join(ROOT, "train_imagenet_mel.py")
+TINY_NET = ["--crop-size", "32", "--resize-size", "36", "--block-config", "2,2", "--growth-rate", "8",
+            "--num-init-features", "16", "--num-workers", "0"]
+# One thread per process: the runs are tiny and CI cores are shared.
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def make_image_folder(root, classes=4, train_per_class=12, val_per_class=4, size=40, seed=0):
+    """Class = colour of a noisy image: learnable in a few dozen steps."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    colours = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220], [220, 220, 40]])
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(classes):
+            folder = os.path.join(root, split, f"class{c}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(n):
+                pixels = np.clip(colours[c] + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("tiny_imagenet"))
+
+
+def run_script(args, launcher=(), timeout=120):
+    return subprocess.run([sys.executable, *launcher, SCRIPT, *args], capture_output=True, text=True, env=ENV,
+                          timeout=timeout, cwd=ROOT)
+
+
+def read_scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+# ------------------------------------------------------------------------------------------------------ losses
+def test_mel_matches_loop():
+    torch.manual_seed(0)
+    logits = torch.randn(7, 5) * 3
+    expected = 0.0
+    for row in logits:
+        probs = torch.exp(row) / torch.exp(row).sum()
+        expected += -sum(p * torch.log(p) for p in probs) / len(logits)
+    assert torch.allclose(mel.mean_entropy_loss(logits), expected, atol=1e-5)
+    assert mel.mean_entropy_loss(torch.tensor([[50.0, 0.0, 0.0]])) < 1e-6  # one-hot prediction: no entropy
+
+
+def test_nbel_matches_loop_and_authors_variant_differs():
+    torch.manual_seed(1)
+    logits = torch.randn(6, 4) * 2
+    mean_probs = [sum(torch.exp(row[c]) / torch.exp(row).sum() for row in logits) / len(logits) for c in range(4)]
+    expected = sum(p * torch.log(p) for p in mean_probs)  # -H(mean of softmaxes), eq. 2
+    assert torch.allclose(mel.negative_batch_entropy_loss(logits), expected, atol=1e-5)
+    mean_logits = [sum(row[c] for row in logits) / len(logits) for c in range(4)]
+    probs = [torch.exp(m) / sum(torch.exp(x) for x in mean_logits) for m in mean_logits]
+    authors = sum(p * torch.log(p) for p in probs)
+    assert torch.allclose(mel.negative_batch_entropy_loss(logits, on_mean_logits=True), authors, atol=1e-5)
+    assert not torch.allclose(expected, authors, atol=1e-3)
+    # A batch whose mean prediction is uniform reaches the minimum -log(C).
+    balanced = torch.eye(4) * 30
+    assert torch.allclose(mel.negative_batch_entropy_loss(balanced), torch.tensor(-np.log(4.0), dtype=torch.float32),
+                          atol=1e-5)
+
+
+def locality_by_definition(cam):
+    """Eq. 3 with explicit groups: sum over k of the Frobenius norm of the first/last k rows/columns."""
+    height, width = cam.shape
+    total = 0.0
+    for k in range(1, height + 1):
+        total += torch.linalg.norm(cam[:k, :]) + torch.linalg.norm(cam[height - k:, :])
+    for k in range(1, width + 1):
+        total += torch.linalg.norm(cam[:, :k]) + torch.linalg.norm(cam[:, width - k:])
+    return total
+
+
+def test_locality_penalty_equals_definition():
+    torch.manual_seed(2)
+    cams = torch.randn(3, 2, 5, 7)
+    cams[0, 0, :2] = 0  # zero rows: the cumulative sums start at 0
+    got = mel.locality_penalty(cams)
+    assert got.shape == (3, 2)
+    for b in range(3):
+        for c in range(2):
+            assert torch.allclose(got[b, c], locality_by_definition(cams[b, c]), rtol=1e-5), (b, c)
+    # At equal energy (Frobenius norm 4), a spread-out map costs more than one active cell.
+    spread, point = torch.ones(4, 4), torch.zeros(4, 4)
+    point[0, 0] = 4.0
+    assert mel.locality_penalty(spread) > mel.locality_penalty(point)
+
+
+def test_locality_gradient_finite_on_zero_maps():
+    cams = torch.zeros(2, 4, 4, requires_grad=True)
+    mel.locality_penalty(cams).sum().backward()
+    assert torch.isfinite(cams.grad).all()
+    cams = torch.zeros(4, 4)
+    cams[1, 2] = 3.0
+    cams.requires_grad_(True)
+    mel.locality_penalty(cams).backward()
+    assert torch.isfinite(cams.grad).all() and cams.grad[1, 2] > 0
+
+
+def test_locality_loss_max_and_prob_weighting():
+    torch.manual_seed(3)
+    features = torch.rand(4, 6, 3, 3)
+    weight = torch.randn(5, 6)
+    logits = torch.randn(4, 5, requires_grad=True)
+    top = logits.argmax(dim=1)
+    expected_max = 0.0
+    expected_prob = 0.0
+    probs = F.softmax(logits, dim=1)
+    for b in range(4):
+        for c in range(5):
+            cam = sum(weight[c, k] * features[b, k] for k in range(6))  # C_c = sum_k W[c, k] F_k, no bias
+            if c == top[b]:
+                expected_max += locality_by_definition(cam) / 4
+            expected_prob += probs[b, c] * locality_by_definition(cam) / 4
+    got_max = mel.locality_loss(features, weight, logits, "max")
+    assert torch.allclose(got_max, expected_max, rtol=1e-5)
+    got_prob = mel.locality_loss(features, weight, logits, "prob")
+    assert torch.allclose(got_prob, expected_prob, rtol=1e-5)
+    # The authors' weighting keeps the probabilities' gradient; the note's argmax does not.
+    assert torch.autograd.grad(got_prob, logits)[0].abs().sum() > 0
+    features.requires_grad_(True)
+    grads = torch.autograd.grad(mel.locality_loss(features, weight, logits, "max"), [logits, features], allow_unused=True)
+    assert grads[0] is None and grads[1].abs().sum() > 0
+
+
+def test_supervised_loss_uses_labeled_rows_only():
+    torch.manual_seed(4)
+    logits = torch.randn(6, 3)
+    targets = torch.tensor([0, -1, 2, -1, 1, -1])
+    labeled = targets >= 0
+    expected = F.cross_entropy(logits[labeled], targets[labeled])
+    assert torch.allclose(mel.supervised_loss(logits, targets, labeled.sum().float()), expected)
+    none = mel.supervised_loss(logits, torch.full((6,), -1), torch.tensor(1.0))
+    assert none.item() == 0.0
+
+
+def test_compute_losses_combines_eq4():
+    torch.manual_seed(5)
+    features, weight = torch.rand(4, 6, 3, 3), torch.randn(5, 6)
+    logits, targets = torch.randn(4, 5), torch.tensor([1, -1, 3, -1])
+    out = mel.compute_losses(logits, features, weight, targets, 0.5, 2.0, 0.01)
+    expected = (F.cross_entropy(logits[[0, 2]], targets[[0, 2]]) + 0.5 * mel.mean_entropy_loss(logits)
+                + 2.0 * mel.negative_batch_entropy_loss(logits) + 0.01 * mel.locality_loss(features, weight, logits))
+    assert torch.allclose(out["total"], expected, atol=1e-6)
+    assert mel.compute_losses(logits, features, weight, targets, 0.5, 2.0, 0.0)["locality"].item() == 0.0
+
+
+# --------------------------------------------------------------------------------------------- sampler, split
+def test_sampler_labeled_share():
+    labeled, unlabeled = np.arange(50), np.arange(1000, 1500)
+    for ratio in (0.25, 0.8):
+        sampler = mel.LabeledRatioBatchSampler(labeled, unlabeled, 64, ratio, seed=0)
+        batches = [b for b, _ in zip(sampler, range(200))]
+        flags = np.array([[is_labeled for _, is_labeled in batch] for batch in batches])
+        indices = np.array([[index for index, _ in batch] for batch in batches])
+        assert abs(flags.mean() - ratio) < 0.02
+        assert np.isin(indices[flags], labeled).all() and np.isin(indices[~flags], unlabeled).all()
+    for ratio, share in ((0.0, 0.0), (1.0, 1.0)):
+        batch = next(iter(mel.LabeledRatioBatchSampler(labeled, unlabeled, 64, ratio, seed=0)))
+        assert np.mean([is_labeled for _, is_labeled in batch]) == share
+
+
+def test_sampler_ranks_disjoint_and_world_size_independent():
+    labeled, unlabeled = np.arange(40), np.arange(100, 400)
+    single = mel.LabeledRatioBatchSampler(labeled, unlabeled, 16, 0.5, seed=3)
+    ranks = [mel.LabeledRatioBatchSampler(labeled, unlabeled, 16, 0.5, seed=3, rank=r, world_size=2) for r in range(2)]
+    steps = 30
+    single_batches = [b for b, _ in zip(single, range(steps))]
+    rank_batches = [[b for b, _ in zip(s, range(steps))] for s in ranks]
+    for step in range(steps):
+        first, second = rank_batches[0][step], rank_batches[1][step]
+        assert len(first) == len(second) == 8
+        assert first != second and first + second == single_batches[step]  # same global batch, split in two
+    # Each pass through a pool is a permutation of it, and the ranks' shares of a pass are disjoint.
+    for pool, want in ((labeled, True), (unlabeled, False)):
+        stream = [(index, slot // 8) for batch in single_batches for slot, (index, is_labeled) in enumerate(batch)
+                  if is_labeled == want]
+        assert len(stream) >= len(labeled)
+        for start in range(0, len(stream), len(pool)):
+            chunk = stream[start:start + len(pool)]
+            indices = [index for index, _ in chunk]
+            assert len(set(indices)) == len(indices) and set(indices) <= set(pool)
+            if len(chunk) == len(pool):
+                assert sorted(indices) == list(pool)
+            by_rank = [{index for index, rank in chunk if rank == r} for r in (0, 1)]
+            assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1]
+    # Different seeds give different schedules; a resumed sampler continues exactly.
+    other = next(iter(mel.LabeledRatioBatchSampler(labeled, unlabeled, 16, 0.5, seed=4)))
+    assert other != single_batches[0]
+    resumed = mel.LabeledRatioBatchSampler(labeled, unlabeled, 16, 0.5, seed=3, start_step=17)
+    assert [b for b, _ in zip(resumed, range(5))] == single_batches[17:22]
+
+
+def test_make_split_balanced_disjoint_and_checked():
+    targets = np.repeat(np.arange(4), 25)
+    np.random.default_rng(0).shuffle(targets)
+    labeled, unlabeled, valid = mel.make_split(targets, 4, 10, 50, 8, seed=1)
+    counts = np.bincount(targets[labeled], minlength=4)
+    assert counts.sum() == 10 and counts.max() - counts.min() <= 1
+    assert len(unlabeled) == 50 and len(valid) == 8
+    assert not (set(labeled) & set(unlabeled)) and not (set(labeled) & set(valid)) and not (set(valid) & set(unlabeled))
+    again = mel.make_split(targets, 4, 10, 50, 8, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip((labeled, unlabeled, valid), again))
+    assert not np.array_equal(mel.make_split(targets, 4, 10, 50, 8, seed=2)[0], labeled)
+    _, rest, _ = mel.make_split(targets, 4, 10, -1, 0, seed=1)
+    assert len(rest) == 90
+    with pytest.raises(ValueError, match="more than the 100 images"):
+        mel.make_split(targets, 4, 101, 0, 0, seed=1)
+    with pytest.raises(ValueError, match="class 3, which has only 10 images"):
+        mel.make_split(np.repeat(np.arange(4), [30, 30, 30, 10]), 4, 60, 0, 0, seed=1)
+    with pytest.raises(ValueError, match="more than"):
+        mel.make_split(targets, 4, 10, 91, 0, seed=1)
+
+
+# ------------------------------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize("flags, message", [
+    (["--labeled-ratio", "1.5"], "--labeled-ratio must be in [0, 1]"),
+    (["--labeled-ratio", "-0.1"], "--labeled-ratio must be in [0, 1]"),
+    (["--num-labeled", "0"], "--labeled-ratio > 0 needs --num-labeled > 0"),
+    (["--block-config", "2,x"], "--block-config"),
+    (["--resize-size", "16", "--crop-size", "32"], "--resize-size"),
+    (["--loc-weight", "nan"], "--loc-weight"),
+])
+def test_bad_flags_rejected(flags, message, capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        mel.parse_args(["--data-dir", "x", *flags])
+    assert excinfo.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_data_rejected_before_writing(image_folder, tmp_path):
+    runs = tmp_path / "runs"
+    missing = run_script(["--data-dir", str(tmp_path / "nowhere"), "--runs-dir", str(runs), *TINY_NET])
+    assert missing.returncode != 0
+    assert missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere' / 'train'} is not a directory "
+                                                   "(--data-dir needs ImageNet-style train/ and val/ folders)"]
+    too_many = run_script(["--data-dir", image_folder, "--num-labeled", "49", "--num-unlabeled", "0",
+                           "--labeled-ratio", "1", "--runs-dir", str(runs), *TINY_NET])
+    assert too_many.returncode != 0
+    assert too_many.stderr.strip().splitlines() == ["error: --num-labeled 49 is more than the 48 images in train/"]
+    assert not runs.exists()
+
+
+# ------------------------------------------------------------------------------------------ DDP gradient maths
+def _ddp_worker(rank, world_size, port, inputs, out_path):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    model = _TinyCAMNet()
+    model.load_state_dict(inputs["state"])
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    share = len(inputs["images"]) // world_size
+    rows = slice(rank * share, (rank + 1) * share)
+    logits, features = ddp(inputs["images"][rows])
+    losses = mel.compute_losses(logits, features, model.classifier.weight, inputs["targets"][rows], 0.5, 2.0, 0.1,
+                                "prob", False, world_size)
+    losses["total"].backward()
+    if rank == 0:
+        torch.save({name: p.grad for name, p in model.named_parameters()}, out_path)
+    dist.destroy_process_group()
+
+
+class _TinyCAMNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.classifier = torch.nn.Linear(6, 5)
+
+    def forward(self, x):
+        features = F.relu(self.conv(x))
+        return self.classifier(features.mean(dim=(2, 3))), features
+
+
+def test_ddp_gradient_equals_single_process_global_batch(tmp_path):
+    """2 gloo ranks on halves of a batch (uneven labeled counts) give the gradient of eq. 4 on the whole batch:
+    fails if NBEL is computed per rank or CE is normalised per rank."""
+    import socket
+    torch.manual_seed(6)
+    model = _TinyCAMNet()
+    images = torch.randn(8, 3, 5, 5)
+    targets = torch.tensor([0, 3, -1, 1, -1, -1, -1, 2])  # rank 0: 3 labeled rows, rank 1: 1
+    losses = mel.compute_losses(*model(images), model.classifier.weight, targets, 0.5, 2.0, 0.1, "prob", False, 1)
+    losses["total"].backward()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out_path = str(tmp_path / "grads.pt")
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, {"state": model.state_dict(), "images": images,
+                                                            "targets": targets}, out_path), nprocs=2)
+    ddp_grads = torch.load(out_path, weights_only=True)
+    for name, p in model.named_parameters():
+        assert torch.allclose(ddp_grads[name], p.grad, atol=1e-6, rtol=1e-5), name
+
+
+# ---------------------------------------------------------------------------------------------- end-to-end
+def test_end_to_end_single_process_resume_and_no_overwrite(image_folder, tmp_path):
+    runs = tmp_path / "runs"
+    common = ["--data-dir", image_folder, "--num-labeled", "16", "--num-unlabeled", "-1", "--num-valid", "8",
+              "--batch-size", "16", "--lr", "0.05", "--log-every", "5", "--eval-every", "10",
+              "--runs-dir", str(runs), "--run-name", "tiny", *TINY_NET]
+    result = run_script([*common, "--total-steps", "20"])
+    assert result.returncode == 0, result.stderr
+    run_dir = runs / "tiny"
+    assert {"args.json", "split.npz", "checkpoint.pt", "summary.json"} <= set(os.listdir(run_dir))
+    split = np.load(run_dir / "split.npz")
+    assert len(split["labeled"]) == 16 and len(split["valid"]) == 8 and len(split["unlabeled"]) == 48 - 16 - 8
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 20 and summary["steps_per_second"] > 0 and summary["world_size"] == 1
+    for key in ("final_test_error", "final_test_top5_error", "final_valid_error", "best_valid_error",
+                "test_error_at_best_valid"):
+        assert 0 <= summary[key] <= 100, key
+    # Colour classes are learnt in 20 steps from 16 labels (chance: 75% error); broken labels would not be.
+    assert summary["final_test_error"] <= 25.0
+    scalars = read_scalars(str(run_dir))
+    for tag in ("losses/total", "losses/cross_entropy", "losses/mel", "losses/nbel", "losses/locality",
+                "charts/SPS", "charts/learning_rate", "charts/labeled_share", "eval/top1_error", "eval/top5_error",
+                "eval/loss", "eval/valid_top1_error"):
+        assert tag in scalars and all(np.isfinite(scalars[tag])), tag
+    assert len(scalars["eval/top1_error"]) == 2 and len(scalars["losses/total"]) == 4
+    assert all(v <= 0 for v in scalars["losses/nbel"]) and all(v > 0 for v in scalars["losses/locality"])
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 20
+
+    # The same run name again: refused, nothing overwritten.
+    before = (run_dir / "summary.json").read_text()
+    again = run_script([*common, "--total-steps", "20"])
+    assert again.returncode != 0 and "exists" in again.stderr
+    assert (run_dir / "summary.json").read_text() == before
+
+    # Resume continues from step 20 to 25 in the same directory; changed settings are refused.
+    resumed = run_script([*common, "--total-steps", "25", "--resume", str(run_dir)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed" in resumed.stdout and "at step 20" in resumed.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 25 and summary["steps_this_run"] == 5
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 25
+    changed = run_script([*common, "--total-steps", "30", "--mel-weight", "0.5", "--resume", str(run_dir)])
+    assert changed.returncode != 0 and "mel_weight" in changed.stderr
+
+
+def test_torchrun_two_processes_gloo_identical_weights(image_folder, tmp_path):
+    runs = tmp_path / "runs"
+    result = run_script(["--data-dir", image_folder, "--num-labeled", "16", "--num-unlabeled", "-1",
+                         "--batch-size", "16", "--lr", "0.05", "--total-steps", "12", "--log-every", "4",
+                         "--eval-every", "6", "--runs-dir", str(runs), "--run-name", "ddp", "--no-cuda", *TINY_NET],
+                        launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"), timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = runs / "ddp"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 12
+    assert summary["max_param_diff_across_ranks"] == 0.0  # every parameter and BN buffer bitwise equal on both ranks
+    assert 0 <= summary["final_test_error"] <= 100 and summary["num_test"] == 16
+    assert os.listdir(runs) == ["ddp"]  # rank 1 wrote nothing of its own
+    scalars = read_scalars(str(run_dir))
+    assert len(scalars["losses/total"]) == 3 and all(np.isfinite(scalars["losses/total"]))
+    # All ranks' labeled slots are counted: the logged share is the global batch's.
+    assert all(0 < v < 1 for v in scalars["charts/labeled_share"])
