@@ -1,0 +1,479 @@
+"""Data for every image script: loading, the labeled / unlabeled / validation split, preprocessing and batched
+augmentation on the device. Nothing here is an algorithm; everything here is shared.
+
+Images are held on the device as uint8 tensors (N, C, H, W) for their whole life. A training batch is gathered by
+index, normalised (GCN + ZCA for CIFAR, [-1, 1] otherwise, REFERENCE §1) and augmented on the device with
+per-sample randomness drawn from the global torch RNG, so a seeded run is reproducible and resumable.
+"""
+import argparse
+import contextlib
+import gzip
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+class DataError(Exception):
+    """A user-facing data problem (missing files, impossible split): printed as one line, exit 1."""
+
+
+def fail(message, code=1):
+    """Print one clear line on stderr and exit non-zero (bad input never produces a traceback)."""
+    print(f"{os.path.basename(sys.argv[0]) or 'error'}: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+# Per-data-set facts: number of classes, preprocessing, Protocol A augmentation, default split sizes.
+#   num_valid: held out of train for model selection (NS3L paper: CIFAR 5,000, SVHN 7,325).
+#   num_labeled: the paper's setting (Table 1; STL-10 Table 5); small sets get a CPU-scale default.
+DATASETS = {
+    "cifar10": dict(num_classes=10, preprocess="zca", flip=True, shift=2, noise=0.15, num_valid=5000, num_labeled=4000),
+    "cifar100": dict(num_classes=100, preprocess="zca", flip=True, shift=2, noise=0.15, num_valid=5000, num_labeled=10000),
+    "svhn": dict(num_classes=10, preprocess="scale", flip=False, shift=2, noise=0.0, num_valid=7325, num_labeled=1000),
+    "stl10": dict(num_classes=10, preprocess="scale", flip=True, shift=2, noise=0.0, num_valid=1000, num_labeled=1000),
+    "fashion_mnist": dict(num_classes=10, preprocess="scale", flip=True, shift=2, noise=0.0, num_valid=5000, num_labeled=1000),
+    "mnist": dict(num_classes=10, preprocess="scale", flip=False, shift=2, noise=0.0, num_valid=5000, num_labeled=100),
+    "digits": dict(num_classes=10, preprocess="scale", flip=False, shift=1, noise=0.0, num_valid=200, num_labeled=100),
+    "synthetic": dict(num_classes=10, preprocess="scale", flip=True, shift=2, noise=0.0, num_valid=50, num_labeled=40),
+    "npz": dict(num_classes=None, preprocess="scale", flip=False, shift=2, noise=0.0, num_valid=1000, num_labeled=1000),
+}
+DATASET_NAMES = [name for name in DATASETS if name != "npz"]
+
+
+def dataset_key(name):
+    """The DATASETS key for a --dataset value (a path to an .npz file maps to 'npz')."""
+    if name.endswith(".npz"):
+        return "npz"
+    if name not in DATASETS or name == "npz":
+        raise DataError(f"unknown data set {name!r}: choose one of {', '.join(DATASET_NAMES)} or a path to an .npz file")
+    return name
+
+
+@dataclass
+class Dataset:
+    name: str  # the data set's key in DATASETS ('npz' for a user's file)
+    x_train: torch.Tensor  # uint8 (N, C, H, W) on the device; rows >= num_labelable are unlabeled-only images
+    y_train: torch.Tensor  # int64 (N,); -1 where no label exists (STL-10 unlabeled split)
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    num_labelable: int  # rows [0, num_labelable) may be validation or labeled; the rest is unlabeled-only
+
+    @property
+    def channels(self):
+        return self.x_train.shape[1]
+
+    @property
+    def image_size(self):
+        return self.x_train.shape[2]
+
+
+# ---------------------------------------------------------------------------------------------------------- loading
+def _nchw(images):
+    """uint8 array of (N, H, W), (N, H, W, C) or (N, C, H, W) -> contiguous uint8 (N, C, H, W) tensor."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+        images = images.transpose(0, 3, 1, 2)
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise DataError(f"images must be (N, H, W), (N, H, W, C) or (N, C, H, W) with C in (1, 3), got {images.shape}")
+    return torch.from_numpy(np.require(images, requirements=["C", "W"]))
+
+
+def _to_uint8(images):
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images
+    images = images.astype(np.float64)
+    if images.max() <= 1.0:  # floats in [0, 1]
+        images = images * 255.0
+    return np.clip(np.rint(images), 0, 255).astype(np.uint8)
+
+
+def read_idx(path):
+    """Read an MNIST-style idx file (optionally gzipped) into a numpy array."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte idx file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise DataError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {array.size}")
+    return array.reshape(shape)
+
+
+def _load_idx_folder(folder):
+    """Fashion-MNIST / MNIST from a folder of the four standard idx files (e.g. Debian's dataset-fashion-mnist)."""
+    def pick(stem):
+        for name in (stem + ".gz", stem):
+            if os.path.exists(os.path.join(folder, name)):
+                return os.path.join(folder, name)
+        raise DataError(f"{os.path.join(folder, stem)}[.gz] not found")
+    return (read_idx(pick("train-images-idx3-ubyte")), read_idx(pick("train-labels-idx1-ubyte")),
+            read_idx(pick("t10k-images-idx3-ubyte")), read_idx(pick("t10k-labels-idx1-ubyte")))
+
+
+def _torchvision(name, data_dir, download):
+    """CIFAR-10/100, SVHN (+extra), STL-10, MNIST, Fashion-MNIST through torchvision, as numpy arrays."""
+    import torchvision.datasets as tvd
+
+    def get(cls, **kwargs):
+        try:
+            return cls(data_dir, download=download, **kwargs)
+        except RuntimeError as error:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+            raise DataError(f"{name} not found (or corrupted) under {data_dir!r}: pass --download on a machine with "
+                            f"internet, or --data-dir pointing to the torchvision layout ({error})") from None
+
+    extra_x = extra_y = None
+    if name in ("cifar10", "cifar100"):
+        cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+        train, test = get(cls, train=True), get(cls, train=False)
+        return train.data, np.array(train.targets), test.data, np.array(test.targets), None, None
+    if name in ("svhn", "svhn_extra"):
+        train, test = get(tvd.SVHN, split="train"), get(tvd.SVHN, split="test")
+        if name == "svhn_extra":
+            extra = get(tvd.SVHN, split="extra")
+            extra_x, extra_y = extra.data, np.array(extra.labels)
+        return train.data, np.array(train.labels), test.data, np.array(test.labels), extra_x, extra_y
+    if name == "stl10":
+        train, test = get(tvd.STL10, split="train"), get(tvd.STL10, split="test")
+        unlabeled = get(tvd.STL10, split="unlabeled")
+        return (train.data, np.array(train.labels), test.data, np.array(test.labels),
+                unlabeled.data, np.full(len(unlabeled.data), -1))
+    cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
+    train, test = get(cls, train=True), get(cls, train=False)
+    return train.data.numpy(), train.targets.numpy(), test.data.numpy(), test.targets.numpy(), None, None
+
+
+def _digits():
+    """scikit-learn's bundled 8x8 digits (1,797 images, 0..16 -> 0..255), fixed 1,300 / 497 train / test split."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    order = np.random.RandomState(0).permutation(len(images))  # fixed for every run: the split never moves
+    train, test = order[:1300], order[1300:]
+    return images[train], digits.target[train], images[test], digits.target[test]
+
+
+def _synthetic(num_classes=10, per_class=50, test_per_class=20, size=16):
+    """A tiny learnable image task for tests: each class is a smooth random prototype plus pixel noise."""
+    rng = np.random.RandomState(1234)
+    prototypes = rng.uniform(0, 255, size=(num_classes, 3, size // 4, size // 4))
+    prototypes = prototypes.repeat(4, axis=2).repeat(4, axis=3)
+
+    def draw(n):
+        labels = np.repeat(np.arange(num_classes), n)
+        images = prototypes[labels] + rng.normal(0, 40, size=(len(labels), 3, size, size))
+        return np.clip(images, 0, 255).astype(np.uint8), labels
+    x_train, y_train = draw(per_class)
+    x_test, y_test = draw(test_per_class)
+    return x_train, y_train, x_test, y_test
+
+
+def _npz(path):
+    if not os.path.exists(path):
+        raise DataError(f"{path} does not exist")
+    try:
+        with np.load(path) as f:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
+            if missing:
+                raise DataError(f"{path} lacks {', '.join(missing)} (needs x_train, y_train, x_test, y_test)")
+            return f["x_train"], f["y_train"], f["x_test"], f["y_test"]
+    except (OSError, ValueError, EOFError) as error:
+        raise DataError(f"{path} is not a readable .npz file ({error})") from None
+
+
+def load_dataset(name, data_dir="data", download=False, device="cpu", svhn_extra=False):
+    """Load a data set as uint8 NCHW tensors on ``device``; raise DataError with a one-line message if missing."""
+    key = dataset_key(name)
+    extra_x = extra_y = None
+    if key == "npz":
+        x_train, y_train, x_test, y_test = _npz(name)
+        x_train, x_test = _to_uint8(x_train), _to_uint8(x_test)
+        num_classes = int(max(np.max(y_train), np.max(y_test))) + 1
+    elif key == "digits":
+        x_train, y_train, x_test, y_test = _digits()
+    elif key == "synthetic":
+        x_train, y_train, x_test, y_test = _synthetic()
+    elif key == "fashion_mnist" and not download and not os.path.isdir(os.path.join(data_dir, "FashionMNIST")) \
+            and os.path.isdir(DEBIAN_FASHION_MNIST):
+        x_train, y_train, x_test, y_test = _load_idx_folder(DEBIAN_FASHION_MNIST)
+    else:
+        tv_name = "svhn_extra" if (key == "svhn" and svhn_extra) else key
+        x_train, y_train, x_test, y_test, extra_x, extra_y = _torchvision(tv_name, data_dir, download)
+    x_train, x_test = _nchw(x_train), _nchw(x_test)
+    y_train = torch.as_tensor(np.asarray(y_train), dtype=torch.int64)
+    y_test = torch.as_tensor(np.asarray(y_test), dtype=torch.int64)
+    if len(x_train) != len(y_train) or len(x_test) != len(y_test):
+        raise DataError(f"{name}: images and labels differ in length")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(f"{name}: train images {tuple(x_train.shape[1:])} and test images {tuple(x_test.shape[1:])} differ")
+    num_labelable = len(x_train)
+    if extra_x is not None:
+        x_train = torch.cat([x_train, _nchw(extra_x)])
+        y_train = torch.cat([y_train, torch.as_tensor(np.asarray(extra_y), dtype=torch.int64)])
+    num_classes = DATASETS[key]["num_classes"] or num_classes
+    return Dataset(key, x_train.to(device), y_train.to(device),
+                   x_test.to(device), y_test.to(device), num_classes, num_labelable)
+
+
+# ------------------------------------------------------------------------------------------------------------ split
+@dataclass
+class Split:
+    labeled: torch.Tensor  # indices into x_train
+    unlabeled: torch.Tensor
+    valid: torch.Tensor
+
+    def save(self, path):
+        with open(path, "w") as f:
+            json.dump({k: getattr(self, k).tolist() for k in ("labeled", "unlabeled", "valid")}, f)
+
+
+def make_ssl_split(labels, num_classes, num_labeled, num_valid, seed, num_labelable=None, include_labeled=True):
+    """Hold out ``num_valid`` images for validation, pick a class-balanced labeled subset of ``num_labeled`` with
+    ``seed``, and make the unlabeled stream from the rest of train (Protocol A: labeled images included, labels
+    dropped; ``include_labeled=False`` excludes them). The validation set is drawn with a fixed generator so every
+    seed is selected on the same validation images; the seed only moves the labeled subset (5 seeds = 5 splits)."""
+    labels = labels.cpu()
+    n = len(labels)
+    num_labelable = n if num_labelable is None else num_labelable
+    if num_valid < 0 or num_labeled < num_classes:
+        raise DataError(f"need num_valid >= 0 and at least one label per class ({num_classes}), got "
+                        f"num_valid={num_valid}, num_labeled={num_labeled}")
+    if num_valid + num_labeled > num_labelable:
+        raise DataError(f"num_labeled ({num_labeled}) + num_valid ({num_valid}) exceed the {num_labelable} "
+                        f"labeled training images")
+    fixed = torch.Generator().manual_seed(0)
+    order = torch.randperm(num_labelable, generator=fixed)
+    valid, rest = order[:num_valid], order[num_valid:]
+    generator = torch.Generator().manual_seed(seed)
+    rest = rest[torch.randperm(len(rest), generator=generator)]
+    per_class = torch.full((num_classes,), num_labeled // num_classes)
+    per_class[torch.randperm(num_classes, generator=generator)[: num_labeled % num_classes]] += 1
+    labeled = []
+    for c in range(num_classes):
+        candidates = rest[labels[rest] == c]
+        if len(candidates) < per_class[c]:
+            raise DataError(f"class {c} has {len(candidates)} training images outside validation, "
+                            f"{int(per_class[c])} labels requested")
+        labeled.append(candidates[: per_class[c]])
+    labeled = torch.cat(labeled).sort().values
+    in_valid = torch.zeros(n, dtype=torch.bool)
+    in_valid[valid] = True
+    if not include_labeled:
+        in_valid[labeled] = True
+    unlabeled = (~in_valid).nonzero().squeeze(1)
+    return Split(labeled, unlabeled, valid.sort().values)
+
+
+class BatchSampler:
+    """Infinite shuffled batches of indices from an index set, on the device: every index once per epoch, a fresh
+    permutation (global torch RNG) each epoch, batches straddle epoch boundaries. state_dict() makes resume exact."""
+
+    def __init__(self, indices, batch_size):
+        if len(indices) == 0:
+            raise DataError("cannot sample batches from an empty index set")
+        self.indices, self.batch_size = indices, batch_size
+        self.order = indices[:0]
+        self.position = 0
+
+    def __next__(self):
+        while len(self.order) - self.position < self.batch_size:
+            perm = torch.randperm(len(self.indices), device=self.indices.device)
+            self.order = torch.cat([self.order[self.position:], self.indices[perm]])
+            self.position = 0
+        batch = self.order[self.position: self.position + self.batch_size]
+        self.position += self.batch_size
+        return batch
+
+    def __iter__(self):
+        return self
+
+    def state_dict(self):
+        return {"order": self.order.cpu(), "position": self.position}
+
+    def load_state_dict(self, state):
+        self.order, self.position = state["order"].to(self.indices.device), int(state["position"])
+
+
+# ----------------------------------------------------------------------------------------------------- preprocess
+def global_contrast_normalize(x, scale=55.0, eps=1e-10):
+    """Per image: subtract the mean, scale to L2 norm ``scale`` (Oliver et al. build_tfrecords: multiplier 55)."""
+    flat = x.reshape(len(x), -1)
+    flat = flat - flat.mean(dim=1, keepdim=True)
+    norm = flat.norm(dim=1, keepdim=True)
+    norm = torch.where(norm < eps, torch.ones_like(norm), norm)
+    return (scale * flat / norm).reshape(x.shape)
+
+
+def fit_zca(images, identity_scale=0.1, eps=1e-10):
+    """ZCA whitening fit on float images (N, ...): returns (mean, matrix) so that (x - mean) @ matrix whitens.
+    Covariance regularised by ``identity_scale`` * I as in Oliver et al. (0.1)."""
+    flat = images.reshape(len(images), -1).double()
+    mean = flat.mean(dim=0)
+    centred = flat - mean
+    covariance = centred.T @ centred / (len(flat) - 1)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance + identity_scale * torch.eye(len(covariance),
+                                                                                           dtype=torch.float64, device=flat.device))
+    matrix = eigenvectors @ torch.diag(1.0 / torch.sqrt(eigenvalues.clamp_min(0) + eps)) @ eigenvectors.T
+    return mean.float(), matrix.float()
+
+
+class Normalizer:
+    """uint8 batch -> float batch. 'zca': GCN (scale 55) + ZCA fit once on all training images (REFERENCE §1,
+    CIFAR); 'scale': x / 127.5 - 1, i.e. [-1, 1] (SVHN and everything else, and all of Protocol B)."""
+
+    def __init__(self, kind, fit_images=None, chunk=5000):
+        self.kind = kind
+        if kind == "zca":
+            fit = torch.cat([global_contrast_normalize(fit_images[i: i + chunk].double())
+                             for i in range(0, len(fit_images), chunk)])
+            self.mean, self.matrix = fit_zca(fit)
+
+    def __call__(self, x):
+        if self.kind == "zca":
+            flat = global_contrast_normalize(x.float()).reshape(len(x), -1)
+            return ((flat - self.mean) @ self.matrix).reshape(x.shape)
+        return x.float() / 127.5 - 1.0
+
+
+def make_normalizer(dataset, kind=None):
+    """The data set's Protocol A preprocessing (or ``kind`` = 'scale' / 'zca'), fit on the labeled-train images."""
+    kind = kind or DATASETS[dataset.name]["preprocess"]
+    return Normalizer(kind, dataset.x_train[: dataset.num_labelable] if kind == "zca" else None)
+
+
+# ---------------------------------------------------------------------------------------------------- augmentation
+def augment(x, flip=False, shift=0, noise_std=0.0):
+    """Batched augmentation of a float batch (B, C, H, W) on its device, fresh randomness per sample:
+    horizontal flip with probability 1/2 -> random translation by -shift..shift px with reflect padding
+    (= pad ``shift`` and random crop) -> additive Gaussian noise. Oliver et al.'s order."""
+    batch, channels, height, width = x.shape
+    if flip:
+        mask = torch.rand(batch, 1, 1, 1, device=x.device) < 0.5
+        x = torch.where(mask, x.flip(3), x)
+    if shift > 0:
+        padded = F.pad(x, (shift, shift, shift, shift), mode="reflect")
+        offset_y = torch.randint(0, 2 * shift + 1, (batch, 1, 1, 1), device=x.device)
+        offset_x = torch.randint(0, 2 * shift + 1, (batch, 1, 1, 1), device=x.device)
+        rows = torch.arange(height, device=x.device).view(1, 1, height, 1) + offset_y
+        cols = torch.arange(width, device=x.device).view(1, 1, 1, width) + offset_x
+        padded_width = width + 2 * shift
+        flat_index = (rows * padded_width + cols).expand(batch, channels, height, width).reshape(batch, channels, -1)
+        x = padded.reshape(batch, channels, -1).gather(2, flat_index).reshape(batch, channels, height, width)
+    if noise_std > 0:
+        x = x + noise_std * torch.randn_like(x)
+    return x
+
+
+def augmentation_defaults(dataset_name):
+    """Protocol A augmentation of a data set: (flip, shift, noise_std)."""
+    info = DATASETS[dataset_key(dataset_name)]
+    return info["flip"], info["shift"], info["noise"]
+
+
+# ------------------------------------------------------------------------------------------- run plumbing (shared)
+def create_run_dir(runs_dir, run_name):
+    """Make a fresh run directory; an existing one is never reused or overwritten."""
+    run_dir = os.path.join(runs_dir, run_name)
+    if os.path.exists(run_dir):
+        fail(f"run directory {run_dir} already exists: choose another --run-name, or continue it with --resume {run_dir}")
+    os.makedirs(run_dir)
+    return run_dir
+
+
+def write_json(path, obj):
+    """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, state):
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(run_dir, script):
+    """Read RUN_DIR/checkpoint.pt written by ``script``; any problem is one line and exit 1, nothing is touched."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        fail(f"--resume {run_dir}: no checkpoint.pt in that directory")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, pickle garbage, wrong types: all mean "corrupt"
+        fail(f"--resume {run_dir}: checkpoint.pt is corrupt or unreadable ({type(error).__name__})")
+    if not isinstance(checkpoint, dict) or checkpoint.get("script") != script or "args" not in checkpoint:
+        fail(f"--resume {run_dir}: checkpoint.pt was not written by {script}")
+    return checkpoint
+
+
+def resume_args(args, checkpoint, argv):
+    """The resumed run keeps its saved arguments; only --total-steps (to extend a run) and the device flags given on
+    this command line override them."""
+    saved = argparse.Namespace(**checkpoint["args"])
+    for flag, name in (("--total-steps", "total_steps"), ("--cuda", "cuda"), ("--no-cuda", "cuda")):
+        if any(a == flag or a.startswith(flag + "=") for a in argv):
+            setattr(saved, name, getattr(args, name))
+    saved.resume = args.resume
+    return saved
+
+
+def rng_state():
+    """Every RNG a run touches, in a form torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    return {"python": list(random.getstate()[1]), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_pos": int(np_state[2]), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed, deterministic):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+@torch.inference_mode()
+def error_rate(model, images, labels, normalize, batch_size=1000, autocast=None):
+    """Test error in percent of ``model`` (eval mode, running BN statistics) on uint8 images held on the device."""
+    was_training = model.training
+    model.eval()
+    wrong = torch.zeros((), device=images.device)
+    for i in range(0, len(images), batch_size):
+        x = normalize(images[i: i + batch_size])
+        if images.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast if autocast is not None else contextlib.nullcontext():
+            logits = model(x)
+        wrong += (logits.argmax(1) != labels[i: i + batch_size]).sum()
+    model.train(was_training)
+    return 100.0 * wrong.item() / max(len(images), 1)
+
+
+def hparams_table(args):
+    """Markdown table of the arguments for TensorBoard's text tab."""
+    return "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in sorted(vars(args).items()))
