@@ -28,7 +28,6 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -190,6 +189,23 @@ def supervised_loss(logits, targets, normaliser):
     return torch.where(targets >= 0, per_row, torch.zeros_like(per_row)).sum() / normaliser
 
 
+class GatherWithGradient(torch.autograd.Function):
+    """All-gather of equal-size rows along dim 0, differentiable: every rank's loss depends on every rank's rows, so a
+    rank's rows get the sum over ranks of the gradients flowing into them (an all-reduce, then this rank's slice)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, tensor.contiguous())
+        return torch.cat(gathered)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
 def compute_losses(logits, features, classifier_weight, targets, mel_weight, nbel_weight, loc_weight,
                    loc_weighting="max", nbel_on_mean_logits=False, world_size=1):
     """Eq. 4 on this process's rows. Under DDP (world_size > 1) the losses are scaled so that DDP's gradient average
@@ -199,7 +215,7 @@ def compute_losses(logits, features, classifier_weight, targets, mel_weight, nbe
     if world_size > 1:
         labeled_count = labeled_count.clone()
         dist.all_reduce(labeled_count)
-        batch_logits = torch.cat(dist_nn.all_gather(logits.float().contiguous()))
+        batch_logits = GatherWithGradient.apply(logits.float())
     else:
         batch_logits = logits
     ce = supervised_loss(logits, targets, labeled_count.clamp_min(1).float() / world_size)
@@ -300,6 +316,13 @@ class SemiSupervisedView(torch.utils.data.Dataset):
         return image, (target if is_labeled else -1)
 
 
+def fail(message):
+    """A user error: one line on stderr (from rank 0 only under torchrun, every rank sees the same error), exit 1."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 def load_image_folders(data_dir, crop_size, resize_size):
     """ImageFolders for train/ (augmented), train/ (evaluation transform) and val/; SystemExit on missing folders."""
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
@@ -311,13 +334,13 @@ def load_image_folders(data_dir, crop_size, resize_size):
     for split in ("train", "val"):
         path = os.path.join(data_dir, split)
         if not os.path.isdir(path):
-            sys.exit(f"error: {path} is not a directory (--data-dir needs ImageNet-style train/ and val/ folders)")
+            fail(f"error: {path} is not a directory (--data-dir needs ImageNet-style train/ and val/ folders)")
         try:
             folders[split] = torchvision.datasets.ImageFolder(path, transform=train_tf if split == "train" else eval_tf)
         except (FileNotFoundError, RuntimeError) as error:
-            sys.exit(f"error: {path}: {error}".replace("\n", " "))
+            fail(f"error: {path}: {error}".replace("\n", " "))
     if folders["train"].classes != folders["val"].classes:
-        sys.exit(f"error: train/ and val/ in {data_dir} have different class folders")
+        fail(f"error: train/ and val/ in {data_dir} have different class folders")
     train_eval = copy.copy(folders["train"])
     train_eval.transform = eval_tf
     return folders["train"], train_eval, folders["val"]
@@ -402,7 +425,7 @@ if __name__ == "__main__":
     if world_size > 1:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     if args.batch_size % world_size:
-        sys.exit(f"error: --batch-size {args.batch_size} is not divisible by the {world_size} processes")
+        fail(f"error: --batch-size {args.batch_size} is not divisible by the {world_size} processes")
     is_main = rank == 0
     mixed = use_cuda and args.bf16 and torch.cuda.is_bf16_supported()
 
@@ -416,7 +439,7 @@ if __name__ == "__main__":
         labeled_idx, unlabeled_idx, valid_idx = make_split(train_folder.targets, num_classes, args.num_labeled,
                                                            args.num_unlabeled, args.num_valid, args.seed)
     except ValueError as error:
-        sys.exit(f"error: {error}")
+        fail(f"error: {error}")
     steps_per_epoch = math.ceil((len(labeled_idx) + len(unlabeled_idx)) / args.batch_size)
     total_steps = args.total_steps or args.epochs * steps_per_epoch
     eval_every = args.eval_every or steps_per_epoch
@@ -427,18 +450,18 @@ if __name__ == "__main__":
         run_dir = args.resume
         ckpt_path = os.path.join(run_dir, "checkpoint.pt")
         if not os.path.isfile(ckpt_path):
-            sys.exit(f"error: no checkpoint.pt in {run_dir}")
+            fail(f"error: no checkpoint.pt in {run_dir}")
         try:
             checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except Exception as error:  # corrupt or foreign file
-            sys.exit(f"error: cannot read {ckpt_path}: {type(error).__name__}: {error}".replace("\n", " "))
+            fail(f"error: cannot read {ckpt_path}: {type(error).__name__}: {error}".replace("\n", " "))
         saved = json.loads(checkpoint["args"])
         mismatched = [k for k in MUST_MATCH_ON_RESUME if saved.get(k) != getattr(args, k)]
         if mismatched:
-            sys.exit(f"error: --resume needs the run's own settings; these differ: {', '.join(mismatched)}")
+            fail(f"error: --resume needs the run's own settings; these differ: {', '.join(mismatched)}")
         saved_split = np.load(os.path.join(run_dir, "split.npz"))
         if not (np.array_equal(saved_split["labeled"], labeled_idx) and np.array_equal(saved_split["unlabeled"], unlabeled_idx)):
-            sys.exit(f"error: train/ in {args.data_dir} no longer gives the split saved in {run_dir}")
+            fail(f"error: train/ in {args.data_dir} no longer gives the split saved in {run_dir}")
     else:
         dataset_name = os.path.basename(os.path.normpath(args.data_dir))
         run_dir = [os.path.join(args.runs_dir, args.run_name or f"{dataset_name}__{SCRIPT}__{args.seed}__{int(time.time())}")]
@@ -457,7 +480,7 @@ if __name__ == "__main__":
         if world_size > 1:
             dist.broadcast_object_list(failed, src=0)
         if failed[0]:
-            sys.exit(failed[0])
+            fail(failed[0])
     writer = SummaryWriter(run_dir) if is_main else None
     if is_main:
         table = "\n".join(f"|{k}|{v}|" for k, v in sorted(vars(args).items()))
@@ -524,7 +547,7 @@ if __name__ == "__main__":
         return metrics
 
     model.train()
-    train_time, steps_done, metrics = 0.0, 0, None
+    train_time, steps_done, steps_since_log, metrics = 0.0, 0, 0, None
     running = torch.zeros(6, device=device)  # summed loss components and labeled share since the last log
     for step in range(start_step, total_steps):
         tick = time.time()
@@ -547,18 +570,18 @@ if __name__ == "__main__":
             torch.cuda.synchronize()
         train_time += time.time() - tick
         steps_done += 1
+        steps_since_log += 1
 
         # LOGGING: component means over the log interval and all ranks (one all-reduce per log).
         if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
-            interval = (step % args.log_every) + 1 if step + 1 == total_steps else args.log_every
-            interval = min(interval, steps_done)
             if world_size > 1:
                 dist.all_reduce(running)
                 running /= world_size
-            values = (running / interval).tolist()
+            values = (running / steps_since_log).tolist()
             running.zero_()
+            steps_since_log = 0
             if not all(math.isfinite(v) for v in values):
-                sys.exit(f"error: non-finite loss at step {step + 1}: {values}")
+                fail(f"error: non-finite loss at step {step + 1}: {values}")
             if is_main:
                 for name, value in zip(list(losses) + ["labeled_share"], values):
                     writer.add_scalar(("charts/" if name == "labeled_share" else "losses/") + name, value, step + 1)

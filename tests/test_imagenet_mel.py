@@ -21,8 +21,8 @@ TINY_NET = ["--crop-size", "32", "--resize-size", "36", "--block-config", "2,2",
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
-def make_image_folder(root, classes=4, train_per_class=12, val_per_class=4, size=40, seed=0):
-    """Class = colour of a noisy image: learnable in a few dozen steps."""
+def make_image_folder(root, classes=4, train_per_class=12, val_per_class=4, size=40, noise=40, seed=0):
+    """Class = colour of a noisy image: learnable in a few dozen steps (harder with more noise)."""
     from PIL import Image
     rng = np.random.default_rng(seed)
     colours = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220], [220, 220, 40]])
@@ -31,7 +31,7 @@ def make_image_folder(root, classes=4, train_per_class=12, val_per_class=4, size
             folder = os.path.join(root, split, f"class{c}")
             os.makedirs(folder, exist_ok=True)
             for i in range(n):
-                pixels = np.clip(colours[c] + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                pixels = np.clip(colours[c] + rng.normal(0, noise, (size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
     return str(root)
 
