@@ -214,8 +214,8 @@ def load_dataset(name, data_dir="data", download=False, device="cpu", svhn_extra
         tv_name = "svhn_extra" if (key == "svhn" and svhn_extra) else key
         x_train, y_train, x_test, y_test, extra_x, extra_y = _torchvision(tv_name, data_dir, download)
     x_train, x_test = _nchw(x_train), _nchw(x_test)
-    y_train = torch.as_tensor(np.asarray(y_train), dtype=torch.int64)
-    y_test = torch.as_tensor(np.asarray(y_test), dtype=torch.int64)
+    y_train = torch.as_tensor(np.array(y_train), dtype=torch.int64)
+    y_test = torch.as_tensor(np.array(y_test), dtype=torch.int64)
     if len(x_train) != len(y_train) or len(x_test) != len(y_test):
         raise DataError(f"{name}: images and labels differ in length")
     if x_train.shape[1:] != x_test.shape[1:]:

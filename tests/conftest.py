@@ -1,0 +1,38 @@
+"""Shared test helpers: run a training script as a subprocess and read its TensorBoard scalars."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Tiny settings every end-to-end run of a Protocol A script can share.
+TINY = ["--dataset", "synthetic", "--depth", "10", "--width", "1", "--log-every", "5", "--eval-every", "10",
+        "--total-steps", "20", "--batch-size", "16", "--bn-momentum", "0.1", "--torch-deterministic", "--no-cuda"]
+
+
+def run_script(script, *args, cwd=None, timeout=600):
+    """Run ``python <ROOT>/<script> args...`` on the CPU; return the CompletedProcess (text output)."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0", OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd or ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_scalars(run_dir):
+    """{tag: [(step, value), ...]} from every event file in ``run_dir`` (top level)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    scalars = {}
+    for name in sorted(os.listdir(run_dir)):
+        if name.startswith("events.out.tfevents"):
+            acc = EventAccumulator(os.path.join(run_dir, name), size_guidance={"scalars": 0})
+            acc.Reload()
+            for tag in acc.Tags()["scalars"]:
+                scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return scalars
+
+
+@pytest.fixture
+def tiny_args():
+    return list(TINY)
