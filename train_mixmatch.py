@@ -1,0 +1,435 @@
+"""MixMatch and MixMatch + NS3L (Protocol B), faithful to the official google-research/mixmatch TensorFlow code.
+
+MixMatch: Berthelot et al. 2019. MixMatch + NS3L: Chen et al., "Negative Sampling in Semi-Supervised Learning"
+(ICML 2020) section 4.3 and Tables 3-5: every row of the mixed batches X' and U' gets as negatives the classes whose
+*mixed target* probability is below T = 0.05, and L = L_x + lambda_u L_u + lambda_1 L_NS3L on the mixed inputs' outputs.
+
+    python train_mixmatch.py --dataset cifar10 --num-labeled 250 --ns3l
+    python train_mixmatch.py --dataset digits --depth 10 --total-steps 2000 --eval-every 250 --rampup-steps 500 --ns3l
+
+Point by point against the official code (mixmatch.py, libml/{layers,models,data,utils}.py, runs/table2.sh):
+ 1. Batches: 64 labeled + 64 unlabeled, K = 2 views per unlabeled image (FLAGS.batch, nu). Inputs x * 2/255 - 1.
+ 2. Augmentation (libml/data.py): flip + reflect-pad-4 random crop (CIFAR), crop only (SVHN), flip + pad 12 (STL-10),
+    one fresh draw per view. Other image sizes: pad = image size / 8 (the same ratio). No input noise, no whitening.
+ 3. WRN-28-2 with conv biases, BN decay 0.999 / eps 1e-3, leaky ReLU 0.1, 32 filters doubling per stage; 3 stages, 4 on
+    STL-10 (--scales=4 in runs/table2.sh); dense layer Glorot-normal initialised (TF's truncated normal).
+ 4. Label guess (guess_label): each of the K views is its own training-mode forward pass (own batch statistics), no
+    gradient, and the BN running statistics are not updated (its UPDATE_OPS are never run); mean of the softmaxes,
+    then sharpen with T = 0.5.
+ 5. Mixup (MixMode 'xxy.yxy'): one shuffle of the concatenation [X; U_1; ...; U_K] and its targets, lambda ~
+    Beta(alpha, alpha) per row, lambda' = max(lambda, 1 - lambda), alpha = 0.75.
+ 6. Interleave (layers.interleave): the mixed batch is cut into K + 1 chunks of 64 rows that each hold labeled and
+    unlabeled rows; each chunk is a separate forward pass with its own batch statistics, and only the first chunk's
+    BN updates are applied (post_ops). Logits are un-interleaved with the same swap.
+ 7. Loss: softmax cross-entropy on the mixed labeled rows + lambda_u * mean over rows and classes of the squared
+    error between mixed targets and softmax on the unlabeled rows; lambda_u ramped linearly to its value over 1024 kimg
+    = 16,384 steps of 64 (warmup_kimg). lambda_u: 75 CIFAR-10, 250 SVHN, 50 STL-10, 150 CIFAR-100.
+ 8. Adam lr 0.002 constant. After each step: w <- w * (1 - 0.02 * lr) for every conv / dense kernel ('kernel' in the
+    name; no biases, no BN) and an EMA (decay 0.999) of the trainable variables only. BN moving statistics are not
+    averaged: the EMA model reads the live model's (utils.getter_ema falls back to the variable itself).
+ 9. Evaluation with the EMA model in inference mode every 64 kimg = 1024 steps; the headline is the median test error
+    of the last 20 evaluations (scripts/extract_accuracy.py). The raw model is also evaluated (classify_raw).
+10. Split: the labeled images are not in the unlabeled stream (scripts/create_split.py); validation is held out
+    of the unlabeled images (CIFAR / SVHN 5000; STL-10 500).
+Where this PyTorch port differs (all small): the post-step weight decay and EMA are unordered in the TF graph (here
+decay, then EMA); PyTorch's Adam puts epsilon outside the bias correction (TF: inside); the labeled subset is a
+class-balanced draw by seed (official: its own sampler; STL-10 official folds); the ramp is counted in steps, not images.
+"""
+import argparse
+import contextlib
+import copy
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+
+import common
+import wrn
+
+SCRIPT = "train_mixmatch"
+# Protocol B per data set: lambda_u (MixMatch paper / NS3L section 4.4), default split, NS3L lambda_1 (NS3L 4.4).
+PROTOCOL_B = {
+    "cifar10": dict(lambda_u=75.0, num_labeled=250, num_valid=5000),
+    "cifar100": dict(lambda_u=150.0, num_labeled=10000, num_valid=5000),
+    "svhn": dict(lambda_u=250.0, num_labeled=250, num_valid=5000),
+    "stl10": dict(lambda_u=50.0, num_labeled=1000, num_valid=500),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = parser.add_argument_group("experiment")
+    g.add_argument("--seed", type=int, default=1, help="seed of the run; also picks the labeled subset")
+    g.add_argument("--runs-dir", default="runs", help="where run directories are created")
+    g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__<script>__<seed>__<time>)")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
+    g.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
+                   help="cudnn.deterministic (bit-reproducible, slower on GPU)")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast for forward passes on CUDA (ignored on CPU)")
+    g.add_argument("--eval-every", type=int, default=1024, help="steps between evaluations (official: 64 kimg)")
+    g.add_argument("--log-every", type=int, default=100, help="steps between logged scalars")
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default="cifar10",
+                   help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz (x_train, y_train, x_test, y_test)")
+    g.add_argument("--data-dir", default="data", help="torchvision data root")
+    g.add_argument("--download", action="store_true", help="let torchvision download the data set")
+    g.add_argument("--svhn-extra", action="store_true", help="SVHN: add the 531k 'extra' images to the unlabeled stream")
+    g.add_argument("--num-labeled", type=int, default=None,
+                   help="labeled images (default: CIFAR-10 / SVHN 250, STL-10 1000, CIFAR-100 10000, else common.py's)")
+    g.add_argument("--num-valid", type=int, default=None,
+                   help="validation images (official: CIFAR / SVHN 5000, STL-10 500; else common.py's)")
+    g.add_argument("--include-labeled", action="store_true",
+                   help="also put the labeled images in the unlabeled stream (official create_split.py does not)")
+    g.add_argument("--shift", type=int, default=None,
+                   help="random-crop padding in px (official: 4 at 32 px, 12 on STL-10; default image size / 8)")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--total-steps", type=int, default=1 << 20, help="official: 2^16 kimg = 2^20 steps of 64")
+    g.add_argument("--batch-size", type=int, default=64, help="labeled images per step, = unlabeled (official 64)")
+    g.add_argument("--lr", type=float, default=0.002, help="Adam learning rate, constant (official)")
+    g.add_argument("--weight-decay", type=float, default=0.02,
+                   help="decoupled decay w <- w (1 - wd lr) on conv / dense kernels after each step (official wd)")
+    g.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights, used for evaluation (official)")
+    g.add_argument("--depth", type=int, default=28, help="WRN depth (6n + 4)")
+    g.add_argument("--width", type=int, default=2, help="WRN widening factor (official 32 filters = width 2)")
+    g.add_argument("--num-stages", type=int, default=None, help="WRN stages (default 3; STL-10 4, official --scales)")
+    g.add_argument("--bn-momentum", type=float, default=0.001,
+                   help="BatchNorm running-stat momentum (TF decay 0.999); use ~0.01 for runs of a few thousand steps")
+    g = parser.add_argument_group("mixmatch")
+    g.add_argument("--k-augment", type=int, default=2, help="augmentations per unlabeled image (official nu = 2)")
+    g.add_argument("--temperature", type=float, default=0.5, help="sharpening temperature T (official)")
+    g.add_argument("--alpha", type=float, default=0.75, help="Beta(alpha, alpha) of mixup (official --beta 0.75)")
+    g.add_argument("--lambda-u", type=float, default=None,
+                   help="weight of the L2 loss (default 75 CIFAR-10, 250 SVHN, 50 STL-10, 150 CIFAR-100; else 75)")
+    g.add_argument("--rampup-steps", type=int, default=16384, help="linear ramp of lambda_u (official 1024 kimg)")
+    g = parser.add_argument_group("ns3l")
+    g.add_argument("--ns3l", action="store_true", help="add the NS3L loss on X' and U' (NS3L paper section 4.3)")
+    g.add_argument("--ns3l-weight", type=float, default=None,
+                   help="lambda_1 (NS3L 4.4: CIFAR-10 5 below 4000 labels, 10 at 4000; SVHN, STL-10 and others 2)")
+    g.add_argument("--threshold", type=float, default=0.05, help="T: mixed-target probabilities below it are negatives")
+    args = parser.parse_args(argv)
+
+    for name in ("total_steps", "eval_every", "log_every", "k_augment"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("weight_decay", "rampup_steps", "lambda_u", "ns3l_weight", "shift"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.batch_size < max(2, args.k_augment + 1):
+        parser.error(f"--batch-size must be >= 2 and >= --k-augment + 1 (one interleave group each), got {args.batch_size}")
+    if not 0.0 < args.threshold < 1.0:
+        parser.error(f"--threshold must be in (0, 1), got {args.threshold}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    for name in ("temperature", "alpha", "lr"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
+    if not 0.0 < args.bn_momentum <= 1.0:
+        parser.error(f"--bn-momentum must be in (0, 1], got {args.bn_momentum}")
+    if (args.depth - 4) % 6 != 0 or args.depth < 10 or args.width < 1:
+        parser.error(f"--depth must be 6n + 4 >= 10 and --width >= 1, got {args.depth} and {args.width}")
+    if args.num_stages is not None and args.num_stages < 1:
+        parser.error(f"--num-stages must be >= 1, got {args.num_stages}")
+    try:
+        key = common.dataset_key(args.dataset)
+    except common.DataError as error:
+        parser.error(str(error))
+    defaults = PROTOCOL_B.get(key, {})
+    if args.lambda_u is None:
+        args.lambda_u = defaults.get("lambda_u", 75.0)
+    if args.num_stages is None:
+        args.num_stages = 4 if key == "stl10" else 3
+    if args.num_labeled is None:
+        args.num_labeled = defaults.get("num_labeled", common.DATASETS[key]["num_labeled"])
+    if args.num_valid is None:
+        args.num_valid = defaults.get("num_valid", common.DATASETS[key]["num_valid"])
+    if args.ns3l_weight is None:
+        args.ns3l_weight = (10.0 if args.num_labeled >= 4000 else 5.0) if key == "cifar10" else 2.0
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------- the algorithm
+def sharpen(probs, temperature):
+    """Sharpen(p, T)_k = p_k^(1/T) / sum_j p_j^(1/T) (MixMatch eq. 7)."""
+    powered = probs.pow(1.0 / temperature)
+    return powered / powered.sum(dim=1, keepdim=True)
+
+
+@torch.no_grad()
+def guess_labels(model, views, temperature, autocast=contextlib.nullcontext()):
+    """Mean softmax over the K views, each its own training-mode pass (own batch statistics, as the official code runs
+    them) that leaves BN running statistics alone; then sharpened. No gradient flows into the targets."""
+    with wrn.no_bn_update(model), autocast:
+        probs = torch.stack([torch.softmax(model(view).float(), dim=1) for view in views]).mean(dim=0)
+    return sharpen(probs, temperature)
+
+
+def mixup(inputs, targets, alpha):
+    """Official MixMode 'xxy.yxy': one shuffle of all rows, lambda ~ Beta(alpha, alpha) per row and
+    lambda' = max(lambda, 1 - lambda), so each mixed row stays closer to its own input (MixMatch eq. 8-11)."""
+    lam = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha))).sample((len(inputs),))
+    lam = torch.maximum(lam, 1.0 - lam).to(inputs.device)
+    perm = torch.randperm(len(inputs), device=inputs.device)
+    lam_x = lam.view(-1, *([1] * (inputs.dim() - 1)))
+    mixed_inputs = lam_x * inputs + (1.0 - lam_x) * inputs[perm]
+    mixed_targets = lam[:, None] * targets + (1.0 - lam[:, None]) * targets[perm]
+    return mixed_inputs, mixed_targets, lam, perm
+
+
+def interleave_offsets(batch, nu):
+    """Group boundaries of official layers.interleave_offsets: nu + 1 near-equal groups, the remainder at the end."""
+    groups = [batch // (nu + 1)] * (nu + 1)
+    for i in range(batch - sum(groups)):
+        groups[-i - 1] += 1
+    offsets = [0]
+    for group in groups:
+        offsets.append(offsets[-1] + group)
+    return offsets
+
+
+def interleave(chunks, batch):
+    """Official layers.interleave: swap group i of chunk 0 with group i of chunk i, so every chunk holds labeled and
+    unlabeled rows. It is its own inverse (used again to put the logits back in order)."""
+    nu = len(chunks) - 1
+    offsets = interleave_offsets(batch, nu)
+    parts = [[c[offsets[p]: offsets[p + 1]] for p in range(nu + 1)] for c in chunks]
+    for i in range(1, nu + 1):
+        parts[0][i], parts[i][i] = parts[i][i], parts[0][i]
+    return [torch.cat(p) for p in parts]
+
+
+def interleaved_forward(model, chunks, autocast=contextlib.nullcontext(), memory_format=torch.contiguous_format):
+    """Each interleaved chunk is its own forward pass (own batch statistics, as separate TF batches); only the first
+    chunk updates the BN running statistics (official: only its UPDATE_OPS go into post_ops)."""
+    batch = len(chunks[0])
+    mixed = [c.contiguous(memory_format=memory_format) for c in interleave(chunks, batch)]
+    with autocast:
+        logits = [model(mixed[0]).float()]
+        with wrn.no_bn_update(model):
+            logits += [model(c).float() for c in mixed[1:]]
+    return interleave(logits, batch)
+
+
+def mixmatch_losses(logits_x, targets_x, logits_u, targets_u):
+    """Soft cross-entropy on X' (mean over rows) and squared error on U' (mean over rows and classes)."""
+    loss_xe = -(targets_x * F.log_softmax(logits_x, dim=1)).sum(dim=1).mean()
+    loss_l2u = (targets_u - torch.softmax(logits_u, dim=1)).pow(2).mean()
+    return loss_xe, loss_l2u
+
+
+def linear_rampup(step, rampup_steps):
+    """Official: w_match * clip(step / warmup, 0, 1)."""
+    return 1.0 if rampup_steps == 0 else min(max(step / rampup_steps, 0.0), 1.0)
+
+
+def ns3l_negatives(mixed_targets, threshold):
+    """NS3L + MixMatch negatives: the classes whose mixed-target probability is below ``threshold``."""
+    return mixed_targets < threshold
+
+
+def ns3l_loss(logits, negatives):
+    """Mean over rows of -log(1 - sum_{k in negatives} p_k), stable form logsumexp(non-negative logits) - logsumexp(all
+    logits), clamped at 1e-8 like the authors' released ns3l.py."""
+    logits = logits.float()
+    log_keep = torch.logsumexp(logits.masked_fill(negatives, float("-inf")), dim=1) - torch.logsumexp(logits, dim=1)
+    return -log_keep.clamp_min(math.log(1e-8)).mean()
+
+
+@torch.no_grad()
+def decoupled_weight_decay_(model, factor):
+    """Official post-step decay v <- v * (1 - wd * lr) on 'kernel' variables: conv and dense weights only."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.weight.mul_(1.0 - factor)
+
+
+@torch.no_grad()
+def ema_update_(ema_model, model, decay):
+    """tf.train.ExponentialMovingAverage over the trainable variables: e <- decay e + (1 - decay) p. BN running
+    statistics are not averaged; the EMA model uses the live ones (official getter_ema falls back to the variable)."""
+    for ema_param, param in zip(ema_model.parameters(), model.parameters()):
+        ema_param.lerp_(param, 1.0 - decay)
+    for ema_buffer, buffer in zip(ema_model.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+def make_model(num_classes, args, channels):
+    """Official ResNet classifier: WRN with conv biases; the dense kernel TF Glorot-normal (truncated) initialised."""
+    model = wrn.WideResNet(num_classes, args.depth, args.width, channels, num_stages=args.num_stages, conv_bias=True,
+                           bn_momentum=args.bn_momentum)
+    fan_in, fan_out = model.fc.in_features, model.fc.out_features
+    std = math.sqrt(2.0 / (fan_in + fan_out)) / 0.87962566103423978  # TF's truncated-normal variance correction
+    nn.init.trunc_normal_(model.fc.weight, 0.0, std, -2 * std, 2 * std)
+    return model
+
+
+def main():
+    args = parse_args()
+    checkpoint = None
+    if args.resume:
+        checkpoint = common.load_checkpoint(args.resume, SCRIPT)
+        args = common.resume_args(args, checkpoint, sys.argv[1:])
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and args.bf16)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    common.seed_everything(args.seed, args.torch_deterministic)
+
+    # Data: every failure here is one line and happens before anything is written.
+    try:
+        data = common.load_dataset(args.dataset, args.data_dir, args.download, device, args.svhn_extra)
+        split = common.make_ssl_split(data.y_train, data.num_classes, args.num_labeled, args.num_valid, args.seed,
+                                      data.num_labelable, include_labeled=args.include_labeled)
+    except common.DataError as error:
+        common.fail(str(error))
+    flip = common.DATASETS[data.name]["flip"]  # CIFAR / STL-10 flip, SVHN / digits / MNIST do not
+    shift = args.shift if args.shift is not None else max(1, round(data.image_size / 8))  # 4 at 32 px, 12 at 96 px
+    if shift >= data.image_size:
+        common.fail(f"--shift {shift} must be smaller than the image size {data.image_size} (reflect padding)")
+    normalize = common.Normalizer("scale")  # official: x * 2 / 255 - 1, no whitening
+
+    if checkpoint is None:
+        run_name = args.run_name or f"{os.path.basename(args.dataset)}__{SCRIPT}__{args.seed}__{int(time.time())}"
+        run_dir = common.create_run_dir(args.runs_dir, run_name)
+        common.write_json(os.path.join(run_dir, "args.json"), vars(args))
+        split.save(os.path.join(run_dir, "split.json"))
+    else:
+        run_dir = args.resume
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["step"] if checkpoint else None)
+    writer.add_text("hyperparameters", common.hparams_table(args))
+
+    model = make_model(data.num_classes, args, data.channels).to(device, memory_format=memory_format)
+    ema_model = copy.deepcopy(model).requires_grad_(False)  # TF EMA shadows start at the initial values
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)  # default betas, constant LR (official)
+    labeled_batches = common.BatchSampler(split.labeled.to(device), args.batch_size)
+    unlabeled_batches = common.BatchSampler(split.unlabeled.to(device), args.batch_size)
+    start_step, best_valid, test_at_best, train_time, test_errors = 0, float("inf"), float("nan"), 0.0, []
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        ema_model.load_state_dict(checkpoint["ema_model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        labeled_batches.load_state_dict(checkpoint["labeled_sampler"])
+        unlabeled_batches.load_state_dict(checkpoint["unlabeled_sampler"])
+        common.set_rng_state(checkpoint["rng"])
+        start_step, best_valid, test_at_best = checkpoint["step"], checkpoint["best_valid"], checkpoint["test_at_best"]
+        train_time, test_errors = checkpoint["train_time"], list(checkpoint["test_errors"])
+        print(f"resumed {run_dir} at step {start_step}")
+
+    def batch(indices):  # gather uint8 images on the device -> [-1, 1] -> flip / pad-and-crop, fresh per sample
+        return common.augment(normalize(data.x_train[indices]), flip, shift).contiguous(memory_format=memory_format)
+
+    sums = {}  # running sums of logged scalars, kept on the device so the loop never waits for the GPU
+    def accumulate(name, value):
+        sums[name] = sums.get(name, 0.0) + value.detach().float()
+
+    valid_error = test_error = raw_test_error = float("nan")
+    model.train()
+    tick, last_log_step = time.perf_counter(), start_step
+    for step in range(start_step, args.total_steps):
+        # ALGO LOGIC: guess labels on K views, mixup all rows, interleaved forward, losses, Adam, decay, EMA
+        labeled_idx, unlabeled_idx = next(labeled_batches), next(unlabeled_batches)
+        x, y = batch(labeled_idx), data.y_train[labeled_idx]
+        views = [batch(unlabeled_idx) for _ in range(args.k_augment)]
+        guessed = guess_labels(model, views, args.temperature, amp)
+        targets = torch.cat([F.one_hot(y, data.num_classes).float()] + [guessed] * args.k_augment)
+        mixed_inputs, mixed_targets, lam, _ = mixup(torch.cat([x] + views), targets, args.alpha)
+        logits = torch.cat(interleaved_forward(model, list(mixed_inputs.split(len(x))), amp, memory_format))
+        n = len(x)
+        loss_xe, loss_l2u = mixmatch_losses(logits[:n], mixed_targets[:n], logits[n:], mixed_targets[n:])
+        lambda_u = args.lambda_u * linear_rampup(step, args.rampup_steps)
+        loss = loss_xe + lambda_u * loss_l2u
+        if args.ns3l:  # NS3L 4.3: negatives from the mixed targets of every row of X' and U'
+            negatives = ns3l_negatives(mixed_targets, args.threshold)
+            loss_ns3l = ns3l_loss(logits, negatives)
+            loss = loss + args.ns3l_weight * loss_ns3l
+            # The dominant (lambda' >= 0.5) image of each row is the row's own: a negative at its true class is wrong.
+            dominant = torch.cat([y] + [data.y_train[unlabeled_idx]] * args.k_augment)
+            known = dominant >= 0
+            wrong = negatives.gather(1, dominant.clamp_min(0)[:, None]).squeeze(1) & known
+            accumulate("losses/ns3l", loss_ns3l)
+            accumulate("charts/ns3l_negatives_per_sample", negatives.sum(1).float().mean())
+            accumulate("charts/ns3l_false_negative_rate", wrong.sum() / known.sum().clamp_min(1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        decoupled_weight_decay_(model, args.weight_decay * args.lr)
+        ema_update_(ema_model, model, args.ema_decay)
+        hidden = data.y_train[unlabeled_idx]  # hidden labels: diagnostics only, never in a loss
+        accumulate("losses/xe", loss_xe)
+        accumulate("losses/l2u", loss_l2u)
+        accumulate("losses/total", loss)
+        accumulate("charts/guess_accuracy", ((guessed.argmax(1) == hidden) & (hidden >= 0)).sum()
+                   / (hidden >= 0).sum().clamp_min(1))
+        accumulate("charts/guess_max_probability", guessed.max(1).values.mean())
+        accumulate("charts/mixup_lambda", lam.mean())
+
+        done = step + 1
+        # LOGGING: means since the last log; SPS over training time only
+        if done % args.log_every == 0 or done == args.total_steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            train_time += now - tick
+            sps = (done - last_log_step) / max(now - tick, 1e-9)
+            for name, total in sums.items():
+                writer.add_scalar(name, total.item() / (done - last_log_step), done)
+            writer.add_scalar("charts/learning_rate", args.lr, done)
+            writer.add_scalar("charts/lambda_u", lambda_u, done)
+            writer.add_scalar("charts/SPS", sps, done)
+            eta = (args.total_steps - done) / max(sps, 1e-9)
+            print(f"step {done}/{args.total_steps} loss {sums['losses/total'].item() / (done - last_log_step):.4f} "
+                  f"lambda_u {lambda_u:.2f} SPS {sps:.1f} ETA {eta / 60:.1f} min", flush=True)
+            sums, last_log_step, tick = {}, done, time.perf_counter()
+        # EVAL: the EMA model (official classify_op); the reported number is the median of the last 20 test errors
+        if done % args.eval_every == 0 or done == args.total_steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            train_time += time.perf_counter() - tick
+            valid_x, valid_y = data.x_train[split.valid.to(device)], data.y_train[split.valid.to(device)]
+            valid_error = common.error_rate(ema_model, valid_x, valid_y, normalize, autocast=amp) \
+                if len(valid_x) else float("nan")
+            test_error = common.error_rate(ema_model, data.x_test, data.y_test, normalize, autocast=amp)
+            raw_test_error = common.error_rate(model, data.x_test, data.y_test, normalize, autocast=amp)
+            test_errors.append(test_error)
+            median20 = statistics.median(test_errors[-20:])
+            if valid_error < best_valid:
+                best_valid, test_at_best = valid_error, test_error
+            writer.add_scalar("eval/valid_error", valid_error, done)
+            writer.add_scalar("eval/test_error", test_error, done)
+            writer.add_scalar("eval/test_error_raw", raw_test_error, done)
+            writer.add_scalar("eval/test_error_at_best_valid", test_at_best, done)
+            writer.add_scalar("eval/median_last20_test_error", median20, done)
+            print(f"eval step {done}: EMA valid error {valid_error:.2f}% test error {test_error:.2f}% (raw model "
+                  f"{raw_test_error:.2f}%), median of last {min(20, len(test_errors))}: {median20:.2f}%", flush=True)
+            common.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
+                "script": SCRIPT, "args": vars(args), "step": done, "model": model.state_dict(),
+                "ema_model": ema_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "labeled_sampler": labeled_batches.state_dict(), "unlabeled_sampler": unlabeled_batches.state_dict(),
+                "rng": common.rng_state(), "best_valid": best_valid, "test_at_best": test_at_best,
+                "train_time": train_time, "test_errors": test_errors})
+            tick = time.perf_counter()
+
+    median20 = statistics.median(test_errors[-20:]) if test_errors else float("nan")
+    summary = {"steps": args.total_steps, "steps_per_second": (args.total_steps / train_time) if train_time else None,
+               "median_last20_test_error": median20, "final_valid_error": valid_error,
+               "final_test_error": test_error, "final_test_error_raw": raw_test_error,
+               "best_valid_error": best_valid if best_valid != float("inf") else float("nan"),
+               "test_error_at_best_valid": test_at_best, "train_seconds": train_time, "args": vars(args)}
+    common.write_json(os.path.join(run_dir, "summary.json"), summary)
+    writer.add_hparams({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
+                       {"hparam/median_last20_test_error": median20, "hparam/test_error_at_best_valid": test_at_best},
+                       run_name=".")
+    writer.close()
+    print(f"done: {args.total_steps - start_step} steps, median of the last 20 EMA test errors {median20:.2f}% "
+          f"(final {test_error:.2f}%), {summary['steps_per_second'] or 0:.1f} steps/s -> {run_dir}")
+
+
+if __name__ == "__main__":
+    main()
