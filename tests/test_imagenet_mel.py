@@ -21,8 +21,9 @@ TINY_NET = ["--crop-size", "32", "--resize-size", "36", "--block-config", "2,2",
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
-def make_image_folder(root, classes=4, train_per_class=12, val_per_class=4, size=40, noise=40, seed=0):
-    """Class = colour of a noisy image: learnable in a few dozen steps (harder with more noise)."""
+def make_image_folder(root, classes=4, train_per_class=12, val_per_class=4, size=40, noise=40, patch=0, seed=0):
+    """Class = colour of a noisy image: learnable in a few dozen steps. patch > 0: only a patch x patch square at a
+    random place has the class colour, on a grey noisy background (harder; crops can cut the square out)."""
     from PIL import Image
     rng = np.random.default_rng(seed)
     colours = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220], [220, 220, 40]])
@@ -31,7 +32,13 @@ def make_image_folder(root, classes=4, train_per_class=12, val_per_class=4, size
             folder = os.path.join(root, split, f"class{c}")
             os.makedirs(folder, exist_ok=True)
             for i in range(n):
-                pixels = np.clip(colours[c] + rng.normal(0, noise, (size, size, 3)), 0, 255).astype(np.uint8)
+                if patch:
+                    pixels = np.full((size, size, 3), 128.0)
+                    top, left = rng.integers(0, size - patch + 1, 2)
+                    pixels[top:top + patch, left:left + patch] = colours[c]
+                else:
+                    pixels = np.tile(colours[c], (size, size, 1)).astype(float)
+                pixels = np.clip(pixels + rng.normal(0, noise, (size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
     return str(root)
 
