@@ -1,0 +1,306 @@
+"""Pi-model, plus NS3L as a flag (Protocol A).
+
+Pi-model (Laine & Aila 2017; Sajjadi et al. 2016) as run by Oliver et al. 2018 ("Realistic evaluation of deep SSL",
+REFERENCE §1) and by the NS3L paper (Chen et al., ICML 2020, Table 1 "Pi model" and "Pi + NS3L" columns, section 4):
+every step the batch [labeled; unlabeled] goes through the network twice with fresh augmentation and noise; the first
+pass is trained, the second is the target (no gradient, BatchNorm running statistics untouched), and the consistency
+loss is the mean squared error between the two softmaxes of each unlabeled image, averaged over classes. Its weight
+(20) is ramped by exp(-5 (1 - t)^2) over the first 50k of 200k steps; Adam at 3e-4, x0.2 at 130k; the test error is
+reported at the lowest validation error. NS3L (paper Algorithm 1, section 4.3): the classes whose detached predicted
+probability on an unlabeled image is below T are its negatives, loss -log(1 - sum of their probabilities); with
+--ns3l the NS3L-alone hyperparameters are used, "identical hyperparameters are used for Pi model + NS3L" (section
+4.4): LR 6e-4, lambda_1 = 1, T = 0.04 (0.004 for 100 classes).
+
+    python train_pi.py --dataset cifar10 --num-labeled 4000
+    python train_pi.py --dataset cifar10 --num-labeled 4000 --ns3l
+    python train_pi.py --dataset digits --depth 10 --total-steps 2000 --eval-every 500 --ns3l
+
+Deviations and choices (also in docs/pi.md):
+- Losses are means over their own rows (labeled cross-entropy over the labeled rows, consistency over the unlabeled
+  rows). Oliver et al. divide both by the whole batch (labeled + unlabeled), i.e. both halve with a 50 + 50 batch;
+  the ratio is the same and Adam is invariant to the overall scale, so the updates match up to Adam's epsilon.
+- The target pass runs on the whole [labeled; unlabeled] batch like Oliver et al.'s (so both passes normalise with
+  statistics of the same mix of images); only its unlabeled rows enter the loss.
+- NS3L reuses the trained (first) pass of the unlabeled batch, as train_supervised.py does by default.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+
+import common
+import wrn
+
+SCRIPT = "train_pi"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = parser.add_argument_group("experiment")
+    g.add_argument("--seed", type=int, default=1, help="seed of the run; also picks the labeled subset")
+    g.add_argument("--runs-dir", default="runs", help="where run directories are created")
+    g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__<script>__<seed>__<time>)")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
+    g.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
+                   help="cudnn.deterministic (bit-reproducible, slower on GPU)")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast for forward passes on CUDA (ignored on CPU)")
+    g.add_argument("--eval-every", type=int, default=5000, help="steps between evaluations and checkpoints")
+    g.add_argument("--log-every", type=int, default=100, help="steps between logged scalars")
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default="cifar10",
+                   help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz (x_train, y_train, x_test, y_test)")
+    g.add_argument("--data-dir", default="data", help="torchvision data root")
+    g.add_argument("--download", action="store_true", help="let torchvision download the data set")
+    g.add_argument("--svhn-extra", action="store_true", help="SVHN: add the 531k 'extra' images to the unlabeled stream")
+    g.add_argument("--num-labeled", type=int, default=None,
+                   help="labeled images (default: the paper's, CIFAR-10 4000 / SVHN 1000 / CIFAR-100 10000)")
+    g.add_argument("--num-valid", type=int, default=None, help="validation images held out of train (CIFAR 5000, SVHN 7325)")
+    g.add_argument("--exclude-labeled", action="store_true",
+                   help="leave the labeled images out of the unlabeled stream (Oliver et al. include them)")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--total-steps", type=int, default=200_000, help="NS3L paper section 4.1")
+    g.add_argument("--batch-size", type=int, default=50, help="labeled images per step (Oliver et al.: 50 + 50)")
+    g.add_argument("--unlabeled-batch-size", type=int, default=None, help="unlabeled images per step (= --batch-size)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default: 3e-4 Pi-model, Oliver et al. Table 5; 6e-4 with --ns3l, NS3L "
+                        "paper 4.4)")
+    g.add_argument("--lr-decay-step", type=int, default=130_000, help="step of the LR decay (NS3L paper 4.1)")
+    g.add_argument("--lr-decay-factor", type=float, default=0.2, help="LR multiplier at --lr-decay-step (Oliver et al.)")
+    g.add_argument("--rampup-steps", type=int, default=50_000,
+                   help="exp(-5(1-t)^2) ramp of the unlabeled weights (NS3L paper 4.1: 50k)")
+    g.add_argument("--depth", type=int, default=28, help="WRN depth (6n + 4)")
+    g.add_argument("--width", type=int, default=2, help="WRN widening factor")
+    g.add_argument("--bn-momentum", type=float, default=0.001,
+                   help="BatchNorm running-stat momentum (TF decay 0.999); use ~0.01 for runs of a few thousand steps")
+    g = parser.add_argument_group("pi-model")
+    g.add_argument("--pi-weight", type=float, default=20.0,
+                   help="maximum consistency weight, reached after the ramp-up (Oliver et al. Table 5: 20)")
+    g = parser.add_argument_group("ns3l")
+    g.add_argument("--ns3l", action="store_true", help="add the NS3L loss (paper Algorithm 1)")
+    g.add_argument("--ns3l-weight", type=float, default=1.0, help="lambda_1 (NS3L paper 4.4: 1, also for Pi + NS3L)")
+    g.add_argument("--threshold", type=float, default=None,
+                   help="T: classes below it are negatives (default 0.4 / num_classes: 0.04 for 10, 0.004 for 100)")
+    args = parser.parse_args(argv)
+
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        parser.error(f"--threshold must be in (0, 1), got {args.threshold}")
+    for name in ("total_steps", "batch_size", "eval_every", "log_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.unlabeled_batch_size is not None and args.unlabeled_batch_size < 1:
+        parser.error(f"--unlabeled-batch-size must be >= 1, got {args.unlabeled_batch_size}")
+    for name in ("pi_weight", "ns3l_weight", "rampup_steps", "lr_decay_step"):
+        if not getattr(args, name) >= 0:  # also rejects nan
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0.0 < args.bn_momentum <= 1.0:
+        parser.error(f"--bn-momentum must be in (0, 1], got {args.bn_momentum}")
+    if args.lr is not None and not args.lr > 0:
+        parser.error(f"--lr must be > 0, got {args.lr}")
+    if (args.depth - 4) % 6 != 0 or args.depth < 10 or args.width < 1:
+        parser.error(f"--depth must be 6n + 4 >= 10 and --width >= 1, got {args.depth} and {args.width}")
+    try:
+        common.dataset_key(args.dataset)
+    except common.DataError as error:
+        parser.error(str(error))
+    if args.unlabeled_batch_size is None:
+        args.unlabeled_batch_size = args.batch_size
+    if args.lr is None:  # Oliver et al. Table 5 (Pi-model 3e-4); NS3L paper 4.4 (NS3L and Pi + NS3L 6e-4)
+        args.lr = 6e-4 if args.ns3l else 3e-4
+    return args
+
+
+def consistency_loss(logits, target_logits):
+    """Pi-model consistency: mean over rows and classes of (softmax(logits) - softmax(target_logits))^2 (Oliver et
+    al.'s mse_from_logits). The target is detached: gradient flows only through the first pass."""
+    probs = torch.softmax(logits.float(), dim=1)
+    target = torch.softmax(target_logits.detach().float(), dim=1)
+    return (probs - target).pow(2).mean()
+
+
+@torch.no_grad()
+def target_pass(model, x):
+    """The Pi-model's second stochastic pass: training mode (batch statistics), no gradient, and BatchNorm running
+    statistics untouched (Oliver et al.'s update_batch_stats=False) so the extra pass does not bias them."""
+    with wrn.no_bn_update(model):
+        return model(x).float()
+
+
+def ns3l_negatives(logits, threshold):
+    """Negative labels: classes whose predicted probability is below ``threshold`` (detached; no gradient)."""
+    return torch.softmax(logits.detach().float(), dim=1) < threshold
+
+
+def ns3l_loss(logits, negatives):
+    """Mean over rows of -log(1 - sum_{k in negatives} p_k), in the stable form
+    log(1 - sum_neg p) = logsumexp(logits of non-negatives) - logsumexp(logits), clamped at 1e-8 like the authors'."""
+    logits = logits.float()
+    log_keep = torch.logsumexp(logits.masked_fill(negatives, float("-inf")), dim=1) - torch.logsumexp(logits, dim=1)
+    return -log_keep.clamp_min(torch.log(torch.tensor(1e-8))).mean()
+
+
+def rampup(step, rampup_steps):
+    """Oliver et al.'s sigmoid-shaped ramp exp(-5 (1 - t)^2), t = step / rampup_steps, 1 after the ramp."""
+    if rampup_steps == 0 or step >= rampup_steps:
+        return 1.0
+    t = step / rampup_steps
+    return float(torch.exp(torch.tensor(-5.0 * (1.0 - t) ** 2)))
+
+
+def main():
+    args = parse_args()
+    checkpoint = None
+    if args.resume:
+        checkpoint = common.load_checkpoint(args.resume, SCRIPT)
+        args = common.resume_args(args, checkpoint, sys.argv[1:])
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and args.bf16)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    common.seed_everything(args.seed, args.torch_deterministic)
+
+    # Data: every failure here is one line and happens before anything is written.
+    try:
+        data = common.load_dataset(args.dataset, args.data_dir, args.download, device, args.svhn_extra)
+        info = common.DATASETS[data.name]
+        args.num_labeled = info["num_labeled"] if args.num_labeled is None else args.num_labeled
+        args.num_valid = info["num_valid"] if args.num_valid is None else args.num_valid
+        split = common.make_ssl_split(data.y_train, data.num_classes, args.num_labeled, args.num_valid, args.seed,
+                                      data.num_labelable, include_labeled=not args.exclude_labeled)
+    except common.DataError as error:
+        common.fail(str(error))
+    if args.threshold is None:
+        args.threshold = 0.4 / data.num_classes  # T = 0.04 for 10 classes, divided by 10 for CIFAR-100 (section 4.4)
+    flip, shift, noise_std = common.augmentation_defaults(args.dataset)
+    normalize = common.make_normalizer(data)
+
+    if checkpoint is None:
+        run_name = args.run_name or f"{os.path.basename(args.dataset)}__{SCRIPT}__{args.seed}__{int(time.time())}"
+        run_dir = common.create_run_dir(args.runs_dir, run_name)
+        common.write_json(os.path.join(run_dir, "args.json"), vars(args))
+        split.save(os.path.join(run_dir, "split.json"))
+    else:
+        run_dir = args.resume
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["step"] if checkpoint else None)
+    writer.add_text("hyperparameters", common.hparams_table(args))
+
+    model = wrn.WideResNet(data.num_classes, args.depth, args.width, data.channels,
+                           bn_momentum=args.bn_momentum).to(device, memory_format=memory_format)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)  # default betas, no weight decay (Oliver et al.)
+    labeled_batches = common.BatchSampler(split.labeled.to(device), args.batch_size)
+    unlabeled_batches = common.BatchSampler(split.unlabeled.to(device), args.unlabeled_batch_size)
+    start_step, best_valid, test_at_best, train_time = 0, float("inf"), float("nan"), 0.0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        labeled_batches.load_state_dict(checkpoint["labeled_sampler"])
+        unlabeled_batches.load_state_dict(checkpoint["unlabeled_sampler"])
+        common.set_rng_state(checkpoint["rng"])
+        start_step, best_valid, test_at_best = checkpoint["step"], checkpoint["best_valid"], checkpoint["test_at_best"]
+        train_time = checkpoint["train_time"]
+        print(f"resumed {run_dir} at step {start_step}")
+
+    def view(images):  # normalised uint8 images -> one stochastic view (fresh flip / shift / noise per sample)
+        return common.augment(images, flip, shift, noise_std).contiguous(memory_format=memory_format)
+
+    sums = {}  # running sums of logged scalars, kept on the device so the loop never waits for the GPU
+    def accumulate(name, value):
+        sums[name] = sums.get(name, 0.0) + value.detach().float()
+
+    valid_error = test_error = float("nan")
+    model.train()
+    tick, last_log_step = time.perf_counter(), start_step
+    for step in range(start_step, args.total_steps):
+        # ALGO LOGIC: Adam with one step decay (x0.2 at 130k) and the ramped unlabeled weights
+        lr = args.lr * (args.lr_decay_factor if step >= args.lr_decay_step else 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ramp = rampup(step, args.rampup_steps)
+        labeled_idx, unlabeled_idx = next(labeled_batches), next(unlabeled_batches)
+        y, y_hidden = data.y_train[labeled_idx], data.y_train[unlabeled_idx]  # y_hidden: diagnostics only
+        images = normalize(data.x_train[torch.cat([labeled_idx, unlabeled_idx])])
+        # Two stochastic passes of the same images: each draws its own augmentation, as Oliver et al.'s augmentation
+        # inside every forward pass does. The first updates BN statistics and is trained; the second is the target.
+        with amp:
+            logits = model(view(images)).float()
+            target_logits = target_pass(model, view(images))
+        logits_l, logits_u, target_u = logits[: len(y)], logits[len(y):], target_logits[len(y):]
+        loss_sup = F.cross_entropy(logits_l, y)
+        loss_pi = consistency_loss(logits_u, target_u)
+        loss = loss_sup + args.pi_weight * ramp * loss_pi
+        accumulate("losses/supervised", loss_sup)
+        accumulate("losses/consistency", loss_pi)
+        accumulate("charts/pi_argmax_agreement", (logits_u.argmax(1) == target_u.argmax(1)).float().mean())
+        if args.ns3l:
+            negatives = ns3l_negatives(logits_u, args.threshold)
+            loss_ns3l = ns3l_loss(logits_u, negatives)
+            loss = loss + args.ns3l_weight * ramp * loss_ns3l
+            known = y_hidden >= 0
+            hit = negatives.gather(1, y_hidden.clamp_min(0)[:, None]).squeeze(1) & known
+            accumulate("losses/ns3l", loss_ns3l)
+            accumulate("charts/ns3l_negatives_per_sample", negatives.sum(1).float().mean())
+            accumulate("charts/ns3l_false_negative_rate", hit.sum() / known.sum().clamp_min(1))
+        accumulate("losses/total", loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        done = step + 1
+        # LOGGING: means since the last log; SPS over training time only
+        if done % args.log_every == 0 or done == args.total_steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            train_time += now - tick
+            sps = (done - last_log_step) / max(now - tick, 1e-9)
+            for name, total in sums.items():
+                writer.add_scalar(name, total.item() / (done - last_log_step), done)
+            writer.add_scalar("charts/learning_rate", lr, done)
+            writer.add_scalar("charts/unlabeled_weight_ramp", ramp, done)
+            writer.add_scalar("charts/SPS", sps, done)
+            eta = (args.total_steps - done) / max(sps, 1e-9)
+            print(f"step {done}/{args.total_steps} loss {sums['losses/total'].item() / (done - last_log_step):.4f} "
+                  f"lr {lr:.2e} SPS {sps:.1f} ETA {eta / 60:.1f} min", flush=True)
+            sums, last_log_step, tick = {}, done, time.perf_counter()
+        # EVAL: validation and test error; test error at the best validation error is the reported number
+        if done % args.eval_every == 0 or done == args.total_steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            train_time += time.perf_counter() - tick
+            valid_error = common.error_rate(model, data.x_train[split.valid.to(device)],
+                                            data.y_train[split.valid.to(device)], normalize, autocast=amp)
+            test_error = common.error_rate(model, data.x_test, data.y_test, normalize, autocast=amp)
+            if valid_error < best_valid or best_valid != best_valid:
+                best_valid, test_at_best = valid_error, test_error
+            writer.add_scalar("eval/valid_error", valid_error, done)
+            writer.add_scalar("eval/test_error", test_error, done)
+            writer.add_scalar("eval/test_error_at_best_valid", test_at_best, done)
+            print(f"eval step {done}: valid error {valid_error:.2f}% test error {test_error:.2f}% "
+                  f"(test at best valid {test_at_best:.2f}%)", flush=True)
+            common.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
+                "script": SCRIPT, "args": vars(args), "step": done, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "labeled_sampler": labeled_batches.state_dict(),
+                "unlabeled_sampler": unlabeled_batches.state_dict(), "rng": common.rng_state(),
+                "best_valid": best_valid, "test_at_best": test_at_best, "train_time": train_time})
+            tick = time.perf_counter()
+
+    steps = args.total_steps - start_step
+    summary = {"steps": args.total_steps, "steps_per_second": (args.total_steps / train_time) if train_time else None,
+               "final_valid_error": valid_error, "final_test_error": test_error, "best_valid_error": best_valid,
+               "test_error_at_best_valid": test_at_best, "train_seconds": train_time, "args": vars(args)}
+    common.write_json(os.path.join(run_dir, "summary.json"), summary)
+    writer.add_hparams({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
+                       {"hparam/test_error_at_best_valid": test_at_best, "hparam/best_valid_error": best_valid},
+                       run_name=".")
+    writer.close()
+    print(f"done: {steps} steps, test error at best valid {test_at_best:.2f}% (best valid {best_valid:.2f}%), "
+          f"final test {test_error:.2f}%, {summary['steps_per_second'] or 0:.1f} steps/s -> {run_dir}")
+
+
+if __name__ == "__main__":
+    main()
