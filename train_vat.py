@@ -1,0 +1,386 @@
+"""Virtual Adversarial Training, plus Entropy Minimisation, Pseudo-Label and NS3L as flags (Protocol A).
+
+Follows the NS3L paper (Chen et al., "Negative Sampling in Semi-Supervised Learning", ICML 2020) sections 2.2, 4.3 and
+4.4 (Tables 1 and 2), which follow Oliver et al. 2018 ("Realistic evaluation of deep SSL") with 200k steps, ramp-up
+50k and LR decay at 130k: WRN-28-2, Adam (no weight decay), batches of 50 labeled + 50 unlabeled images, test error at
+the lowest validation error. VAT (Miyato et al. 2017): r_adv = eps * g / ||g|| where g is the gradient, at a random
+direction d of norm xi, of KL(p(x) || p(x + d)); the loss is KL(p(x) || p(x + r_adv)) with p(x) held fixed.
+VAT + NS3L (paper section 4.3): L = L_supervised + lambda_2 L_VAT + lambda_1 L_NS3L.
+
+    python train_vat.py --dataset cifar10 --num-labeled 4000 --ns3l
+    python train_vat.py --dataset digits --depth 10 --total-steps 2000 --eval-every 500 --ns3l
+
+Deviations and choices (also in the README):
+- As in Oliver et al.'s code, the perturbation is found for the whole [labeled; unlabeled] batch in one pass (so the
+  batch statistics match the clean pass) and the VAT loss is averaged over the unlabeled rows only.
+- The r search and the perturbed pass use batch statistics but never update the BatchNorm running statistics
+  (wrn.no_bn_update). The r search always runs in fp32 (xi = 1e-6 vanishes in bf16); under bf16 autocast the clean
+  target of the search is recomputed in fp32, so the KL at d = 0 is exactly zero.
+- g is normalised as in the VAT code: divide by max |g| first, then by the L2 norm (||g|| can be ~1e-10).
+- The entropy penalty is on the perturbed unlabeled predictions, as in Oliver et al.'s code (`logits_student`);
+  NS3L and Pseudo-Label use the clean unlabeled predictions (NS3L paper 4.3). VAT, NS3L and Pseudo-Label weights are
+  ramped by exp(-5 (1 - t)^2); the entropy penalty is not.
+"""
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+
+import common
+import wrn
+
+SCRIPT = "train_vat"
+# eps is an L2 norm over the whole image, so it depends on the preprocessing and the image size.
+#   CIFAR (GCN + ZCA): 6.0 and SVHN ([-1, 1]): 1.0, Oliver et al. Table 5. digits (8x8, [-1, 1]): 1.0, about 0.3x the
+#   median distance from an image to its nearest image of another class (3.4); every other [-1, 1] set: SVHN's 1.0.
+VAT_EPS = {"cifar10": 6.0, "cifar100": 6.0, "svhn": 1.0, "digits": 1.0}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = parser.add_argument_group("experiment")
+    g.add_argument("--seed", type=int, default=1, help="seed of the run; also picks the labeled subset")
+    g.add_argument("--runs-dir", default="runs", help="where run directories are created")
+    g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__<script>__<seed>__<time>)")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
+    g.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
+                   help="cudnn.deterministic (bit-reproducible, slower on GPU)")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast for forward passes on CUDA (ignored on CPU; the r search is always fp32)")
+    g.add_argument("--eval-every", type=int, default=5000, help="steps between evaluations and checkpoints")
+    g.add_argument("--log-every", type=int, default=100, help="steps between logged scalars")
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default="cifar10",
+                   help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz (x_train, y_train, x_test, y_test)")
+    g.add_argument("--data-dir", default="data", help="torchvision data root")
+    g.add_argument("--download", action="store_true", help="let torchvision download the data set")
+    g.add_argument("--svhn-extra", action="store_true", help="SVHN: add the 531k 'extra' images to the unlabeled stream")
+    g.add_argument("--num-labeled", type=int, default=None,
+                   help="labeled images (default: the paper's, CIFAR-10 4000 / SVHN 1000 / CIFAR-100 10000)")
+    g.add_argument("--num-valid", type=int, default=None, help="validation images held out of train (CIFAR 5000, SVHN 7325)")
+    g.add_argument("--exclude-labeled", action="store_true",
+                   help="leave the labeled images out of the unlabeled stream (Oliver et al. include them)")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--total-steps", type=int, default=200_000, help="NS3L paper section 4.1")
+    g.add_argument("--batch-size", type=int, default=50, help="labeled images per step (Oliver et al.: 50 + 50)")
+    g.add_argument("--unlabeled-batch-size", type=int, default=None, help="unlabeled images per step (= --batch-size)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default: 3e-3 for VAT, VAT + EntMin and VAT + PL, Oliver et al. Table 5; "
+                        "6e-4 with --ns3l, NS3L paper 4.4; 3e-3 with --ns3l on CIFAR-100, NS3L paper 4.4)")
+    g.add_argument("--lr-decay-step", type=int, default=130_000, help="step of the LR decay (NS3L paper 4.1)")
+    g.add_argument("--lr-decay-factor", type=float, default=0.2, help="LR multiplier at --lr-decay-step (Oliver et al.)")
+    g.add_argument("--rampup-steps", type=int, default=50_000, help="exp(-5(1-t)^2) ramp of the unlabeled weights")
+    g.add_argument("--depth", type=int, default=28, help="WRN depth (6n + 4)")
+    g.add_argument("--width", type=int, default=2, help="WRN widening factor")
+    g.add_argument("--bn-momentum", type=float, default=0.001,
+                   help="BatchNorm running-stat momentum (TF decay 0.999); use ~0.01 for runs of a few thousand steps")
+    g = parser.add_argument_group("vat")
+    g.add_argument("--vat-weight", type=float, default=None,
+                   help="lambda_2, ramped (default 0.3, Oliver et al. Table 5 / NS3L paper 4.4; 0.6 with --ns3l on "
+                        "CIFAR-100, NS3L paper 4.4)")
+    g.add_argument("--vat-eps", type=float, default=None,
+                   help="L2 norm of r_adv per image (default: CIFAR 6.0, SVHN 1.0, Oliver et al. Table 5; digits and "
+                        "other [-1, 1] data 1.0, see VAT_EPS)")
+    g.add_argument("--vat-xi", type=float, default=1e-6, help="norm of the probe d (Oliver et al. / VAT code)")
+    g.add_argument("--vat-iterations", type=int, default=1, help="power iterations (Oliver et al.: 1)")
+    g = parser.add_argument_group("entropy minimisation / pseudo-label")
+    g.add_argument("--entmin", action="store_true", help="VAT + EntMin (Oliver et al.)")
+    g.add_argument("--entmin-weight", type=float, default=0.1, help="entropy weight, not ramped (Oliver et al.)")
+    g.add_argument("--pseudo-label", action="store_true", help="VAT + Pseudo-Label (NS3L paper Table 2)")
+    g.add_argument("--pl-threshold", type=float, default=0.95, help="confidence for a pseudo-label (Oliver et al.)")
+    g.add_argument("--pl-weight", type=float, default=1.0,
+                   help="Pseudo-Label weight (Oliver et al.'s PL alone; the NS3L paper does not give its VAT + PL values)")
+    g = parser.add_argument_group("ns3l")
+    g.add_argument("--ns3l", action="store_true", help="VAT + NS3L (paper section 4.3)")
+    g.add_argument("--ns3l-weight", type=float, default=0.3, help="lambda_1 with VAT (NS3L paper 4.4: 0.3)")
+    g.add_argument("--threshold", type=float, default=None,
+                   help="T: classes below it are negatives (default 0.4 / num_classes: 0.04 for 10, 0.004 for 100)")
+    args = parser.parse_args(argv)
+
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        parser.error(f"--threshold must be in (0, 1), got {args.threshold}")
+    if not 0.0 < args.pl_threshold < 1.0:
+        parser.error(f"--pl-threshold must be in (0, 1), got {args.pl_threshold}")
+    for name in ("total_steps", "batch_size", "eval_every", "log_every", "vat_iterations"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("vat_eps", "vat_xi", "lr"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("vat_weight", "ns3l_weight", "pl_weight", "entmin_weight", "rampup_steps", "lr_decay_step"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0.0 < args.bn_momentum <= 1.0:
+        parser.error(f"--bn-momentum must be in (0, 1], got {args.bn_momentum}")
+    if (args.depth - 4) % 6 != 0 or args.depth < 10 or args.width < 1:
+        parser.error(f"--depth must be 6n + 4 >= 10 and --width >= 1, got {args.depth} and {args.width}")
+    try:
+        key = common.dataset_key(args.dataset)
+    except common.DataError as error:
+        parser.error(str(error))
+    if args.unlabeled_batch_size is None:
+        args.unlabeled_batch_size = args.batch_size
+    if args.unlabeled_batch_size < 1:
+        parser.error(f"--unlabeled-batch-size must be >= 1, got {args.unlabeled_batch_size}")
+    cifar100_ns3l = args.ns3l and key == "cifar100"  # the paper's one data-set-specific VAT + NS3L setting
+    if args.lr is None:
+        args.lr = 6e-4 if args.ns3l and not cifar100_ns3l else 3e-3
+    if args.vat_weight is None:
+        args.vat_weight = 0.6 if cifar100_ns3l else 0.3
+    if args.vat_eps is None:
+        args.vat_eps = VAT_EPS.get(key, 1.0)
+    return args
+
+
+def kl_divergence(logits_p, logits_q):
+    """Per-row KL(p || q) = sum_k p_k (log p_k - log q_k) from logits, in fp32."""
+    log_p, log_q = F.log_softmax(logits_p.float(), dim=1), F.log_softmax(logits_q.float(), dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+
+
+def l2_normalize(d):
+    """Unit L2 norm per sample. Dividing by max |d| first keeps a gradient of norm ~1e-10 from being swamped by the
+    1e-6 under the square root (the VAT code's get_normalized_vector)."""
+    dims = tuple(range(1, d.dim()))
+    d = d / (1e-12 + d.abs().amax(dim=dims, keepdim=True))
+    return d / torch.sqrt(1e-6 + d.pow(2).sum(dim=dims, keepdim=True))
+
+
+def adversarial_perturbation(model, x, clean_logits=None, eps=6.0, xi=1e-6, iterations=1):
+    """r_adv = eps * g / ||g|| (per sample), g = grad_d KL(p(x) || p(x + d)) at d = xi * unit random, iterated.
+
+    Runs in fp32 with autocast off, with batch statistics that do not update the BatchNorm running statistics, and
+    leaves no gradient on the parameters (autograd.grad w.r.t. d only). ``clean_logits`` must come from a pass with
+    the same batch composition and precision; None recomputes them here in fp32. The result carries no gradient."""
+    x = x.detach().float()
+    with wrn.no_bn_update(model), torch.autocast(x.device.type, enabled=False):
+        if clean_logits is None:
+            with torch.no_grad():
+                clean_logits = model(x)
+        clean_logits = clean_logits.detach().float()
+        d = torch.randn_like(x)
+        for _ in range(iterations):
+            d = (xi * l2_normalize(d)).requires_grad_()
+            divergence = kl_divergence(clean_logits, model(x + d)).mean()
+            d = torch.autograd.grad(divergence, d)[0]
+    return eps * l2_normalize(d)
+
+
+def vat_loss(model, x, logits, eps, xi=1e-6, iterations=1, autocast=None, reuse_logits=True):
+    """Per-row KL(p(x) || p(x + r_adv)) with p(x) = softmax(``logits``) detached (Oliver et al.'s direction), the
+    perturbed logits and r_adv. The perturbed pass uses batch statistics without updating the running statistics.
+    ``reuse_logits=False`` (bf16 logits) makes the fp32 r search recompute its own clean logits."""
+    r_adv = adversarial_perturbation(model, x, logits if reuse_logits else None, eps, xi, iterations)
+    with wrn.no_bn_update(model), autocast if autocast is not None else contextlib.nullcontext():
+        logits_adv = model(x + r_adv.to(x.dtype)).float()
+    return kl_divergence(logits.detach(), logits_adv), logits_adv, r_adv
+
+
+def ns3l_negatives(logits, threshold):
+    """Negative labels: classes whose predicted probability is below ``threshold`` (detached; no gradient)."""
+    return torch.softmax(logits.detach().float(), dim=1) < threshold
+
+
+def ns3l_loss(logits, negatives):
+    """Mean over rows of -log(1 - sum_{k in negatives} p_k), in the stable form
+    log(1 - sum_neg p) = logsumexp(logits of non-negatives) - logsumexp(logits), clamped at 1e-8 like the authors'."""
+    logits = logits.float()
+    log_keep = torch.logsumexp(logits.masked_fill(negatives, float("-inf")), dim=1) - torch.logsumexp(logits, dim=1)
+    return -log_keep.clamp_min(torch.log(torch.tensor(1e-8))).mean()
+
+
+def pseudo_label_loss(logits, threshold):
+    """Cross-entropy to the argmax for rows whose max probability reaches ``threshold``, averaged over all rows."""
+    probs = torch.softmax(logits.detach().float(), dim=1)
+    confidence, targets = probs.max(dim=1)
+    mask = (confidence >= threshold).float()
+    return (F.cross_entropy(logits.float(), targets, reduction="none") * mask).mean(), mask, targets
+
+
+def entropy_loss(logits):
+    """Mean entropy -sum_k p_k log p_k of the predictions (gradient flows through p)."""
+    log_probs = F.log_softmax(logits.float(), dim=1)
+    return -(log_probs.exp() * log_probs).sum(dim=1).mean()
+
+
+def rampup(step, rampup_steps):
+    """Oliver et al.'s sigmoid-shaped ramp exp(-5 (1 - t)^2), t = step / rampup_steps, 1 after the ramp."""
+    if rampup_steps == 0 or step >= rampup_steps:
+        return 1.0
+    t = step / rampup_steps
+    return float(torch.exp(torch.tensor(-5.0 * (1.0 - t) ** 2)))
+
+
+def main():
+    args = parse_args()
+    checkpoint = None
+    if args.resume:
+        checkpoint = common.load_checkpoint(args.resume, SCRIPT)
+        args = common.resume_args(args, checkpoint, sys.argv[1:])
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    use_bf16 = device.type == "cuda" and args.bf16
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    common.seed_everything(args.seed, args.torch_deterministic)
+
+    # Data: every failure here is one line and happens before anything is written.
+    try:
+        data = common.load_dataset(args.dataset, args.data_dir, args.download, device, args.svhn_extra)
+        info = common.DATASETS[data.name]
+        args.num_labeled = info["num_labeled"] if args.num_labeled is None else args.num_labeled
+        args.num_valid = info["num_valid"] if args.num_valid is None else args.num_valid
+        split = common.make_ssl_split(data.y_train, data.num_classes, args.num_labeled, args.num_valid, args.seed,
+                                      data.num_labelable, include_labeled=not args.exclude_labeled)
+    except common.DataError as error:
+        common.fail(str(error))
+    if args.threshold is None:
+        args.threshold = 0.4 / data.num_classes  # T = 0.04 for 10 classes, divided by 10 for CIFAR-100 (section 4.4)
+    flip, shift, noise_std = common.augmentation_defaults(args.dataset)
+    normalize = common.make_normalizer(data)
+
+    if checkpoint is None:
+        run_name = args.run_name or f"{os.path.basename(args.dataset)}__{SCRIPT}__{args.seed}__{int(time.time())}"
+        run_dir = common.create_run_dir(args.runs_dir, run_name)
+        common.write_json(os.path.join(run_dir, "args.json"), vars(args))
+        split.save(os.path.join(run_dir, "split.json"))
+    else:
+        run_dir = args.resume
+    # purge events after the checkpoint's step (a resumed run rewrites them); the step itself was logged before saving
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["step"] + 1 if checkpoint else None)
+    writer.add_text("hyperparameters", common.hparams_table(args))
+
+    model = wrn.WideResNet(data.num_classes, args.depth, args.width, data.channels,
+                           bn_momentum=args.bn_momentum).to(device, memory_format=memory_format)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)  # default betas, no weight decay (Oliver et al.)
+    labeled_batches = common.BatchSampler(split.labeled.to(device), args.batch_size)
+    unlabeled_batches = common.BatchSampler(split.unlabeled.to(device), args.unlabeled_batch_size)
+    start_step, best_valid, test_at_best, train_time = 0, float("inf"), float("nan"), 0.0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        labeled_batches.load_state_dict(checkpoint["labeled_sampler"])
+        unlabeled_batches.load_state_dict(checkpoint["unlabeled_sampler"])
+        common.set_rng_state(checkpoint["rng"])
+        start_step, best_valid, test_at_best = checkpoint["step"], checkpoint["best_valid"], checkpoint["test_at_best"]
+        train_time = checkpoint["train_time"]
+        print(f"resumed {run_dir} at step {start_step}")
+
+    def batch(indices):  # gather uint8 images on the device -> normalise -> augment (fresh randomness per sample)
+        x = common.augment(normalize(data.x_train[indices]), flip, shift, noise_std)
+        return x.contiguous(memory_format=memory_format)
+
+    sums = {}  # running sums of logged scalars, kept on the device so the loop never waits for the GPU
+    def accumulate(name, value):
+        sums[name] = sums.get(name, 0.0) + value.detach().float()
+
+    valid_error = test_error = float("nan")
+    model.train()
+    tick, last_log_step = time.perf_counter(), start_step
+    for step in range(start_step, args.total_steps):
+        # ALGO LOGIC: Adam with one step decay (x0.2 at 130k) and the ramped unlabeled weights
+        lr = args.lr * (args.lr_decay_factor if step >= args.lr_decay_step else 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ramp = rampup(step, args.rampup_steps)
+        labeled_idx, unlabeled_idx = next(labeled_batches), next(unlabeled_batches)
+        y = data.y_train[labeled_idx]
+        y_hidden = data.y_train[unlabeled_idx]  # hidden labels: diagnostics only, never in a loss
+        x = torch.cat([batch(labeled_idx), batch(unlabeled_idx)])
+        with amp:
+            logits = model(x).float()  # the clean pass over [labeled; unlabeled]; the only one that updates BN stats
+        logits_l, logits_u = logits[: len(y)], logits[len(y):]
+        loss_sup = F.cross_entropy(logits_l, y)
+        # VAT on the whole batch, as Oliver et al. (same batch statistics as the clean pass); loss on unlabeled rows
+        kl, logits_adv, r_adv = vat_loss(model, x, logits, args.vat_eps, args.vat_xi, args.vat_iterations,
+                                         autocast=amp, reuse_logits=not use_bf16)
+        loss_vat = kl[len(y):].mean()
+        loss = loss_sup + args.vat_weight * ramp * loss_vat
+        accumulate("losses/supervised", loss_sup)
+        accumulate("losses/vat", loss_vat)
+        accumulate("charts/vat_r_adv_norm", r_adv.flatten(1).norm(dim=1).mean())
+        if args.ns3l:
+            negatives = ns3l_negatives(logits_u, args.threshold)
+            loss_ns3l = ns3l_loss(logits_u, negatives)
+            loss = loss + args.ns3l_weight * ramp * loss_ns3l
+            known = y_hidden >= 0
+            hit = negatives.gather(1, y_hidden.clamp_min(0)[:, None]).squeeze(1) & known
+            accumulate("losses/ns3l", loss_ns3l)
+            accumulate("charts/ns3l_negatives_per_sample", negatives.sum(1).float().mean())
+            accumulate("charts/ns3l_false_negative_rate", hit.sum() / known.sum().clamp_min(1))
+        if args.pseudo_label:
+            loss_pl, mask, targets = pseudo_label_loss(logits_u, args.pl_threshold)
+            loss = loss + args.pl_weight * ramp * loss_pl
+            confident = mask.bool() & (y_hidden >= 0)
+            accumulate("losses/pseudo_label", loss_pl)
+            accumulate("charts/pl_mask_rate", mask.mean())
+            accumulate("charts/pl_accuracy", (targets == y_hidden)[confident].float().sum() / confident.sum().clamp_min(1))
+        if args.entmin:
+            loss_ent = entropy_loss(logits_adv[len(y):])  # the perturbed predictions (Oliver et al.'s logits_student)
+            loss = loss + args.entmin_weight * loss_ent
+            accumulate("losses/entropy", loss_ent)
+        accumulate("losses/total", loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        done = step + 1
+        # LOGGING: means since the last log; SPS over training time only
+        if done % args.log_every == 0 or done == args.total_steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            train_time += now - tick
+            sps = (done - last_log_step) / max(now - tick, 1e-9)
+            for name, total in sums.items():
+                writer.add_scalar(name, total.item() / (done - last_log_step), done)
+            writer.add_scalar("charts/learning_rate", lr, done)
+            writer.add_scalar("charts/unlabeled_weight_ramp", ramp, done)
+            writer.add_scalar("charts/SPS", sps, done)
+            eta = (args.total_steps - done) / max(sps, 1e-9)
+            print(f"step {done}/{args.total_steps} loss {sums['losses/total'].item() / (done - last_log_step):.4f} "
+                  f"lr {lr:.2e} SPS {sps:.1f} ETA {eta / 60:.1f} min", flush=True)
+            sums, last_log_step, tick = {}, done, time.perf_counter()
+        # EVAL: validation and test error; test error at the best validation error is the reported number
+        if done % args.eval_every == 0 or done == args.total_steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            train_time += time.perf_counter() - tick
+            valid_error = common.error_rate(model, data.x_train[split.valid.to(device)],
+                                            data.y_train[split.valid.to(device)], normalize, autocast=amp)
+            test_error = common.error_rate(model, data.x_test, data.y_test, normalize, autocast=amp)
+            if valid_error < best_valid or best_valid != best_valid:
+                best_valid, test_at_best = valid_error, test_error
+            writer.add_scalar("eval/valid_error", valid_error, done)
+            writer.add_scalar("eval/test_error", test_error, done)
+            writer.add_scalar("eval/test_error_at_best_valid", test_at_best, done)
+            print(f"eval step {done}: valid error {valid_error:.2f}% test error {test_error:.2f}% "
+                  f"(test at best valid {test_at_best:.2f}%)", flush=True)
+            common.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
+                "script": SCRIPT, "args": vars(args), "step": done, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "labeled_sampler": labeled_batches.state_dict(),
+                "unlabeled_sampler": unlabeled_batches.state_dict(), "rng": common.rng_state(),
+                "best_valid": best_valid, "test_at_best": test_at_best, "train_time": train_time})
+            tick = time.perf_counter()
+
+    steps = args.total_steps - start_step
+    summary = {"steps": args.total_steps, "steps_per_second": (args.total_steps / train_time) if train_time else None,
+               "final_valid_error": valid_error, "final_test_error": test_error, "best_valid_error": best_valid,
+               "test_error_at_best_valid": test_at_best, "train_seconds": train_time, "args": vars(args)}
+    common.write_json(os.path.join(run_dir, "summary.json"), summary)
+    writer.add_hparams({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
+                       {"hparam/test_error_at_best_valid": test_at_best, "hparam/best_valid_error": best_valid},
+                       run_name=".")
+    writer.close()
+    print(f"done: {steps} steps, test error at best valid {test_at_best:.2f}% (best valid {best_valid:.2f}%), "
+          f"final test {test_error:.2f}%, {summary['steps_per_second'] or 0:.1f} steps/s -> {run_dir}")
+
+
+if __name__ == "__main__":
+    main()
