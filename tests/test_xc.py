@@ -1,0 +1,263 @@
+"""Tests of train_xc.py: the auxiliary tree, the losses, the sparse update, the data loaders, bad inputs, an
+end-to-end run and the paper's claim (adversarial negatives beat uniform / frequency ones) on planted data."""
+import json
+import math
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_xc as xc  # noqa: E402
+
+SCRIPT = str(ROOT / "train_xc.py")
+
+
+def run(args, cwd, check=True):
+    result = subprocess.run([sys.executable, SCRIPT, *args, "--runs-dir", str(cwd / "runs"), "--threads", "1"],
+                            capture_output=True, text=True, cwd=cwd, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def small_tree():
+    """A tree fitted on planted data with C = 37 (not a power of two: 64 leaves, 27 of them padding)."""
+    generator = torch.Generator().manual_seed(0)
+    planted = xc.PlantedHierarchy(37, 8, generator)
+    x, y = planted.sample(3000, generator)
+    return xc.fit_tree(x, y, 37, pca_dim=4), planted, x, y
+
+
+def test_tree_normalised_and_padding_has_zero_probability(small_tree):
+    tree, _, x, _ = small_tree
+    assert tree.num_leaves == 64 and tree.num_classes == 37
+    z = tree.whiten(x[:200])
+    log_prob = tree.log_prob_all(z)
+    assert log_prob.shape == (200, 37)
+    assert torch.allclose(log_prob.logsumexp(1), torch.zeros(200), atol=1e-5)
+    leaves = tree.log_prob_leaves(z)
+    padding = tree.leaf_label < 0
+    assert int(padding.sum()) == 27
+    assert torch.all(leaves[:, padding].exp() == 0)
+    # the label <-> leaf map is a bijection onto the real leaves
+    assert sorted(tree.leaf_label[~padding].tolist()) == list(range(37))
+
+
+def test_sampler_log_prob_equals_evaluated_log_prob(small_tree):
+    tree, _, x, _ = small_tree
+    z = tree.whiten(x[:300])
+    torch.manual_seed(0)
+    labels, log_prob = tree.sample(z, 9)
+    assert labels.shape == (300, 9) and labels.min() >= 0 and labels.max() < 37
+    assert torch.allclose(tree.log_prob(z, labels), log_prob, atol=1e-5)
+    assert torch.allclose(tree.log_prob_all(z).gather(1, labels), log_prob, atol=1e-4)
+    single = tree.log_prob(z, labels[:, 0])
+    assert torch.allclose(single, log_prob[:, 0], atol=1e-5)
+
+
+def test_sample_frequencies_match_p_n_and_padding_never_sampled(small_tree):
+    tree, _, x, _ = small_tree
+    z = tree.whiten(x[:2])
+    torch.manual_seed(1)
+    num = 100_000
+    labels, _ = tree.sample(z, num)
+    assert labels.min() >= 0  # a padding leaf would map to -1
+    probs = tree.log_prob_all(z).exp()
+    for row in range(2):
+        freq = torch.bincount(labels[row], minlength=37).float() / num
+        stderr = (probs[row] * (1 - probs[row]) / num).sqrt()
+        assert torch.all((freq - probs[row]).abs() <= 5 * stderr + 1e-4)
+        assert not torch.allclose(probs[row], torch.full((37,), 1 / 37), atol=1e-2)  # p_n depends on x
+
+
+def test_fitted_tree_beats_uniform_and_saves_round_trip(small_tree, tmp_path):
+    tree, planted, x, y = small_tree
+    z = tree.whiten(x)
+    assert tree.log_prob(z, y).mean() > -math.log(37) + 1.5  # far better than the uniform p_n
+    xc.atomic_save(tree.state_dict(), tmp_path / "tree.pt")
+    loaded = xc.ProbabilisticTree.from_state_dict(torch.load(tmp_path / "tree.pt", weights_only=True))
+    assert torch.equal(loaded.log_prob_all(loaded.whiten(x[:50])), tree.log_prob_all(z[:50]))
+    assert loaded.fit_seconds == pytest.approx(tree.fit_seconds)
+
+
+def test_power_of_two_and_tiny_label_sets():
+    generator = torch.Generator().manual_seed(2)
+    for num_classes in (2, 3, 16):
+        planted = xc.PlantedHierarchy(num_classes, 6, generator)
+        x, y = planted.sample(500, generator)
+        tree = xc.fit_tree(x, y, num_classes, pca_dim=3)
+        log_prob = tree.log_prob_all(tree.whiten(x[:20]))
+        assert torch.allclose(log_prob.logsumexp(1), torch.zeros(20), atol=1e-5)
+        labels, _ = tree.sample(tree.whiten(x[:20]), 50)
+        assert labels.min() >= 0 and labels.max() < num_classes
+
+
+def test_losses_against_hand_computed_values():
+    softplus = lambda v: math.log1p(math.exp(v))
+    pos, neg = torch.tensor([0.5]), torch.tensor([[-1.0, 2.0]])
+    pos_lp, neg_lp = torch.tensor([-0.3]), torch.tensor([[-2.0, -0.1]])
+    reg = 0.1
+    expected = (softplus(-0.5) + reg * 0.2 ** 2
+                + 0.5 * (softplus(-1.0) + reg * 3.0 ** 2 + softplus(2.0) + reg * 1.9 ** 2))
+    assert xc.negative_sampling_loss(pos, neg, pos_lp, neg_lp, reg).item() == pytest.approx(expected, rel=1e-6)
+    expected_nce = (softplus(-0.3 - 0.5) + reg * 0.25 + 0.5 * (softplus(-1.0 + 2.0) + reg * 1.0 + softplus(2.1) + reg * 4.0))
+    assert xc.nce_loss(pos, neg, pos_lp, neg_lp, reg).item() == pytest.approx(expected_nce, rel=1e-6)
+    logits, labels = torch.tensor([[1.0, 2.0, -1.0]]), torch.tensor([1])
+    expected_softmax = F.cross_entropy(logits, labels).item() + reg * (4.0 + (1 + 4 + 1) / 3)
+    assert xc.softmax_loss(logits, labels, reg).item() == pytest.approx(expected_softmax, rel=1e-6)
+
+
+def test_prediction_metrics_and_bias_correction():
+    scores = torch.tensor([[3.0, 1.0, 0.0, -1.0, -2.0, -3.0], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]])
+    labels = torch.tensor([0, 0])
+    metrics = xc.prediction_metrics(scores, labels)
+    assert metrics["hits1"] == 1 and metrics["hits5"] == 1
+    assert metrics["log_likelihood"] == pytest.approx(float(torch.log_softmax(scores, 1)[:, 0].sum()), rel=1e-6)
+    model = xc.LinearScores(6, 2)
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    correction = lambda xb: scores[xb[:, 0].long()]
+    out = xc.evaluate(model, x, labels, correction, chunk_size=1)  # raw scores are all 0; corrected are `scores`
+    assert out["accuracy"] == 50.0 and out["hits_at_5"] == 50.0 and out["precision_at_5"] == 10.0
+    assert out["raw_log_likelihood"] == pytest.approx(-math.log(6), rel=1e-6)
+    assert "raw_accuracy" not in xc.evaluate(model, x, labels, None, chunk_size=4)
+
+
+def test_sparse_update_leaves_other_rows_untouched():
+    torch.manual_seed(0)
+    model = xc.LinearScores(1000, 8)
+    with torch.no_grad():
+        model.weight.weight.normal_()
+        model.bias.weight.normal_()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.Adagrad(model.parameters(), lr=0.1)
+    x, positives, negatives = torch.randn(4, 8), torch.tensor([1, 5, 5, 7]), torch.tensor([[2, 3], [900, 3], [1, 2], [8, 9]])
+    scores = model(x, torch.cat([positives[:, None], negatives], 1))
+    xc.negative_sampling_loss(scores[:, 0], scores[:, 1:], torch.zeros(4), torch.zeros(4, 2), 1e-3).backward()
+    assert model.weight.weight.grad.is_sparse and model.bias.weight.grad.is_sparse
+    with torch.sparse.check_sparse_tensor_invariants(enable=False):  # explicit, as in train_xc.py (silences a warning)
+        optimizer.step()
+    touched = torch.zeros(1000, dtype=torch.bool)
+    touched[torch.cat([positives, negatives.flatten()])] = True
+    for old, new in zip(before, model.parameters()):
+        assert torch.equal(old[~touched], new.detach()[~touched])
+        assert torch.all((old[touched] != new.detach()[touched]).any(1))
+    assert torch.all(optimizer.state[model.weight.weight]["sum"][~touched] == 0)
+
+
+def write_xc_text(path, rows, num_features, num_labels):
+    with open(path, "w") as handle:
+        handle.write(f"{len(rows)} {num_features} {num_labels}\n")
+        for labels, features in rows:
+            handle.write(",".join(map(str, labels)) + " " + " ".join(f"{i}:{v}" for i, v in features) + "\n")
+
+
+def test_text_format_loader_and_reindexing(tmp_path):
+    rows = [([7, 3], [(0, 1.5), (4, -2.0)]), ([], [(1, 1.0)]), ([5], [(2, 0.25)]), ([3, 9], []), ([5], [(4, 1.0)]),
+            ([5, 6], [(3, 3.0)])]
+    write_xc_text(tmp_path / "train.txt", rows, 5, 10)
+    x, y = xc.load_xc_text(tmp_path / "train.txt")
+    assert y.tolist() == [3, 5, 3, 5, 5]  # smallest label kept, the unlabeled point dropped
+    assert x.shape == (5, 5) and x[0].tolist() == [1.5, 0, 0, 0, -2.0] and x[1, 2] == 0.25 and not x[2].any()
+    new_train, new_test, keep, num_classes = xc.reindex_by_frequency(y, np.array([3, 8, 5]))
+    assert num_classes == 2 and new_train.tolist() == [1, 0, 1, 0, 0]  # label 5 (3 points) becomes 0
+    assert keep.tolist() == [True, False, True] and new_test.tolist() == [1, 0]  # label 8 unseen in training
+
+
+@pytest.mark.parametrize("content", ["5 3\n", "2 3 4\n1 0:1\n", "1 3 4\n9 0:1\n"])
+def test_text_format_rejects_bad_files(tmp_path, content):
+    (tmp_path / "bad.txt").write_text(content)
+    with pytest.raises(ValueError):
+        xc.load_xc_text(tmp_path / "bad.txt")
+
+
+@pytest.mark.parametrize("argv", [["--total-steps", "0"], ["--num-classes", "1"], ["--lr", "-1"], ["--reg", "nan"],
+                                  ["--method", "hierarchical"], ["--batch-size", "0"], ["--time-budget", "-2"]])
+def test_bad_flags_are_rejected(argv, capsys):
+    with pytest.raises(SystemExit) as error:
+        xc.parse_args(argv)
+    assert error.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()[-1]) > 0
+
+
+def test_defaults_are_the_papers():
+    assert (xc.parse_args([]).lr, xc.parse_args([]).reg) == (0.01, 1e-3)
+    assert (xc.parse_args(["--method", "frequency"]).lr, xc.parse_args(["--method", "frequency"]).reg) == (0.003, 1e-5)
+    assert xc.parse_args(["--method", "uniform", "--lr", "0.5"]).lr == 0.5
+
+
+def test_missing_data_file_is_one_line_and_writes_nothing(tmp_path):
+    result = run(["--dataset", str(tmp_path / "nope.npz")], tmp_path, check=False)
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1 and "not found" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_end_to_end_npz_reuse_tree_and_never_overwrite(tmp_path):
+    generator = torch.Generator().manual_seed(3)
+    planted = xc.PlantedHierarchy(20, 6, generator)
+    x_train, y_train = planted.sample(600, generator)
+    x_test, y_test = planted.sample(100, generator)
+    np.savez(tmp_path / "tiny.npz", x_train=x_train.numpy(), y_train=y_train.numpy(), x_test=x_test.numpy(), y_test=y_test.numpy())
+    common = ["--dataset", str(tmp_path / "tiny.npz"), "--total-steps", "30", "--batch-size", "32", "--eval-every", "15",
+              "--log-every", "10", "--pca-dim", "3"]
+    run([*common, "--run-name", "first"], tmp_path)
+    run_dir = tmp_path / "runs" / "first"
+    for name in ("args.json", "summary.json", "checkpoint.pt", "aux_tree.pt", "eval_history.jsonl"):
+        assert (run_dir / name).is_file(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("steps", "steps_per_second", "final_valid_error", "final_test_error", "best_valid_error",
+                "test_error_at_best_valid", "final_test_log_likelihood", "final_test_raw_accuracy", "aux_fit_seconds"):
+        assert key in summary and math.isfinite(summary[key]), key
+    assert summary["steps"] == 30 and 0 <= summary["final_test_error"] <= 100
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir)).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"losses/loss", "charts/SPS", "charts/learning_rate", "eval/test_log_likelihood", "eval/test_accuracy",
+            "eval/test_raw_accuracy", "eval/valid_precision_at_5"} <= tags
+    assert all(math.isfinite(event.value) for tag in tags for event in events.Scalars(tag))
+    assert [event.step for event in events.Scalars("eval/test_accuracy")] == [0, 15, 30]
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 30 and checkpoint["model"]["weight.weight"].shape == (20, 6)
+
+    # the saved tree is reused, and its fitting time still counts on the time axis
+    run([*common, "--run-name", "second", "--aux-model", str(run_dir / "aux_tree.pt")], tmp_path)
+    second = json.loads((tmp_path / "runs" / "second" / "summary.json").read_text())
+    assert not (tmp_path / "runs" / "second" / "aux_tree.pt").exists()
+    assert second["aux_fit_seconds"] == pytest.approx(summary["aux_fit_seconds"])
+
+    # an existing run directory is never overwritten
+    before = (run_dir / "summary.json").read_bytes()
+    result = run([*common, "--run-name", "first", "--method", "uniform"], tmp_path, check=False)
+    assert result.returncode != 0 and "already exists" in result.stderr
+    assert (run_dir / "summary.json").read_bytes() == before
+
+
+def test_adversarial_beats_uniform_and_frequency_with_six_times_fewer_steps(tmp_path):
+    """The paper's claim at C = 2^12 (REFERENCE section 5), fixed seeds and step counts: adversarial after S steps
+    beats uniform and frequency negatives after 6 S steps in log-likelihood; its raw scores are useless."""
+    steps = 100
+    common = ["--dataset", "planted", "--num-classes", "4096", "--batch-size", "500", "--eval-size", "1000",
+              "--planted-train-size", "32768", "--eval-every", "100000", "--log-every", "100000",
+              "--tree-newton-steps", "2", "--tree-max-rounds", "2"]
+    jobs = {"adversarial": steps, "uniform": 6 * steps, "frequency": 6 * steps}
+    with ThreadPoolExecutor(2) as pool:
+        futures = {method: pool.submit(run, [*common, "--method", method, "--total-steps", str(count), "--run-name", method], tmp_path)
+                   for method, count in jobs.items()}
+        [future.result() for future in futures.values()]
+    summary = {method: json.loads((tmp_path / "runs" / method / "summary.json").read_text()) for method in jobs}
+    adversarial = summary["adversarial"]
+    for baseline in ("uniform", "frequency"):
+        assert adversarial["final_test_log_likelihood"] > summary[baseline]["final_test_log_likelihood"] + 1.0, baseline
+        assert adversarial["final_test_accuracy"] > summary[baseline]["final_test_accuracy"], baseline
+    assert adversarial["final_test_raw_accuracy"] < 10.0  # without eq. 5's correction the scores are useless
+    assert adversarial["final_test_raw_log_likelihood"] < adversarial["final_test_log_likelihood"] - 3.0
+    assert adversarial["final_test_log_likelihood"] <= adversarial["bayes_test_log_likelihood"]

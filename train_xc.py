@@ -1,0 +1,676 @@
+"""Extreme classification with adversarial negative sampling (Bamler & Mandt 2020, "Extreme Classification via
+Adversarial Softmax Approximation", ICLR 2020).
+
+A linear softmax classifier xi_y(x) = x.w_y + b_y over C labels is trained by negative sampling (paper eq. 6). The
+negatives come from an auxiliary probabilistic binary tree p_n(y|x) fitted to the data on PCA-whitened features
+(Section 3), so that drawing a negative costs O(k log C). The bias of the non-uniform sampling is removed at
+prediction time: score_y = xi_y(x) + log p_n(y|x) (eq. 5). Baselines: uniform and frequency negatives, NCE with the
+tree as base distribution, and the full softmax (O(C K) per step).
+
+    python train_xc.py --dataset planted --num-classes 16384 --method adversarial
+    python train_xc.py --dataset train.txt --test-data test.txt --method adversarial   # XC repository format
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+
+METHODS = ("adversarial", "uniform", "frequency", "nce", "softmax")
+# (learning rate, regulariser lambda of eq. 6). Negative-sampling methods: paper Table 1, Amazon-670K column (the
+# column where the uniform baseline got the larger learning rate, i.e. the stronger baselines); softmax: Appendix A.2.
+PAPER_DEFAULTS = {
+    "adversarial": (0.01, 1e-3),
+    "uniform": (0.01, 3e-4),
+    "frequency": (0.003, 1e-5),
+    "nce": (0.01, 1e-3),
+    "softmax": (0.3, 3e-4),
+}
+PADDING_BIAS = 1000.0  # sigma(+-1000) is exactly 1 / 0 in float32: padding leaves get probability zero (Section 3)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = parser.add_argument_group("experiment")
+    g.add_argument("--seed", type=int, default=1, help="seed of the training run (batches, negatives, init)")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the planted problem and of the held-out split, so different --seed train on the same data")
+    g.add_argument("--runs-dir", default="runs", help="parent directory of run directories")
+    g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__xc__<seed>__<unix time>)")
+    g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
+    g.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=True, help="torch.backends.cudnn.deterministic")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    g.add_argument("--clock", default="wall", choices=("wall", "process"), help="clock of the time axis and --time-budget: wall (the paper's) or this process's CPU time, which a shared machine's load does not inflate")
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default="planted", help="'planted' (REFERENCE section 5), an .npz with x_train, y_train, x_test, y_test, or a training file in the Extreme Classification Repository text format")
+    g.add_argument("--test-data", default=None, help="held-out file in the XC text format (required with a text --dataset); split 20%% validation / 80%% test as in the paper")
+    g.add_argument("--num-classes", type=int, default=2 ** 14, help="planted: number of labels C (REFERENCE section 5 uses 2^12..2^17)")
+    g.add_argument("--num-features", type=int, default=32, help="planted: feature dimension K (REFERENCE section 5)")
+    g.add_argument("--planted-train-size", type=int, default=None, help="planted: size of the fixed sample the tree and the label counts are fitted on (default 16 x C); the main model sees fresh samples every step")
+    g.add_argument("--eval-size", type=int, default=2000, help="points of the fixed held-out sample per split (validation and test)")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--method", default="adversarial", choices=METHODS, help="negative sampling scheme (paper Section 5 baselines)")
+    g.add_argument("--total-steps", type=int, default=3000, help="training steps (REFERENCE section 5: 3000 steps at C = 2^12)")
+    g.add_argument("--time-budget", type=float, default=0.0, help="stop when tree fit + training time (evaluation excluded) exceeds this many seconds; 0 = no limit")
+    g.add_argument("--batch-size", type=int, default=1000, help="positives per step (authors' saved run)")
+    g.add_argument("--num-negatives", type=int, default=10, help="negatives per positive (authors' saved run)")
+    g.add_argument("--lr", type=float, default=None, help="Adagrad learning rate (default per method: paper Table 1 Amazon-670K, softmax Appendix A.2)")
+    g.add_argument("--reg", type=float, default=None, help="lambda of eq. 6 (default per method as for --lr)")
+    g = parser.add_argument_group("auxiliary tree")
+    g.add_argument("--aux-model", default=None, help="reuse a tree saved by an earlier run (aux_tree.pt) instead of fitting one")
+    g.add_argument("--pca-dim", type=int, default=16, help="k, whitened PCA dimension of the tree (paper Section 5)")
+    g.add_argument("--tree-reg", type=float, default=0.1, help="lambda_n of the node regulariser (paper Section 5), scaled by the number of real labels under the node as in the authors' code")
+    g.add_argument("--tree-newton-steps", type=int, default=4, help="Newton steps per node between two re-splits")
+    g.add_argument("--tree-max-rounds", type=int, default=8, help="cap on re-split rounds per level (the paper re-splits until no label changes side)")
+    g = parser.add_argument_group("cadence")
+    g.add_argument("--eval-every", type=int, default=500, help="evaluate every N steps (and at the end)")
+    g.add_argument("--eval-every-seconds", type=float, default=0.0, help="also evaluate every X seconds of training time; 0 = off")
+    g.add_argument("--log-every", type=int, default=100, help="log training scalars every N steps")
+    args = parser.parse_args(argv)
+
+    positive = ["num_classes", "num_features", "eval_size", "total_steps", "batch_size", "num_negatives", "pca_dim",
+                "tree_newton_steps", "tree_max_rounds", "eval_every", "log_every"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.dataset == "planted" and args.num_classes < 2:
+        parser.error(f"--num-classes must be >= 2, got {args.num_classes}")
+    if args.planted_train_size is not None and args.planted_train_size < 1:
+        parser.error(f"--planted-train-size must be >= 1, got {args.planted_train_size}")
+    for name in ["lr", "reg", "tree_reg"]:
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0 and (name != "lr" or value > 0)):
+            parser.error(f"--{name.replace('_', '-')} must be a finite {'positive' if name == 'lr' else 'non-negative'} number, got {value}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
+    if args.time_budget < 0 or args.eval_every_seconds < 0:
+        parser.error("--time-budget and --eval-every-seconds must be >= 0")
+    default_lr, default_reg = PAPER_DEFAULTS[args.method]
+    args.lr = default_lr if args.lr is None else args.lr
+    args.reg = default_reg if args.reg is None else args.reg
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- data
+def load_xc_text(path):
+    """Extreme Classification Repository format: header `N K C`, then one line per point `l1,l2,... f:v f:v ...`
+    (0-based ids; a point without labels starts with a space). Keeps the smallest label id per point (the paper's
+    'first label'), drops points without labels. Returns dense float32 features (N x K) and int64 labels."""
+    with open(path) as handle:
+        header = handle.readline().split()
+        if len(header) != 3 or not all(token.isdigit() for token in header):
+            raise ValueError(f"{path}: first line must be 'N K C', got {' '.join(header)!r}")
+        num_points, num_features, num_labels = map(int, header)
+        features = np.zeros((num_points, num_features), dtype=np.float32)
+        labels = np.full(num_points, -1, dtype=np.int64)
+        row = -1
+        for row, line in enumerate(handle):
+            if row >= num_points:
+                raise ValueError(f"{path}: more than N = {num_points} data lines")
+            tokens = line.rstrip("\n").split(" ")
+            if tokens[0] and ":" not in tokens[0]:
+                ids = [int(token) for token in tokens[0].split(",") if token]
+                if ids:
+                    labels[row] = min(ids)
+                tokens = tokens[1:]
+            for token in tokens:
+                if token:
+                    index, value = token.split(":")
+                    features[row, int(index)] = float(value)
+        if row + 1 != num_points:
+            raise ValueError(f"{path}: header says N = {num_points} but found {row + 1} data lines")
+        if labels.max(initial=-1) >= num_labels:
+            raise ValueError(f"{path}: label id {labels.max()} >= C = {num_labels}")
+    keep = labels >= 0
+    return features[keep], labels[keep]
+
+
+def reindex_by_frequency(y_train, y_heldout):
+    """Label ids sorted by descending training frequency (ties by id); held-out points whose label never occurs in
+    training are dropped (REFERENCE section 5). Returns new y_train, new y_heldout, mask of kept held-out points, C."""
+    ids, counts = np.unique(y_train, return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    mapping = {int(label): new for new, label in enumerate(ids[order])}
+    keep = np.array([int(label) in mapping for label in y_heldout], dtype=bool)
+    new_train = np.array([mapping[int(label)] for label in y_train], dtype=np.int64)
+    new_heldout = np.array([mapping[int(label)] for label in y_heldout[keep]], dtype=np.int64)
+    return new_train, new_heldout, keep, len(ids)
+
+
+class PlantedHierarchy:
+    """Synthetic labels with a planted hierarchy (REFERENCE section 5): C labels on the leaves of a complete binary
+    tree of depth D = ceil(log2 C), randomly permuted; class mean mu_y = sum_{l=1..D} r^l g_(ancestor at depth l),
+    g ~ N(0, I_K), r = 0.4^(1/D); x ~ N(mu_y, I); prior pi_y proportional to (y + 1)^-0.5. The Bayes posterior is
+    linear with w*_y = mu_y, b*_y = log pi_y - |mu_y|^2 / 2, the ceiling on reachable log-likelihood."""
+
+    def __init__(self, num_classes, num_features, generator):
+        depth = max(1, math.ceil(math.log2(num_classes)))
+        ratio = 0.4 ** (1.0 / depth)
+        leaves = torch.arange(2 ** depth)
+        means = torch.zeros(2 ** depth, num_features)
+        for level in range(1, depth + 1):
+            offsets = torch.randn(2 ** level, num_features, generator=generator)
+            means += ratio ** level * offsets[leaves >> (depth - level)]
+        self.means = means[torch.randperm(2 ** depth, generator=generator)[:num_classes]]
+        prior = (torch.arange(num_classes, dtype=torch.float64) + 1.0) ** -0.5
+        self.log_prior = (prior / prior.sum()).log().float()
+        self.cdf = (prior / prior.sum()).cumsum(0).float()
+
+    def to(self, device):
+        self.means, self.log_prior, self.cdf = self.means.to(device), self.log_prior.to(device), self.cdf.to(device)
+        return self
+
+    def sample(self, num_points, generator=None):
+        uniform = torch.rand(num_points, device=self.cdf.device, generator=generator)
+        labels = torch.searchsorted(self.cdf, uniform).clamp_max(len(self.cdf) - 1)
+        noise = torch.randn(num_points, self.means.shape[1], device=self.cdf.device, generator=generator)
+        return self.means[labels] + noise, labels
+
+    def bayes_scores(self, x):
+        return x @ self.means.T + self.log_prior - 0.5 * (self.means ** 2).sum(1)
+
+
+# ---------------------------------------------------------------------------------------------- auxiliary tree
+class ProbabilisticTree:
+    """p_n(y|x) of paper Section 3: a complete binary tree over 2^D >= C leaves on PCA-whitened features z. Internal
+    nodes are heap-indexed (root 1, children 2n and 2n + 1); node n goes right with probability
+    sigmoid(theta[n, :k].z + theta[n, k]). Padding leaves (ids >= C in leaf order) have probability zero."""
+
+    def __init__(self, mean, projection, theta, leaf_label, fit_seconds=0.0):
+        self.mean, self.projection, self.theta, self.leaf_label = mean, projection, theta, leaf_label
+        self.num_leaves = len(leaf_label)
+        self.depth = self.num_leaves.bit_length() - 1
+        self.num_classes = int((leaf_label >= 0).sum())
+        self.label_leaf = torch.empty(self.num_classes, dtype=torch.long, device=leaf_label.device)
+        real = (leaf_label >= 0).nonzero().squeeze(1)
+        self.label_leaf[leaf_label[real]] = real
+        self.fit_seconds = fit_seconds
+
+    def whiten(self, x):
+        return (x - self.mean) @ self.projection
+
+    def _logits(self, z, node):
+        theta = self.theta[node]
+        return (theta[..., :-1] * z).sum(-1) + theta[..., -1]
+
+    def sample(self, z, num_samples):
+        """num_samples labels per row of z and their log p_n, by ancestral sampling: O(num_samples k log C)."""
+        node = torch.ones(z.shape[0], num_samples, dtype=torch.long, device=z.device)
+        log_prob = torch.zeros(z.shape[0], num_samples, device=z.device)
+        for _ in range(self.depth):
+            logit = self._logits(z[:, None, :], node)
+            right = torch.rand_like(logit) < torch.sigmoid(logit)
+            log_prob += F.logsigmoid(torch.where(right, logit, -logit))
+            node = 2 * node + right.long()
+        return self.leaf_label[node - self.num_leaves], log_prob
+
+    def log_prob(self, z, labels):
+        """log p_n(labels | z) for labels of shape (B,) or (B, m): O(k log C) each."""
+        heap = self.label_leaf[labels] + self.num_leaves
+        zz = z if labels.dim() == 1 else z[:, None, :]
+        log_prob = torch.zeros(labels.shape, device=z.device)
+        for level in range(self.depth):
+            logit = self._logits(zz, heap >> (self.depth - level))
+            right = ((heap >> (self.depth - level - 1)) & 1).bool()
+            log_prob += F.logsigmoid(torch.where(right, logit, -logit))
+        return log_prob
+
+    def log_prob_leaves(self, z):
+        """log-probability of every leaf, padding included (B x 2^D), expanded level by level: O(2^D k) per row."""
+        log_prob = torch.zeros(z.shape[0], 1, device=z.device)
+        for level in range(self.depth):
+            nodes = self.theta[2 ** level: 2 ** (level + 1)]
+            logit = z @ nodes[:, :-1].T + nodes[:, -1]
+            log_prob = torch.stack([log_prob + F.logsigmoid(-logit), log_prob + F.logsigmoid(logit)], -1).flatten(1)
+        return log_prob
+
+    def log_prob_all(self, z):
+        """log p_n(y | z) for all C labels (B x C)."""
+        return self.log_prob_leaves(z)[:, self.label_leaf]
+
+    def to(self, device):
+        return ProbabilisticTree(self.mean.to(device), self.projection.to(device), self.theta.to(device),
+                                 self.leaf_label.to(device), self.fit_seconds)
+
+    def state_dict(self):
+        return {"mean": self.mean.cpu(), "projection": self.projection.cpu(), "theta": self.theta.cpu(),
+                "leaf_label": self.leaf_label.cpu(), "fit_seconds": torch.tensor(self.fit_seconds)}
+
+    @classmethod
+    def from_state_dict(cls, state):
+        return cls(state["mean"], state["projection"], state["theta"], state["leaf_label"], float(state["fit_seconds"]))
+
+
+def _pca_whitening(x, dim):
+    mean = x.mean(0)
+    centred = x - mean
+    eigenvalues, eigenvectors = torch.linalg.eigh((centred.T @ centred).double() / len(x))
+    dim = min(dim, x.shape[1])
+    top_values, top_vectors = eigenvalues[-dim:].flip(0), eigenvectors[:, -dim:].flip(1)
+    return mean, (top_vectors / top_values.clamp_min(1e-12).sqrt()).float()
+
+
+class _GroupedRows:
+    """Rows grouped by node and padded to multiples of `width`, so the per-node sums of weighted outer products (the
+    Newton Hessians) are one batched matmul plus an index_add_ over N / width blocks instead of over N rows."""
+
+    def __init__(self, rows, node, num_nodes, width=32):
+        order = torch.argsort(node, stable=True)
+        lengths = torch.bincount(node, minlength=num_nodes)
+        padded = (lengths + width - 1) // width * width
+        start, padded_start = torch.cumsum(lengths, 0) - lengths, torch.cumsum(padded, 0) - padded
+        sorted_node = node[order]
+        self.position = torch.empty_like(order)
+        self.position[order] = padded_start[sorted_node] + torch.arange(len(node), device=node.device) - start[sorted_node]
+        self.rows = torch.zeros(int(padded.sum()), rows.shape[1], device=rows.device)
+        self.rows[self.position] = rows
+        self.block_node = torch.repeat_interleave(torch.arange(num_nodes, device=node.device), padded // width)
+        self.node, self.num_nodes, self.width = node, num_nodes, width
+
+    def sum(self, values):
+        out = torch.zeros((self.num_nodes,) + values.shape[1:], dtype=values.dtype, device=values.device)
+        return out.index_add_(0, self.node, values)
+
+    def outer_sum(self, weight):
+        padded_weight = torch.zeros(len(self.rows), device=weight.device)
+        padded_weight[self.position] = weight
+        dim = self.rows.shape[1]
+        blocks = self.rows.view(-1, self.width, dim)
+        gram = torch.bmm((blocks * padded_weight.view(-1, self.width, 1)).transpose(1, 2), blocks)
+        out = torch.zeros(self.num_nodes, dim, dim, device=weight.device)
+        return out.index_add_(0, self.block_node, gram)
+
+
+def fit_tree(x, y, num_classes, pca_dim=16, reg=0.1, newton_steps=4, max_rounds=8, clock=time.perf_counter):
+    """Fit p_n top-down (paper Section 3), all nodes of one level at once. Per node: w = dominant eigenvector of the
+    covariance of the per-label feature sums, b = 0; split the labels into halves by Delta_y (eq. 9); Newton ascent
+    (with step halving, which plain Newton needs on nearly separable nodes) on the regularised node log-likelihood
+    (eq. 8); re-split by Delta_y until no label changes side. Real labels always fill leaves 0..C-1 in the initial
+    order and every split keeps them first in each block, so padding stays in the last leaves."""
+    start_time = clock()
+    device = x.device
+    mean, projection = _pca_whitening(x, pca_dim)
+    z = (x - mean) @ projection
+    z1 = torch.cat([z, torch.ones(len(z), 1, device=device)], 1)  # (z, 1): theta = (w, b)
+    dim = z1.shape[1]
+    depth = max(1, math.ceil(math.log2(num_classes)))
+    num_leaves = 2 ** depth
+    # row y: (sum_{x in D_y} z, n_y), so Delta_y of eq. 9 is label_sums[y] . theta
+    label_sums = torch.zeros(num_classes, dim, device=device).index_add_(0, y, z1)
+    theta = torch.zeros(num_leaves, dim, device=device)
+    slot_label = torch.arange(num_classes, device=device)  # leaf slot -> label, for the C real slots
+    eye = torch.eye(dim, device=device, dtype=torch.float64)
+    for level in range(depth):
+        num_nodes, block = 2 ** level, num_leaves >> level
+        half = block // 2
+        num_real = (num_classes - torch.arange(num_nodes, device=device) * block).clamp(0, block)
+        num_right = (num_real - half).clamp_min(0)  # real labels that go right; the rest of the right half is padding
+        slot_of_label = torch.empty_like(slot_label)
+        slot_of_label[slot_label] = torch.arange(num_classes, device=device)
+        label_node = slot_of_label // block
+        points = _GroupedRows(z1, label_node[y], num_nodes)
+        labels = _GroupedRows(label_sums[:, :-1], label_node, num_nodes)
+        node_reg = reg * num_real.clamp_min(1).float()  # lambda_n scaled by the real labels under the node
+
+        # initial w: dominant eigenvector of the covariance of the label sums under each node; b = 0
+        count = num_real.clamp_min(1).float()
+        first = labels.sum(label_sums[:, :-1]) / count[:, None]
+        covariance = labels.outer_sum(torch.ones(num_classes, device=device)) / count[:, None, None]
+        covariance = (covariance - first[:, :, None] * first[:, None, :]).double()
+        node_theta = torch.cat([torch.linalg.eigh(covariance)[1][:, :, -1].float(), torch.zeros(num_nodes, 1, device=device)], 1)
+
+        def split(node_theta):
+            """True for the labels that go right: the num_right[node] labels with the largest Delta_y (eq. 9)."""
+            delta = (label_sums * node_theta[label_node]).sum(1)
+            order = torch.argsort(-delta, stable=True)
+            order = order[torch.argsort(label_node[order], stable=True)]
+            first_of_node = torch.cumsum(num_real, 0) - num_real
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(num_classes, device=device) - first_of_node[label_node[order]]
+            return rank < num_right[label_node], rank
+
+        def objective(node_theta, side):  # eq. 8 minus the regulariser, per node
+            logit = (z1 * node_theta[points.node]).sum(1)
+            return points.sum(F.logsigmoid(side * logit).double()) - node_reg * (node_theta ** 2).sum(1)
+
+        goes_right, rank = split(node_theta)
+        for _ in range(max_rounds):
+            side = goes_right[y].float() * 2 - 1  # zeta of eq. 8
+            for _ in range(newton_steps):
+                logit = (z1 * node_theta[points.node]).sum(1)
+                gradient = points.sum(z1 * (side * torch.sigmoid(-side * logit))[:, None]) - 2 * node_reg[:, None] * node_theta
+                hessian = points.outer_sum(torch.sigmoid(logit) * torch.sigmoid(-logit)).double()
+                hessian = hessian + (2 * node_reg.double()[:, None, None] + 1e-6) * eye  # 1e-6: nodes without points
+                step = torch.linalg.solve(hessian, gradient.double()).float()
+                if float(step.abs().max()) < 1e-5:  # converged (to float32 precision) at every node
+                    break
+                current = objective(node_theta, side)
+                tolerance = 1e-6 * (current.abs() + 1)  # float32 rounding noise of the objective
+                accepted = torch.zeros(num_nodes, dtype=torch.bool, device=device)
+                new_theta = node_theta.clone()
+                for halving in range(12):
+                    candidate = node_theta + 0.5 ** halving * step
+                    better = ~accepted & (objective(candidate, side) >= current - tolerance)
+                    new_theta[better], accepted = candidate[better], accepted | better
+                    if bool(accepted.all()):
+                        break
+                node_theta = new_theta
+            new_right, rank = split(node_theta)
+            changed = bool((new_right != goes_right).any())
+            goes_right = new_right
+            if not changed:
+                break
+
+        # nodes whose right child holds only padding always go left: w = 0, b = -1000 (Section 3, technical details)
+        padded = num_right == 0
+        node_theta[padded] = 0.0
+        node_theta[padded, -1] = -PADDING_BIAS
+        theta[num_nodes: 2 * num_nodes] = node_theta
+        # reorder the leaf slots: within each node's block, left-goers first, then right-goers
+        block_start = label_node * block
+        new_slot = torch.where(goes_right, block_start + half + rank, block_start + rank - num_right[label_node])
+        slot_label = torch.empty_like(slot_label)
+        slot_label[new_slot] = torch.arange(num_classes, device=device)
+    leaf_label = torch.full((num_leaves,), -1, dtype=torch.long, device=device)
+    leaf_label[:num_classes] = slot_label
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return ProbabilisticTree(mean, projection, theta, leaf_label, clock() - start_time)
+
+
+# ---------------------------------------------------------------------------------------------- main model and losses
+class LinearScores(nn.Module):
+    """xi_y(x) = x.w_y + b_y (paper Section 5). Rows live in sparse embeddings, so a negative-sampling step
+    produces sparse gradients and torch.optim.Adagrad touches only the O(batch x negatives) rows it sampled."""
+
+    def __init__(self, num_classes, num_features):
+        super().__init__()
+        self.weight = nn.Embedding(num_classes, num_features, sparse=True)
+        self.bias = nn.Embedding(num_classes, 1, sparse=True)
+        nn.init.zeros_(self.weight.weight)
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, x, labels):
+        """Scores of the given labels (B x m) for the rows of x (B x K): O(B m K)."""
+        return torch.einsum("bk,bmk->bm", x, self.weight(labels)) + self.bias(labels).squeeze(-1)
+
+    def all_scores(self, x):
+        """Scores of all C labels (B x C): O(B C K), for evaluation and the full softmax (dense gradient)."""
+        return x @ self.weight.weight.T + self.bias.weight.T
+
+
+def negative_sampling_loss(pos_scores, neg_scores, pos_log_pn, neg_log_pn, reg):
+    """Paper eq. 6, mean over positives, negatives averaged per positive: softplus(-xi+) + lambda (xi+ + log p_n(y+|x))^2
+    + mean_n [softplus(xi-) + lambda (xi- + log p_n(y-|x))^2]. Uniform / frequency negatives pass log p_n = 0."""
+    positive = F.softplus(-pos_scores) + reg * (pos_scores + pos_log_pn) ** 2
+    negative = F.softplus(neg_scores) + reg * (neg_scores + neg_log_pn) ** 2
+    return (positive + negative.mean(1)).mean()
+
+
+def nce_loss(pos_scores, neg_scores, pos_log_pn, neg_log_pn, reg):
+    """NCE with the tree as base distribution (REFERENCE section 5): the classifier sees xi - log p_n, so xi itself
+    models the unnormalised log-probability and is used uncorrected at prediction; lambda xi^2 as regulariser."""
+    positive = F.softplus(pos_log_pn - pos_scores) + reg * pos_scores ** 2
+    negative = F.softplus(neg_scores - neg_log_pn) + reg * neg_scores ** 2
+    return (positive + negative.mean(1)).mean()
+
+
+def softmax_loss(logits, labels, reg):
+    """Full softmax cross-entropy (eq. 1) plus eq. 6's penalty in expectation over one uniform negative:
+    lambda (xi+^2 + mean_y xi_y^2)."""
+    positive = logits.gather(1, labels[:, None]).squeeze(1)
+    return F.cross_entropy(logits, labels) + reg * (positive ** 2 + (logits ** 2).mean(1)).mean()
+
+
+def prediction_metrics(scores, labels):
+    """Sums over the rows of: log-likelihood of the softmax over all C scores, top-1 hits, top-5 hits."""
+    log_likelihood = (scores.gather(1, labels[:, None]).squeeze(1) - scores.logsumexp(1)).sum()
+    top5 = scores.topk(min(5, scores.shape[1]), dim=1).indices
+    return {"log_likelihood": float(log_likelihood), "hits1": float((top5[:, 0] == labels).sum()),
+            "hits5": float((top5 == labels[:, None]).any(1).sum())}
+
+
+@torch.no_grad()
+def evaluate(model, x, y, correction, chunk_size):
+    """Predictive log-likelihood per point, accuracy = P@1 and P@5 (single label: hits@5 / 5) in %, of the
+    bias-corrected scores xi + correction(x) (eq. 5) and, if there is a correction, of the raw scores."""
+    totals = {}
+    for start in range(0, len(y), chunk_size):
+        xb, yb = x[start:start + chunk_size], y[start:start + chunk_size]
+        raw = model.all_scores(xb)
+        variants = {"": raw} if correction is None else {"": raw + correction(xb), "raw_": raw}
+        for prefix, scores in variants.items():
+            for key, value in prediction_metrics(scores, yb).items():
+                totals[prefix + key] = totals.get(prefix + key, 0.0) + value
+    metrics = {}
+    for prefix in sorted({key[:-len("log_likelihood")] for key in totals if key.endswith("log_likelihood")}):
+        metrics[prefix + "log_likelihood"] = totals[prefix + "log_likelihood"] / len(y)
+        metrics[prefix + "accuracy"] = 100.0 * totals[prefix + "hits1"] / len(y)
+        metrics[prefix + "precision_at_5"] = 100.0 * totals[prefix + "hits5"] / len(y) / 5
+        metrics[prefix + "hits_at_5"] = 100.0 * totals[prefix + "hits5"] / len(y)
+    return metrics
+
+
+def fail(message):
+    print(f"train_xc.py: error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def atomic_save(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_dataset(args):
+    """Returns (name, x_train, y_train, {"valid": (x, y), "test": (x, y)}, num_classes, planted or None) on the CPU.
+    For planted, (x_train, y_train) is the fixed sample the tree and label counts are fitted on."""
+    generator = torch.Generator().manual_seed(args.data_seed)
+    if args.dataset == "planted":
+        planted = PlantedHierarchy(args.num_classes, args.num_features, generator)
+        x_train, y_train = planted.sample(args.planted_train_size or 16 * args.num_classes, generator)
+        heldout = {split: planted.sample(args.eval_size, generator) for split in ("valid", "test")}
+        return "planted", x_train, y_train, heldout, args.num_classes, planted
+    path = Path(args.dataset)
+    if not path.is_file():
+        fail(f"data file {path} not found (expected 'planted', an .npz, or an XC-format text file)")
+    if path.suffix == ".npz":
+        try:
+            with np.load(path) as data:
+                x_train, y_train, x_test, y_test = (data[key] for key in ("x_train", "y_train", "x_test", "y_test"))
+        except (KeyError, ValueError, OSError) as error:
+            fail(f"{path}: not an .npz with x_train, y_train, x_test, y_test ({error})")
+        x_train, x_test = x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)
+    else:
+        if args.test_data is None:
+            fail("a text-format --dataset needs --test-data (the held-out file in the same format)")
+        if not Path(args.test_data).is_file():
+            fail(f"data file {args.test_data} not found")
+        try:
+            x_train, y_train = load_xc_text(path)
+            x_test, y_test = load_xc_text(args.test_data)
+        except ValueError as error:
+            fail(str(error))
+        if x_test.shape[1] != x_train.shape[1]:
+            fail(f"{args.test_data}: K = {x_test.shape[1]} differs from the training file's K = {x_train.shape[1]}")
+    if len(x_train) != len(y_train) or len(x_test) != len(y_test) or x_train.shape[1] != x_test.shape[1]:
+        fail(f"{path}: inconsistent shapes x_train {x_train.shape}, y_train {y_train.shape}, x_test {x_test.shape}, y_test {y_test.shape}")
+    y_train, y_test, keep, num_classes = reindex_by_frequency(np.asarray(y_train).astype(np.int64), np.asarray(y_test).astype(np.int64))
+    x_test = x_test[keep]
+    if num_classes < 2 or len(y_test) < 2:
+        fail(f"{path}: need at least 2 labels and 2 held-out points with labels seen in training")
+    order = torch.randperm(len(y_test), generator=generator)  # held-out points: 20 % validation / 80 % test
+    num_valid = max(1, len(order) // 5)
+    to_tensor = lambda idx: (torch.as_tensor(x_test[idx.numpy()], dtype=torch.float32), torch.as_tensor(y_test[idx.numpy()]))
+    heldout = {"valid": to_tensor(order[:num_valid][:args.eval_size]), "test": to_tensor(order[num_valid:][:args.eval_size])}
+    return path.stem, torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(y_train), heldout, num_classes, None
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    torch.sparse.check_sparse_tensor_invariants.disable()  # explicit opt-out (silences a warning per Adagrad step)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    dataset_name, x_train, y_train, heldout, num_classes, planted = load_dataset(args)
+    needs_tree = args.method in ("adversarial", "nce")
+    tree = None
+    if needs_tree and args.aux_model is not None:
+        try:
+            tree = ProbabilisticTree.from_state_dict(torch.load(args.aux_model, map_location="cpu", weights_only=True))
+        except (OSError, RuntimeError, KeyError, EOFError) as error:
+            fail(f"cannot read --aux-model {args.aux_model}: {error}")
+        if tree.num_classes != num_classes or tree.mean.shape[0] != x_train.shape[1]:
+            fail(f"--aux-model {args.aux_model} is for C = {tree.num_classes}, K = {tree.mean.shape[0]}; the data have C = {num_classes}, K = {x_train.shape[1]}")
+
+    run_name = args.run_name or f"{dataset_name}__xc__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.runs_dir) / run_name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:
+        fail(f"run directory {run_dir} already exists; pick another --run-name")
+    (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
+
+    random_seed = args.seed
+    np.random.seed(random_seed)
+    torch.manual_seed(random_seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    x_train, y_train = x_train.to(device), y_train.to(device)
+    heldout = {split: (x.to(device), y.to(device)) for split, (x, y) in heldout.items()}
+    planted = planted.to(device) if planted is not None else None
+    num_features = x_train.shape[1]
+    print(f"{dataset_name}: N = {len(y_train)}, K = {num_features}, C = {num_classes}, method {args.method}, device {device}")
+
+    # ALGO LOGIC: the auxiliary model p_n(y|x) (Section 3); its fitting time counts towards the wall-clock axis
+    counts = torch.bincount(y_train, minlength=num_classes).float()
+    log_frequency = ((counts + 1) / (counts + 1).sum()).log()  # frequency negatives are drawn from counts + 1
+    frequency_cdf = (counts + 1).cumsum(0) / (counts + 1).sum()
+    time_offset = 0.0
+    if needs_tree:
+        if tree is None:
+            tree = fit_tree(x_train, y_train, num_classes, args.pca_dim, args.tree_reg, args.tree_newton_steps, args.tree_max_rounds, clock)
+            print(f"auxiliary tree: depth {tree.depth}, fitted in {tree.fit_seconds:.1f} s")
+            atomic_save(tree.state_dict(), run_dir / "aux_tree.pt")
+        else:
+            print(f"auxiliary tree: reused {args.aux_model} (fitted in {tree.fit_seconds:.1f} s, counted on the time axis)")
+        tree = tree.to(device)
+        time_offset = tree.fit_seconds
+    correction = {"adversarial": lambda xb: tree.log_prob_all(tree.whiten(xb)),  # eq. 5
+                  "frequency": lambda xb: log_frequency.expand(len(xb), -1)}.get(args.method)
+
+    model = LinearScores(num_classes, num_features).to(device)
+    if args.method == "nce":  # NCE scores are log-probabilities: start at uniform, else never-sampled labels (score 0
+        nn.init.constant_(model.bias.weight, -math.log(num_classes))  # = probability 1) outrank every trained one
+    optimizer = torch.optim.Adagrad(model.parameters(), lr=args.lr, initial_accumulator_value=0.0)
+    run_start = time.time()
+    train_seconds, last_eval_seconds = 0.0, -math.inf
+    history, best = [], {"valid_error": math.inf}
+    chunk_size = max(1, 2 ** 23 // num_classes)
+    if planted is not None:  # the ceiling: exact Bayes posterior on the same held-out points
+        bayes = {split: prediction_metrics(planted.bayes_scores(x), y) for split, (x, y) in heldout.items()}
+        bayes = {f"bayes_{split}_{name}": value / len(heldout[split][1]) * (1 if name == "log_likelihood" else 100)
+                 for split, metrics in bayes.items() for name, value in metrics.items() if name != "hits5"}
+        bayes = {key.replace("hits1", "accuracy"): value for key, value in bayes.items()}
+        print(f"Bayes posterior (ceiling): test log-likelihood {bayes['bayes_test_log_likelihood']:.3f}, accuracy {bayes['bayes_test_accuracy']:.1f} %")
+    else:
+        bayes = {}
+
+    def run_evaluation(step, elapsed):
+        walltime = run_start + elapsed
+        row = {"step": step, "seconds": elapsed}
+        for split, (x, y) in heldout.items():
+            for name, value in evaluate(model, x, y, correction, chunk_size).items():
+                row[f"{split}_{name}"] = value
+                writer.add_scalar(f"eval/{split}_{name}", value, step, walltime=walltime)
+        writer.add_scalar("eval/seconds", elapsed, step, walltime=walltime)
+        history.append(row)
+        with open(run_dir / "eval_history.jsonl", "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if 100 - row["valid_accuracy"] < best["valid_error"]:
+            best.update(valid_error=100 - row["valid_accuracy"], test_error=100 - row["test_accuracy"], step=step)
+        raw = f", raw {row['test_raw_log_likelihood']:.3f} / {row['test_raw_accuracy']:.1f} %" if "test_raw_accuracy" in row else ""
+        print(f"eval step {step} ({elapsed:.1f} s): test log-likelihood {row['test_log_likelihood']:.3f}, "
+              f"accuracy {row['test_accuracy']:.2f} %, P@5 {row['test_precision_at_5']:.2f} %{raw}")
+        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                     "train_seconds": elapsed - time_offset, "torch_rng": torch.get_rng_state(), "args": json.dumps(vars(args))},
+                    run_dir / "checkpoint.pt")
+
+    run_evaluation(0, time_offset)
+    step, segment_start = 0, clock()
+    while step < args.total_steps:
+        # ALGO LOGIC: positives (fresh planted samples or a random minibatch), negatives, loss, sparse Adagrad step
+        if planted is not None:
+            x, y = planted.sample(args.batch_size)
+        else:
+            index = torch.randint(len(y_train), (args.batch_size,), device=device)
+            x, y = x_train[index], y_train[index]
+        if args.method == "softmax":
+            loss = softmax_loss(model.all_scores(x), y, args.reg)
+        else:
+            shape = (args.batch_size, args.num_negatives)
+            if needs_tree:
+                z = tree.whiten(x)
+                negatives, neg_log_pn = tree.sample(z, args.num_negatives)
+                pos_log_pn = tree.log_prob(z, y)
+            else:  # uniform / frequency: log p_n = 0 in the loss (REFERENCE section 5)
+                if args.method == "uniform":
+                    negatives = torch.randint(num_classes, shape, device=device)
+                else:
+                    negatives = torch.searchsorted(frequency_cdf, torch.rand(shape, device=device)).clamp_max(num_classes - 1)
+                pos_log_pn, neg_log_pn = torch.zeros(args.batch_size, device=device), torch.zeros(shape, device=device)
+            scores = model(x, torch.cat([y[:, None], negatives], 1))
+            loss_fn = nce_loss if args.method == "nce" else negative_sampling_loss
+            loss = loss_fn(scores[:, 0], scores[:, 1:], pos_log_pn, neg_log_pn, args.reg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+
+        elapsed = time_offset + train_seconds + clock() - segment_start
+        out_of_time = args.time_budget > 0 and elapsed >= args.time_budget
+        # LOGGING
+        if step % args.log_every == 0 or step == args.total_steps or out_of_time:
+            walltime = run_start + elapsed
+            steps_per_second = step / max(elapsed - time_offset, 1e-9)
+            writer.add_scalar("losses/loss", loss.item(), step, walltime=walltime)
+            writer.add_scalar("charts/learning_rate", args.lr, step, walltime=walltime)
+            writer.add_scalar("charts/SPS", steps_per_second, step, walltime=walltime)
+            writer.add_scalar("charts/elapsed_seconds", elapsed, step, walltime=walltime)
+            eta = (args.total_steps - step) / steps_per_second
+            print(f"step {step}/{args.total_steps}  loss {loss.item():.4f}  SPS {steps_per_second:.1f}  ETA {eta:.0f} s")
+        # EVAL (its time is excluded from the training clock)
+        if (step % args.eval_every == 0 or step == args.total_steps or out_of_time
+                or (args.eval_every_seconds > 0 and elapsed - last_eval_seconds >= args.eval_every_seconds)):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            train_seconds += clock() - segment_start
+            last_eval_seconds = time_offset + train_seconds
+            run_evaluation(step, last_eval_seconds)
+            segment_start = clock()
+        if out_of_time:
+            break
+
+    final = history[-1]
+    summary = {"steps": step, "steps_per_second": step / max(train_seconds, 1e-9), "train_seconds": train_seconds,
+               "aux_fit_seconds": time_offset, "total_seconds": time_offset + train_seconds,
+               "final_valid_error": 100 - final["valid_accuracy"], "final_test_error": 100 - final["test_accuracy"],
+               "best_valid_error": best["valid_error"], "test_error_at_best_valid": best["test_error"],
+               **{f"final_{key}": value for key, value in final.items() if key not in ("step", "seconds")}, **bayes,
+               "args": vars(args)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    writer.add_hparams({key: value for key, value in vars(args).items() if isinstance(value, (int, float, str))},
+                       {f"hparam/{key}": summary[key] for key in ("final_test_log_likelihood", "final_test_error")},
+                       run_name=".")
+    writer.close()
+    print(f"done: {step} steps in {train_seconds:.1f} s (+ {time_offset:.1f} s tree fit), test log-likelihood "
+          f"{final['test_log_likelihood']:.3f}, accuracy {final['test_accuracy']:.2f} %, P@5 {final['test_precision_at_5']:.2f} %; {run_dir}")
