@@ -440,6 +440,8 @@ if __name__ == "__main__":
                                                            args.num_unlabeled, args.num_valid, args.seed)
     except ValueError as error:
         fail(f"error: {error}")
+    if args.labeled_ratio < 1 and len(unlabeled_idx) == 0:
+        fail(f"error: no images of train/ are left for the unlabeled pool (--labeled-ratio {args.labeled_ratio} < 1)")
     steps_per_epoch = math.ceil((len(labeled_idx) + len(unlabeled_idx)) / args.batch_size)
     total_steps = args.total_steps or args.epochs * steps_per_epoch
     eval_every = args.eval_every or steps_per_epoch
