@@ -1,0 +1,142 @@
+"""Reproduce Table 5 of the NS3L paper (Fashion-MNIST, 2,000 labels, small CNN): every row over several seeds with
+train_fmnist_ablation.py, then print the table in the paper's layout with the paper's numbers beside ours
+(mean +- sample std over seeds) and write it as Markdown.
+
+    python benchmark/fmnist_table.py --seeds 1 2 3 --epochs 50 --jobs 2
+    python benchmark/fmnist_table.py --report-only        # rebuild the table from finished runs
+
+Each run evaluates the test error once, at the end of training (the paper's number). Runs go to
+RUNS_DIR/<row>__seed<S>; a run whose summary.json exists is not run again, so an interrupted table
+resumes where it stopped. Each job is one process with OMP_NUM_THREADS=--threads (1 by default: two one-thread
+jobs beat one two-thread job for a network this small).
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (paper's row label, run-name stem, flags, paper's test error mean, paper's std) -- Table 5, in the paper's order.
+ROWS = [
+    ("Supervised", "supervised", ["--negatives", "supervised"], 17.25, 0.22),
+    ("Uniform - 1", "uniform-1", ["--negatives", "uniform", "--num-negatives", "1"], 18.64, 0.38),
+    ("Uniform - 3", "uniform-3", ["--negatives", "uniform", "--num-negatives", "3"], 19.35, 0.33),
+    ("Exclude class of NN - 1", "nn-exclude-1", ["--negatives", "nn-exclude", "--num-negatives", "1"], 17.12, 0.15),
+    ("Exclude 4 nearest classes with NN - 1", "nn-exclude-4-1",
+     ["--negatives", "nn-exclude-4", "--num-negatives", "1"], 17.13, 0.21),
+    ("Furthest class with NN - 1", "nn-furthest-1", ["--negatives", "nn-furthest", "--num-negatives", "1"], 16.76, 0.15),
+    ("Threshold T = 0.03", "threshold-0.03", ["--negatives", "threshold", "--threshold", "0.03"], 16.47, 0.18),
+    ("Threshold T = 0.05", "threshold-0.05", ["--negatives", "threshold", "--threshold", "0.05"], 16.59, 0.19),
+    ("Oracle - 1", "oracle-1", ["--negatives", "oracle", "--num-negatives", "1"], 16.37, 0.12),
+    ("Oracle - 3", "oracle-3", ["--negatives", "oracle", "--num-negatives", "3"], 15.20, 0.66),
+]
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="one labeled split per seed")
+    parser.add_argument("--epochs", type=int, default=50, help="passes over the labeled set (paper: 50)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
+    parser.add_argument("--runs-dir", default=None, help="where the runs go (default runs/fmnist_table_e<EPOCHS>)")
+    parser.add_argument("--output", default="docs/fmnist_table.md", help="Markdown table")
+    parser.add_argument("--rows", nargs="+", default=None, help="run-name stems of the rows to run (default: all)")
+    parser.add_argument("--report-only", action="store_true", help="do not run anything; tabulate finished runs")
+    parser.add_argument("extra", nargs="*", help="further flags for train_fmnist_ablation.py (after --)")
+    args = parser.parse_args()
+    stems = [row[1] for row in ROWS]
+    for stem in args.rows or []:
+        if stem not in stems:
+            parser.error(f"unknown row {stem!r}: choose from {', '.join(stems)}")
+    if args.epochs < 1 or args.jobs < 1 or args.threads < 1:
+        parser.error("--epochs, --jobs and --threads must be >= 1")
+    args.runs_dir = args.runs_dir or f"runs/fmnist_table_e{args.epochs}"  # finished runs are reused only at equal epochs
+    return args
+
+
+def run_one(args, stem, flags, seed):
+    """Run one (row, seed) unless its summary exists; returns (stem, seed, seconds or None)."""
+    name = f"{stem}__seed{seed}"
+    run_dir = os.path.join(args.runs_dir, name)
+    if os.path.exists(os.path.join(run_dir, "summary.json")):
+        return stem, seed, None
+    if os.path.isdir(run_dir):  # an interrupted run of this runner: start it again
+        shutil.rmtree(run_dir)
+    command = [sys.executable, os.path.join(ROOT, "train_fmnist_ablation.py"), *flags, "--seed", str(seed),
+               "--epochs", str(args.epochs), "--eval-every", "1000000000", "--runs-dir", args.runs_dir, "--run-name", name, *args.extra]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    start = time.perf_counter()
+    with open(os.path.join(args.runs_dir, name + ".log"), "w") as log:
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode}, see {name}.log)"
+    print(f"{name}: {status} in {seconds:.0f} s", flush=True)
+    return stem, seed, seconds
+
+
+def mean_std(values):
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.mean(values):.2f} ± {std:.2f}"
+
+
+def table(args):
+    """Markdown table: paper vs ours, plus the share of wrong negatives and the preprocessing time."""
+    lines = ["| F-MNIST, 2,000 labels | paper (Table 5) | ours | seeds | wrong negatives (% of chosen) | "
+             "NN preprocessing (s) |", "|---|---|---|---|---|---|"]
+    meta = None
+    for label, stem, _, paper_mean, paper_std in ROWS:
+        errors, wrong, nn_seconds = [], [], []
+        for seed in args.seeds:
+            path = os.path.join(args.runs_dir, f"{stem}__seed{seed}", "summary.json")
+            if not os.path.exists(path):
+                continue
+            with open(path) as f:
+                summary = json.load(f)
+            meta = meta or summary
+            errors.append(summary["final_test_error"])
+            if summary.get("wrong_negative_share") is not None:
+                wrong.append(summary["wrong_negative_share"])
+            if summary.get("nn_preprocess_seconds") is not None:
+                nn_seconds.append(summary["nn_preprocess_seconds"])
+        lines.append(f"| {label} | {paper_mean:.2f} ± {paper_std:.2f} | {mean_std(errors)} | {len(errors)} | "
+                     f"{mean_std(wrong) if wrong else '-'} | "
+                     f"{f'{statistics.mean(nn_seconds):.1f}' if nn_seconds else '-'} |")
+    text = "\n".join(lines)
+    if meta:
+        run_args = meta["args"]
+        text += (f"\n\nTest error (%) at the end of training, mean ± sample std over seeds {args.seeds} "
+                 f"(one labeled split per seed). {meta['epochs']:g} epochs = {meta['steps']} steps of "
+                 f"{run_args['batch_size']} labeled + {run_args['unlabeled_batch_size']} unlabeled images, "
+                 f"Adam lr {run_args['lr']:g}, NS3L weight {run_args['ns3l_weight']:g}.")
+    return text
+
+
+def main():
+    args = parse_args()
+    os.makedirs(args.runs_dir, exist_ok=True)
+    if not args.report_only:
+        rows = [row for row in ROWS if args.rows is None or row[1] in args.rows]
+        work = [(stem, flags, seed) for seed in args.seeds for _, stem, flags, _, _ in rows]  # seed-major order
+        start = time.perf_counter()
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda item: run_one(args, *item), work))
+        print(f"all runs done in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+    text = table(args)
+    print(text)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    command = "python benchmark/fmnist_table.py " + " ".join(sys.argv[1:])
+    with open(args.output, "w") as f:
+        f.write(f"<!-- written by: {command.strip()} -->\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()

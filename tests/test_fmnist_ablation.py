@@ -1,0 +1,252 @@
+"""train_fmnist_ablation.py: the Debian idx loader on generated files, each negative-selection rule on hand-built
+cases, the NS3L loss, an end-to-end run of every rule on a few steps, and bad inputs."""
+import gzip
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import train_fmnist_ablation as fm
+from conftest import read_scalars, run_script
+
+SCRIPT = "train_fmnist_ablation.py"
+
+
+# ------------------------------------------------------------------------------------------------ generated idx data
+def write_idx(path, array):
+    array = np.asarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with (gzip.open if path.endswith(".gz") else open)(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def learnable_images(n, rng, num_classes=10):
+    """28x28 uint8 images: one coarse random prototype per class plus noise, labels cycling through the classes."""
+    prototypes = np.random.RandomState(7).uniform(0, 255, (num_classes, 7, 7)).repeat(4, axis=1).repeat(4, axis=2)
+    labels = np.arange(n) % num_classes
+    images = np.clip(prototypes[labels] + rng.normal(0, 30, (n, 28, 28)), 0, 255).astype(np.uint8)
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def debian_folder(tmp_path_factory):
+    """A folder laid out like Debian's dataset-fashion-mnist (four gzipped idx files) holding a small task."""
+    folder = tmp_path_factory.mktemp("fashion-mnist")
+    rng = np.random.RandomState(0)
+    x_train, y_train = learnable_images(400, rng)
+    x_test, y_test = learnable_images(100, rng)
+    for name, array in (("train-images-idx3-ubyte", x_train), ("train-labels-idx1-ubyte", y_train),
+                        ("t10k-images-idx3-ubyte", x_test), ("t10k-labels-idx1-ubyte", y_test)):
+        write_idx(str(folder / (name + ".gz")), array)
+    return str(folder), (x_train, y_train, x_test, y_test)
+
+
+def test_debian_idx_loader_on_generated_files(debian_folder, tmp_path, monkeypatch):
+    folder, (x_train, y_train, x_test, y_test) = debian_folder
+    assert np.array_equal(common.read_idx(os.path.join(folder, "t10k-labels-idx1-ubyte.gz")), y_test)
+    monkeypatch.setattr(common, "DEBIAN_FASHION_MNIST", folder)
+    data = common.load_dataset("fashion_mnist", str(tmp_path / "no_torchvision_copy"))  # -> the Debian layout
+    assert data.x_train.shape == (400, 1, 28, 28) and data.x_train.dtype == torch.uint8
+    assert np.array_equal(data.x_train[:, 0].numpy(), x_train) and np.array_equal(data.y_test.numpy(), y_test)
+    write_idx(str(tmp_path / "bad-labels"), np.arange(5))
+    with open(tmp_path / "bad-labels", "r+b") as f:
+        f.truncate(10)  # header says 5 values, 2 left
+    with pytest.raises(common.DataError, match="truncated"):
+        common.read_idx(str(tmp_path / "bad-labels"))
+
+
+# ------------------------------------------------------------------------------------------------- negative rules
+def test_class_distances_on_hand_placed_points():
+    labeled = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 5.0], [100.0, 100.0], [0.0, -2.0]])
+    labeled_y = torch.tensor([0, 1, 2, 2, 0])
+    unlabeled = torch.tensor([[1.0, 0.0], [9.0, 1.0], [0.0, 4.0]])
+    distances = fm.class_distances(unlabeled, labeled, labeled_y, num_classes=4, chunk=2)  # 2 blocks
+    expected = torch.tensor([[1.0, 9.0, math.sqrt(26.0), math.inf],
+                             [math.sqrt(82.0), math.sqrt(2.0), math.sqrt(97.0), math.inf],
+                             [4.0, math.sqrt(116.0), 1.0, math.inf]])
+    assert torch.allclose(distances, expected, atol=1e-4)
+    assert distances.argsort(1)[:, 0].tolist() == [0, 1, 2]  # class of the nearest labeled neighbour
+
+
+RANK = torch.tensor([[3, 7, 0, 9, 1, 2, 4, 5, 6, 8],   # classes by distance of their nearest labeled example
+                     [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]]).repeat(2000, 1)
+
+
+def chosen_counts(negatives):
+    return negatives.view(-1, 2, negatives.shape[1]).sum(0)  # (2, K): how often each class was picked, per row type
+
+
+@pytest.mark.parametrize("num_negatives", [1, 3])
+def test_nn_exclude_never_picks_the_nearest_class(num_negatives):
+    negatives = fm.select_negatives("nn-exclude", num_negatives, 10, class_rank=RANK)
+    assert (negatives.sum(1) == num_negatives).all()
+    counts = chosen_counts(negatives)
+    assert counts[0, 3] == 0 and counts[1, 0] == 0  # the nearest class
+    assert (counts[0, [0, 1, 2, 4, 5, 6, 7, 8, 9]] > 0).all()  # every other class can be drawn
+
+
+def test_nn_exclude_4_never_picks_the_4_nearest_classes():
+    negatives = fm.select_negatives("nn-exclude-4", 1, 10, class_rank=RANK)
+    assert (negatives.sum(1) == 1).all()
+    counts = chosen_counts(negatives)
+    assert counts[0, [3, 7, 0, 9]].sum() == 0 and counts[1, :4].sum() == 0
+    assert (counts[0, [1, 2, 4, 5, 6, 8]] > 0).all() and (counts[1, 4:] > 0).all()
+    frequencies = counts[0, [1, 2, 4, 5, 6, 8]].float() / counts[0].sum()
+    assert (frequencies - 1 / 6).abs().max() < 0.05  # uniform over the 6 allowed classes
+
+
+@pytest.mark.parametrize("num_negatives, expected", [(1, [[8], [9]]), (2, [[6, 8], [8, 9]])])
+def test_nn_furthest_picks_the_furthest_classes(num_negatives, expected):
+    negatives = fm.select_negatives("nn-furthest", num_negatives, 10, class_rank=RANK[:2])
+    assert [row.nonzero().squeeze(1).tolist() for row in negatives] == expected
+
+
+@pytest.mark.parametrize("num_negatives", [1, 3, 9])
+def test_oracle_never_picks_the_true_class(num_negatives):
+    hidden = torch.arange(4000) % 10
+    negatives = fm.select_negatives("oracle", num_negatives, 10, hidden_labels=hidden)
+    assert (negatives.sum(1) == num_negatives).all()
+    assert not negatives.gather(1, hidden[:, None]).any()
+    wrong_class_counts = negatives.sum(0)
+    assert (wrong_class_counts > 0).all()
+
+
+@pytest.mark.parametrize("num_negatives", [1, 3])
+def test_uniform_can_pick_the_true_class_at_rate_p_over_k(num_negatives):
+    hidden = torch.arange(20000) % 10
+    negatives = fm.select_negatives("uniform", num_negatives, 10, hidden_labels=hidden)
+    assert (negatives.sum(1) == num_negatives).all()
+    hit_rate = negatives.gather(1, hidden[:, None]).float().mean().item()
+    assert abs(hit_rate - num_negatives / 10) < 0.02
+    assert ((negatives.sum(0).float() / negatives.sum()) - 0.1).abs().max() < 0.01
+
+
+def test_threshold_marks_classes_below_t():
+    probs = torch.tensor([[0.90, 0.02, 0.08], [0.04, 0.5, 0.46]])
+    negatives = fm.select_negatives("threshold", 1, 3, logits=probs.log(), threshold=0.05)
+    assert negatives.tolist() == [[False, True, False], [True, False, False]]
+
+
+def test_ns3l_loss_hand_values_and_gradient():
+    logits = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]]).log().requires_grad_()
+    negatives = torch.tensor([[False, True, False], [True, False, True]])
+    loss = fm.ns3l_loss(logits, negatives)
+    assert loss.item() == pytest.approx(-(math.log(0.7) + math.log(0.6)) / 2, rel=1e-5)
+    loss.backward()
+    assert logits.grad[0, 1] > 0 and logits.grad[0, 0] < 0  # pushes negatives down, the rest up
+    assert fm.ns3l_loss(logits, torch.zeros_like(negatives)).item() == 0.0
+    assert fm.ns3l_loss(logits, torch.ones_like(negatives)).item() == pytest.approx(-math.log(1e-8), rel=1e-5)
+
+
+def test_max_negatives_pools():
+    assert [fm.max_negatives(rule, 10) for rule in ("uniform", "oracle", "nn-exclude", "nn-exclude-4",
+                                                    "nn-furthest")] == [10, 9, 9, 6, 10]
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+TINY = ["--num-labeled", "40", "--total-steps", "6", "--log-every", "3", "--eval-every", "3", "--batch-size", "20",
+        "--unlabeled-batch-size", "100", "--hidden", "16", "--no-cuda", "--torch-deterministic"]
+
+
+def run_in_process(monkeypatch, runs_dir, *argv):
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *map(str, argv)])
+    fm.main()
+    with open(os.path.join(runs_dir, "run", "summary.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("rule, flags", [
+    ("supervised", []), ("uniform", ["--num-negatives", "3"]), ("nn-exclude", []), ("nn-exclude-4", []),
+    ("nn-furthest", []), ("threshold", ["--threshold", "0.05"]), ("oracle", ["--num-negatives", "3"])])
+def test_every_rule_end_to_end_on_generated_debian_files(rule, flags, debian_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "DEBIAN_FASHION_MNIST", debian_folder[0])
+    runs = str(tmp_path / "runs")
+    summary = run_in_process(monkeypatch, runs, "--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "none"),
+                             "--negatives", rule, *flags, *TINY, "--runs-dir", runs, "--run-name", "run")
+    assert summary["steps"] == 6 and summary["negatives"] == rule
+    assert 0.0 <= summary["final_test_error"] <= 100.0
+    split = json.load(open(os.path.join(runs, "run", "split.json")))
+    assert len(split["labeled"]) == 40 and len(split["unlabeled"]) == 360  # labeled images not in the stream
+    tags = read_scalars(os.path.join(runs, "run"))
+    assert {"losses/supervised", "losses/total", "eval/test_error", "charts/SPS"} <= set(tags)
+    assert all(math.isfinite(v) for values in tags.values() for _, v in values)
+    if rule == "supervised":
+        assert summary["wrong_negative_share"] is None and "losses/ns3l" not in tags
+        return
+    assert "losses/ns3l" in tags and "charts/wrong_negative_share" in tags
+    share = summary["wrong_negative_share"]
+    if rule == "oracle":
+        assert share == 0.0 and summary["negatives_per_sample"] == 3
+    elif rule == "uniform":
+        assert summary["negatives_per_sample"] == 3 and 3.0 < share < 20.0  # 10% expected, 1,800 draws
+    elif rule.startswith("nn-"):
+        assert summary["nn_preprocess_seconds"] > 0 and summary["negatives_per_sample"] == 1
+        assert summary["nn_1nn_accuracy"] > 90.0  # the generated classes are well separated in pixel space
+        assert share < 5.0
+    else:  # threshold: a fresh network predicts ~0.1 everywhere, so few negatives below T = 0.05 early on
+        assert summary["negatives_per_sample"] < 9
+
+
+def test_subprocess_run_writes_the_run_directory(tmp_path):
+    rng = np.random.RandomState(1)
+    x_train, y_train = learnable_images(200, rng)
+    x_test, y_test = learnable_images(50, rng)
+    npz = str(tmp_path / "tiny.npz")
+    np.savez(npz, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    result = run_script(SCRIPT, "--dataset", npz, "--negatives", "nn-exclude-4", *TINY,
+                        "--runs-dir", tmp_path / "runs", "--run-name", "r", cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "nearest-neighbour preprocessing" in result.stdout and "done: nn-exclude-4" in result.stdout
+    run_dir = tmp_path / "runs" / "r"
+    assert {"args.json", "split.json", "summary.json"} <= set(os.listdir(run_dir))
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir))
+    summary = json.load(open(run_dir / "summary.json"))
+    assert summary["args"]["negatives"] == "nn-exclude-4" and summary["steps_per_second"] > 0
+
+
+# ------------------------------------------------------------------------------------------------------ bad inputs
+@pytest.mark.parametrize("argv, code, message", [
+    (["--threshold", "1.5"], 2, "--threshold must be in (0, 1)"),
+    (["--negatives", "random"], 2, "invalid choice"),
+    (["--num-negatives", "0"], 2, "--num-negatives must be >= 1"),
+    (["--epochs", "0"], 2, "--epochs must be >= 1"),
+    (["--lr", "-1"], 2, "--lr must be > 0"),
+    (["--dataset", "imagenet"], 2, "unknown data set"),
+    (["--dataset", "missing.npz"], 1, "missing.npz does not exist"),
+    (["--negatives", "oracle", "--num-negatives", "10"], 1, "at most 9"),
+    (["--negatives", "nn-exclude-4", "--num-negatives", "7"], 1, "at most 6"),
+    (["--num-labeled", "5000"], 1, "exceed the"),
+])
+def test_bad_inputs_one_line_nonzero_nothing_written(argv, code, message, debian_folder, tmp_path, monkeypatch,
+                                                     capsys):
+    monkeypatch.setattr(common, "DEBIAN_FASHION_MNIST", debian_folder[0])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [SCRIPT, "--data-dir", str(tmp_path / "none"), "--no-cuda",
+                                      "--runs-dir", str(tmp_path / "runs"), "--num-labeled", "40", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        fm.main()
+    assert exit_info.value.code == code
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert message in err_lines[-1] and "Traceback" not in "\n".join(err_lines)
+    if code == 1:
+        assert len(err_lines) == 1
+    assert os.listdir(tmp_path) == []  # no run directory, no file
+
+
+def test_bad_input_from_the_command_line_and_existing_run_untouched(tmp_path):
+    result = run_script(SCRIPT, "--threshold", "0", "--runs-dir", tmp_path / "runs", cwd=str(tmp_path))
+    assert result.returncode == 2 and "--threshold must be in (0, 1)" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    (tmp_path / "runs" / "taken" / "summary.json").write_text("{}")
+    result = run_script(SCRIPT, "--dataset", "digits", "--num-labeled", "20", "--run-name", "taken",
+                        "--runs-dir", tmp_path / "runs", "--total-steps", "1", "--no-cuda", cwd=str(tmp_path))
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "already exists" in result.stderr
+    assert os.listdir(tmp_path / "runs" / "taken") == ["summary.json"]
+    assert (tmp_path / "runs" / "taken" / "summary.json").read_text() == "{}"

@@ -1,0 +1,342 @@
+"""NS3L negative-label selection ablation on Fashion-MNIST with a small CNN (NS3L paper, Section 5 / Table 5).
+
+Chen, Shah, Kyrillidis, "Negative Sampling in Semi-Supervised Learning": 2,000 labeled and 58,000 unlabeled
+Fashion-MNIST training images, a small CNN trained for 50 epochs, and the test error at the end of training for
+each way of choosing the negative labels of an unlabeled image (loss: -log(1 - sum of their probabilities)):
+
+  supervised    labeled data only
+  uniform       P classes drawn uniformly (without replacement) from all classes, fresh at every draw
+  nn-exclude    P classes drawn from all classes except the class of the nearest labeled neighbour
+  nn-exclude-4  P classes drawn from all classes except the 4 classes whose labeled examples are nearest
+  nn-furthest   the P classes whose nearest labeled example is furthest (fixed per image)
+  threshold     NS3L: classes whose detached predicted probability is below T (Algorithm 1, section 4.1.2)
+  oracle        P classes drawn uniformly from the wrong classes, using the hidden labels
+
+    python train_fmnist_ablation.py --negatives threshold --threshold 0.03 --seed 1
+    python train_fmnist_ablation.py --negatives oracle --num-negatives 3 --seed 1
+    python benchmark/fmnist_table.py          # every row of Table 5 over 3 seeds
+
+Nearest neighbours are Euclidean in raw pixel space against the labeled set, computed once before training in
+chunks on the device (||u||^2 - 2 u.l + ||l||^2, float32); the time it takes is printed and stored in summary.json.
+
+Choices the paper does not state (the defaults):
+- "Epoch" = one pass over the labeled set: steps per epoch = ceil(num_labeled / batch_size), so 50 epochs are
+  50 * 40 = 2,000 steps at the default 50 labeled + 50 unlabeled images per step. Every row makes the same number of
+  optimiser steps on the same labeled batches; the unlabeled stream is seen 2000 * 50 / 58000 = 1.7 times.
+  (Oliver et al.'s 50 + 50 batches, which the paper's section 4.1 uses; one pass over the 58k unlabeled images per
+  epoch would be 29x the compute and does not fit a CPU.)
+- CNN: conv 5x5/2 (16) - ReLU - conv 3x3/2 (32) - ReLU - linear 128 - ReLU - linear, no BatchNorm (so the NS3L pass
+  needs no frozen-statistics trick) and no dropout; about 0.4 ms per image per training step on one CPU core.
+- Adam, learning rate 1e-3 (PyTorch/Keras default), no weight decay, constant; no data augmentation; inputs scaled
+  to [-1, 1]. --ns3l-weight 1 (lambda_1 = 1, the paper's section 4.1.3 value for NS3L alone), no ramp-up.
+- Labeled images are not in the unlabeled stream (2,000 / 58,000 as in the paper); no validation split by default
+  (the paper's "validation error" is the test error at the end of training); --num-valid N holds one out.
+- No --resume: a run takes one to two minutes on a CPU core.
+"""
+import argparse
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+
+import common
+
+SCRIPT = "train_fmnist_ablation"
+RULES = ("supervised", "uniform", "nn-exclude", "nn-exclude-4", "nn-furthest", "threshold", "oracle")
+NN_EXCLUDED = {"nn-exclude": 1, "nn-exclude-4": 4}  # how many nearest classes each rule rules out
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = parser.add_argument_group("experiment")
+    g.add_argument("--seed", type=int, default=1, help="seed of the run; also picks the labeled subset")
+    g.add_argument("--runs-dir", default="runs", help="where run directories are created")
+    g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__<script>__<seed>__<time>)")
+    g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
+    g.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
+                   help="cudnn.deterministic (bit-reproducible, slower on GPU)")
+    g.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations (default: 10 epochs)")
+    g.add_argument("--log-every", type=int, default=100, help="steps between logged scalars")
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default="fashion_mnist",
+                   help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz (x_train, y_train, x_test, y_test)")
+    g.add_argument("--data-dir", default="data", help="torchvision data root (else Debian's dataset-fashion-mnist)")
+    g.add_argument("--download", action="store_true", help="let torchvision download the data set")
+    g.add_argument("--num-labeled", type=int, default=2000, help="labeled images (paper Table 5: 2,000)")
+    g.add_argument("--num-valid", type=int, default=0, help="validation images held out of train (paper: none)")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=50, help="passes over the labeled set (paper Table 5: 50)")
+    g.add_argument("--total-steps", type=int, default=None, help="overrides --epochs: optimiser steps")
+    g.add_argument("--batch-size", type=int, default=50, help="labeled images per step (Oliver et al.: 50)")
+    g.add_argument("--unlabeled-batch-size", type=int, default=50, help="unlabeled images per step (Oliver et al.: 50)")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (framework default; paper: not given)")
+    g.add_argument("--hidden", type=int, default=128, help="width of the CNN's hidden linear layer")
+    g = parser.add_argument_group("ns3l")
+    g.add_argument("--negatives", choices=RULES, default="threshold", help="how negative labels are chosen (row)")
+    g.add_argument("--num-negatives", type=int, default=1,
+                   help="P: negatives per unlabeled image (uniform, nn-*, oracle; ignored by threshold/supervised)")
+    g.add_argument("--threshold", type=float, default=0.03, help="T for --negatives threshold (Table 5: 0.03, 0.05)")
+    g.add_argument("--ns3l-weight", type=float, default=1.0, help="lambda_1 (paper section 4.1.3: 1)")
+    g.add_argument("--nn-chunk", type=int, default=4096, help="unlabeled images per nearest-neighbour block")
+    args = parser.parse_args(argv)
+
+    if not 0.0 < args.threshold < 1.0:
+        parser.error(f"--threshold must be in (0, 1), got {args.threshold}")
+    for name in ("epochs", "batch_size", "unlabeled_batch_size", "log_every", "num_negatives", "hidden", "nn_chunk"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("total_steps", "eval_every"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.num_valid < 0:
+        parser.error(f"--num-valid must be >= 0, got {args.num_valid}")
+    if not args.lr > 0 or not math.isfinite(args.lr):
+        parser.error(f"--lr must be > 0, got {args.lr}")
+    if not args.ns3l_weight >= 0 or not math.isfinite(args.ns3l_weight):
+        parser.error(f"--ns3l-weight must be >= 0, got {args.ns3l_weight}")
+    try:
+        common.dataset_key(args.dataset)
+    except common.DataError as error:
+        parser.error(str(error))
+    return args
+
+
+def max_negatives(rule, num_classes):
+    """The largest P a rule can draw without repeating a class (the pool it draws from)."""
+    return {"uniform": num_classes, "nn-furthest": num_classes, "oracle": num_classes - 1}.get(
+        rule, num_classes - NN_EXCLUDED.get(rule, 0))
+
+
+class SmallCNN(nn.Module):
+    """Two strided convolutions and two linear layers: about 0.2M parameters, fast on a CPU core."""
+
+    def __init__(self, num_classes, in_channels=1, image_size=28, hidden=128):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 5, stride=2, padding=2), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten())
+        with torch.no_grad():
+            flat = self.features(torch.zeros(1, in_channels, image_size, image_size)).shape[1]
+        self.head = nn.Sequential(nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def ns3l_loss(logits, negatives):
+    """Mean over rows of -log(1 - sum_{k in negatives} p_k) (paper eq. for the NS3L loss / Algorithm 1), stable form
+    log(1 - sum_neg p) = logsumexp(logits of non-negatives) - logsumexp(logits), clamped at 1e-8 like the authors'.
+    A row with no negatives contributes 0; a row whose negatives are every class hits the clamp (18.4)."""
+    logits = logits.float()
+    log_keep = torch.logsumexp(logits.masked_fill(negatives, float("-inf")), dim=1) - torch.logsumexp(logits, dim=1)
+    return -log_keep.clamp_min(math.log(1e-8)).mean()
+
+
+def class_distances(unlabeled, labeled, labeled_y, num_classes, chunk=4096):
+    """(N_u, K): Euclidean distance from each unlabeled row to the nearest labeled row of each class (inf for a class
+    with no labeled row). Inputs are float (N, D) on one device; computed in blocks of ``chunk`` unlabeled rows."""
+    labeled_sq = (labeled * labeled).sum(1)
+    out = []
+    for start in range(0, len(unlabeled), chunk):
+        block = unlabeled[start: start + chunk]
+        squared = (block * block).sum(1, keepdim=True) - 2.0 * block @ labeled.T + labeled_sq  # (B, N_l)
+        per_class = torch.full((len(block), num_classes), float("inf"), device=block.device)
+        per_class.scatter_reduce_(1, labeled_y.expand(len(block), -1), squared, reduce="amin")
+        out.append(per_class.clamp_min(0).sqrt())
+    return torch.cat(out)
+
+
+def draw_from(allowed, num_negatives, generator=None):
+    """Bool (B, K): ``num_negatives`` distinct classes per row drawn uniformly from the True entries of ``allowed``
+    (random keys, disallowed classes pushed below every allowed one, top-P). Needs P <= allowed count per row."""
+    keys = torch.rand(allowed.shape, device=allowed.device, generator=generator).masked_fill(~allowed, -1.0)
+    chosen = keys.topk(num_negatives, dim=1).indices
+    return torch.zeros_like(allowed).scatter_(1, chosen, True)
+
+
+def select_negatives(rule, num_negatives, num_classes, *, logits=None, threshold=None, class_rank=None,
+                     hidden_labels=None, generator=None):
+    """Negative labels (bool (B, K)) of one unlabeled batch under ``rule``.
+    class_rank: (B, K) classes sorted by distance of their nearest labeled example, nearest first (nn-* rules);
+    hidden_labels: the true classes (oracle only); logits: this batch's predictions (threshold only, detached)."""
+    if rule == "threshold":
+        return torch.softmax(logits.detach().float(), dim=1) < threshold
+    batch = len(class_rank) if class_rank is not None else len(hidden_labels) if hidden_labels is not None \
+        else len(logits)
+    device = (class_rank if class_rank is not None else hidden_labels if hidden_labels is not None else logits).device
+    allowed = torch.ones(batch, num_classes, dtype=torch.bool, device=device)
+    if rule == "uniform":
+        pass
+    elif rule == "oracle":
+        allowed.scatter_(1, hidden_labels[:, None], False)
+    elif rule in NN_EXCLUDED:
+        allowed.scatter_(1, class_rank[:, : NN_EXCLUDED[rule]], False)
+    elif rule == "nn-furthest":
+        return torch.zeros_like(allowed).scatter_(1, class_rank[:, num_classes - num_negatives:], True)
+    else:
+        raise ValueError(f"no negatives for rule {rule!r}")
+    return draw_from(allowed, num_negatives, generator)
+
+
+def main():
+    args = parse_args()
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    common.seed_everything(args.seed, args.torch_deterministic)
+
+    # Data: every failure here is one line and happens before anything is written.
+    try:
+        data = common.load_dataset(args.dataset, args.data_dir, args.download, device)
+        split = common.make_ssl_split(data.y_train, data.num_classes, args.num_labeled, args.num_valid, args.seed,
+                                      data.num_labelable, include_labeled=False)
+    except common.DataError as error:
+        common.fail(str(error))
+    if args.negatives not in ("supervised", "threshold") and \
+            args.num_negatives > max_negatives(args.negatives, data.num_classes):
+        common.fail(f"--num-negatives {args.num_negatives} is too many for --negatives {args.negatives} with "
+                    f"{data.num_classes} classes (at most {max_negatives(args.negatives, data.num_classes)})")
+    if args.negatives != "supervised" and (len(split.unlabeled) == 0 or (data.y_train[split.unlabeled] < 0).any()):
+        common.fail("the unlabeled images need hidden labels (oracle rule, wrong-negative diagnostics)")
+    steps_per_epoch = math.ceil(args.num_labeled / args.batch_size)
+    args.total_steps = args.total_steps or args.epochs * steps_per_epoch
+    args.eval_every = args.eval_every or 10 * steps_per_epoch
+    normalize = common.Normalizer("scale")  # x / 127.5 - 1
+
+    run_name = args.run_name or f"{os.path.basename(args.dataset)}__{SCRIPT}__{args.seed}__{int(time.time())}"
+    run_dir = common.create_run_dir(args.runs_dir, run_name)
+    common.write_json(os.path.join(run_dir, "args.json"), vars(args))
+    split.save(os.path.join(run_dir, "split.json"))
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", common.hparams_table(args))
+
+    # NEGATIVE PREPROCESSING: pixel-space nearest labeled example of every class, once, for the nn-* rules.
+    unlabeled_idx = split.unlabeled.to(device)
+    rank_of = None  # row in the unlabeled set -> classes by distance, nearest first
+    nn_seconds, nn_stats = None, {}
+    if args.negatives.startswith("nn-"):
+        tick = time.perf_counter()
+        labeled_idx = split.labeled.to(device)
+        flat_l = data.x_train[labeled_idx].flatten(1).float()
+        distances = class_distances(data.x_train[unlabeled_idx].flatten(1).float(), flat_l,
+                                    data.y_train[labeled_idx], data.num_classes, args.nn_chunk)
+        rank_of = distances.argsort(dim=1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        nn_seconds = time.perf_counter() - tick
+        hidden = data.y_train[unlabeled_idx]
+        nearest = rank_of[:, :4]
+        nn_stats = {"nn_1nn_accuracy": 100.0 * (nearest[:, 0] == hidden).float().mean().item(),
+                    "nn_true_in_4_nearest": 100.0 * (nearest == hidden[:, None]).any(1).float().mean().item(),
+                    "nn_true_is_furthest": 100.0 * (rank_of[:, -1] == hidden).float().mean().item()}
+        print(f"nearest-neighbour preprocessing: {len(unlabeled_idx)} x {len(labeled_idx)} distances in "
+              f"{nn_seconds:.2f} s; 1-NN accuracy {nn_stats['nn_1nn_accuracy']:.2f}%, true class among the 4 "
+              f"nearest {nn_stats['nn_true_in_4_nearest']:.2f}%, true class furthest {nn_stats['nn_true_is_furthest']:.2f}%",
+              flush=True)
+        writer.add_scalar("charts/nn_preprocess_seconds", nn_seconds, 0)
+    position = torch.full((len(data.x_train),), -1, dtype=torch.long, device=device)
+    position[unlabeled_idx] = torch.arange(len(unlabeled_idx), device=device)  # x_train index -> unlabeled row
+
+    model = SmallCNN(data.num_classes, data.channels, data.image_size, args.hidden).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)  # constant LR, no weight decay
+    labeled_batches = common.BatchSampler(split.labeled.to(device), args.batch_size)
+    unlabeled_batches = common.BatchSampler(unlabeled_idx, args.unlabeled_batch_size)
+    uses_unlabeled = args.negatives != "supervised"
+
+    sums = {}  # running sums of logged scalars, kept on the device
+    def accumulate(name, value):
+        sums[name] = sums.get(name, 0.0) + value.detach().float()
+    totals = {"negatives": torch.zeros((), device=device), "wrong": torch.zeros((), device=device),
+              "rows": torch.zeros((), device=device), "rows_hit": torch.zeros((), device=device)}
+
+    valid_error, test_error, best_valid, test_at_best = None, float("nan"), None, None
+    train_time, tick, last_log_step = 0.0, time.perf_counter(), 0
+    model.train()
+    for step in range(args.total_steps):
+        # ALGO LOGIC: one forward pass over [labeled; unlabeled], cross-entropy + lambda_1 * NS3L
+        labeled = next(labeled_batches)
+        x, y = normalize(data.x_train[labeled]), data.y_train[labeled]
+        if uses_unlabeled:
+            unlabeled = next(unlabeled_batches)
+            x = torch.cat([x, normalize(data.x_train[unlabeled])])
+        logits = model(x)
+        logits_l, logits_u = logits[: len(y)], logits[len(y):]
+        loss_sup = F.cross_entropy(logits_l, y)
+        loss = loss_sup
+        accumulate("losses/supervised", loss_sup)
+        if uses_unlabeled:
+            hidden = data.y_train[unlabeled]  # hidden labels: the oracle rule and diagnostics only
+            negatives = select_negatives(
+                args.negatives, args.num_negatives, data.num_classes, logits=logits_u, threshold=args.threshold,
+                class_rank=rank_of[position[unlabeled]] if rank_of is not None else None, hidden_labels=hidden)
+            loss_ns3l = ns3l_loss(logits_u, negatives)
+            loss = loss + args.ns3l_weight * loss_ns3l
+            hit = negatives.gather(1, hidden[:, None]).squeeze(1)  # the true class was chosen as a negative
+            totals["negatives"] += negatives.sum()
+            totals["wrong"] += hit.sum()
+            totals["rows"] += len(hit)
+            totals["rows_hit"] += hit.sum()
+            accumulate("losses/ns3l", loss_ns3l)
+            accumulate("charts/negatives_per_sample", negatives.sum(1).float().mean())
+            accumulate("charts/wrong_negative_share", hit.sum() / negatives.sum().clamp_min(1))
+        accumulate("losses/total", loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        done = step + 1
+        # LOGGING: means since the last log; SPS over training time only
+        if done % args.log_every == 0 or done == args.total_steps:
+            now = time.perf_counter()
+            train_time += now - tick
+            sps = (done - last_log_step) / max(now - tick, 1e-9)
+            for name, total in sums.items():
+                writer.add_scalar(name, total.item() / (done - last_log_step), done)
+            writer.add_scalar("charts/learning_rate", args.lr, done)
+            writer.add_scalar("charts/SPS", sps, done)
+            eta = (args.total_steps - done) / max(sps, 1e-9)
+            print(f"step {done}/{args.total_steps} (epoch {done / steps_per_epoch:.1f}) loss "
+                  f"{sums['losses/total'].item() / (done - last_log_step):.4f} SPS {sps:.1f} ETA {eta / 60:.1f} min",
+                  flush=True)
+            sums, last_log_step, tick = {}, done, time.perf_counter()
+        # EVAL: test error (and validation error when a validation split exists)
+        if done % args.eval_every == 0 or done == args.total_steps:
+            train_time += time.perf_counter() - tick
+            test_error = common.error_rate(model, data.x_test, data.y_test, normalize)
+            writer.add_scalar("eval/test_error", test_error, done)
+            message = f"eval step {done}: test error {test_error:.2f}%"
+            if len(split.valid):
+                valid_idx = split.valid.to(device)
+                valid_error = common.error_rate(model, data.x_train[valid_idx], data.y_train[valid_idx], normalize)
+                if best_valid is None or valid_error < best_valid:
+                    best_valid, test_at_best = valid_error, test_error
+                writer.add_scalar("eval/valid_error", valid_error, done)
+                message += f", valid error {valid_error:.2f}%"
+            print(message, flush=True)
+            tick = time.perf_counter()
+
+    wrong_share = (100.0 * totals["wrong"] / totals["negatives"]).item() if totals["negatives"] > 0 else None
+    summary = {"steps": args.total_steps, "epochs": args.total_steps / steps_per_epoch,
+               "steps_per_second": args.total_steps / train_time if train_time else None,
+               "train_seconds": train_time, "final_test_error": test_error, "final_valid_error": valid_error,
+               "best_valid_error": best_valid, "test_error_at_best_valid": test_at_best,
+               "negatives": args.negatives,
+               "wrong_negative_share": wrong_share,  # % of chosen negative labels that were the true class
+               "rows_with_wrong_negative": (100.0 * totals["rows_hit"] / totals["rows"]).item()
+               if totals["rows"] > 0 else None,  # % of unlabeled images whose negatives contained the true class
+               "negatives_per_sample": (totals["negatives"] / totals["rows"]).item() if totals["rows"] > 0 else None,
+               "nn_preprocess_seconds": nn_seconds, **nn_stats, "args": vars(args)}
+    common.write_json(os.path.join(run_dir, "summary.json"), summary)
+    writer.add_hparams({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
+                       {"hparam/final_test_error": test_error}, run_name=".")
+    writer.close()
+    share = f"{wrong_share:.2f}%" if wrong_share is not None else "n/a"
+    print(f"done: {args.negatives} {args.total_steps} steps, final test error {test_error:.2f}%, wrong negatives "
+          f"{share}, {summary['steps_per_second'] or 0:.1f} steps/s -> {run_dir}")
+
+
+if __name__ == "__main__":
+    main()
