@@ -62,8 +62,15 @@ PROTOCOL_B = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line on stderr and exit 2 (argparse would print the whole usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = OneLineParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = parser.add_argument_group("experiment")
     g.add_argument("--seed", type=int, default=1, help="seed of the run; also picks the labeled subset")
@@ -302,7 +309,8 @@ def main():
         split.save(os.path.join(run_dir, "split.json"))
     else:
         run_dir = args.resume
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["step"] if checkpoint else None)
+    # Events after the checkpoint (a crashed leg) are purged; those at its step were written before it was saved.
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["step"] + 1 if checkpoint else None)
     writer.add_text("hyperparameters", common.hparams_table(args))
 
     model = make_model(data.num_classes, args, data.channels).to(device, memory_format=memory_format)
