@@ -1,0 +1,65 @@
+"""Shared command line of the benchmark/paper/*.py scripts: print (default), run or tabulate one paper table.
+
+    python benchmark/paper/<table>.py                       # the exact GPU commands + the paper's numbers
+    python benchmark/paper/<table>.py --run --workers 1     # run them (5 seeds unless --seeds)
+    python benchmark/paper/<table>.py --report              # Markdown table of finished runs beside the paper
+    python benchmark/paper/<table>.py --run -- --data-dir /data   # extra flags go to every training command
+
+Each script defines SETTINGS = {setting: [run.Config(name, argv, paper=(mean, std))]} and SEEDS; runs go to
+runs/paper/<script>/<setting>/<config>__seed<S>, so report.py groups them like any other sweep.
+"""
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import report  # noqa: E402
+import run  # noqa: E402
+
+Config = run.Config
+
+
+def paper_table(settings):
+    """Markdown: setting | configuration | paper test error (%)."""
+    lines = ["| setting | configuration | paper (%) |", "|---|---|---|"]
+    for setting, configs in settings.items():
+        for c in configs:
+            lines.append(f"| {setting} | {c.name} | {report.fmt(*c.paper) if c.paper else 'n/a'}"
+                         f"{' (' + c.note + ')' if c.note else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(name, title, settings, seeds, argv=None, metric="test_error_at_best_valid"):
+    parser = argparse.ArgumentParser(description=title, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--setting", nargs="+", choices=list(settings), default=list(settings))
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    parser.add_argument("--only", nargs="+", default=None, help="configuration names to keep")
+    parser.add_argument("--runs-dir", default=os.path.join("runs", "paper", name))
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS (CPU only; GPUs ignore it)")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--run", action="store_true", help="run the commands (default: only print them)")
+    action.add_argument("--report", action="store_true", help="tabulate finished runs beside the paper")
+    parser.add_argument("extra", nargs="*", help="flags appended to every training command (after --)")
+    args = parser.parse_args(argv)
+    print(f"# {title}")
+    failed = 0
+    for setting in args.setting:
+        configs = [Config(c.name, c.argv + args.extra, c.paper, c.note) for c in settings[setting]
+                   if not args.only or c.name in args.only]
+        runs_dir = os.path.join(args.runs_dir, setting)
+        print(f"\n## {setting}  (runs: {runs_dir}, seeds {' '.join(map(str, args.seeds))})")
+        if args.report:
+            groups = report.collect(runs_dir) if os.path.isdir(runs_dir) else {}
+            paper = {c.name: c.paper for c in configs if c.paper}
+            for c in configs:
+                groups.setdefault(c.name, {"runs": [], "unfinished": []})
+            print(report.table(groups, metric, paper=paper, order=[c.name for c in configs]), end="")
+            continue
+        failed += run.run_all(configs, args.seeds, runs_dir, args.workers, args.threads, dry_run=not args.run)
+    if not args.run and not args.report:
+        print("\n## the paper's numbers (test error %, mean ± std over 5 splits)\n")
+        print(paper_table({s: settings[s] for s in args.setting}), end="")
+    return 1 if failed else 0

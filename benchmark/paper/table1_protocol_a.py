@@ -1,0 +1,36 @@
+"""NS3L paper (ICML) Table 1: Supervised, Pseudo-Label, NS3L, VAT, VAT + EntMin, Pi, Pi + NS3L, VAT + NS3L on
+CIFAR-10 (4,000 labels), SVHN (1,000) and CIFAR-100 (10,000); Protocol A (Oliver et al.), WRN-28-2, 200k steps,
+ramp-up 50k, LR x0.2 at 130k, 5 seeds = 5 labeled splits, test error at the best validation error.
+
+Every hyperparameter is the scripts' default, which is the paper's (section 4.4): NS3L T = 0.04 (0.004 on
+CIFAR-100), lambda1 = 1, LR 6e-4; VAT + NS3L LR 6e-4, lambda1 = lambda2 = 0.3 (CIFAR-100: LR 3e-3, lambda2 = 0.6);
+Pi + NS3L as NS3L. One GPU run of WRN-28-2 for 200k steps takes a few hours (VAT about twice NS3L).
+
+    python benchmark/paper/table1_protocol_a.py                  # print the 120 commands and the paper's numbers
+    python benchmark/paper/table1_protocol_a.py --run --setting cifar10 -- --data-dir data --download
+    python benchmark/paper/table1_protocol_a.py --report
+"""
+import sys
+
+from _paper import Config, main
+
+SEEDS = [1, 2, 3, 4, 5]
+ROWS = [  # (name, argv after the dataset flags, {setting: (paper mean, std)})
+    ("supervised", ["train_supervised.py"], {"cifar10": (20.76, .28), "svhn": (12.39, .53), "cifar100": (48.26, .25)}),
+    ("pseudo-label", ["train_supervised.py", "--pseudo-label"],
+     {"cifar10": (17.56, .29), "svhn": (7.70, .22), "cifar100": (46.91, .31)}),
+    ("ns3l", ["train_supervised.py", "--ns3l"], {"cifar10": (16.03, .05), "svhn": (6.52, .22), "cifar100": (46.34, .37)}),
+    ("vat", ["train_vat.py"], {"cifar10": (14.72, .23), "svhn": (6.20, .11), "cifar100": (44.38, .56)}),
+    ("vat+entmin", ["train_vat.py", "--entmin"], {"cifar10": (14.34, .18), "svhn": (6.10, .02), "cifar100": (43.92, .44)}),
+    ("pi", ["train_pi.py"], {"cifar10": (17.12, .19), "svhn": (8.48, .15), "cifar100": (47.87, .34)}),
+    ("pi+ns3l", ["train_pi.py", "--ns3l"], {"cifar10": (16.06, .21), "svhn": (7.98, .18), "cifar100": (46.98, .41)}),
+    ("vat+ns3l", ["train_vat.py", "--ns3l"], {"cifar10": (13.94, .10), "svhn": (5.51, .14), "cifar100": (43.70, .19)}),
+]
+DATA = {"cifar10": ["--dataset", "cifar10", "--num-labeled", "4000"],
+        "svhn": ["--dataset", "svhn", "--num-labeled", "1000"],
+        "cifar100": ["--dataset", "cifar100", "--num-labeled", "10000"]}
+SETTINGS = {setting: [Config(name, argv[:1] + data + argv[1:], paper[setting]) for name, argv, paper in ROWS]
+            for setting, data in DATA.items()}
+
+if __name__ == "__main__":
+    sys.exit(main("table1", "NS3L paper Table 1 (Protocol A, WRN-28-2)", SETTINGS, SEEDS))

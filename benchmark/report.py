@@ -1,0 +1,217 @@
+"""Gather summary.json files into a Markdown table of mean +- std per configuration (the paper's figure beside it
+where one exists), and draw learning curves from the TensorBoard logs to a PNG.
+
+    python benchmark/report.py runs/fmnist_cpu --suite fmnist_cpu --output docs/fmnist_cpu_table.md \
+        --curves docs/fmnist_cpu_curves.png
+    python benchmark/report.py runs/sweep --paper ns3l=16.42,0.08 --metric final_test_error
+
+A run directory named ``<config>__seed<S>`` (what benchmark/run.py makes) belongs to configuration ``<config>``;
+any other run directory is its own configuration. Only runs with a summary.json count (unfinished runs are listed
+as such). The std is the sample standard deviation over seeds (n - 1), as papers report it; one seed shows "-".
+"""
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+METRICS = ("test_error_at_best_valid", "final_test_error", "best_valid_error", "final_valid_error")
+SEED_SUFFIX = re.compile(r"^(?P<config>.+)__seed(?P<seed>-?\d+)$")
+
+
+def config_of(run_dir_name):
+    match = SEED_SUFFIX.match(run_dir_name)
+    return match.group("config") if match else run_dir_name
+
+
+def collect(runs_dir):
+    """{config: {"runs": [summary dicts with a 'run' key], "unfinished": [names]}} in first-seen order."""
+    groups = {}
+    if not os.path.isdir(runs_dir):
+        raise FileNotFoundError(f"{runs_dir} is not a directory")
+    for name in sorted(os.listdir(runs_dir)):
+        path = os.path.join(runs_dir, name)
+        if not os.path.isdir(path):
+            continue
+        group = groups.setdefault(config_of(name), {"runs": [], "unfinished": []})
+        summary_path = os.path.join(path, "summary.json")
+        if os.path.exists(summary_path):
+            with open(summary_path) as f:
+                summary = json.load(f)
+            summary["run"] = name
+            group["runs"].append(summary)
+        else:
+            group["unfinished"].append(name)
+    return groups
+
+
+def mean_std(values):
+    """(mean, sample std or None for one value); non-finite values are dropped."""
+    values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def fmt(mean, std, digits=2):
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
+
+
+def table(groups, metric="test_error_at_best_valid", paper=None, order=None, labels=None):
+    """Markdown table: configuration | seeds | metric mean ± std | paper | steps/s | steps.
+    ``paper``: {config: (mean, std or None)}; ``order``: configuration names first in this order."""
+    paper, labels = paper or {}, labels or {}
+    names = [n for n in (order or []) if n in groups] + [n for n in groups if n not in (order or [])]
+    show_paper = any(n in paper for n in names)
+    header = ["configuration", "seeds", f"{metric} (%)"] + (["paper (%)"] if show_paper else []) + ["steps/s", "steps"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in names:
+        runs = groups[name]["runs"]
+        mean, std = mean_std([r.get(metric) for r in runs])
+        sps, _ = mean_std([r.get("steps_per_second") for r in runs])
+        steps = sorted({r.get("steps") for r in runs if r.get("steps") is not None})
+        seeds = str(len(runs)) + (f" (+{len(groups[name]['unfinished'])} unfinished)" if groups[name]["unfinished"] else "")
+        row = [labels.get(name, name), seeds, fmt(mean, std)]
+        if show_paper:
+            row.append(fmt(*paper[name]) if name in paper else "")
+        row += ["-" if sps is None else f"{sps:.2f}", "/".join(map(str, steps)) or "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def read_curve(run_dir, tag):
+    """[(step, value)] of one scalar tag from the event files of a run directory."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    points = {}
+    for name in sorted(os.listdir(run_dir)):
+        if name.startswith("events.out.tfevents"):
+            acc = EventAccumulator(os.path.join(run_dir, name), size_guidance={"scalars": 0})
+            acc.Reload()
+            if tag in acc.Tags().get("scalars", []):
+                for event in acc.Scalars(tag):
+                    points[event.step] = event.value  # a resumed run's later file wins
+    return sorted(points.items())
+
+
+def curve_means(runs_dir, groups, tag):
+    """{config: ([steps], [mean over seeds], n)} of ``tag`` at the steps every seed of the config logged."""
+    means = {}
+    for name, group in groups.items():
+        curves = [dict(read_curve(os.path.join(runs_dir, r["run"]), tag)) for r in group["runs"]]
+        curves = [c for c in curves if c]
+        if curves:
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            means[name] = (steps, [statistics.fmean(c[s] for c in curves) for s in steps], len(curves))
+    return means
+
+
+def plot_curves(runs_dir, groups, path, tag="eval/test_error", labels=None):
+    """One line per configuration: the mean over its seeds of ``tag``. matplotlib when installed (requirements.txt),
+    else a plain Pillow drawing, so a missing plotting library never loses the figure."""
+    labels, means = labels or {}, curve_means(runs_dir, groups, tag)
+    try:
+        import matplotlib
+    except ImportError:
+        return _plot_pillow(means, path, tag, labels)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (steps, values, n) in means.items():
+        ax.plot(steps, values, marker="o", markersize=3, label=f"{labels.get(name, name)} (n={n})")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(tag + " (%)" if "error" in tag else tag)
+    ax.grid(alpha=0.3)
+    if means:
+        ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return len(means)
+
+
+def _plot_pillow(means, path, tag, labels, size=(840, 540), margin=60):
+    from PIL import Image, ImageDraw
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    points = [(s, v) for steps, values, _ in means.values() for s, v in zip(steps, values)]
+    x0, x1 = (min(p[0] for p in points), max(p[0] for p in points)) if points else (0, 1)
+    y0, y1 = (min(p[1] for p in points), max(p[1] for p in points)) if points else (0, 1)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    width, height = size[0] - 2 * margin, size[1] - 2 * margin
+
+    def xy(step, value):
+        return margin + width * (step - x0) / (x1 - x0), size[1] - margin - height * (value - y0) / (y1 - y0)
+    draw.rectangle([margin, margin, size[0] - margin, size[1] - margin], outline="black")
+    draw.text((margin, size[1] - margin + 8), f"step {x0:g}", fill="black")
+    draw.text((size[0] - margin - 80, size[1] - margin + 8), f"step {x1:g}", fill="black")
+    draw.text((4, margin), f"{y1:.2f}", fill="black")
+    draw.text((4, size[1] - margin - 10), f"{y0:.2f}", fill="black")
+    draw.text((margin, 20), tag + " (mean over seeds)", fill="black")
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+               "#17becf"]
+    for i, (name, (steps, values, n)) in enumerate(means.items()):
+        colour = colours[i % len(colours)]
+        line = [xy(s, v) for s, v in zip(steps, values)]
+        if len(line) > 1:
+            draw.line(line, fill=colour, width=2)
+        for px, py in line:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+        draw.text((size[0] - margin - 200, margin + 8 + 14 * i), f"{labels.get(name, name)} (n={n})", fill=colour)
+    image.save(path)
+    return len(means)
+
+
+def parse_paper(items):
+    """['ns3l=16.42,0.08', 'vat=13.86'] -> {'ns3l': (16.42, 0.08), 'vat': (13.86, None)}."""
+    paper = {}
+    for item in items or []:
+        name, _, numbers = item.partition("=")
+        values = [float(v) for v in numbers.split(",") if v]
+        if not name or not 1 <= len(values) <= 2:
+            raise ValueError(f"--paper {item!r}: expected NAME=MEAN[,STD]")
+        paper[name] = (values[0], values[1] if len(values) == 2 else None)
+    return paper
+
+
+def main(argv=None, paper=None, order=None, labels=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("runs_dir", help="directory holding the run directories")
+    parser.add_argument("--metric", default="test_error_at_best_valid", choices=METRICS)
+    parser.add_argument("--paper", nargs="+", default=None, metavar="NAME=MEAN[,STD]",
+                        help="the paper's figure for a configuration")
+    parser.add_argument("--suite", default=None, help="order the rows like this benchmark/run.py suite")
+    parser.add_argument("--output", default=None, help="also write the Markdown table here")
+    parser.add_argument("--curves", default=None, help="PNG of learning curves (mean over seeds)")
+    parser.add_argument("--tag", default="eval/test_error", help="TensorBoard scalar for --curves")
+    args = parser.parse_args(argv)
+    try:
+        groups = collect(args.runs_dir)
+        paper = {**(paper or {}), **parse_paper(args.paper)}
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+    if args.suite:
+        import run
+        if args.suite not in run.SUITES:
+            parser.error(f"unknown suite {args.suite!r}: choose from {', '.join(run.SUITES)}")
+        order = [c.name for c in run.SUITES[args.suite]()]
+    text = table(groups, args.metric, paper, order, labels)
+    print(text, end="")
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            f.write(text)
+    if args.curves:
+        plot_curves(args.runs_dir, groups, args.curves, args.tag, labels)
+        print(f"curves -> {args.curves}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Run training commands over configurations x seeds, sequentially or with N workers, one log file per run.
+
+    python benchmark/run.py --suite fmnist_cpu --seeds 1 2 3 --workers 1 --runs-dir runs/fmnist_cpu
+    python benchmark/run.py --suite fmnist_cpu --dry-run                 # print the exact commands only
+    python benchmark/run.py --config sup "python train_supervised.py --dataset digits" \
+                            --config ns3l "python train_supervised.py --dataset digits --ns3l" --seeds 1 2
+
+Every run gets ``--seed S --runs-dir RUNS_DIR --run-name <config>__seed<S>`` appended, so
+``benchmark/report.py RUNS_DIR`` can group the summary.json files by configuration. A run whose summary.json
+exists is skipped (an interrupted sweep resumes where it stopped); a run that died after a checkpoint is continued
+with ``--resume``; one that died before any checkpoint is started again. Each run's output goes to
+RUNS_DIR/<config>__seed<S>.log. The benchmark/paper/*.py scripts build their configurations with ``Config`` and call
+``main`` here.
+"""
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Config:
+    name: str  # row label and run-name stem: no spaces, no '__'
+    argv: list  # the command, e.g. ["train_vat.py", "--dataset", "cifar10"]; a leading *.py runs with this python
+    paper: tuple = None  # (mean, std) of the paper's test error for this row, or None
+    note: str = ""
+
+
+# The CPU-scale comparison of issue 9: Fashion-MNIST, 1,000 labels, WRN-10-1, a fixed step budget, 3 seeds.
+# Short-run flags: BN momentum 0.1 (TF decay 0.999 = momentum 0.001 never settles in a few hundred steps; 0.01 still
+# leaves the running statistics half at their initial values after 60 steps), ramp-up and LR decay scaled to the
+# budget (ramp 40 %, decay at 65 % of the steps: the paper's 50k / 130k of 200k), 1,000 validation images (model
+# selection only; all 10,000 test images are used), one evaluation at the end (evaluation costs as much as ~100
+# training steps here). The budget is what fitted a 2-core machine shared with a load average of ~13.
+FMNIST_CPU_STEPS = 120
+
+
+def fmnist_cpu_suite(steps=FMNIST_CPU_STEPS, evals=1):
+    base = ["--dataset", "fashion_mnist", "--num-labeled", "1000", "--num-valid", "1000", "--depth", "10",
+            "--width", "1", "--bn-momentum", "0.1", "--total-steps", str(steps), "--eval-every",
+            str(max(1, steps // evals)), "--log-every", str(max(1, steps // 20)), "--no-cuda"]
+    protocol_a = base + ["--rampup-steps", str(int(0.4 * steps)), "--lr-decay-step", str(int(0.65 * steps))]
+    mixmatch = base + ["--rampup-steps", str(int(0.4 * steps))]
+    return [
+        Config("supervised", ["train_supervised.py"] + protocol_a),
+        Config("pseudo-label", ["train_supervised.py", "--pseudo-label"] + protocol_a),
+        Config("ns3l", ["train_supervised.py", "--ns3l"] + protocol_a),
+        Config("vat", ["train_vat.py"] + protocol_a),
+        Config("vat+entmin", ["train_vat.py", "--entmin"] + protocol_a),
+        Config("vat+ns3l", ["train_vat.py", "--ns3l"] + protocol_a),
+        Config("pi", ["train_pi.py"] + protocol_a),
+        Config("pi+ns3l", ["train_pi.py", "--ns3l"] + protocol_a),
+        Config("mixmatch", ["train_mixmatch.py"] + mixmatch),
+        Config("mixmatch+ns3l", ["train_mixmatch.py", "--ns3l"] + mixmatch),
+    ]
+
+
+SUITES = {"fmnist_cpu": fmnist_cpu_suite}
+
+
+def run_name(config, seed):
+    return f"{config.name}__seed{seed}"
+
+
+def build_command(config, seed, runs_dir, python=sys.executable):
+    """The exact argv of one run (relative script paths resolve against the repository root)."""
+    argv = list(config.argv)
+    if argv and argv[0] in ("python", "python3"):
+        argv = argv[1:] if len(argv) > 1 and argv[1].endswith(".py") else [python] + argv[1:]
+    if argv and argv[0].endswith(".py"):
+        script = argv[0] if os.path.isabs(argv[0]) else os.path.join(ROOT, argv[0])
+        argv = [python, script] + argv[1:]
+    return argv + ["--seed", str(seed), "--runs-dir", runs_dir, "--run-name", run_name(config, seed)]
+
+
+def plan(configs, seeds, runs_dir, python=sys.executable):
+    """[(config, seed, argv, state)] with state 'done' (summary.json exists), 'resume' or 'new'; seed-major order,
+    so a sweep cut short still has every configuration on its first seeds."""
+    jobs = []
+    for seed in seeds:
+        for config in configs:
+            run_dir = os.path.join(runs_dir, run_name(config, seed))
+            argv = build_command(config, seed, runs_dir, python)
+            if os.path.exists(os.path.join(run_dir, "summary.json")):
+                state = "done"
+            elif os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+                state, argv = "resume", argv[:2] + ["--resume", run_dir]
+            else:
+                state = "new"
+            jobs.append((config, seed, argv, state))
+    return jobs
+
+
+def display(argv):
+    """A command as a user would type it from the repository root."""
+    shown = [os.path.relpath(a, ROOT) if a.endswith(".py") and os.path.isabs(a) else a for a in argv]
+    if shown and shown[0] == sys.executable:
+        shown[0] = "python"
+    return shlex.join(shown)
+
+
+def execute(job, runs_dir, threads):
+    config, seed, argv, state = job
+    run_dir = os.path.join(runs_dir, run_name(config, seed))
+    if state == "new" and os.path.exists(run_dir):  # died before its first checkpoint: nothing worth keeping
+        shutil.rmtree(run_dir)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONHASHSEED="0")
+    start = time.time()
+    with open(run_dir + ".log", "a") as log:
+        log.write(f"$ {display(argv)}\n")
+        log.flush()
+        code = subprocess.call(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    print(f"[{time.strftime('%H:%M:%S')}] {run_name(config, seed)}: exit {code} after {time.time() - start:.0f} s",
+          flush=True)
+    return code
+
+
+def parse_args(argv=None, suites=SUITES):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--suite", choices=sorted(suites), help="a built-in set of configurations")
+    parser.add_argument("--config", nargs=2, action="append", metavar=("NAME", "COMMAND"), default=[],
+                        help="a configuration: its name and its command (quoted), repeatable")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these configuration names")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--workers", type=int, default=1, help="runs in parallel")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="OMP_NUM_THREADS of each run (2 threads per run on a 2-core machine loaded by others ran "
+                             "~10x slower than 1: OpenMP barriers wait on descheduled threads)")
+    parser.add_argument("--runs-dir", default="runs/benchmark")
+    parser.add_argument("--steps", type=int, default=None, help="step budget of the suite (suites that take one)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = parser.parse_args(argv)
+    if not args.suite and not args.config:
+        parser.error("give --suite or at least one --config NAME COMMAND")
+    if args.workers < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--workers and --threads must be >= 1")
+    for name, _ in args.config:
+        if not name or "__" in name or "/" in name or " " in name:
+            parser.error(f"configuration name {name!r} must be non-empty without spaces, '/' or '__'")
+    return args
+
+
+def configs_from_args(args, suites=SUITES):
+    configs = []
+    if args.suite:
+        configs += suites[args.suite](args.steps) if args.steps else suites[args.suite]()
+    for name, command in args.config:
+        configs.append(Config(name, shlex.split(command)))
+    if args.only:
+        unknown = set(args.only) - {c.name for c in configs}
+        if unknown:
+            sys.exit(f"run.py: error: unknown configuration(s) {', '.join(sorted(unknown))}")
+        configs = [c for c in configs if c.name in args.only]
+    return configs
+
+
+def run_all(configs, seeds, runs_dir, workers=1, threads=1, dry_run=False):
+    """Run (or with dry_run, print) every configuration x seed; returns the number of failed runs."""
+    jobs = plan(configs, seeds, runs_dir)
+    for config, seed, argv, state in jobs:
+        prefix = "# done: " if state == "done" else ""
+        print(prefix + display(argv), flush=True)
+    if dry_run:
+        return 0
+    os.makedirs(runs_dir, exist_ok=True)
+    todo = [job for job in jobs if job[3] != "done"]
+    with ThreadPoolExecutor(workers) as pool:
+        codes = list(pool.map(lambda job: execute(job, runs_dir, threads), todo))
+    failed = sum(code != 0 for code in codes)
+    print(f"{len(todo) - failed} of {len(todo)} runs finished, {failed} failed -> {runs_dir}", flush=True)
+    return failed
+
+
+def main(argv=None, suites=SUITES):
+    args = parse_args(argv, suites)
+    configs = configs_from_args(args, suites)
+    return 1 if run_all(configs, args.seeds, args.runs_dir, args.workers, args.threads, args.dry_run) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Training speed as ratios measured side by side: NS3L overhead per method, NS3L alone vs VAT, and the share of a
+training step spent producing the batch.
+
+    python benchmark/speed.py                      # everything, 2 rounds (~20 min on a loaded 2-core CPU)
+    python benchmark/speed.py --rounds 3 --steps 60 --depth 10 --width 2
+    python benchmark/speed.py --only batch         # just the in-process batch-production share
+    python benchmark/speed.py --dry-run            # print the commands
+
+Method. Every command of a group runs on the same synthetic 32x32x3 data set (an .npz written once, so every
+script sees identical images) and the same WRN, one process at a time with OMP_NUM_THREADS=--threads, and the
+commands of a group are alternated (A, B, C, A, B, C, ...) so that load drift on a shared machine hits all of them
+alike. Each run's ``steps_per_second`` comes from its summary.json (training steps only; evaluation, start-up and
+data loading excluded). A ratio is computed within each round and the median over rounds is reported, with the
+range. Overhead of X over Y = time per step of X / time per step of Y - 1 = sps(Y) / sps(X) - 1.
+
+The batch-production share is measured in this process: ``common``'s gather (BatchSampler + index into the uint8
+images) -> normalise -> augment of a 50 labeled + 50 unlabeled batch, against a full NS3L training step of the
+same WRN on the same batch (batch production included), alternated ``--batch-repeats`` times; share = median batch
+time / median step time.
+
+Targets (issue 9): NS3L overhead <= 3 %, NS3L alone >= 2x the steps/s of VAT, batch production < 5 % of a step.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGETS = {"ns3l_overhead": 0.03, "ns3l_vs_vat": 2.0, "batch_share": 0.05}
+
+
+# ------------------------------------------------------------------------------------------------- ratio arithmetic
+def overhead(sps_base, sps_with):
+    """Extra time per step of the 'with' run over the base run: sps_base / sps_with - 1 (0.03 = 3 % slower)."""
+    return sps_base / sps_with - 1.0
+
+
+def speedup(sps_fast, sps_slow):
+    """How many times more steps per second the first run makes."""
+    return sps_fast / sps_slow
+
+
+def paired(rounds, a, b, fn):
+    """Apply fn(sps[a], sps[b]) within each round (a dict name -> sps) that has both; return the per-round values."""
+    return [fn(r[a], r[b]) for r in rounds if r.get(a) and r.get(b)]
+
+
+def summarise(values):
+    """(median, min, max) of per-round ratios, or (None, None, None)."""
+    if not values:
+        return None, None, None
+    return statistics.median(values), min(values), max(values)
+
+
+# ----------------------------------------------------------------------------------------------------- the groups
+def make_npz(path, num_train=1000, num_test=100, size=32, channels=3, num_classes=10, seed=0):
+    """A learnable synthetic image set (class prototypes + noise), uint8 NCHW, identical for every script."""
+    rng = np.random.RandomState(seed)
+    prototypes = rng.uniform(0, 255, size=(num_classes, channels, size // 4, size // 4)).repeat(4, 2).repeat(4, 3)
+
+    def draw(n):
+        labels = np.arange(n) % num_classes
+        images = prototypes[labels] + rng.normal(0, 40, size=(n, channels, size, size))
+        return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
+    x_train, y_train = draw(num_train)
+    x_test, y_test = draw(num_test)
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
+def groups(npz, steps, depth, width):
+    """{group: {label: argv}}; the labels of one group are alternated and compared."""
+    common_flags = ["--dataset", npz, "--num-labeled", "200", "--num-valid", "100", "--depth", str(depth),
+                    "--width", str(width), "--total-steps", str(steps), "--eval-every", str(steps),
+                    "--log-every", str(steps), "--no-cuda"]
+    protocol_a = common_flags + ["--rampup-steps", "0"]  # full unlabeled weights from step 0: all losses active
+    return {
+        "pseudo-label": {"PL": ["train_supervised.py", "--pseudo-label"] + protocol_a,
+                         "PL+NS3L": ["train_supervised.py", "--pseudo-label", "--ns3l"] + protocol_a},
+        "vat": {"VAT": ["train_vat.py"] + protocol_a,
+                "VAT+NS3L": ["train_vat.py", "--ns3l"] + protocol_a,
+                "NS3L": ["train_supervised.py", "--ns3l"] + protocol_a},
+        "pi": {"Pi": ["train_pi.py"] + protocol_a,
+               "Pi+NS3L": ["train_pi.py", "--ns3l"] + protocol_a},
+        "mixmatch": {"MixMatch": ["train_mixmatch.py"] + common_flags + ["--rampup-steps", "1"],
+                     "MixMatch+NS3L": ["train_mixmatch.py", "--ns3l"] + common_flags + ["--rampup-steps", "1"]},
+        # The other scripts have no NS3L-off twin here; their steps/s is reported for completeness.
+        "others": {"Supervised": ["train_supervised.py"] + protocol_a,
+                   "FMNIST-ablation(threshold)": ["train_fmnist_ablation.py", "--dataset", npz, "--num-labeled", "200",
+                                                  "--num-valid", "100", "--negatives", "threshold",
+                                                  "--total-steps", str(steps), "--eval-every", str(steps),
+                                                  "--log-every", str(steps), "--no-cuda"],
+                   "XC(adversarial,planted)": ["train_xc.py", "--dataset", "planted", "--num-classes", "4096",
+                                               "--method", "adversarial", "--total-steps", str(steps),
+                                               "--eval-every", str(steps), "--log-every", str(steps), "--no-cuda"]},
+    }
+
+
+# Which per-round ratios to print: (label, group, a, b, kind, target key)
+RATIOS = [
+    ("NS3L overhead on Pseudo-Label", "pseudo-label", "PL", "PL+NS3L", "overhead", "ns3l_overhead"),
+    ("NS3L overhead on VAT", "vat", "VAT", "VAT+NS3L", "overhead", "ns3l_overhead"),
+    ("NS3L overhead on Pi", "pi", "Pi", "Pi+NS3L", "overhead", "ns3l_overhead"),
+    ("NS3L overhead on MixMatch", "mixmatch", "MixMatch", "MixMatch+NS3L", "overhead", "ns3l_overhead"),
+    ("NS3L alone vs VAT (speed-up)", "vat", "NS3L", "VAT", "speedup", "ns3l_vs_vat"),
+]
+
+
+def run_once(argv, runs_dir, name, threads):
+    """Run one command to completion; return its summary.json steps_per_second (None if it failed)."""
+    script = os.path.join(ROOT, argv[0])
+    command = [sys.executable, script] + argv[1:] + ["--runs-dir", runs_dir, "--run-name", name]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    summary = os.path.join(runs_dir, name, "summary.json")
+    if result.returncode != 0 or not os.path.exists(summary):
+        print(f"  ! {name} failed (exit {result.returncode}): {result.stderr.strip().splitlines()[-1:]}", flush=True)
+        return None
+    with open(summary) as f:
+        return json.load(f).get("steps_per_second")
+
+
+def measure_scripts(selected, rounds, steps, depth, width, threads, workdir):
+    """{group: [ {label: sps}, ... one dict per round ]}, commands alternated within each round."""
+    npz = make_npz(os.path.join(workdir, "speed_synthetic.npz"))
+    results = {}
+    for group, commands in groups(npz, steps, depth, width).items():
+        if group not in selected:
+            continue
+        results[group] = []
+        for r in range(rounds if group != "others" else 1):
+            measured = {}
+            for label, argv in commands.items():
+                name = f"{group}_{label}_{r}".replace("+", "p").replace("(", "_").replace(")", "").replace(",", "_")
+                measured[label] = run_once(argv, os.path.join(workdir, "runs"), name, threads)
+                print(f"  round {r + 1} {label:28s} {measured[label] or float('nan'):7.3f} steps/s", flush=True)
+            results[group].append(measured)
+    return results
+
+
+# ----------------------------------------------------------------------------------------- batch production share
+def measure_batch_share(repeats, depth, width, threads, batch_size=50, dataset="fashion_mnist"):
+    """Median time to produce a labeled + unlabeled batch vs median time of a full NS3L step, alternated."""
+    import torch
+    import torch.nn.functional as F
+    sys.path.insert(0, ROOT)
+    import common
+    import wrn
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    try:
+        data = common.load_dataset(dataset)
+    except common.DataError:
+        data = common.load_dataset("synthetic")
+    split = common.make_ssl_split(data.y_train, data.num_classes, 1000 if len(data.y_train) > 5000 else 40,
+                                  min(1000, len(data.y_train) // 10), seed=1, num_labelable=data.num_labelable)
+    flip, shift, noise = common.augmentation_defaults(data.name)
+    normalize = common.make_normalizer(data)
+    labeled = common.BatchSampler(split.labeled, batch_size)
+    unlabeled = common.BatchSampler(split.unlabeled, batch_size)
+    model = wrn.WideResNet(data.num_classes, depth, width, data.channels, bn_momentum=0.01)
+    optimizer = torch.optim.Adam(model.parameters(), lr=6e-4)
+
+    def produce():  # exactly what train_supervised.py's batch() does, for both halves
+        li, ui = next(labeled), next(unlabeled)
+        x = torch.cat([common.augment(normalize(data.x_train[li]), flip, shift, noise),
+                       common.augment(normalize(data.x_train[ui]), flip, shift, noise)])
+        return x, data.y_train[li]
+
+    def step():  # batch + forward + supervised CE + NS3L (threshold 0.04) + backward + Adam
+        x, y = produce()
+        logits = model(x)
+        logits_l, logits_u = logits[: len(y)], logits[len(y):]
+        negatives = torch.softmax(logits_u.detach(), 1) < 0.04
+        keep = torch.logsumexp(logits_u.masked_fill(negatives, float("-inf")), 1) - torch.logsumexp(logits_u, 1)
+        loss = F.cross_entropy(logits_l, y) - keep.clamp_min(-18.42).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(3):  # warm-up (allocator, first-call overheads)
+        step()
+    batch_times, step_times = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        produce()
+        batch_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        step()
+        step_times.append(time.perf_counter() - start)
+    share = statistics.median(batch_times) / statistics.median(step_times)
+    return {"dataset": data.name, "batch_ms": 1e3 * statistics.median(batch_times),
+            "step_ms": 1e3 * statistics.median(step_times), "share": share}
+
+
+# -------------------------------------------------------------------------------------------------------- report
+def verdict(kind, value, target):
+    ok = value <= target if kind == "overhead" else value >= target
+    return "met" if ok else "MISSED"
+
+
+def format_report(results, batch=None, load=None):
+    lines = []
+    if load is not None:
+        lines.append(f"load average at start / end: {load[0]:.1f} / {load[1]:.1f} (2-core machine shared with others)")
+    for label, group, a, b, kind, key in RATIOS:
+        if group not in results:
+            continue
+        fn = overhead if kind == "overhead" else speedup
+        med, low, high = summarise(paired(results[group], a, b, fn))
+        if med is None:
+            lines.append(f"{label}: no complete round")
+            continue
+        if kind == "overhead":
+            lines.append(f"{label}: {100 * med:+.1f} % per step (rounds: {100 * low:+.1f} .. {100 * high:+.1f} %; "
+                         f"target <= {100 * TARGETS[key]:.0f} %: {verdict(kind, med, TARGETS[key])})")
+        else:
+            lines.append(f"{label}: {med:.2f}x (rounds: {low:.2f} .. {high:.2f}x; target >= {TARGETS[key]:.0f}x: "
+                         f"{verdict(kind, med, TARGETS[key])})")
+    for group, rounds in results.items():
+        for label in rounds[0] if rounds else []:
+            values = [r[label] for r in rounds if r.get(label)]
+            if values:
+                lines.append(f"  {group:12s} {label:28s} median {statistics.median(values):7.3f} steps/s "
+                             f"over {len(values)} run(s)")
+    if batch is not None:
+        lines.append(f"batch production ({batch['dataset']}, 50 + 50): {batch['batch_ms']:.2f} ms of a "
+                     f"{batch['step_ms']:.1f} ms NS3L step = {100 * batch['share']:.1f} % (target < "
+                     f"{100 * TARGETS['batch_share']:.0f} %: {'met' if batch['share'] < TARGETS['batch_share'] else 'MISSED'})")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of each group")
+    parser.add_argument("--steps", type=int, default=40, help="training steps per run")
+    parser.add_argument("--depth", type=int, default=10)
+    parser.add_argument("--width", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS / torch threads of every run")
+    parser.add_argument("--batch-repeats", type=int, default=30, help="alternations for the batch share")
+    parser.add_argument("--only", nargs="+", default=None,
+                        choices=["pseudo-label", "vat", "pi", "mixmatch", "others", "batch"])
+    parser.add_argument("--workdir", default=None, help="where the npz and the runs go (default: a temp dir)")
+    parser.add_argument("--json", default=None, help="also write the raw measurements here")
+    parser.add_argument("--dry-run", action="store_true")
+    args = parser.parse_args(argv)
+    if min(args.rounds, args.steps, args.threads, args.batch_repeats) < 1:
+        parser.error("--rounds, --steps, --threads and --batch-repeats must be >= 1")
+    selected = set(args.only or ["pseudo-label", "vat", "pi", "mixmatch", "others", "batch"])
+    if args.dry_run:
+        workdir = args.workdir or "<workdir>"
+        for group, commands in groups(os.path.join(workdir, "speed_synthetic.npz"), args.steps, args.depth,
+                                      args.width).items():
+            if group in selected:
+                for label, command in commands.items():
+                    print(f"[{group}] {label}: python {' '.join(command)}")
+        return 0
+    workdir = args.workdir or tempfile.mkdtemp(prefix="ns3l_speed_")
+    os.makedirs(workdir, exist_ok=True)
+    load_start = os.getloadavg()[0]
+    print(f"speed benchmark: depth {args.depth} width {args.width}, {args.steps} steps per run, {args.rounds} "
+          f"round(s), OMP_NUM_THREADS={args.threads}, load average {load_start:.1f}; work dir {workdir}", flush=True)
+    batch = None
+    if "batch" in selected:
+        batch = measure_batch_share(args.batch_repeats, args.depth, args.width, args.threads)
+    results = measure_scripts(selected, args.rounds, args.steps, args.depth, args.width, args.threads, workdir)
+    text = format_report(results, batch, (load_start, os.getloadavg()[0]))
+    print("\n" + text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": results, "batch": batch, "args": vars(args)}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

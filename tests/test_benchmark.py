@@ -1,0 +1,194 @@
+"""Fast checks of the benchmark tooling (no training): report.py's mean ± std table and curves, run.py's commands,
+skipping and resuming, speed.py's ratio arithmetic and verdicts, and the paper scripts' commands and numbers."""
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+sys.path.insert(0, os.path.join(ROOT, "benchmark", "paper"))
+
+import report  # noqa: E402
+import run  # noqa: E402
+import speed  # noqa: E402
+
+
+def write_summary(runs_dir, name, **values):
+    os.makedirs(os.path.join(runs_dir, name), exist_ok=True)
+    summary = {"steps": 100, "steps_per_second": 2.0, "final_test_error": 50.0, **values}
+    with open(os.path.join(runs_dir, name, "summary.json"), "w") as f:
+        json.dump(summary, f)
+
+
+# ------------------------------------------------------------------------------------------------------- report.py
+def test_report_mean_and_sample_std_per_config(tmp_path):
+    runs = str(tmp_path)
+    for seed, error in zip((1, 2, 3), (10.0, 12.0, 14.0)):
+        write_summary(runs, f"ns3l__seed{seed}", test_error_at_best_valid=error, steps_per_second=4.0)
+    write_summary(runs, "vat__seed1", test_error_at_best_valid=20.0, steps_per_second=1.0)
+    os.makedirs(os.path.join(runs, "vat__seed2"))  # unfinished: no summary.json
+    groups = report.collect(runs)
+    assert set(groups) == {"ns3l", "vat"}
+    text = report.table(groups, paper={"ns3l": (16.03, 0.05)}, order=["vat", "ns3l"])
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("| configuration | seeds | test_error_at_best_valid (%) | paper (%)")
+    assert lines[2].startswith("| vat | 1 (+1 unfinished) | 20.00 |")  # order respected, one seed: no std
+    assert "| ns3l | 3 | 12.00 ± 2.00 | 16.03 ± 0.05 | 4.00 | 100 |" in text  # sample std of 10, 12, 14 is 2
+
+
+def test_report_ignores_non_finite_and_parses_paper_and_names():
+    assert report.mean_std([1.0, float("nan"), 3.0]) == (2.0, math.sqrt(2.0))
+    assert report.mean_std([]) == (None, None)
+    assert report.parse_paper(["a=1.5,0.2", "b=3"]) == {"a": (1.5, 0.2), "b": (3.0, None)}
+    with pytest.raises(ValueError):
+        report.parse_paper(["a=1,2,3"])
+    assert report.config_of("vat+ns3l__seed12") == "vat+ns3l"
+    assert report.config_of("cifar10__train_vat__1__1700000000") == "cifar10__train_vat__1__1700000000"
+
+
+def test_report_cli_writes_markdown_and_curves(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+    runs = str(tmp_path / "runs")
+    for seed, offset in ((1, 0.0), (2, 2.0)):
+        name = f"pi__seed{seed}"
+        write_summary(runs, name, test_error_at_best_valid=30.0 + offset)
+        writer = SummaryWriter(os.path.join(runs, name))
+        for step, error in ((10, 60.0), (20, 40.0)):
+            writer.add_scalar("eval/test_error", error + offset, step)
+        writer.close()
+    assert report.read_curve(os.path.join(runs, "pi__seed1"), "eval/test_error") == [(10, 60.0), (20, 40.0)]
+    out, png = str(tmp_path / "t.md"), str(tmp_path / "c.png")
+    assert report.main([runs, "--output", out, "--curves", png, "--paper", "pi=17.12,0.19"]) == 0
+    assert "| pi | 2 | 31.00 ± 1.41 | 17.12 ± 0.19 |" in open(out).read()
+    assert os.path.getsize(png) > 1000
+
+
+# ---------------------------------------------------------------------------------------------------------- run.py
+def test_run_dry_run_lists_every_config_and_seed(tmp_path, capsys):
+    runs = str(tmp_path / "sweep")
+    assert run.main(["--suite", "fmnist_cpu", "--seeds", "1", "2", "3", "--runs-dir", runs, "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 30 and not os.path.exists(runs)  # nothing run, nothing created
+    names = [c.name for c in run.fmnist_cpu_suite()]
+    assert names == ["supervised", "pseudo-label", "ns3l", "vat", "vat+entmin", "vat+ns3l", "pi", "pi+ns3l",
+                     "mixmatch", "mixmatch+ns3l"]
+    assert lines[0].startswith("python train_supervised.py --dataset fashion_mnist --num-labeled 1000")
+    assert lines[0].endswith(f"--seed 1 --runs-dir {runs} --run-name supervised__seed1")
+    assert lines[10].endswith("--run-name supervised__seed2")  # seed-major: every config on seed 1 first
+    assert "train_vat.py --ns3l" in lines[5] and "train_mixmatch.py --ns3l" in lines[9]
+    assert all("--depth 10 --width 1" in line and "--bn-momentum" in line for line in lines)
+    assert "--lr-decay-step" not in lines[8]  # MixMatch has a constant LR
+
+
+def test_run_executes_skips_finished_and_resumes(tmp_path, capsys):
+    fake = tmp_path / "fake_train.py"  # a stand-in training script honouring the STYLE.md contract
+    fake.write_text(
+        "import argparse, json, os\n"
+        "p = argparse.ArgumentParser(); p.add_argument('--seed', type=int); p.add_argument('--runs-dir');\n"
+        "p.add_argument('--run-name'); p.add_argument('--resume'); p.add_argument('--value', type=float)\n"
+        "a = p.parse_args(); d = a.resume or os.path.join(a.runs_dir, a.run_name); os.makedirs(d, exist_ok=True)\n"
+        "json.dump({'steps': 5, 'steps_per_second': 1.0, 'test_error_at_best_valid': (a.value or 0) + (a.seed or 0),\n"
+        "           'resumed': bool(a.resume)}, open(os.path.join(d, 'summary.json'), 'w'))\n")
+    runs = str(tmp_path / "runs")
+    os.makedirs(os.path.join(runs, "b__seed2"))
+    open(os.path.join(runs, "b__seed2", "checkpoint.pt"), "w").close()  # died after a checkpoint -> --resume
+    argv = ["--config", "a", f"python {fake} --value 10", "--config", "b", f"python {fake} --value 20",
+            "--seeds", "1", "2", "--runs-dir", runs, "--workers", "2"]
+    assert run.main(argv) == 0
+    with open(os.path.join(runs, "b__seed2", "summary.json")) as f:
+        assert json.load(f)["resumed"] is True
+    assert os.path.exists(os.path.join(runs, "a__seed1.log"))
+    groups = report.collect(runs)
+    assert [r["test_error_at_best_valid"] for r in groups["a"]["runs"]] == [11.0, 12.0]
+    capsys.readouterr()
+    assert run.main(argv + ["--dry-run"]) == 0
+    assert capsys.readouterr().out.count("# done: ") == 4  # a second call runs nothing
+
+
+def test_run_rejects_bad_names():
+    with pytest.raises(SystemExit):
+        run.parse_args(["--config", "a__b", "python x.py"])
+    with pytest.raises(SystemExit):
+        run.parse_args([])
+
+
+# -------------------------------------------------------------------------------------------------------- speed.py
+def test_speed_ratio_arithmetic():
+    assert speed.overhead(10.0, 10.0) == 0.0
+    assert speed.overhead(10.0, 9.7) == pytest.approx(0.030928, rel=1e-4)  # 3 % fewer steps/s = 3.09 % more time
+    assert speed.overhead(4.0, 5.0) == pytest.approx(-0.2)
+    assert speed.speedup(5.0, 2.0) == 2.5
+    rounds = [{"A": 10.0, "B": 9.0}, {"A": 8.0, "B": 8.0}, {"A": 6.0, "B": None}]
+    assert speed.paired(rounds, "A", "B", speed.overhead) == pytest.approx([1 / 9, 0.0])
+    assert speed.summarise([0.3, 0.1, 0.2]) == (0.2, 0.1, 0.3)
+    assert speed.summarise([]) == (None, None, None)
+
+
+def test_speed_report_verdicts():
+    results = {"pseudo-label": [{"PL": 10.0, "PL+NS3L": 9.9}, {"PL": 9.0, "PL+NS3L": 8.9}],
+               "vat": [{"VAT": 1.0, "VAT+NS3L": 0.9, "NS3L": 2.5}]}
+    text = speed.format_report(results, {"dataset": "x", "batch_ms": 1.0, "step_ms": 100.0, "share": 0.01})
+    assert "NS3L overhead on Pseudo-Label: +1.1 %" in text and "met" in text.splitlines()[0]
+    assert "NS3L overhead on VAT: +11.1 %" in text and "MISSED" in text.splitlines()[1]
+    assert "NS3L alone vs VAT (speed-up): 2.50x" in text
+    assert "= 1.0 % (target < 5 %: met)" in text
+
+
+def test_speed_groups_use_identical_data_and_model(tmp_path):
+    npz = speed.make_npz(str(tmp_path / "d.npz"), num_train=40, num_test=10)
+    import numpy as np
+    with np.load(npz) as f:
+        assert f["x_train"].shape == (40, 3, 32, 32) and f["x_train"].dtype == np.uint8
+    groups = speed.groups(npz, 7, 10, 1)
+    for name in ("pseudo-label", "vat", "pi", "mixmatch"):
+        argvs = list(groups[name].values())
+        tail = lambda a: [x for x in a if x not in ("--ns3l", "--pseudo-label")][1:]  # noqa: E731
+        if name != "vat":  # on/off twins differ only by --ns3l
+            assert tail(argvs[0]) == tail(argvs[1]) and "--ns3l" in argvs[1] and "--ns3l" not in argvs[0]
+        for argv in argvs:
+            assert argv[argv.index("--dataset") + 1] == npz and argv[argv.index("--total-steps") + 1] == "7"
+    assert groups["vat"]["NS3L"][0] == "train_supervised.py" and "--ns3l" in groups["vat"]["NS3L"]
+
+
+# ------------------------------------------------------------------------------------------------- paper scripts
+PAPER_SCRIPTS = ["table1_protocol_a", "table2_vat_combinations", "table3_mixmatch_cifar10", "table4_mixmatch_svhn",
+                 "table5_mixmatch_stl10", "figure3_sensitivity", "xc_adversarial_negatives", "imagenet_mel_note"]
+
+
+@pytest.mark.parametrize("name", PAPER_SCRIPTS)
+def test_paper_scripts_have_commands_seeds_and_existing_scripts(name):
+    module = importlib.import_module(name)
+    assert module.SEEDS and module.SETTINGS
+    for configs in module.SETTINGS.values():
+        assert len({c.name for c in configs}) == len(configs)
+        for c in configs:
+            assert os.path.exists(os.path.join(ROOT, c.argv[0])), c.argv
+            assert "__" not in c.name and " " not in c.name
+
+
+def test_paper_numbers_match_the_paper():
+    t1 = importlib.import_module("table1_protocol_a").SETTINGS
+    paper = {s: {c.name: c.paper for c in cs} for s, cs in t1.items()}
+    assert paper["cifar10"]["ns3l"] == (16.03, .05) and paper["svhn"]["vat+ns3l"] == (5.51, .14)
+    assert paper["cifar100"]["supervised"] == (48.26, .25)
+    ns3l = next(c for c in t1["cifar10"] if c.name == "ns3l")
+    assert ns3l.argv == ["train_supervised.py", "--dataset", "cifar10", "--num-labeled", "4000", "--ns3l"]
+    t3 = importlib.import_module("table3_mixmatch_cifar10").SETTINGS
+    assert {c.name: c.paper for c in t3["cifar10-250"]} == {"mixmatch": (14.49, 1.60), "mixmatch+ns3l": (12.48, 1.21)}
+    f3 = importlib.import_module("figure3_sensitivity").SETTINGS
+    assert all(len(v) == 12 for v in f3.values())  # 4 thresholds x 3 weights
+    assert [c.paper for c in f3["ns3l-cifar10"] if c.paper] == [(16.03, .05)]
+
+
+def test_paper_script_prints_commands_without_running(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "paper", "table4_mixmatch_svhn.py"),
+                             "--runs-dir", str(tmp_path / "r")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    commands = [l for l in result.stdout.splitlines() if l.startswith("python train_mixmatch.py")]
+    assert len(commands) == 20 and "| svhn-250 | mixmatch+ns3l | 3.38 ± 0.08 |" in result.stdout
+    assert not os.path.exists(tmp_path / "r")
