@@ -127,10 +127,10 @@ def ns3l_loss(logits, negatives):
 
 
 def pseudo_label_loss(logits, threshold):
-    """Cross-entropy to the argmax for rows whose max probability reaches ``threshold``, averaged over all rows."""
+    """Cross-entropy to the argmax for rows whose max probability exceeds ``threshold``, averaged over all rows."""
     probs = torch.softmax(logits.detach().float(), dim=1)
     confidence, targets = probs.max(dim=1)
-    mask = (confidence >= threshold).float()
+    mask = (confidence > threshold).float()  # strict, as tf.greater in Oliver et al.
     return (F.cross_entropy(logits.float(), targets, reduction="none") * mask).mean(), mask, targets
 
 

@@ -15,7 +15,7 @@ TINY = ["--dataset", "synthetic", "--depth", "10", "--width", "1", "--log-every"
 
 def run_script(script, *args, cwd=None, timeout=600):
     """Run ``python <ROOT>/<script> args...`` on the CPU; return the CompletedProcess (text output)."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0", OMP_NUM_THREADS="2")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0", OMP_NUM_THREADS="1")  # 1 thread: immune to oversubscription on a shared machine
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
