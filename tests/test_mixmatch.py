@@ -188,6 +188,7 @@ def test_ns3l_mask_built_from_mixed_targets():
     # A hand example: mixing classes 0 and 1 with lambda' = 0.7 leaves 2 and 3 as negatives.
     hand = mm.ns3l_negatives(0.7 * torch.eye(4)[0:1] + 0.3 * torch.eye(4)[1:2], 0.05)
     assert hand.tolist() == [[False, False, True, True]]
+    assert mm.ns3l_negatives(torch.tensor([[0.05, 0.95, 0.0]]), 0.05).tolist() == [[False, False, True]]  # strict <
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
     p = torch.softmax(logits, 1)[0]
     torch.testing.assert_close(mm.ns3l_loss(logits, hand), -torch.log(1 - p[2] - p[3]))
