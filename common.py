@@ -25,6 +25,18 @@ class DataError(Exception):
     """A user-facing data problem (missing files, impossible split): printed as one line, exit 1."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, '<prog>: error: <message>' on stderr and exit 2, without the usage block
+    (the full usage is one --help away), and whose --help shows every default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def fail(message, code=1):
     """Print one clear line on stderr and exit non-zero (bad input never produces a traceback)."""
     print(f"{os.path.basename(sys.argv[0]) or 'error'}: error: {message}", file=sys.stderr)

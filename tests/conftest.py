@@ -21,16 +21,12 @@ def run_script(script, *args, cwd=None, timeout=600):
 
 
 def read_scalars(run_dir):
-    """{tag: [(step, value), ...]} from every event file in ``run_dir`` (top level)."""
+    """{tag: [(step, value), ...]} as TensorBoard shows ``run_dir``: all its event files read as one run, in order,
+    with the purge a resumed run asks for applied."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    scalars = {}
-    for name in sorted(os.listdir(run_dir)):
-        if name.startswith("events.out.tfevents"):
-            acc = EventAccumulator(os.path.join(run_dir, name), size_guidance={"scalars": 0})
-            acc.Reload()
-            for tag in acc.Tags()["scalars"]:
-                scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return scalars
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 @pytest.fixture
