@@ -62,16 +62,8 @@ PROTOCOL_B = {
 }
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """A bad flag is one line on stderr and exit 2 (argparse would print the whole usage block first)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parse_args(argv=None):
-    parser = OneLineParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = common.ArgumentParser(description=__doc__.split("\n")[0])
     g = parser.add_argument_group("experiment")
     g.add_argument("--seed", type=int, default=1, help="seed of the run; also picks the labeled subset")
     g.add_argument("--runs-dir", default="runs", help="where run directories are created")
