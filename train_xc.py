@@ -68,7 +68,7 @@ def parse_args(argv=None):
     g.add_argument("--pca-dim", type=int, default=16, help="k, whitened PCA dimension of the tree (paper Section 5)")
     g.add_argument("--tree-reg", type=float, default=0.1, help="lambda_n of the node regulariser (paper Section 5), scaled by the number of real labels under the node as in the authors' code")
     g.add_argument("--tree-newton-steps", type=int, default=4, help="Newton steps per node between two re-splits")
-    g.add_argument("--tree-max-rounds", type=int, default=8, help="cap on re-split rounds per level (the paper re-splits until no label changes side)")
+    g.add_argument("--tree-max-rounds", type=int, default=4, help="cap on re-split rounds per level (the paper re-splits until no label changes side)")
     g = parser.add_argument_group("cadence")
     g.add_argument("--eval-every", type=int, default=500, help="evaluate every N steps (and at the end)")
     g.add_argument("--eval-every-seconds", type=float, default=0.0, help="also evaluate every X seconds of training time; 0 = off")
@@ -258,8 +258,9 @@ def _pca_whitening(x, dim):
 
 
 class _GroupedRows:
-    """Rows grouped by node and padded to multiples of `width`, so the per-node sums of weighted outer products (the
-    Newton Hessians) are one batched matmul plus an index_add_ over N / width blocks instead of over N rows."""
+    """Rows grouped by node and zero-padded to blocks of `width` rows that each belong to one node. Per-point work
+    (logits, gradients, Hessians) is then a batched matmul over blocks, and the per-node sums are index_add_ over
+    N / width blocks instead of over N rows."""
 
     def __init__(self, rows, node, num_nodes, width=32):
         order = torch.argsort(node, stable=True)
@@ -267,28 +268,38 @@ class _GroupedRows:
         padded = (lengths + width - 1) // width * width
         start, padded_start = torch.cumsum(lengths, 0) - lengths, torch.cumsum(padded, 0) - padded
         sorted_node = node[order]
-        self.position = torch.empty_like(order)
+        self.position = torch.empty_like(order)  # row i sits at position[i] of the padded layout
         self.position[order] = padded_start[sorted_node] + torch.arange(len(node), device=node.device) - start[sorted_node]
-        self.rows = torch.zeros(int(padded.sum()), rows.shape[1], device=rows.device)
-        self.rows[self.position] = rows
+        self.blocks = torch.zeros(int(padded.sum()), rows.shape[1], device=rows.device)
+        self.blocks[self.position] = rows
+        self.blocks = self.blocks.view(-1, width, rows.shape[1])
         self.block_node = torch.repeat_interleave(torch.arange(num_nodes, device=node.device), padded // width)
-        self.node, self.num_nodes, self.width = node, num_nodes, width
+        self.num_nodes, self.width = num_nodes, width
 
-    def sum(self, values):
-        out = torch.zeros((self.num_nodes,) + values.shape[1:], dtype=values.dtype, device=values.device)
-        return out.index_add_(0, self.node, values)
+    def pad(self, values):
+        """Per-row values (N) in the padded layout (num_blocks x width), zero on padding rows."""
+        out = torch.zeros(self.blocks.shape[0] * self.width, dtype=values.dtype, device=values.device)
+        out[self.position] = values
+        return out.view(-1, self.width)
+
+    def logits(self, node_theta):
+        return torch.bmm(self.blocks, node_theta[self.block_node][:, :, None]).squeeze(2)
+
+    def node_sum(self, block_values):
+        """Per-node sums of per-block values (num_blocks x ...)."""
+        out = torch.zeros((self.num_nodes,) + block_values.shape[1:], dtype=block_values.dtype, device=block_values.device)
+        return out.index_add_(0, self.block_node, block_values)
+
+    def weighted_sum(self, weight):
+        """Per-node sums of weight_i row_i."""
+        return self.node_sum(torch.bmm(weight[:, None, :], self.blocks).squeeze(1))
 
     def outer_sum(self, weight):
-        padded_weight = torch.zeros(len(self.rows), device=weight.device)
-        padded_weight[self.position] = weight
-        dim = self.rows.shape[1]
-        blocks = self.rows.view(-1, self.width, dim)
-        gram = torch.bmm((blocks * padded_weight.view(-1, self.width, 1)).transpose(1, 2), blocks)
-        out = torch.zeros(self.num_nodes, dim, dim, device=weight.device)
-        return out.index_add_(0, self.block_node, gram)
+        """Per-node sums of weight_i row_i row_i^T."""
+        return self.node_sum(torch.bmm((self.blocks * weight[:, :, None]).transpose(1, 2), self.blocks))
 
 
-def fit_tree(x, y, num_classes, pca_dim=16, reg=0.1, newton_steps=4, max_rounds=8, clock=time.perf_counter):
+def fit_tree(x, y, num_classes, pca_dim=16, reg=0.1, newton_steps=4, max_rounds=4, clock=time.perf_counter):
     """Fit p_n top-down (paper Section 3), all nodes of one level at once. Per node: w = dominant eigenvector of the
     covariance of the per-label feature sums, b = 0; split the labels into halves by Delta_y (eq. 9); Newton ascent
     (with step halving, which plain Newton needs on nearly separable nodes) on the regularised node log-likelihood
@@ -317,12 +328,14 @@ def fit_tree(x, y, num_classes, pca_dim=16, reg=0.1, newton_steps=4, max_rounds=
         label_node = slot_of_label // block
         points = _GroupedRows(z1, label_node[y], num_nodes)
         labels = _GroupedRows(label_sums[:, :-1], label_node, num_nodes)
+        is_point = points.pad(torch.ones(len(y), device=device))
         node_reg = reg * num_real.clamp_min(1).float()  # lambda_n scaled by the real labels under the node
 
         # initial w: dominant eigenvector of the covariance of the label sums under each node; b = 0
         count = num_real.clamp_min(1).float()
-        first = labels.sum(label_sums[:, :-1]) / count[:, None]
-        covariance = labels.outer_sum(torch.ones(num_classes, device=device)) / count[:, None, None]
+        is_label = labels.pad(torch.ones(num_classes, device=device))
+        first = labels.weighted_sum(is_label) / count[:, None]
+        covariance = labels.outer_sum(is_label) / count[:, None, None]
         covariance = (covariance - first[:, :, None] * first[:, None, :]).double()
         node_theta = torch.cat([torch.linalg.eigh(covariance)[1][:, :, -1].float(), torch.zeros(num_nodes, 1, device=device)], 1)
 
@@ -336,22 +349,23 @@ def fit_tree(x, y, num_classes, pca_dim=16, reg=0.1, newton_steps=4, max_rounds=
             rank[order] = torch.arange(num_classes, device=device) - first_of_node[label_node[order]]
             return rank < num_right[label_node], rank
 
-        def objective(node_theta, side):  # eq. 8 minus the regulariser, per node
-            logit = (z1 * node_theta[points.node]).sum(1)
-            return points.sum(F.logsigmoid(side * logit).double()) - node_reg * (node_theta ** 2).sum(1)
+        def objective(node_theta, side, logit=None):  # eq. 8 minus the regulariser, per node
+            logit = points.logits(node_theta) if logit is None else logit
+            log_likelihood = (F.logsigmoid(side * logit) * is_point).sum(1).double()
+            return points.node_sum(log_likelihood) - node_reg * (node_theta ** 2).sum(1)
 
         goes_right, rank = split(node_theta)
         for _ in range(max_rounds):
-            side = goes_right[y].float() * 2 - 1  # zeta of eq. 8
+            side = points.pad(goes_right[y].float() * 2 - 1)  # zeta of eq. 8 (0 on padding rows)
             for _ in range(newton_steps):
-                logit = (z1 * node_theta[points.node]).sum(1)
-                gradient = points.sum(z1 * (side * torch.sigmoid(-side * logit))[:, None]) - 2 * node_reg[:, None] * node_theta
-                hessian = points.outer_sum(torch.sigmoid(logit) * torch.sigmoid(-logit)).double()
+                logit = points.logits(node_theta)
+                gradient = points.weighted_sum(side * torch.sigmoid(-side * logit)) - 2 * node_reg[:, None] * node_theta
+                hessian = points.outer_sum(torch.sigmoid(logit) * torch.sigmoid(-logit) * is_point).double()
                 hessian = hessian + (2 * node_reg.double()[:, None, None] + 1e-6) * eye  # 1e-6: nodes without points
-                step = torch.linalg.solve(hessian, gradient.double()).float()
+                step = torch.cholesky_solve(gradient.double()[:, :, None], torch.linalg.cholesky(hessian)).squeeze(2).float()
                 if float(step.abs().max()) < 1e-5:  # converged (to float32 precision) at every node
                     break
-                current = objective(node_theta, side)
+                current = objective(node_theta, side, logit)
                 tolerance = 1e-6 * (current.abs() + 1)  # float32 rounding noise of the objective
                 accepted = torch.zeros(num_nodes, dtype=torch.bool, device=device)
                 new_theta = node_theta.clone()
@@ -486,7 +500,7 @@ def load_dataset(args):
             with np.load(path) as data:
                 x_train, y_train, x_test, y_test = (data[key] for key in ("x_train", "y_train", "x_test", "y_test"))
         except (KeyError, ValueError, OSError) as error:
-            fail(f"{path}: not an .npz with x_train, y_train, x_test, y_test ({error})")
+            fail(f"{path}: not an .npz with x_train, y_train, x_test, y_test ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
         x_train, x_test = x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)
     else:
         if args.test_data is None:
@@ -527,7 +541,7 @@ if __name__ == "__main__":
         try:
             tree = ProbabilisticTree.from_state_dict(torch.load(args.aux_model, map_location="cpu", weights_only=True))
         except (OSError, RuntimeError, KeyError, EOFError) as error:
-            fail(f"cannot read --aux-model {args.aux_model}: {error}")
+            fail(f"cannot read --aux-model {args.aux_model}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
         if tree.num_classes != num_classes or tree.mean.shape[0] != x_train.shape[1]:
             fail(f"--aux-model {args.aux_model} is for C = {tree.num_classes}, K = {tree.mean.shape[0]}; the data have C = {num_classes}, K = {x_train.shape[1]}")
 
@@ -541,9 +555,8 @@ if __name__ == "__main__":
     writer = SummaryWriter(str(run_dir))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
 
-    random_seed = args.seed
-    np.random.seed(random_seed)
-    torch.manual_seed(random_seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     x_train, y_train = x_train.to(device), y_train.to(device)
     heldout = {split: (x.to(device), y.to(device)) for split, (x, y) in heldout.items()}
@@ -573,7 +586,7 @@ if __name__ == "__main__":
         nn.init.constant_(model.bias.weight, -math.log(num_classes))  # = probability 1) outrank every trained one
     optimizer = torch.optim.Adagrad(model.parameters(), lr=args.lr, initial_accumulator_value=0.0)
     run_start = time.time()
-    train_seconds, last_eval_seconds = 0.0, -math.inf
+    train_seconds = 0.0
     history, best = [], {"valid_error": math.inf}
     chunk_size = max(1, 2 ** 23 // num_classes)
     if planted is not None:  # the ceiling: exact Bayes posterior on the same held-out points
@@ -606,6 +619,7 @@ if __name__ == "__main__":
                     run_dir / "checkpoint.pt")
 
     run_evaluation(0, time_offset)
+    last_eval_seconds = time_offset
     step, segment_start = 0, clock()
     while step < args.total_steps:
         # ALGO LOGIC: positives (fresh planted samples or a random minibatch), negatives, loss, sparse Adagrad step

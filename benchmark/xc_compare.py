@@ -4,6 +4,7 @@ Compare mode (default): trains every method on `planted` at C = 2^14 for the sam
 the paper's x-axis; evaluation excluded) and writes a Markdown table and a PNG of test log-likelihood and accuracy
 against time:
     python benchmark/xc_compare.py --budget 60 --out-dir docs
+    python benchmark/xc_compare.py --budget 45 --parallel 5 --out-dir docs   # all methods at once (CPU clock only)
 
 Timing mode: tree fit time and sampling time per negative at several C:
     python benchmark/xc_compare.py --timing --timing-classes 1024 16384 131072 --out-dir docs
@@ -16,6 +17,7 @@ import math
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -38,11 +40,15 @@ def parse_args():
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--clock", default="process", choices=("wall", "process"), help="passed to train_xc.py --clock")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (train_xc.py --threads)")
+    parser.add_argument("--report-only", default=None, help="only (re)write the report from the runs under this directory")
+    parser.add_argument("--parallel", type=int, default=1, help="methods trained at once (> 1 only with --clock process)")
     parser.add_argument("--runs-dir", default="runs/xc_compare", help="where the runs go (a fresh sub-directory per call)")
     parser.add_argument("--out-dir", default="docs", help="where xc_compare.md / .png or xc_timing.md are written")
     parser.add_argument("--timing-classes", type=int, nargs="+", default=[2 ** 10, 2 ** 14, 2 ** 17])
     parser.add_argument("--timing-train-per-class", type=int, default=16, help="planted fitting points per label (train_xc default)")
     args = parser.parse_args()
+    if args.parallel > 1 and args.clock != "process":
+        parser.error("--parallel > 1 distorts wall-clock times; use it only with --clock process")
     if args.budget <= 0 or args.num_classes < 2 or args.threads < 1 or min(args.timing_classes) < 2:
         parser.error("--budget must be > 0, --num-classes and --timing-classes >= 2, --threads >= 1")
     return args
@@ -59,19 +65,53 @@ def compare(args):
                     "--time-budget", str(args.budget), "--eval-every", str(10 ** 9), "--eval-every-seconds",
                     str(args.eval_every_seconds), "--log-every", "1000", "--clock", args.clock, "--threads", str(args.threads),
                     "--runs-dir", str(base)]
-    # the tree is fitted once (by the first method that needs it) and reused; its fit time still counts for both
-    order = sorted(args.methods, key=lambda method: method not in ("adversarial", "nce"))
-    tree_path, results = None, {}
-    for method in order:
-        command = command_base + ["--method", method, "--run-name", method]
-        if method in ("adversarial", "nce") and tree_path is not None:
-            command += ["--aux-model", str(tree_path)]
-        print(" ".join(command[1:]), flush=True)
-        subprocess.run(command, check=True)
+    if args.parallel > 1:  # concurrent runs, each fitting its own (identical, deterministic) tree; needs --clock process
+        commands = {method: command_base + ["--method", method, "--run-name", method] for method in args.methods}
+        for command in commands.values():
+            print(" ".join(command[1:]), flush=True)
+        with ThreadPoolExecutor(args.parallel) as pool:
+            for method, result in zip(commands, pool.map(lambda c: subprocess.run(c, capture_output=True, text=True), commands.values())):
+                (base / f"{method}.log").write_text(result.stdout + result.stderr)
+                if result.returncode != 0:
+                    sys.exit(f"{method} failed:\n{result.stderr[-2000:]}")
+    else:  # sequential: the tree is fitted once and reused; its fit time still counts for every method using it
+        tree_path = None
+        for method in sorted(args.methods, key=lambda method: method not in ("adversarial", "nce")):
+            command = command_base + ["--method", method, "--run-name", method]
+            if method in ("adversarial", "nce") and tree_path is not None:
+                command += ["--aux-model", str(tree_path)]
+            print(" ".join(command[1:]), flush=True)
+            subprocess.run(command, check=True)
+            if (base / method / "aux_tree.pt").exists():
+                tree_path = base / method / "aux_tree.pt"
+    results = {method: (json.loads((base / method / "summary.json").read_text()), read_history(base / method))
+               for method in args.methods}
+    write_report(args, base, results)
+
+
+def report_only(args):
+    """Report from existing run directories, finished or not (a run without summary.json is cut at its last evaluation)."""
+    base = Path(args.report_only)
+    results = {}
+    for method in args.methods:
         run_dir = base / method
-        if (run_dir / "aux_tree.pt").exists():
-            tree_path = run_dir / "aux_tree.pt"
-        results[method] = (json.loads((run_dir / "summary.json").read_text()), read_history(run_dir))
+        if not (run_dir / "eval_history.jsonl").exists():
+            continue
+        history = read_history(run_dir)
+        if (run_dir / "summary.json").exists():
+            summary = json.loads((run_dir / "summary.json").read_text())
+        else:
+            run_args = json.loads((run_dir / "args.json").read_text())
+            last, offset = history[-1], history[0]["seconds"]
+            summary = {"args": run_args, "aux_fit_seconds": offset, "steps": last["step"],
+                       "steps_per_second": last["step"] / max(last["seconds"] - offset, 1e-9), "unfinished": True,
+                       **{f"final_{key}": value for key, value in last.items() if key not in ("step", "seconds")}}
+            _, _, _, heldout, _, planted = xc.load_dataset(argparse.Namespace(**run_args))
+            x, y = heldout["test"]
+            bayes = xc.prediction_metrics(planted.bayes_scores(x), y)
+            summary.update(bayes_test_log_likelihood=bayes["log_likelihood"] / len(y), bayes_test_accuracy=100 * bayes["hits1"] / len(y))
+        results[method] = (summary, history)
+    args.num_classes = next(iter(results.values()))[0]["args"]["num_classes"]
     write_report(args, base, results)
 
 
@@ -99,7 +139,8 @@ def write_report(args, base, results):
     for method, (summary, history) in results.items():
         raw = f"{summary['final_test_raw_accuracy']:.1f}" if "final_test_raw_accuracy" in summary else "-"
         reach = first_time_reaching(history, target)
-        lines.append(f"| {method} | {summary['args']['lr']:g} / {summary['args']['reg']:g} | {summary['aux_fit_seconds']:.1f} | "
+        name = f"{method} (cut at {history[-1]['seconds']:.0f} s)" if summary.get("unfinished") else method
+        lines.append(f"| {name} | {summary['args']['lr']:g} / {summary['args']['reg']:g} | {summary['aux_fit_seconds']:.1f} | "
                      f"{summary['steps']} | {summary['steps_per_second']:.1f} | {summary['final_test_log_likelihood']:.3f} | "
                      f"{summary['final_test_accuracy']:.1f} | {summary['final_test_precision_at_5']:.2f} | {raw} | "
                      f"{'not reached' if math.isinf(reach) else f'{reach:.1f}'} |")
@@ -177,4 +218,9 @@ if __name__ == "__main__":
     arguments = parse_args()
     torch.sparse.check_sparse_tensor_invariants.disable()
     torch.set_num_threads(arguments.threads)
-    timing(arguments) if arguments.timing else compare(arguments)
+    if arguments.timing:
+        timing(arguments)
+    elif arguments.report_only:
+        report_only(arguments)
+    else:
+        compare(arguments)
