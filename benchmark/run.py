@@ -109,6 +109,9 @@ def display(argv):
 def execute(job, runs_dir, threads):
     config, seed, argv, state = job
     run_dir = os.path.join(runs_dir, run_name(config, seed))
+    if os.path.exists(os.path.join(run_dir, "summary.json")):  # finished meanwhile (another runner): keep it
+        print(f"{run_name(config, seed)}: already finished, skipped", flush=True)
+        return 0
     if state == "new" and os.path.exists(run_dir):  # died before its first checkpoint: nothing worth keeping
         shutil.rmtree(run_dir)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONHASHSEED="0")
@@ -128,7 +131,8 @@ def parse_args(argv=None, suites=SUITES):
     parser.add_argument("--suite", choices=sorted(suites), help="a built-in set of configurations")
     parser.add_argument("--config", nargs=2, action="append", metavar=("NAME", "COMMAND"), default=[],
                         help="a configuration: its name and its command (quoted), repeatable")
-    parser.add_argument("--only", nargs="+", default=None, help="run only these configuration names")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="run only these configuration names, in this order (within each seed)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--workers", type=int, default=1, help="runs in parallel")
     parser.add_argument("--threads", type=int, default=1,
@@ -158,7 +162,8 @@ def configs_from_args(args, suites=SUITES):
         unknown = set(args.only) - {c.name for c in configs}
         if unknown:
             sys.exit(f"run.py: error: unknown configuration(s) {', '.join(sorted(unknown))}")
-        configs = [c for c in configs if c.name in args.only]
+        by_name = {c.name: c for c in configs}
+        configs = [by_name[name] for name in dict.fromkeys(args.only)]  # in the order given
     return configs
 
 

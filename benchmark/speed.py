@@ -199,6 +199,110 @@ def measure_batch_share(repeats, depth, width, threads, batch_size=50, dataset="
             "step_ms": 1e3 * statistics.median(step_times), "share": share}
 
 
+# ------------------------------------------------------------------------- in-process, step-alternated overheads
+def measure_inprocess(repeats, depth, width, threads, batch_size=50):
+    """Step-by-step alternation inside one process (no start-up, no cross-run drift): the training step of each
+    Protocol A script rebuilt from the script's own loss functions (train_supervised / train_vat / train_pi),
+    on the same WRN and the same 32x32x3 batches. Returns {label: median step seconds} and the per-pair medians of
+    per-iteration ratios. A diagnostic for the subprocess numbers, which a loaded machine makes noisy."""
+    import torch
+    import torch.nn.functional as F
+    sys.path.insert(0, ROOT)
+    import train_pi
+    import train_supervised
+    import train_vat
+    import wrn
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = wrn.WideResNet(10, depth, width, 3, bn_momentum=0.01)
+    optimizer = torch.optim.Adam(model.parameters(), lr=6e-4)
+    x_all = torch.rand(4 * batch_size, 3, 32, 32) * 2 - 1
+    y_all = torch.randint(0, 10, (4 * batch_size,))
+
+    def batch():
+        idx = torch.randperm(len(x_all))[: 2 * batch_size]
+        return x_all[idx], y_all[idx[:batch_size]]
+
+    def pl(ns3l):
+        x, y = batch()
+        logits = model(x)
+        logits_l, logits_u = logits[:batch_size], logits[batch_size:]
+        loss = F.cross_entropy(logits_l, y) + train_supervised.pseudo_label_loss(logits_u, 0.95)[0]
+        if ns3l:
+            loss = loss + train_supervised.ns3l_loss(logits_u, train_supervised.ns3l_negatives(logits_u, 0.04))
+        return loss
+
+    def ns3l_only(_=None):
+        x, y = batch()
+        logits = model(x)
+        logits_u = logits[batch_size:]
+        return F.cross_entropy(logits[:batch_size], y) + train_supervised.ns3l_loss(
+            logits_u, train_supervised.ns3l_negatives(logits_u, 0.04))
+
+    def vat(ns3l):
+        x, y = batch()
+        logits = model(x)
+        kl = train_vat.vat_loss(model, x, logits, 6.0)[0]
+        loss = F.cross_entropy(logits[:batch_size], y) + 0.3 * kl[batch_size:].mean()
+        if ns3l:
+            logits_u = logits[batch_size:]
+            loss = loss + 0.3 * train_vat.ns3l_loss(logits_u, train_vat.ns3l_negatives(logits_u, 0.04))
+        return loss
+
+    def pi(ns3l):
+        x, y = batch()
+        logits = model(x)
+        target = train_pi.target_pass(model, x)
+        logits_u = logits[batch_size:]
+        loss = F.cross_entropy(logits[:batch_size], y) + 20 * train_pi.consistency_loss(logits_u, target[batch_size:])
+        if ns3l:
+            loss = loss + train_pi.ns3l_loss(logits_u, train_pi.ns3l_negatives(logits_u, 0.04))
+        return loss
+
+    variants = {"PL": (pl, False), "PL+NS3L": (pl, True), "NS3L": (ns3l_only, None), "VAT": (vat, False),
+                "VAT+NS3L": (vat, True), "Pi": (pi, False), "Pi+NS3L": (pi, True)}
+
+    def timed(fn, flag):
+        start = time.perf_counter()
+        loss = fn(flag)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return time.perf_counter() - start
+
+    def loss_only():  # the NS3L work alone: negatives + loss + its backward on the unlabeled logits of a batch
+        logits_u = torch.randn(batch_size, 10, requires_grad=True)
+        start = time.perf_counter()
+        train_supervised.ns3l_loss(logits_u, train_supervised.ns3l_negatives(logits_u, 0.04)).backward()
+        return time.perf_counter() - start
+
+    for fn, flag in variants.values():  # warm-up
+        timed(fn, flag)
+    times = {label: [] for label in variants}
+    times["NS3L-loss-only"] = []
+    for _ in range(repeats):
+        for label, (fn, flag) in variants.items():
+            times[label].append(timed(fn, flag))
+        times["NS3L-loss-only"].append(statistics.median(loss_only() for _ in range(5)))
+    return {label: statistics.median(t) for label, t in times.items()}, times
+
+
+def format_inprocess(medians, times):
+    lines = ["in-process, step-alternated (median of per-iteration ratios; the script's own loss functions):",
+             f"  NS3L negatives + loss + backward alone: {1e3 * medians['NS3L-loss-only']:.2f} ms = "
+             f"{100 * medians['NS3L-loss-only'] / medians['PL']:.2f} % of a Pseudo-Label step"]
+    for base, other, kind in (("PL", "PL+NS3L", "overhead"), ("VAT", "VAT+NS3L", "overhead"),
+                              ("Pi", "Pi+NS3L", "overhead"), ("NS3L", "VAT", "speedup")):
+        ratios = [b / a for a, b in zip(times[base], times[other])]
+        med = statistics.median(ratios)
+        if kind == "overhead":
+            lines.append(f"  NS3L overhead on {base}: {100 * (med - 1):+.1f} % ({1e3 * medians[base]:.0f} ms vs "
+                         f"{1e3 * medians[other]:.0f} ms per step)")
+        else:
+            lines.append(f"  NS3L alone vs VAT: {med:.2f}x ({1e3 * medians[base]:.0f} ms vs {1e3 * medians[other]:.0f} ms)")
+    return "\n".join(lines)
+
+
 # -------------------------------------------------------------------------------------------------------- report
 def verdict(kind, value, target):
     ok = value <= target if kind == "overhead" else value >= target
@@ -246,14 +350,14 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS / torch threads of every run")
     parser.add_argument("--batch-repeats", type=int, default=30, help="alternations for the batch share")
     parser.add_argument("--only", nargs="+", default=None,
-                        choices=["pseudo-label", "vat", "pi", "mixmatch", "others", "batch"])
+                        choices=["pseudo-label", "vat", "pi", "mixmatch", "others", "batch", "inprocess"])
     parser.add_argument("--workdir", default=None, help="where the npz and the runs go (default: a temp dir)")
     parser.add_argument("--json", default=None, help="also write the raw measurements here")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
     if min(args.rounds, args.steps, args.threads, args.batch_repeats) < 1:
         parser.error("--rounds, --steps, --threads and --batch-repeats must be >= 1")
-    selected = set(args.only or ["pseudo-label", "vat", "pi", "mixmatch", "others", "batch"])
+    selected = set(args.only or ["pseudo-label", "vat", "pi", "mixmatch", "others", "batch", "inprocess"])
     if args.dry_run:
         workdir = args.workdir or "<workdir>"
         for group, commands in groups(os.path.join(workdir, "speed_synthetic.npz"), args.steps, args.depth,
@@ -270,12 +374,19 @@ def main(argv=None):
     batch = None
     if "batch" in selected:
         batch = measure_batch_share(args.batch_repeats, args.depth, args.width, args.threads)
+    inprocess = None
+    if "inprocess" in selected:
+        inprocess = measure_inprocess(args.batch_repeats, args.depth, args.width, args.threads)
+        print(format_inprocess(*inprocess), flush=True)
     results = measure_scripts(selected, args.rounds, args.steps, args.depth, args.width, args.threads, workdir)
     text = format_report(results, batch, (load_start, os.getloadavg()[0]))
+    if inprocess is not None:
+        text += "\n" + format_inprocess(*inprocess)
     print("\n" + text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"results": results, "batch": batch, "args": vars(args)}, f, indent=2)
+            json.dump({"results": results, "batch": batch, "inprocess": inprocess and inprocess[0], "args": vars(args)},
+                      f, indent=2)
     return 0
 
 
