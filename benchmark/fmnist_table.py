@@ -84,17 +84,18 @@ def run_one(args, stem, flags, seed):
 def mean_std(values):
     if not values:
         return "-"
-    std = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return f"{statistics.mean(values):.2f} ± {std:.2f}"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def table(args):
     """Markdown table: paper vs ours, plus the share of wrong negatives and the preprocessing time."""
-    lines = ["| F-MNIST, 2,000 labels | paper (Table 5) | ours | seeds | wrong negatives (% of chosen) | "
-             "NN preprocessing (s) |", "|---|---|---|---|---|---|"]
+    lines = ["| F-MNIST, 2,000 labels | paper (Table 5) | ours | seeds | negatives per image | "
+             "wrong negatives (% of chosen) | NN preprocessing (s) |", "|---|---|---|---|---|---|---|"]
     meta = None
     for label, stem, _, paper_mean, paper_std in ROWS:
-        errors, wrong, nn_seconds = [], [], []
+        errors, wrong, per_image, nn_seconds = [], [], [], []
         for seed in args.seeds:
             path = os.path.join(args.runs_dir, f"{stem}__seed{seed}", "summary.json")
             if not os.path.exists(path):
@@ -105,10 +106,11 @@ def table(args):
             errors.append(summary["final_test_error"])
             if summary.get("wrong_negative_share") is not None:
                 wrong.append(summary["wrong_negative_share"])
+                per_image.append(summary["negatives_per_sample"])
             if summary.get("nn_preprocess_seconds") is not None:
                 nn_seconds.append(summary["nn_preprocess_seconds"])
         lines.append(f"| {label} | {paper_mean:.2f} ± {paper_std:.2f} | {mean_std(errors)} | {len(errors)} | "
-                     f"{mean_std(wrong) if wrong else '-'} | "
+                     f"{f'{statistics.mean(per_image):.2f}' if per_image else '-'} | {mean_std(wrong) if wrong else '-'} | "
                      f"{f'{statistics.mean(nn_seconds):.1f}' if nn_seconds else '-'} |")
     text = "\n".join(lines)
     if meta:

@@ -250,3 +250,27 @@ def test_bad_input_from_the_command_line_and_existing_run_untouched(tmp_path):
     assert "already exists" in result.stderr
     assert os.listdir(tmp_path / "runs" / "taken") == ["summary.json"]
     assert (tmp_path / "runs" / "taken" / "summary.json").read_text() == "{}"
+
+
+# ------------------------------------------------------------------------------------------------------------ runner
+def test_runner_table_has_every_paper_row_and_aggregates_seeds(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("fmnist_table", os.path.join(os.path.dirname(fm.__file__),
+                                                                             "benchmark", "fmnist_table.py"))
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    assert [row[1] for row in runner.ROWS] == ["supervised", "uniform-1", "uniform-3", "nn-exclude-1",
+                                               "nn-exclude-4-1", "nn-furthest-1", "threshold-0.03",
+                                               "threshold-0.05", "oracle-1", "oracle-3"]
+    for seed, error in ((1, 15.0), (2, 17.0)):
+        run_dir = tmp_path / f"oracle-3__seed{seed}"
+        run_dir.mkdir()
+        (run_dir / "summary.json").write_text(json.dumps({
+            "final_test_error": error, "wrong_negative_share": 0.0, "negatives_per_sample": 3.0,
+            "nn_preprocess_seconds": None, "epochs": 20, "steps": 800,
+            "args": {"batch_size": 50, "unlabeled_batch_size": 50, "lr": 1e-3, "ns3l_weight": 1.0}}))
+    text = runner.table(type("Args", (), {"runs_dir": str(tmp_path), "seeds": [1, 2, 3]})())
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "| 15.20 ± 0.66 | 16.00 ± 1.41 | 2 | 3.00 | 0.00 ± 0.00 |" in rows["Oracle - 3"]
+    assert "| 17.25 ± 0.22 | - | 0 |" in rows["Supervised"]
+    assert "20 epochs = 800 steps" in text
