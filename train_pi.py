@@ -39,8 +39,7 @@ SCRIPT = "train_pi"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = common.ArgumentParser(description=__doc__.split("\n")[0])
     g = parser.add_argument_group("experiment")
     g.add_argument("--seed", type=int, default=1, help="seed of the run; also picks the labeled subset")
     g.add_argument("--runs-dir", default="runs", help="where run directories are created")
@@ -186,7 +185,8 @@ def main():
         split.save(os.path.join(run_dir, "split.json"))
     else:
         run_dir = args.resume
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["step"] if checkpoint else None)
+    # A resumed run drops whatever a crashed run logged after its checkpoint (the checkpoint step itself stays).
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["step"] + 1 if checkpoint else None)
     writer.add_text("hyperparameters", common.hparams_table(args))
 
     model = wrn.WideResNet(data.num_classes, args.depth, args.width, data.channels,

@@ -4,7 +4,6 @@ import copy
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -16,6 +15,7 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import train_pi  # noqa: E402
 import wrn  # noqa: E402
+from conftest import read_scalars, run_script  # noqa: E402
 
 TINY_NO_STEPS = ["--dataset", "synthetic", "--depth", "10", "--width", "1", "--log-every", "5", "--eval-every", "5",
                  "--batch-size", "16", "--bn-momentum", "0.1", "--torch-deterministic", "--no-cuda"]
@@ -24,22 +24,12 @@ SUMMARY_KEYS = {"steps", "steps_per_second", "final_valid_error", "final_test_er
                 "test_error_at_best_valid", "args"}
 
 
-def run(*args, cwd=ROOT):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train_pi.py"), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+def run(*args):
+    return run_script("train_pi.py", *args, timeout=300)
 
 
 def scalars(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    found = {}
-    for name in sorted(os.listdir(run_dir)):
-        if name.startswith("events.out.tfevents"):
-            acc = EventAccumulator(os.path.join(run_dir, name), size_guidance={"scalars": 0})
-            acc.Reload()
-            for tag in acc.Tags()["scalars"]:
-                found.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return found
+    return read_scalars(run_dir)
 
 
 def tiny_model():
@@ -183,7 +173,7 @@ def test_bad_flag_values_rejected(flags, capsys):
         train_pi.parse_args(flags)
     assert error.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err and "error:" in err[-1]
+    assert len(err) == 1 and "error:" in err[0]
 
 
 def test_bad_inputs_exit_with_one_line_and_write_nothing(tmp_path):
