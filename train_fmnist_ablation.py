@@ -22,7 +22,7 @@ chunks on the device (||u||^2 - 2 u.l + ||l||^2, float32); the time it takes is 
 Choices the paper does not state (the defaults):
 - "Epoch" = one pass over the labeled set: steps per epoch = ceil(num_labeled / batch_size), so 50 epochs are
   50 * 40 = 2,000 steps at the default 50 labeled + 50 unlabeled images per step. Every row makes the same number of
-  optimiser steps on the same labeled batches; the unlabeled stream is seen 2000 * 50 / 58000 = 1.7 times.
+  optimiser steps on the same labeled split; the unlabeled stream is seen 2000 * 50 / 58000 = 1.7 times.
   (Oliver et al.'s 50 + 50 batches, which the paper's section 4.1 uses; one pass over the 58k unlabeled images per
   epoch would be 29x the compute and does not fit a CPU.)
 - CNN: conv 5x5/2 (16) - ReLU - conv 3x3/2 (32) - ReLU - linear 128 - ReLU - linear, no BatchNorm (so the NS3L pass
