@@ -13,9 +13,17 @@ VAT + NS3L (paper section 4.3): L = L_supervised + lambda_2 L_VAT + lambda_1 L_N
 Deviations and choices (also in the README):
 - As in Oliver et al.'s code, the perturbation is found for the whole [labeled; unlabeled] batch in one pass (so the
   batch statistics match the clean pass) and the VAT loss is averaged over the unlabeled rows only.
+- Every pass draws fresh augmentation, and d and r_adv are added to the image before it is augmented, as in Oliver
+  et al. (augmentation runs inside their network; `network_function(inputs + r_vadv)`). The VAT loss therefore also
+  carries consistency under augmentation, which their VAT numbers include.
 - The r search and the perturbed pass use batch statistics but never update the BatchNorm running statistics
   (wrn.no_bn_update). The r search always runs in fp32 (xi = 1e-6 vanishes in bf16); under bf16 autocast the clean
-  target of the search is recomputed in fp32, so the KL at d = 0 is exactly zero.
+  target of the search is recomputed in fp32. At xi = 1e-6 the fp32 probe is close to rounding level, so g is the
+  VAT code's finite-difference gradient, not an exact Hessian-vector product (as in the TF original).
+- Loss direction KL(p(x) || p(x + r_adv)) follows REFERENCE / Miyato et al.; Oliver et al.'s framework computes
+  KL(p(x + r_adv) || p(x)) for the loss (its r search uses KL(p(x) || p(x + d)), as here).
+- NS3L reuses the clean training pass (paper Algorithm 1); the authors' released function uses an extra pass with
+  frozen BatchNorm statistics (train_supervised.py --ns3l-extra-pass).
 - g is normalised as in the VAT code: divide by max |g| first, then by the L2 norm (||g|| can be ~1e-10).
 - The entropy penalty is on the perturbed unlabeled predictions, as in Oliver et al.'s code (`logits_student`);
   NS3L and Pseudo-Label use the clean unlabeled predictions (NS3L paper 4.3). VAT, NS3L and Pseudo-Label weights are
@@ -23,6 +31,7 @@ Deviations and choices (also in the README):
 """
 import argparse
 import contextlib
+import math
 import os
 import sys
 import time
@@ -152,33 +161,39 @@ def l2_normalize(d):
     return d / torch.sqrt(1e-6 + d.pow(2).sum(dim=dims, keepdim=True))
 
 
-def adversarial_perturbation(model, x, clean_logits=None, eps=6.0, xi=1e-6, iterations=1):
-    """r_adv = eps * g / ||g|| (per sample), g = grad_d KL(p(x) || p(x + d)) at d = xi * unit random, iterated.
+def adversarial_perturbation(model, x, clean_logits=None, eps=6.0, xi=1e-6, iterations=1, augment=None):
+    """r_adv = eps * g / ||g|| (per sample), g = grad_d KL(p(x) || p(augment(x + d))) at d = xi * unit random, iterated.
 
-    Runs in fp32 with autocast off, with batch statistics that do not update the BatchNorm running statistics, and
-    leaves no gradient on the parameters (autograd.grad w.r.t. d only). ``clean_logits`` must come from a pass with
-    the same batch composition and precision; None recomputes them here in fp32. The result carries no gradient."""
+    ``x`` is the batch before augmentation: as in Oliver et al., where augmentation runs inside the network, d is added
+    to the raw (normalised) image and every pass draws fresh augmentation (``augment``, identity when None). Runs in
+    fp32 with autocast off, with batch statistics that do not update the BatchNorm running statistics, and leaves no
+    gradient on the parameters (autograd.grad w.r.t. d only). ``clean_logits`` are p(x) of the clean training pass;
+    None recomputes them here in fp32. The result carries no gradient."""
+    augment = augment or (lambda t: t)
     x = x.detach().float()
     with wrn.no_bn_update(model), torch.autocast(x.device.type, enabled=False):
         if clean_logits is None:
             with torch.no_grad():
-                clean_logits = model(x)
+                clean_logits = model(augment(x))
         clean_logits = clean_logits.detach().float()
         d = torch.randn_like(x)
         for _ in range(iterations):
             d = (xi * l2_normalize(d)).requires_grad_()
-            divergence = kl_divergence(clean_logits, model(x + d)).mean()
+            divergence = kl_divergence(clean_logits, model(augment(x + d))).mean()
             d = torch.autograd.grad(divergence, d)[0]
     return eps * l2_normalize(d)
 
 
-def vat_loss(model, x, logits, eps, xi=1e-6, iterations=1, autocast=None, reuse_logits=True):
-    """Per-row KL(p(x) || p(x + r_adv)) with p(x) = softmax(``logits``) detached (Oliver et al.'s direction), the
-    perturbed logits and r_adv. The perturbed pass uses batch statistics without updating the running statistics.
-    ``reuse_logits=False`` (bf16 logits) makes the fp32 r search recompute its own clean logits."""
-    r_adv = adversarial_perturbation(model, x, logits if reuse_logits else None, eps, xi, iterations)
+def vat_loss(model, x, logits, eps, xi=1e-6, iterations=1, autocast=None, reuse_logits=True, augment=None):
+    """Per-row KL(p(x) || p(x + r_adv)) with p(x) = softmax(``logits``) detached (Miyato et al.'s direction, as in
+    REFERENCE; Oliver et al.'s framework takes KL(p(x + r_adv) || p(x)) for the loss), the perturbed logits and r_adv.
+    ``x`` is the un-augmented batch; the perturbed pass sees ``augment(x + r_adv)`` with fresh augmentation and uses
+    batch statistics without updating the running statistics. ``reuse_logits=False`` (bf16 logits) makes the fp32 r
+    search recompute its own clean logits."""
+    r_adv = adversarial_perturbation(model, x, logits if reuse_logits else None, eps, xi, iterations, augment)
     with wrn.no_bn_update(model), autocast if autocast is not None else contextlib.nullcontext():
-        logits_adv = model(x + r_adv.to(x.dtype)).float()
+        perturbed = x + r_adv.to(x.dtype)
+        logits_adv = model(augment(perturbed) if augment is not None else perturbed).float()
     return kl_divergence(logits.detach(), logits_adv), logits_adv, r_adv
 
 
@@ -192,14 +207,14 @@ def ns3l_loss(logits, negatives):
     log(1 - sum_neg p) = logsumexp(logits of non-negatives) - logsumexp(logits), clamped at 1e-8 like the authors'."""
     logits = logits.float()
     log_keep = torch.logsumexp(logits.masked_fill(negatives, float("-inf")), dim=1) - torch.logsumexp(logits, dim=1)
-    return -log_keep.clamp_min(torch.log(torch.tensor(1e-8))).mean()
+    return -log_keep.clamp_min(math.log(1e-8)).mean()
 
 
 def pseudo_label_loss(logits, threshold):
-    """Cross-entropy to the argmax for rows whose max probability reaches ``threshold``, averaged over all rows."""
+    """Cross-entropy to the argmax for rows whose max probability exceeds ``threshold``, averaged over all rows."""
     probs = torch.softmax(logits.detach().float(), dim=1)
     confidence, targets = probs.max(dim=1)
-    mask = (confidence >= threshold).float()
+    mask = (confidence > threshold).float()  # strict, as tf.greater in Oliver et al.
     return (F.cross_entropy(logits.float(), targets, reduction="none") * mask).mean(), mask, targets
 
 
@@ -271,9 +286,8 @@ def main():
         train_time = checkpoint["train_time"]
         print(f"resumed {run_dir} at step {start_step}")
 
-    def batch(indices):  # gather uint8 images on the device -> normalise -> augment (fresh randomness per sample)
-        x = common.augment(normalize(data.x_train[indices]), flip, shift, noise_std)
-        return x.contiguous(memory_format=memory_format)
+    def augment(x):  # fresh flip / translation / noise per sample and per pass, as inside Oliver et al.'s network
+        return common.augment(x, flip, shift, noise_std).contiguous(memory_format=memory_format)
 
     sums = {}  # running sums of logged scalars, kept on the device so the loop never waits for the GPU
     def accumulate(name, value):
@@ -291,14 +305,14 @@ def main():
         labeled_idx, unlabeled_idx = next(labeled_batches), next(unlabeled_batches)
         y = data.y_train[labeled_idx]
         y_hidden = data.y_train[unlabeled_idx]  # hidden labels: diagnostics only, never in a loss
-        x = torch.cat([batch(labeled_idx), batch(unlabeled_idx)])
+        images = normalize(data.x_train[torch.cat([labeled_idx, unlabeled_idx])])  # before augmentation
         with amp:
-            logits = model(x).float()  # the clean pass over [labeled; unlabeled]; the only one that updates BN stats
+            logits = model(augment(images)).float()  # clean pass over [labeled; unlabeled]; the only BN-updating one
         logits_l, logits_u = logits[: len(y)], logits[len(y):]
         loss_sup = F.cross_entropy(logits_l, y)
         # VAT on the whole batch, as Oliver et al. (same batch statistics as the clean pass); loss on unlabeled rows
-        kl, logits_adv, r_adv = vat_loss(model, x, logits, args.vat_eps, args.vat_xi, args.vat_iterations,
-                                         autocast=amp, reuse_logits=not use_bf16)
+        kl, logits_adv, r_adv = vat_loss(model, images, logits, args.vat_eps, args.vat_xi, args.vat_iterations,
+                                         autocast=amp, reuse_logits=not use_bf16, augment=augment)
         loss_vat = kl[len(y):].mean()
         loss = loss_sup + args.vat_weight * ramp * loss_vat
         accumulate("losses/supervised", loss_sup)

@@ -61,6 +61,27 @@ def test_r_adv_has_norm_eps_per_sample_and_no_gradient():
     assert all(p.grad is None for p in model.parameters())  # the r search leaves no gradient on the weights
 
 
+def test_every_pass_augments_afresh_after_the_perturbation_is_added():
+    """Oliver et al. augment inside the network: the probe sees augment(x + d), the adversarial pass augment(x + r)."""
+    torch.manual_seed(0)
+    model = tiny_wrn()
+    x = torch.randn(4, 3, 8, 8)
+    seen = []
+
+    def augment(t):
+        seen.append(t.detach().clone())
+        return t + 0.1 * torch.randn_like(t)  # fresh noise on every call
+
+    with torch.no_grad():
+        logits = model(augment(x))
+    seen.clear()
+    _, _, r_adv = train_vat.vat_loss(model, x, logits, eps=2.0, iterations=2, augment=augment)
+    assert len(seen) == 3  # two probe passes and the adversarial pass, each augmented on its own
+    probe_norms = (seen[0] - x).flatten(1).norm(dim=1)
+    assert torch.allclose(probe_norms, torch.full((4,), 1e-6), rtol=0.2)  # fp32 rounding of x + d - x
+    assert torch.allclose(seen[2], x + r_adv) and torch.allclose((seen[2] - x).flatten(1).norm(dim=1), torch.full((4,), 2.0))
+
+
 def test_l2_normalize_keeps_tiny_gradients_unit_norm():
     tiny = torch.randn(3, 2, 4, 4) * 1e-11  # the size of a KL gradient at xi = 1e-6
     assert torch.allclose(train_vat.l2_normalize(tiny).flatten(1).norm(dim=1), torch.ones(3), rtol=1e-5)
