@@ -192,3 +192,20 @@ def test_paper_script_prints_commands_without_running(tmp_path):
     commands = [l for l in result.stdout.splitlines() if l.startswith("python train_mixmatch.py")]
     assert len(commands) == 20 and "| svhn-250 | mixmatch+ns3l | 3.38 ± 0.08 |" in result.stdout
     assert not os.path.exists(tmp_path / "r")
+
+
+def test_speed_inprocess_report_uses_per_iteration_ratios():
+    times = {"PL": [1.0, 2.0], "PL+NS3L": [1.01, 2.02], "VAT": [3.0, 6.0], "VAT+NS3L": [3.0, 6.0],
+             "Pi": [2.0, 2.0], "Pi+NS3L": [2.1, 2.1], "NS3L": [1.0, 2.0], "NS3L-loss-only": [0.001, 0.001]}
+    medians = {k: sorted(v)[0] for k, v in times.items()}
+    text = speed.format_inprocess(medians, times)
+    assert "NS3L overhead on PL: +1.0 %" in text and "NS3L overhead on VAT: +0.0 %" in text
+    assert "NS3L overhead on Pi: +5.0 %" in text and "NS3L alone vs VAT: 3.00x" in text
+    assert "1.00 ms = 0.10 % of a Pseudo-Label step" in text
+
+
+def test_run_only_keeps_the_given_order(tmp_path, capsys):
+    assert run.main(["--suite", "fmnist_cpu", "--only", "pi", "supervised", "--seeds", "4", "--dry-run",
+                     "--runs-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [l.split("--run-name ")[1] for l in lines] == ["pi__seed4", "supervised__seed4"]
