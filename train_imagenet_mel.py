@@ -34,6 +34,8 @@ import torchvision
 from torch.utils.tensorboard import SummaryWriter
 from torchvision import transforms
 
+import common
+
 SCRIPT = "imagenet_mel"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Arguments that define the experiment; a resumed run must be started with the same values.
@@ -44,8 +46,7 @@ MUST_MATCH_ON_RESUME = ("data_dir", "seed", "num_labeled", "num_unlabeled", "num
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = common.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = parser.add_argument_group("experiment")
     g.add_argument("--seed", type=int, default=1, help="seeds the split, the batch schedule and the model init")
     g.add_argument("--runs-dir", default="runs", help="parent of the run directory")

@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 
+import common
+
 METHODS = ("adversarial", "uniform", "frequency", "nce", "softmax")
 # (learning rate, regulariser lambda of eq. 6). Negative-sampling methods: paper Table 1, Amazon-670K column (the
 # column where the uniform baseline got the larger learning rate, i.e. the stronger baselines); softmax: Appendix A.2.
@@ -38,7 +40,7 @@ PADDING_BIAS = 1000.0  # sigma(+-1000) is exactly 1 / 0 in float32: padding leav
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = common.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = parser.add_argument_group("experiment")
     g.add_argument("--seed", type=int, default=1, help="seed of the training run (batches, negatives, init)")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the planted problem and of the held-out split, so different --seed train on the same data")
