@@ -280,8 +280,12 @@ def measure_inprocess(repeats, depth, width, threads, batch_size=50):
         timed(fn, flag)
     times = {label: [] for label in variants}
     times["NS3L-loss-only"] = []
+    order = list(variants)
+    shuffler = np.random.RandomState(0)
     for _ in range(repeats):
-        for label, (fn, flag) in variants.items():
+        shuffler.shuffle(order)  # a fresh order every iteration: no variant always runs after the same one
+        for label in order:
+            fn, flag = variants[label]
             times[label].append(timed(fn, flag))
         times["NS3L-loss-only"].append(statistics.median(loss_only() for _ in range(5)))
     return {label: statistics.median(t) for label, t in times.items()}, times
