@@ -442,6 +442,9 @@ def resume_args(args, checkpoint, argv):
         if any(a == flag or a.startswith(flag + "=") for a in argv):
             setattr(saved, name, getattr(args, name))
     saved.resume = args.resume
+    if checkpoint["step"] >= saved.total_steps:
+        fail(f"--resume {args.resume}: the run already finished {checkpoint['step']} steps; pass --total-steps "
+             f"larger than that to extend it")
     return saved
 
 
@@ -472,6 +475,8 @@ def seed_everything(seed, deterministic):
 @torch.inference_mode()
 def error_rate(model, images, labels, normalize, batch_size=1000, autocast=None):
     """Test error in percent of ``model`` (eval mode, running BN statistics) on uint8 images held on the device."""
+    if len(images) == 0:
+        return float("nan")
     was_training = model.training
     model.eval()
     wrong = torch.zeros((), device=images.device)
@@ -483,7 +488,7 @@ def error_rate(model, images, labels, normalize, batch_size=1000, autocast=None)
             logits = model(x)
         wrong += (logits.argmax(1) != labels[i: i + batch_size]).sum()
     model.train(was_training)
-    return 100.0 * wrong.item() / max(len(images), 1)
+    return 100.0 * wrong.item() / len(images)
 
 
 def hparams_table(args):

@@ -24,6 +24,7 @@ Deviations and choices (also in docs/pi.md):
 - NS3L reuses the trained (first) pass of the unlabeled batch, as train_supervised.py does by default.
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -110,6 +111,8 @@ def parse_args(argv=None):
         parser.error(str(error))
     if args.unlabeled_batch_size is None:
         args.unlabeled_batch_size = args.batch_size
+    if args.num_valid is not None and args.num_valid < 1:
+        parser.error("--num-valid must be >= 1: the reported test error is taken at the best validation error")
     if args.lr is None:  # Oliver et al. Table 5 (Pi-model 3e-4); NS3L paper 4.4 (NS3L and Pi + NS3L 6e-4)
         args.lr = 6e-4 if args.ns3l else 3e-4
     return args
@@ -141,7 +144,7 @@ def ns3l_loss(logits, negatives):
     log(1 - sum_neg p) = logsumexp(logits of non-negatives) - logsumexp(logits), clamped at 1e-8 like the authors'."""
     logits = logits.float()
     log_keep = torch.logsumexp(logits.masked_fill(negatives, float("-inf")), dim=1) - torch.logsumexp(logits, dim=1)
-    return -log_keep.clamp_min(torch.log(torch.tensor(1e-8))).mean()
+    return -log_keep.clamp_min(math.log(1e-8)).mean()
 
 
 def rampup(step, rampup_steps):

@@ -17,6 +17,7 @@ Deviations and choices (also in the README):
 - Pseudo-Label loss: mean over all unlabeled rows of mask * cross-entropy to the argmax (Oliver et al.).
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -93,7 +94,7 @@ def parse_args(argv=None):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("ns3l_weight", "pl_weight", "entmin_weight", "rampup_steps", "lr_decay_step"):
-        if getattr(args, name) < 0:
+        if not getattr(args, name) >= 0:  # also rejects nan
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0.0 < args.bn_momentum <= 1.0:
         parser.error(f"--bn-momentum must be in (0, 1], got {args.bn_momentum}")
@@ -107,6 +108,10 @@ def parse_args(argv=None):
         parser.error(str(error))
     if args.unlabeled_batch_size is None:
         args.unlabeled_batch_size = args.batch_size
+    if args.unlabeled_batch_size < 1:
+        parser.error(f"--unlabeled-batch-size must be >= 1, got {args.unlabeled_batch_size}")
+    if args.num_valid is not None and args.num_valid < 1:
+        parser.error("--num-valid must be >= 1: the reported test error is taken at the best validation error")
     if args.lr is None:  # the paper's learning rates (NS3L section 4.4, Oliver et al. Table 5)
         args.lr = 3e-4 if args.pseudo_label else 6e-4 if args.ns3l else 3e-3
     return args
@@ -122,7 +127,7 @@ def ns3l_loss(logits, negatives):
     log(1 - sum_neg p) = logsumexp(logits of non-negatives) - logsumexp(logits), clamped at 1e-8 like the authors'."""
     logits = logits.float()
     log_keep = torch.logsumexp(logits.masked_fill(negatives, float("-inf")), dim=1) - torch.logsumexp(logits, dim=1)
-    return -log_keep.clamp_min(torch.log(torch.tensor(1e-8))).mean()
+    return -log_keep.clamp_min(math.log(1e-8)).mean()
 
 
 def pseudo_label_loss(logits, threshold):
@@ -234,8 +239,8 @@ def main():
             negatives = ns3l_negatives(logits_u, args.threshold)
             ns3l_logits = logits_u
             if args.ns3l_extra_pass:
-                with amp, wrn.no_bn_update(model):
-                    ns3l_logits = model(x[len(y):]).float()
+                with amp, wrn.no_bn_update(model):  # the whole batch, as the authors' ns3l.py, rows of x_u kept
+                    ns3l_logits = model(x).float()[len(y):]
             loss_ns3l = ns3l_loss(ns3l_logits, negatives)
             loss = loss + args.ns3l_weight * ramp * loss_ns3l
             known = y_hidden >= 0

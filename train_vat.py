@@ -123,7 +123,7 @@ def parse_args(argv=None):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     for name in ("vat_weight", "ns3l_weight", "pl_weight", "entmin_weight", "rampup_steps", "lr_decay_step"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
+        if getattr(args, name) is not None and not getattr(args, name) >= 0:  # also rejects nan
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0.0 < args.bn_momentum <= 1.0:
         parser.error(f"--bn-momentum must be in (0, 1], got {args.bn_momentum}")
@@ -135,6 +135,8 @@ def parse_args(argv=None):
         parser.error(str(error))
     if args.unlabeled_batch_size is None:
         args.unlabeled_batch_size = args.batch_size
+    if args.num_valid is not None and args.num_valid < 1:
+        parser.error("--num-valid must be >= 1: the reported test error is taken at the best validation error")
     if args.unlabeled_batch_size < 1:
         parser.error(f"--unlabeled-batch-size must be >= 1, got {args.unlabeled_batch_size}")
     cifar100_ns3l = args.ns3l and key == "cifar100"  # the paper's one data-set-specific VAT + NS3L setting

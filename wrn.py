@@ -17,7 +17,6 @@ untouched (VAT's perturbation search, the Pi-model target pass, MixMatch's label
 import contextlib
 import math
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -112,7 +111,10 @@ class WideResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)  # tf.layers.dense default (Glorot uniform)
+                # Oliver et al.: kernel_initializer=tf.glorot_normal_initializer() = truncated normal at +-2 std,
+                # std sqrt(2 / (fan_in + fan_out)) / 0.8796 (the truncation's correction)
+                std = math.sqrt(2.0 / (m.in_features + m.out_features)) / 0.87962566103423978
+                nn.init.trunc_normal_(m.weight, 0.0, std, -2 * std, 2 * std)
                 nn.init.zeros_(m.bias)
 
     def forward(self, x):

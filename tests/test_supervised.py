@@ -167,6 +167,9 @@ def _assert_one_line_failure(result):
     (["--num-labeled", "5000"], "exceed"),
     (["--depth", "12"], "--depth"),
     (["--dataset", "cifar10", "--data-dir", "nowhere"], "--download"),
+    (["--num-valid", "0"], "--num-valid"),
+    (["--unlabeled-batch-size", "0"], "--unlabeled-batch-size"),
+    (["--ns3l-weight", "nan"], "--ns3l-weight"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, flags, message):
     result = run_script(SCRIPT, *TINY, "--runs-dir", tmp_path / "runs", *flags)
@@ -179,6 +182,9 @@ def test_existing_run_and_corrupt_checkpoint_lose_nothing(tmp_path):
     before = {n: open(os.path.join(run_dir, n), "rb").read() for n in os.listdir(run_dir)}
     result = run_script(SCRIPT, *TINY, "--runs-dir", tmp_path, "--run-name", "taken")
     assert "already exists" in _assert_one_line_failure(result)
+    assert {n: open(os.path.join(run_dir, n), "rb").read() for n in os.listdir(run_dir)} == before
+    result = run_script(SCRIPT, "--resume", run_dir)  # finished: nothing to continue, nothing to overwrite
+    assert "already finished" in _assert_one_line_failure(result)
     assert {n: open(os.path.join(run_dir, n), "rb").read() for n in os.listdir(run_dir)} == before
     with open(os.path.join(run_dir, "checkpoint.pt"), "wb") as f:
         f.write(before["checkpoint.pt"][:1000])  # truncated

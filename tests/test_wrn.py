@@ -34,6 +34,14 @@ def test_conv_init_std():
     assert abs(conv.weight.std().item() - (2 / (9 * 128)) ** 0.5) < 0.002
 
 
+def test_head_init_is_tf_glorot_normal():
+    torch.manual_seed(0)
+    weight = wrn.WideResNet(10).fc.weight  # 10 x 128: std sqrt(2 / 138), truncated at 2 / 0.8796 of that
+    std = (2 / 138) ** 0.5
+    assert abs(weight.std().item() - std) < 0.1 * std and weight.abs().max() <= 2 * std / 0.8796 + 1e-6
+    assert torch.count_nonzero(wrn.WideResNet(10).fc.bias) == 0
+
+
 def _capture_inputs(module):
     seen = {}
     module.register_forward_hook(lambda m, inp, out: seen.__setitem__("x", inp[0].detach().clone()))
