@@ -370,11 +370,14 @@ def main(argv=None):
                 for label, command in commands.items():
                     print(f"[{group}] {label}: python {' '.join(command)}")
         return 0
-    workdir = args.workdir or tempfile.mkdtemp(prefix="ns3l_speed_")
-    os.makedirs(workdir, exist_ok=True)
+    script_groups = selected - {"batch", "inprocess"}
+    workdir = args.workdir or (tempfile.mkdtemp(prefix="ns3l_speed_") if script_groups else None)
+    if workdir:
+        os.makedirs(workdir, exist_ok=True)
     load_start = os.getloadavg()[0]
     print(f"speed benchmark: depth {args.depth} width {args.width}, {args.steps} steps per run, {args.rounds} "
-          f"round(s), OMP_NUM_THREADS={args.threads}, load average {load_start:.1f}; work dir {workdir}", flush=True)
+          f"round(s), OMP_NUM_THREADS={args.threads}, load average {load_start:.1f}; work dir {workdir or '-'}",
+          flush=True)
     batch = None
     if "batch" in selected:
         batch = measure_batch_share(args.batch_repeats, args.depth, args.width, args.threads)
@@ -382,7 +385,7 @@ def main(argv=None):
     if "inprocess" in selected:
         inprocess = measure_inprocess(args.batch_repeats, args.depth, args.width, args.threads)
         print(format_inprocess(*inprocess), flush=True)
-    results = measure_scripts(selected, args.rounds, args.steps, args.depth, args.width, args.threads, workdir)
+    results = {} if not script_groups else measure_scripts(selected, args.rounds, args.steps, args.depth, args.width, args.threads, workdir)
     text = format_report(results, batch, (load_start, os.getloadavg()[0]))
     if inprocess is not None:
         text += "\n" + format_inprocess(*inprocess)
