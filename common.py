@@ -491,6 +491,22 @@ def error_rate(model, images, labels, normalize, batch_size=1000, autocast=None)
     return 100.0 * wrong.item() / len(images)
 
 
+def finish_run(writer, run_dir, args, steps_run, train_time, valid_error, test_error, best_valid, test_at_best):
+    """Protocol A end of run: summary.json (STYLE.md keys; steps_per_second over training time only), the hparams
+    entry in TensorBoard, one printed line."""
+    summary = {"steps": args.total_steps, "steps_per_second": (args.total_steps / train_time) if train_time else None,
+               "final_valid_error": valid_error, "final_test_error": test_error, "best_valid_error": best_valid,
+               "test_error_at_best_valid": test_at_best, "train_seconds": train_time, "args": vars(args)}
+    write_json(os.path.join(run_dir, "summary.json"), summary)
+    writer.add_hparams({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
+                       {"hparam/test_error_at_best_valid": test_at_best, "hparam/best_valid_error": best_valid},
+                       run_name=".")
+    writer.close()
+    print(f"done: {steps_run} steps, test error at best valid {test_at_best:.2f}% (best valid {best_valid:.2f}%), "
+          f"final test {test_error:.2f}%, {summary['steps_per_second'] or 0:.1f} steps/s -> {run_dir}")
+    return summary
+
+
 def hparams_table(args):
     """Markdown table of the arguments for TensorBoard's text tab."""
     return "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in sorted(vars(args).items()))

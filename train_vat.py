@@ -384,17 +384,8 @@ def main():
                 "best_valid": best_valid, "test_at_best": test_at_best, "train_time": train_time})
             tick = time.perf_counter()
 
-    steps = args.total_steps - start_step
-    summary = {"steps": args.total_steps, "steps_per_second": (args.total_steps / train_time) if train_time else None,
-               "final_valid_error": valid_error, "final_test_error": test_error, "best_valid_error": best_valid,
-               "test_error_at_best_valid": test_at_best, "train_seconds": train_time, "args": vars(args)}
-    common.write_json(os.path.join(run_dir, "summary.json"), summary)
-    writer.add_hparams({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
-                       {"hparam/test_error_at_best_valid": test_at_best, "hparam/best_valid_error": best_valid},
-                       run_name=".")
-    writer.close()
-    print(f"done: {steps} steps, test error at best valid {test_at_best:.2f}% (best valid {best_valid:.2f}%), "
-          f"final test {test_error:.2f}%, {summary['steps_per_second'] or 0:.1f} steps/s -> {run_dir}")
+    common.finish_run(writer, run_dir, args, args.total_steps - start_step, train_time, valid_error, test_error,
+                      best_valid, test_at_best)
 
 
 if __name__ == "__main__":
