@@ -491,6 +491,20 @@ def error_rate(model, images, labels, normalize, batch_size=1000, autocast=None)
     return 100.0 * wrong.item() / len(images)
 
 
+def log_interval(writer, sums, step, steps_in_interval, seconds, lr, ramp, total_steps):
+    """Protocol A logging: the interval means of the summed scalars, learning rate, ramp and SPS (training time only)
+    to TensorBoard, and one printed line with the ETA."""
+    sps = steps_in_interval / max(seconds, 1e-9)
+    for name, total in sums.items():
+        writer.add_scalar(name, total.item() / steps_in_interval, step)
+    writer.add_scalar("charts/learning_rate", lr, step)
+    writer.add_scalar("charts/unlabeled_weight_ramp", ramp, step)
+    writer.add_scalar("charts/SPS", sps, step)
+    eta = (total_steps - step) / max(sps, 1e-9)
+    print(f"step {step}/{total_steps} loss {sums['losses/total'].item() / steps_in_interval:.4f} "
+          f"lr {lr:.2e} SPS {sps:.1f} ETA {eta / 60:.1f} min", flush=True)
+
+
 def finish_run(writer, run_dir, args, steps_run, train_time, valid_error, test_error, best_valid, test_at_best):
     """Protocol A end of run: summary.json (STYLE.md keys; steps_per_second over training time only), the hparams
     entry in TensorBoard, one printed line."""

@@ -260,15 +260,7 @@ def main():
                 torch.cuda.synchronize()
             now = time.perf_counter()
             train_time += now - tick
-            sps = (done - last_log_step) / max(now - tick, 1e-9)
-            for name, total in sums.items():
-                writer.add_scalar(name, total.item() / (done - last_log_step), done)
-            writer.add_scalar("charts/learning_rate", lr, done)
-            writer.add_scalar("charts/unlabeled_weight_ramp", ramp, done)
-            writer.add_scalar("charts/SPS", sps, done)
-            eta = (args.total_steps - done) / max(sps, 1e-9)
-            print(f"step {done}/{args.total_steps} loss {sums['losses/total'].item() / (done - last_log_step):.4f} "
-                  f"lr {lr:.2e} SPS {sps:.1f} ETA {eta / 60:.1f} min", flush=True)
+            common.log_interval(writer, sums, done, done - last_log_step, now - tick, lr, ramp, args.total_steps)
             sums, last_log_step, tick = {}, done, time.perf_counter()
         # EVAL: validation and test error; test error at the best validation error is the reported number
         if done % args.eval_every == 0 or done == args.total_steps:
