@@ -85,6 +85,17 @@ def test_run_dry_run_lists_every_config_and_seed(tmp_path, capsys):
     assert "--lr-decay-step" not in lines[8]  # MixMatch has a constant LR
 
 
+def test_lr_control_suite_changes_only_the_learning_rate(capsys):
+    main = {c.name: c.argv for c in run.fmnist_cpu_suite()}
+    control = run.fmnist_cpu_lr_control_suite()
+    assert [c.name for c in control] == ["pseudo-label@lr0.003", "ns3l@lr0.003", "vat+ns3l@lr0.003", "pi@lr0.003",
+                                         "pi+ns3l@lr0.003"]
+    for c in control:
+        assert c.argv == main[c.name.split("@")[0]] + ["--lr", "0.003"]
+    assert run.main(["--suite", "fmnist_cpu_lr3e-3", "--seeds", "1", "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("--lr 0.003 --seed 1") == 5
+
+
 def test_run_executes_skips_finished_and_resumes(tmp_path, capsys):
     fake = tmp_path / "fake_train.py"  # a stand-in training script honouring the STYLE.md contract
     fake.write_text(
