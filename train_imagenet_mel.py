@@ -52,6 +52,9 @@ def parse_args(argv=None):
     g.add_argument("--runs-dir", default="runs", help="parent of the run directory")
     g.add_argument("--run-name", default=None, help="default: <dataset>__imagenet_mel__<seed>__<unix time>")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its checkpoint.pt")
+    g.add_argument("--init-from", default=None, metavar="RUN_DIR",
+                   help="start from the model weights of RUN_DIR/checkpoint.pt (the note's '+MEL+NBEL initialised "
+                        "from the MEL model'); optimizer, LR schedule and step count start fresh")
     g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA if available")
     g.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=True,
                    help="cudnn.deterministic (off = cudnn.benchmark, faster)")
@@ -447,6 +450,25 @@ if __name__ == "__main__":
     total_steps = args.total_steps or args.epochs * steps_per_epoch
     eval_every = args.eval_every or steps_per_epoch
 
+    # Warm start: read and check the other run's weights before anything is written.
+    init_weights = None
+    if args.init_from and not args.resume:  # a resumed run has its own weights in its checkpoint
+        init_path = os.path.join(args.init_from, "checkpoint.pt")
+        if not os.path.isfile(init_path):
+            fail(f"error: --init-from {args.init_from}: no checkpoint.pt there")
+        if not os.path.isfile(os.path.join(args.init_from, "summary.json")):  # checkpoint.pt of a run still going
+            fail(f"error: --init-from {args.init_from} has not finished (no summary.json); wait for it or --resume it")
+        try:
+            init_checkpoint = torch.load(init_path, map_location="cpu", weights_only=True)
+            init_args, init_weights = json.loads(init_checkpoint["args"]), init_checkpoint["model"]
+        except Exception as error:  # corrupt or foreign file
+            fail(f"error: cannot read {init_path}: {type(error).__name__}: {error}".replace("\n", " "))
+        different = [k for k in ("arch", "growth_rate", "block_config", "num_init_features") if init_args.get(k) != getattr(args, k)]
+        if init_weights.get("classifier.weight", torch.empty(0)).shape[:1] != (num_classes,):
+            different.append("number of classes")
+        if different:
+            fail(f"error: --init-from {args.init_from} has another network: {', '.join(different)} differ")
+
     # Run directory: rank 0 picks it, everyone learns it (or the error) by broadcast.
     checkpoint = None
     if args.resume:
@@ -506,6 +528,10 @@ if __name__ == "__main__":
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=True,
                                 weight_decay=args.weight_decay)
     start_step, best = 0, {"valid": None, "test_at_best_valid": None}
+    if init_weights is not None:
+        core.load_state_dict(init_weights)
+        if is_main:
+            print(f"initialised the model from {args.init_from}", flush=True)
     if checkpoint is not None:
         core.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])

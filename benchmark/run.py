@@ -88,8 +88,10 @@ def run_name(config, seed):
 
 
 def build_command(config, seed, runs_dir, python=sys.executable):
-    """The exact argv of one run (relative script paths resolve against the repository root)."""
-    argv = list(config.argv)
+    """The exact argv of one run (relative script paths resolve against the repository root). The placeholders
+    {seed} and {runs_dir} in an argument become this run's seed and runs directory (e.g. ``--init-from
+    {runs_dir}/mel__seed{seed}`` warm-starts from another configuration of the same seed)."""
+    argv = [a.replace("{seed}", str(seed)).replace("{runs_dir}", runs_dir) for a in config.argv]
     if argv and argv[0] in ("python", "python3"):
         argv = argv[1:] if len(argv) > 1 and argv[1].endswith(".py") else [python] + argv[1:]
     if argv and argv[0].endswith(".py"):

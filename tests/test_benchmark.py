@@ -121,6 +121,13 @@ def test_run_executes_skips_finished_and_resumes(tmp_path, capsys):
     assert capsys.readouterr().out.count("# done: ") == 4  # a second call runs nothing
 
 
+def test_run_placeholders_name_this_seed_and_runs_dir():
+    config = run.Config("warm", ["train_imagenet_mel.py", "--init-from", "{runs_dir}/ce+mel__seed{seed}"])
+    argv = run.build_command(config, 3, "runs/x")
+    assert argv[argv.index("--init-from") + 1] == "runs/x/ce+mel__seed3"
+    assert argv[-6:] == ["--seed", "3", "--runs-dir", "runs/x", "--run-name", "warm__seed3"]
+
+
 def test_run_rejects_bad_names():
     with pytest.raises(SystemExit):
         run.parse_args(["--config", "a__b", "python x.py"])

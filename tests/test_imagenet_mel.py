@@ -368,6 +368,42 @@ def test_end_to_end_single_process_resume_and_no_overwrite(image_folder, tmp_pat
     assert changed.returncode != 0 and "mel_weight" in changed.stderr
 
 
+def test_init_from_another_run_loads_its_weights(image_folder, tmp_path):
+    runs = tmp_path / "runs"
+    common = ["--data-dir", image_folder, "--num-labeled", "16", "--num-unlabeled", "-1", "--batch-size", "16",
+              "--eval-every", "4", "--runs-dir", str(runs), *TINY_NET]
+    first = run_script([*common, "--lr", "0.05", "--total-steps", "4", "--run-name", "mel"])
+    assert first.returncode == 0, first.stderr
+    # A zero-LR continuation keeps every weight (BN running statistics still move): the weights it saves are the
+    # first run's, not a fresh initialisation; its step count and optimizer start fresh.
+    warm = run_script([*common, "--lr", "1e-30", "--weight-decay", "0", "--total-steps", "2", "--run-name", "warm",
+                       "--init-from", str(runs / "mel")])
+    assert warm.returncode == 0, warm.stderr
+    assert "initialised the model from" in warm.stdout
+    source = torch.load(runs / "mel" / "checkpoint.pt", weights_only=True)
+    target = torch.load(runs / "warm" / "checkpoint.pt", weights_only=True)
+    assert target["step"] == 2
+    weights = [k for k in source["model"] if k.endswith(".weight")]
+    assert weights and all(torch.equal(source["model"][k], target["model"][k]) for k in weights)
+    cold = run_script([*common, "--lr", "1e-30", "--weight-decay", "0", "--total-steps", "2", "--run-name", "cold"])
+    assert not torch.equal(torch.load(runs / "cold" / "checkpoint.pt", weights_only=True)["model"]["classifier.weight"],
+                           source["model"]["classifier.weight"])
+    assert cold.returncode == 0
+    # Another network, a missing or corrupt checkpoint: one line, non-zero exit, no run directory.
+    (runs / "broken").mkdir()
+    (runs / "broken" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    (runs / "broken" / "summary.json").write_text("{}")
+    (runs / "going").mkdir()
+    (runs / "going" / "checkpoint.pt").write_bytes((runs / "mel" / "checkpoint.pt").read_bytes())
+    for source_dir, extra, message in ((runs / "mel", ["--growth-rate", "4"], "growth_rate"),
+                                       (runs / "going", [], "has not finished"),
+                                       (tmp_path / "nowhere", [], "no checkpoint.pt"),
+                                       (runs / "broken", [], "cannot read")):
+        bad = run_script([*common, "--total-steps", "2", "--run-name", "bad", "--init-from", str(source_dir), *extra])
+        assert bad.returncode != 0 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+        assert not (runs / "bad").exists()
+
+
 def test_torchrun_two_processes_gloo_identical_weights(image_folder, tmp_path):
     runs = tmp_path / "runs"
     result = run_script(["--data-dir", image_folder, "--num-labeled", "16", "--num-unlabeled", "-1",
