@@ -115,7 +115,7 @@ def test_end_to_end(tmp_path, flags, tags):
 def test_determinism_and_seed(tmp_path):
     a = json.load(open(os.path.join(_run(tmp_path, "a", "--ns3l"), "summary.json")))
     b = json.load(open(os.path.join(_run(tmp_path, "b", "--ns3l"), "summary.json")))
-    c = json.load(open(os.path.join(_run(tmp_path, "c", "--ns3l", "--seed", "2"), "summary.json")))
+    _run(tmp_path, "c", "--ns3l", "--seed", "2")
     la = [v for _, v in read_scalars(os.path.join(tmp_path, "a"))["losses/total"]]
     lb = [v for _, v in read_scalars(os.path.join(tmp_path, "b"))["losses/total"]]
     lc = [v for _, v in read_scalars(os.path.join(tmp_path, "c"))["losses/total"]]

@@ -2,7 +2,6 @@
 end-to-end run and the paper's claim (adversarial negatives beat uniform / frequency ones) on planted data."""
 import json
 import math
-import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
