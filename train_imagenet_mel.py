@@ -411,6 +411,20 @@ def average_buffers(module, world_size):
                 buffer /= world_size
 
 
+def read_checkpoint(run_dir, flag):
+    """RUN_DIR/checkpoint.pt as written by this script; a missing, corrupt or foreign file is one line and exit 1."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        fail(f"error: {flag} {run_dir}: no checkpoint.pt there")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(checkpoint.get("model"), dict) or not isinstance(checkpoint.get("args"), str):
+            raise ValueError("not a train_imagenet_mel.py checkpoint")
+    except Exception as error:  # truncated zip, pickle garbage, another script's file
+        fail(f"error: cannot read {path}: {type(error).__name__}: {error}".replace("\n", " "))
+    return checkpoint
+
+
 def save_checkpoint(path, state):
     tmp = path + ".tmp"
     torch.save(state, tmp)
@@ -453,16 +467,10 @@ if __name__ == "__main__":
     # Warm start: read and check the other run's weights before anything is written.
     init_weights = None
     if args.init_from and not args.resume:  # a resumed run has its own weights in its checkpoint
-        init_path = os.path.join(args.init_from, "checkpoint.pt")
-        if not os.path.isfile(init_path):
-            fail(f"error: --init-from {args.init_from}: no checkpoint.pt there")
+        init_checkpoint = read_checkpoint(args.init_from, "--init-from")
         if not os.path.isfile(os.path.join(args.init_from, "summary.json")):  # checkpoint.pt of a run still going
             fail(f"error: --init-from {args.init_from} has not finished (no summary.json); wait for it or --resume it")
-        try:
-            init_checkpoint = torch.load(init_path, map_location="cpu", weights_only=True)
-            init_args, init_weights = json.loads(init_checkpoint["args"]), init_checkpoint["model"]
-        except Exception as error:  # corrupt or foreign file
-            fail(f"error: cannot read {init_path}: {type(error).__name__}: {error}".replace("\n", " "))
+        init_args, init_weights = json.loads(init_checkpoint["args"]), init_checkpoint["model"]
         different = [k for k in ("arch", "growth_rate", "block_config", "num_init_features") if init_args.get(k) != getattr(args, k)]
         if init_weights.get("classifier.weight", torch.empty(0)).shape[:1] != (num_classes,):
             different.append("number of classes")
@@ -473,13 +481,7 @@ if __name__ == "__main__":
     checkpoint = None
     if args.resume:
         run_dir = args.resume
-        ckpt_path = os.path.join(run_dir, "checkpoint.pt")
-        if not os.path.isfile(ckpt_path):
-            fail(f"error: no checkpoint.pt in {run_dir}")
-        try:
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as error:  # corrupt or foreign file
-            fail(f"error: cannot read {ckpt_path}: {type(error).__name__}: {error}".replace("\n", " "))
+        checkpoint = read_checkpoint(run_dir, "--resume")
         saved = json.loads(checkpoint["args"])
         mismatched = [k for k in MUST_MATCH_ON_RESUME if saved.get(k) != getattr(args, k)]
         if mismatched:

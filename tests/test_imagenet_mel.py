@@ -402,6 +402,9 @@ def test_init_from_another_run_loads_its_weights(image_folder, tmp_path):
         bad = run_script([*common, "--total-steps", "2", "--run-name", "bad", "--init-from", str(source_dir), *extra])
         assert bad.returncode != 0 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
         assert not (runs / "bad").exists()
+    resume_broken = run_script([*common, "--total-steps", "2", "--resume", str(runs / "broken")])
+    assert resume_broken.returncode != 0 and "cannot read" in resume_broken.stderr
+    assert (runs / "broken" / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # nothing on disk touched
 
 
 def test_torchrun_two_processes_gloo_identical_weights(image_folder, tmp_path):
