@@ -53,8 +53,8 @@ def parse_args(argv=None):
     g.add_argument("--run-name", default=None, help="default: <dataset>__imagenet_mel__<seed>__<unix time>")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its checkpoint.pt")
     g.add_argument("--init-from", default=None, metavar="RUN_DIR",
-                   help="start from the model weights of RUN_DIR/checkpoint.pt (the note's '+MEL+NBEL initialised "
-                        "from the MEL model'); optimizer, LR schedule and step count start fresh")
+                   help="start from the model weights of the finished run RUN_DIR (the note's '+MEL+NBEL initialised "
+                        "from the MEL model'); optimizer, LR schedule and step count start fresh; ignored with --resume")
     g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA if available")
     g.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=True,
                    help="cudnn.deterministic (off = cudnn.benchmark, faster)")
@@ -412,17 +412,39 @@ def average_buffers(module, world_size):
 
 
 def read_checkpoint(run_dir, flag):
-    """RUN_DIR/checkpoint.pt as written by this script; a missing, corrupt or foreign file is one line and exit 1."""
+    """(checkpoint, its saved args) of RUN_DIR/checkpoint.pt as written by this script; a missing, corrupt or foreign
+    file is one line and exit 1."""
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(path):
         fail(f"error: {flag} {run_dir}: no checkpoint.pt there")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(checkpoint.get("model"), dict) or not isinstance(checkpoint.get("args"), str):
+        if not isinstance(checkpoint.get("model"), dict) or not isinstance(checkpoint.get("step"), int):
             raise ValueError("not a train_imagenet_mel.py checkpoint")
+        return checkpoint, json.loads(checkpoint["args"])
     except Exception as error:  # truncated zip, pickle garbage, another script's file
         fail(f"error: cannot read {path}: {type(error).__name__}: {error}".replace("\n", " "))
-    return checkpoint
+
+
+def check_init_source(init_from, init_checkpoint, model_shapes, labeled_idx):
+    """--init-from must name a finished run of the same network whose labeled images are labeled here too (else the
+    warm start would carry labels of this run's unlabeled or validation images). One line and exit 1 otherwise."""
+    summary_path = os.path.join(init_from, "summary.json")
+    if not os.path.isfile(summary_path):  # checkpoint.pt of a run still going
+        fail(f"error: --init-from {init_from} has not finished (no summary.json); wait for it or --resume it")
+    with open(summary_path) as f:
+        if json.load(f).get("steps") != init_checkpoint["step"]:  # a finished run being extended by --resume
+            fail(f"error: --init-from {init_from}: its checkpoint is not the finished model (a --resume is extending it)")
+    source_shapes = {k: tuple(v.shape) for k, v in init_checkpoint["model"].items()}
+    different = sorted(k for k in source_shapes.keys() | model_shapes.keys() if source_shapes.get(k) != model_shapes.get(k))
+    if different:
+        fail(f"error: --init-from {init_from} has another network ({len(different)} tensors differ, e.g. "
+             f"{different[0]}: {source_shapes.get(different[0])} there, {model_shapes.get(different[0])} here)")
+    split_path = os.path.join(init_from, "split.npz")
+    leaked = np.setdiff1d(np.load(split_path)["labeled"], labeled_idx) if os.path.isfile(split_path) else None
+    if leaked is None or leaked.size:
+        fail(f"error: --init-from {init_from}: " + ("no split.npz" if leaked is None else
+             f"{leaked.size} of its labeled train/ images are not labeled in this run; their labels would leak"))
 
 
 def save_checkpoint(path, state):
@@ -467,22 +489,18 @@ if __name__ == "__main__":
     # Warm start: read and check the other run's weights before anything is written.
     init_weights = None
     if args.init_from and not args.resume:  # a resumed run has its own weights in its checkpoint
-        init_checkpoint = read_checkpoint(args.init_from, "--init-from")
-        if not os.path.isfile(os.path.join(args.init_from, "summary.json")):  # checkpoint.pt of a run still going
-            fail(f"error: --init-from {args.init_from} has not finished (no summary.json); wait for it or --resume it")
-        init_args, init_weights = json.loads(init_checkpoint["args"]), init_checkpoint["model"]
-        different = [k for k in ("arch", "growth_rate", "block_config", "num_init_features") if init_args.get(k) != getattr(args, k)]
-        if init_weights.get("classifier.weight", torch.empty(0)).shape[:1] != (num_classes,):
-            different.append("number of classes")
-        if different:
-            fail(f"error: --init-from {args.init_from} has another network: {', '.join(different)} differ")
+        init_checkpoint, _ = read_checkpoint(args.init_from, "--init-from")
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            model_shapes = {k: tuple(v.shape) for k, v in build_model(args, num_classes).state_dict().items()}
+        check_init_source(args.init_from, init_checkpoint, model_shapes, labeled_idx)
+        init_weights = init_checkpoint["model"]
+        del init_checkpoint  # the source's optimizer state is not needed
 
     # Run directory: rank 0 picks it, everyone learns it (or the error) by broadcast.
     checkpoint = None
     if args.resume:
         run_dir = args.resume
-        checkpoint = read_checkpoint(run_dir, "--resume")
-        saved = json.loads(checkpoint["args"])
+        checkpoint, saved = read_checkpoint(run_dir, "--resume")
         mismatched = [k for k in MUST_MATCH_ON_RESUME if saved.get(k) != getattr(args, k)]
         if mismatched:
             fail(f"error: --resume needs the run's own settings; these differ: {', '.join(mismatched)}")
@@ -532,6 +550,7 @@ if __name__ == "__main__":
     start_step, best = 0, {"valid": None, "test_at_best_valid": None}
     if init_weights is not None:
         core.load_state_dict(init_weights)
+        del init_weights
         if is_main:
             print(f"initialised the model from {args.init_from}", flush=True)
     if checkpoint is not None:

@@ -121,6 +121,36 @@ def test_run_executes_skips_finished_and_resumes(tmp_path, capsys):
     assert capsys.readouterr().out.count("# done: ") == 4  # a second call runs nothing
 
 
+def test_run_resumes_a_real_script_with_its_whole_command_and_refuses_another_budget(tmp_path, capsys,
+                                                                                      monkeypatch):
+    from conftest import TINY
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    runs = str(tmp_path / "runs")
+    tiny = [a for a in TINY if a not in ("--total-steps", "20")]
+    # An interrupted run: 10 of 20 steps done, checkpoint written, no summary.json yet.
+    first = subprocess.run([sys.executable, os.path.join(ROOT, "train_supervised.py"), *tiny, "--total-steps", "10",
+                            "--seed", "1", "--runs-dir", runs, "--run-name", "sup__seed1"],
+                           env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    os.remove(os.path.join(runs, "sup__seed1", "summary.json"))
+    argv = ["--config", "sup", "python train_supervised.py " + " ".join(tiny + ["--total-steps", "20"]),
+            "--seeds", "1", "--runs-dir", runs]
+    assert run.main(argv) == 0
+    log = open(os.path.join(runs, "sup__seed1.log")).read()
+    assert "--run-name sup__seed1 --resume" in log and "at step 10" in log
+    with open(os.path.join(runs, "sup__seed1", "summary.json")) as f:
+        assert json.load(f)["steps"] == 20
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="finished 20 steps, this sweep asks for 30"):
+        run.main(argv[:2] + [argv[2].replace("--total-steps 20", "--total-steps 30")] + argv[3:])
+    # A script without --resume (train_xc.py) starts an interrupted run again instead of passing --resume.
+    xc = run.Config("xc", ["train_xc.py", "--total-steps", "5"])
+    os.makedirs(os.path.join(runs, "xc__seed1"))
+    open(os.path.join(runs, "xc__seed1", "checkpoint.pt"), "w").close()
+    (job,) = run.plan([xc], [1], runs)
+    assert job[3] == "new" and "--resume" not in job[2]
+
+
 def test_run_placeholders_name_this_seed_and_runs_dir():
     config = run.Config("warm", ["train_imagenet_mel.py", "--init-from", "{runs_dir}/ce+mel__seed{seed}"])
     argv = run.build_command(config, 3, "runs/x")

@@ -382,25 +382,39 @@ def test_init_from_another_run_loads_its_weights(image_folder, tmp_path):
     assert "initialised the model from" in warm.stdout
     source = torch.load(runs / "mel" / "checkpoint.pt", weights_only=True)
     target = torch.load(runs / "warm" / "checkpoint.pt", weights_only=True)
-    assert target["step"] == 2
+    warm_summary = json.loads((runs / "warm" / "summary.json").read_text())
+    assert target["step"] == 2 and warm_summary["steps"] == 2 and warm_summary["steps_this_run"] == 2
     weights = [k for k in source["model"] if k.endswith(".weight")]
     assert weights and all(torch.equal(source["model"][k], target["model"][k]) for k in weights)
     cold = run_script([*common, "--lr", "1e-30", "--weight-decay", "0", "--total-steps", "2", "--run-name", "cold"])
     assert not torch.equal(torch.load(runs / "cold" / "checkpoint.pt", weights_only=True)["model"]["classifier.weight"],
                            source["model"]["classifier.weight"])
     assert cold.returncode == 0
-    # Another network, a missing or corrupt checkpoint: one line, non-zero exit, no run directory.
+    # --resume continues the run from its own checkpoint; --init-from is ignored there.
+    resumed = run_script([*common, "--lr", "1e-30", "--weight-decay", "0", "--total-steps", "3", "--run-name", "warm",
+                          "--resume", str(runs / "warm"), "--init-from", str(tmp_path / "nowhere")])
+    assert resumed.returncode == 0 and "at step 2" in resumed.stdout, resumed.stderr
+    # Refusals, each one line with a non-zero exit and no run directory: another network (width, number of
+    # classes), labels that would leak (another seed labels other images), a run not finished or being extended,
+    # a missing or corrupt checkpoint.
+    three_classes = make_image_folder(tmp_path / "three", classes=3)
     (runs / "broken").mkdir()
     (runs / "broken" / "checkpoint.pt").write_bytes(b"not a checkpoint")
     (runs / "broken" / "summary.json").write_text("{}")
-    (runs / "going").mkdir()
-    (runs / "going" / "checkpoint.pt").write_bytes((runs / "mel" / "checkpoint.pt").read_bytes())
-    for source_dir, extra, message in ((runs / "mel", ["--growth-rate", "4"], "growth_rate"),
+    for name, steps in (("going", None), ("extending", 9)):
+        (runs / name).mkdir()
+        (runs / name / "checkpoint.pt").write_bytes((runs / "mel" / "checkpoint.pt").read_bytes())
+        if steps:
+            (runs / name / "summary.json").write_text(json.dumps({"steps": steps}))
+    for source_dir, extra, message in ((runs / "mel", ["--growth-rate", "4"], "another network"),
+                                       (runs / "mel", ["--data-dir", three_classes], "classifier.bias: (4,) there, (3,) here"),
+                                       (runs / "mel", ["--seed", "2"], "their labels would leak"),
                                        (runs / "going", [], "has not finished"),
+                                       (runs / "extending", [], "not the finished model"),
                                        (tmp_path / "nowhere", [], "no checkpoint.pt"),
                                        (runs / "broken", [], "cannot read")):
         bad = run_script([*common, "--total-steps", "2", "--run-name", "bad", "--init-from", str(source_dir), *extra])
-        assert bad.returncode != 0 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+        assert bad.returncode != 0 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
         assert not (runs / "bad").exists()
     resume_broken = run_script([*common, "--total-steps", "2", "--resume", str(runs / "broken")])
     assert resume_broken.returncode != 0 and "cannot read" in resume_broken.stderr

@@ -5,7 +5,9 @@ validation split, so the number is the final test error). Seeds: the note report
 
 "+MEL+NBEL initialised from the MEL model" (53.95) starts from the finished ce+mel run of the same seed
 (`--init-from {runs_dir}/ce+mel__seed{seed}`: its weights, a fresh optimizer and the full 90-epoch schedule; the
-note does not say how long the second stage trained, so this is our reading). It is listed after ce+mel, so with
+note does not say how long the second stage trained, so this is our reading; nor does it say which supervised share
+the +MEL+NBEL rows used: §3.3 keeps "alpha and r fixed from the previous case", which may mean the 0.8 of §3.2 rather
+than the default 0.25 used here — add `--labeled-ratio 0.8` to test that reading). It is listed after ce+mel, so with
 `--workers 1` the order is right; with more workers a warm start whose source has not finished is refused (no
 summary.json yet) and simply runs on the next invocation.
 
