@@ -186,7 +186,7 @@ def main(argv=None, paper=None, order=None, labels=None):
     parser.add_argument("--metric", default="test_error_at_best_valid", choices=METRICS)
     parser.add_argument("--paper", nargs="+", default=None, metavar="NAME=MEAN[,STD]",
                         help="the paper's figure for a configuration")
-    parser.add_argument("--suite", default=None, help="order the rows like this benchmark/run.py suite")
+    parser.add_argument("--suite", nargs="+", default=None, help="order the rows like these benchmark/run.py suites")
     parser.add_argument("--output", default=None, help="also write the Markdown table here")
     parser.add_argument("--curves", default=None, help="PNG of learning curves (mean over seeds)")
     parser.add_argument("--tag", default="eval/test_error", help="TensorBoard scalar for --curves")
@@ -198,9 +198,10 @@ def main(argv=None, paper=None, order=None, labels=None):
         parser.error(str(error))
     if args.suite:
         import run
-        if args.suite not in run.SUITES:
-            parser.error(f"unknown suite {args.suite!r}: choose from {', '.join(run.SUITES)}")
-        order = [c.name for c in run.SUITES[args.suite]()]
+        unknown = [name for name in args.suite if name not in run.SUITES]
+        if unknown:
+            parser.error(f"unknown suite {unknown[0]!r}: choose from {', '.join(run.SUITES)}")
+        order = [c.name for name in args.suite for c in run.SUITES[name]()]
     text = table(groups, args.metric, paper, order, labels)
     print(text, end="")
     if args.output:

@@ -68,6 +68,18 @@ def test_report_cli_writes_markdown_and_curves(tmp_path):
     assert os.path.getsize(png) > 1000
 
 
+def test_report_orders_rows_by_several_suites(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for name, error in (("ns3l@lr0.003__seed1", 19.0), ("other__seed1", 30.0), ("supervised__seed1", 20.0)):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "summary.json").write_text(json.dumps({"test_error_at_best_valid": error, "steps": 5}))
+    assert report.main([str(runs), "--suite", "fmnist_cpu", "fmnist_cpu_lr3e-3"]) == 0
+    rows = [line.split(" | ")[0].lstrip("| ") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == ["supervised", "ns3l@lr0.003", "other"]  # suite order first, then unknown names
+    with pytest.raises(SystemExit):
+        report.main([str(runs), "--suite", "fmnist_cpu", "nope"])
+
+
 # ---------------------------------------------------------------------------------------------------------- run.py
 def test_run_dry_run_lists_every_config_and_seed(tmp_path, capsys):
     runs = str(tmp_path / "sweep")
