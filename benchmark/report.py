@@ -111,10 +111,11 @@ def curve_means(runs_dir, groups, tag):
     return means
 
 
-def plot_curves(runs_dir, groups, path, tag="eval/test_error", labels=None):
-    """One line per configuration: the mean over its seeds of ``tag``. matplotlib when installed (requirements.txt),
-    else a plain Pillow drawing, so a missing plotting library never loses the figure."""
-    labels, means = labels or {}, curve_means(runs_dir, groups, tag)
+def plot_curves(runs_dir, groups, path, tag="eval/test_error", labels=None, order=None):
+    """One line per configuration: the mean over its seeds of ``tag``, in ``order`` (then the rest). matplotlib when
+    installed (requirements.txt), else a plain Pillow drawing, so a missing plotting library never loses the figure."""
+    order = [n for n in (order or []) if n in groups] + [n for n in groups if n not in (order or [])]
+    labels, means = labels or {}, curve_means(runs_dir, {n: groups[n] for n in order}, tag)
     try:
         import matplotlib
     except ImportError:
@@ -122,8 +123,10 @@ def plot_curves(runs_dir, groups, path, tag="eval/test_error", labels=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, (steps, values, n) in means.items():
-        ax.plot(steps, values, marker="o", markersize=3, label=f"{labels.get(name, name)} (n={n})")
+    colours = plt.get_cmap("tab20").colors  # 20 distinct colours: a 15-row table needs more than the default 10
+    for i, (name, (steps, values, n)) in enumerate(means.items()):
+        ax.plot(steps, values, marker="o", markersize=3, color=colours[i % len(colours)],
+                linestyle="--" if "@" in name else "-", label=f"{labels.get(name, name)} (n={n})")
     ax.set_xlabel("training step")
     ax.set_ylabel(tag + " (%)" if "error" in tag else tag)
     ax.grid(alpha=0.3)
@@ -209,7 +212,7 @@ def main(argv=None, paper=None, order=None, labels=None):
         with open(args.output, "w") as f:
             f.write(text)
     if args.curves:
-        plot_curves(args.runs_dir, groups, args.curves, args.tag, labels)
+        plot_curves(args.runs_dir, groups, args.curves, args.tag, labels, order)
         print(f"curves -> {args.curves}")
     return 0
 
