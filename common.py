@@ -12,6 +12,7 @@ import json
 import os
 import random
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -404,6 +405,23 @@ def create_run_dir(runs_dir, run_name):
         fail(f"run directory {run_dir} already exists: choose another --run-name, or continue it with --resume {run_dir}")
     os.makedirs(run_dir)
     return run_dir
+
+
+def open_run(args, script, split, checkpoint=None):
+    """(run_dir, TensorBoard writer). A new run gets runs/<dataset>__<script>__<seed>__<unix time> (or --run-name),
+    its args.json and split.json; a resumed run reopens args.resume and purges the events logged after its
+    checkpoint's step (a crashed leg's; those at the step itself were written before the checkpoint was saved)."""
+    from torch.utils.tensorboard import SummaryWriter  # here: the data helpers above must not need tensorboard
+    if checkpoint is None:
+        run_name = args.run_name or f"{os.path.basename(args.dataset)}__{script}__{args.seed}__{int(time.time())}"
+        run_dir = create_run_dir(args.runs_dir, run_name)
+        write_json(os.path.join(run_dir, "args.json"), vars(args))
+        split.save(os.path.join(run_dir, "split.json"))
+    else:
+        run_dir = args.resume
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["step"] + 1 if checkpoint else None)
+    writer.add_text("hyperparameters", hparams_table(args))
+    return run_dir, writer
 
 
 def write_json(path, obj):

@@ -41,7 +41,6 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.tensorboard import SummaryWriter
 
 import common
 
@@ -205,12 +204,7 @@ def main():
     args.eval_every = args.eval_every or 10 * steps_per_epoch
     normalize = common.Normalizer("scale")  # x / 127.5 - 1
 
-    run_name = args.run_name or f"{os.path.basename(args.dataset)}__{SCRIPT}__{args.seed}__{int(time.time())}"
-    run_dir = common.create_run_dir(args.runs_dir, run_name)
-    common.write_json(os.path.join(run_dir, "args.json"), vars(args))
-    split.save(os.path.join(run_dir, "split.json"))
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", common.hparams_table(args))
+    run_dir, writer = common.open_run(args, SCRIPT, split)
 
     # NEGATIVE PREPROCESSING: pixel-space nearest labeled example of every class, once, for the nn-* rules.
     unlabeled_idx = split.unlabeled.to(device)

@@ -47,7 +47,6 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.tensorboard import SummaryWriter
 
 import common
 import wrn
@@ -294,16 +293,7 @@ def main():
         common.fail(f"--shift {shift} must be smaller than the image size {data.image_size} (reflect padding)")
     normalize = common.Normalizer("scale")  # official: x * 2 / 255 - 1, no whitening
 
-    if checkpoint is None:
-        run_name = args.run_name or f"{os.path.basename(args.dataset)}__{SCRIPT}__{args.seed}__{int(time.time())}"
-        run_dir = common.create_run_dir(args.runs_dir, run_name)
-        common.write_json(os.path.join(run_dir, "args.json"), vars(args))
-        split.save(os.path.join(run_dir, "split.json"))
-    else:
-        run_dir = args.resume
-    # Events after the checkpoint (a crashed leg) are purged; those at its step were written before it was saved.
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["step"] + 1 if checkpoint else None)
-    writer.add_text("hyperparameters", common.hparams_table(args))
+    run_dir, writer = common.open_run(args, SCRIPT, split, checkpoint)  # new run dir, or the resumed one
 
     model = make_model(data.num_classes, args, data.channels).to(device, memory_format=memory_format)
     ema_model = copy.deepcopy(model).requires_grad_(False)  # TF EMA shadows start at the initial values

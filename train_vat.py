@@ -38,7 +38,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils.tensorboard import SummaryWriter
 
 import common
 import wrn
@@ -261,16 +260,7 @@ def main():
     flip, shift, noise_std = common.augmentation_defaults(args.dataset)
     normalize = common.make_normalizer(data)
 
-    if checkpoint is None:
-        run_name = args.run_name or f"{os.path.basename(args.dataset)}__{SCRIPT}__{args.seed}__{int(time.time())}"
-        run_dir = common.create_run_dir(args.runs_dir, run_name)
-        common.write_json(os.path.join(run_dir, "args.json"), vars(args))
-        split.save(os.path.join(run_dir, "split.json"))
-    else:
-        run_dir = args.resume
-    # purge events after the checkpoint's step (a resumed run rewrites them); the step itself was logged before saving
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["step"] + 1 if checkpoint else None)
-    writer.add_text("hyperparameters", common.hparams_table(args))
+    run_dir, writer = common.open_run(args, SCRIPT, split, checkpoint)  # new run dir, or the resumed one
 
     model = wrn.WideResNet(data.num_classes, args.depth, args.width, data.channels,
                            bn_momentum=args.bn_momentum).to(device, memory_format=memory_format)

@@ -1,6 +1,7 @@
 """The data layer: loaders (torchvision layouts generated here, idx files, npz, digits), splits, preprocessing,
 augmentation and the batch sampler."""
 import gzip
+import json
 import os
 import pickle
 
@@ -239,3 +240,29 @@ def test_flip_only_where_allowed():
     same = (flipped == x).flatten(1).all(1)
     mirrored = (flipped == x.flip(3)).flatten(1).all(1)
     assert bool((same | mirrored).all()) and 60 < int(mirrored.sum()) < 140
+
+
+def test_open_run_new_resumed_and_existing(tmp_path, capsys):
+    import argparse
+    split = common.make_ssl_split(torch.arange(100) % 10, 10, 20, 10, seed=0)
+    args = argparse.Namespace(dataset="digits", seed=3, runs_dir=str(tmp_path), run_name=None, resume=None, lr=0.1)
+    run_dir, writer = common.open_run(args, "sup", split)
+    writer.add_scalar("x", 1.0, 1)
+    writer.close()
+    name = os.path.basename(run_dir)
+    assert name.startswith("digits__sup__3__") and os.path.dirname(run_dir) == str(tmp_path)
+    assert json.load(open(os.path.join(run_dir, "args.json")))["lr"] == 0.1
+    assert os.path.exists(os.path.join(run_dir, "split.json"))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir))
+    # A resumed run reopens its own directory and writes nothing new there but events.
+    before = sorted(os.listdir(run_dir))
+    args.resume = run_dir
+    resumed_dir, writer = common.open_run(args, "sup", split, {"step": 5})
+    writer.close()
+    assert resumed_dir == run_dir and {"args.json", "split.json"} <= set(os.listdir(run_dir)) and set(before) <= set(os.listdir(run_dir))
+    # The same --run-name again: one line, exit 1, the existing run untouched.
+    args.resume, args.run_name = None, name
+    with pytest.raises(SystemExit) as exit_info:
+        common.open_run(args, "sup", split)
+    assert exit_info.value.code == 1 and "already exists" in capsys.readouterr().err
+    assert json.load(open(os.path.join(run_dir, "args.json")))["lr"] == 0.1
