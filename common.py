@@ -419,7 +419,7 @@ def open_run(args, script, split, checkpoint=None):
         split.save(os.path.join(run_dir, "split.json"))
     else:
         run_dir = args.resume
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["step"] + 1 if checkpoint else None)
+    writer = SummaryWriter(run_dir, purge_step=None if checkpoint is None else checkpoint["step"] + 1)
     writer.add_text("hyperparameters", hparams_table(args))
     return run_dir, writer
 

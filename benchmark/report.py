@@ -1,8 +1,8 @@
 """Gather summary.json files into a Markdown table of mean +- std per configuration (the paper's figure beside it
 where one exists), and draw learning curves from the TensorBoard logs to a PNG.
 
-    python benchmark/report.py runs/fmnist_cpu --suite fmnist_cpu --output docs/fmnist_cpu_table.md \
-        --curves docs/fmnist_cpu_curves.png
+    python benchmark/report.py runs/fmnist_cpu500 --suite fmnist_cpu fmnist_cpu_lr3e-3 \
+        --output docs/fmnist_cpu_table.md --curves docs/fmnist_cpu_curves.png
     python benchmark/report.py runs/sweep --paper ns3l=16.42,0.08 --metric final_test_error
 
 A run directory named ``<config>__seed<S>`` (what benchmark/run.py makes) belongs to configuration ``<config>``;

@@ -247,7 +247,8 @@ def test_open_run_new_resumed_and_existing(tmp_path, capsys):
     split = common.make_ssl_split(torch.arange(100) % 10, 10, 20, 10, seed=0)
     args = argparse.Namespace(dataset="digits", seed=3, runs_dir=str(tmp_path), run_name=None, resume=None, lr=0.1)
     run_dir, writer = common.open_run(args, "sup", split)
-    writer.add_scalar("x", 1.0, 1)
+    for step in (5, 7):  # a crashed leg logged step 7 after its checkpoint at step 5
+        writer.add_scalar("x", float(step), step)
     writer.close()
     name = os.path.basename(run_dir)
     assert name.startswith("digits__sup__3__") and os.path.dirname(run_dir) == str(tmp_path)
@@ -258,7 +259,12 @@ def test_open_run_new_resumed_and_existing(tmp_path, capsys):
     before = sorted(os.listdir(run_dir))
     args.resume = run_dir
     resumed_dir, writer = common.open_run(args, "sup", split, {"step": 5})
+    writer.add_scalar("x", 6.0, 6)
     writer.close()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("x")] == [(5, 5.0), (6, 6.0)]  # step 7 purged, 5 kept
     assert resumed_dir == run_dir and {"args.json", "split.json"} <= set(os.listdir(run_dir)) and set(before) <= set(os.listdir(run_dir))
     # The same --run-name again: one line, exit 1, the existing run untouched.
     args.resume, args.run_name = None, name
