@@ -208,6 +208,7 @@ def measure_inprocess(repeats, depth, width, threads, batch_size=50):
     import torch
     import torch.nn.functional as F
     sys.path.insert(0, ROOT)
+    import train_mixmatch
     import train_pi
     import train_supervised
     import train_vat
@@ -259,8 +260,23 @@ def measure_inprocess(repeats, depth, width, threads, batch_size=50):
             loss = loss + train_pi.ns3l_loss(logits_u, train_pi.ns3l_negatives(logits_u, 0.04))
         return loss
 
+    def mixmatch(ns3l):  # K = 2 views of the unlabeled half, label guess, mixup, interleaved forward
+        x, y = batch()
+        x_l, views = x[:batch_size], [x[batch_size:], x[batch_size:].flip(3)]
+        guessed = train_mixmatch.guess_labels(model, views, 0.5)
+        targets = torch.cat([F.one_hot(y, 10).float(), guessed, guessed])
+        mixed_inputs, mixed_targets, _, _ = train_mixmatch.mixup(torch.cat([x_l] + views), targets, 0.75)
+        logits = torch.cat(train_mixmatch.interleaved_forward(model, list(mixed_inputs.split(batch_size))))
+        loss_xe, loss_l2u = train_mixmatch.mixmatch_losses(logits[:batch_size], mixed_targets[:batch_size],
+                                                           logits[batch_size:], mixed_targets[batch_size:])
+        loss = loss_xe + 75 * loss_l2u
+        if ns3l:
+            loss = loss + train_mixmatch.ns3l_loss(logits, train_mixmatch.ns3l_negatives(mixed_targets, 0.05))
+        return loss
+
     variants = {"PL": (pl, False), "PL+NS3L": (pl, True), "NS3L": (ns3l_only, None), "VAT": (vat, False),
-                "VAT+NS3L": (vat, True), "Pi": (pi, False), "Pi+NS3L": (pi, True)}
+                "VAT+NS3L": (vat, True), "Pi": (pi, False), "Pi+NS3L": (pi, True), "MixMatch": (mixmatch, False),
+                "MixMatch+NS3L": (mixmatch, True)}
 
     def timed(fn, flag):
         start = time.perf_counter()
@@ -296,7 +312,10 @@ def format_inprocess(medians, times):
              f"  NS3L negatives + loss + backward alone: {1e3 * medians['NS3L-loss-only']:.2f} ms = "
              f"{100 * medians['NS3L-loss-only'] / medians['PL']:.2f} % of a Pseudo-Label step"]
     for base, other, kind in (("PL", "PL+NS3L", "overhead"), ("VAT", "VAT+NS3L", "overhead"),
-                              ("Pi", "Pi+NS3L", "overhead"), ("NS3L", "VAT", "speedup")):
+                              ("Pi", "Pi+NS3L", "overhead"), ("MixMatch", "MixMatch+NS3L", "overhead"),
+                              ("NS3L", "VAT", "speedup")):
+        if base not in times or other not in times:  # a report from before a variant was measured
+            continue
         ratios = [b / a for a, b in zip(times[base], times[other])]
         med = statistics.median(ratios)
         if kind == "overhead":

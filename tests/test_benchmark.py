@@ -262,6 +262,17 @@ def test_speed_inprocess_report_uses_per_iteration_ratios():
     assert "NS3L overhead on PL: +1.0 %" in text and "NS3L overhead on VAT: +0.0 %" in text
     assert "NS3L overhead on Pi: +5.0 %" in text and "NS3L alone vs VAT: 3.00x" in text
     assert "1.00 ms = 0.10 % of a Pseudo-Label step" in text
+    assert "MixMatch" not in text  # not measured in these times: no line
+    times.update({"MixMatch": [4.0, 4.0], "MixMatch+NS3L": [4.08, 4.08]})
+    medians.update({"MixMatch": 4.0, "MixMatch+NS3L": 4.08})
+    assert "NS3L overhead on MixMatch: +2.0 %" in speed.format_inprocess(medians, times)
+
+
+def test_speed_inprocess_measures_every_variant():
+    medians, times = speed.measure_inprocess(repeats=1, depth=10, width=1, threads=1, batch_size=4)
+    assert {"PL", "PL+NS3L", "NS3L", "VAT", "VAT+NS3L", "Pi", "Pi+NS3L", "MixMatch", "MixMatch+NS3L",
+            "NS3L-loss-only"} <= set(medians)
+    assert all(value > 0 for value in medians.values())
 
 
 def test_run_only_keeps_the_given_order(tmp_path, capsys):
