@@ -202,8 +202,8 @@ def measure_batch_share(repeats, depth, width, threads, batch_size=50, dataset="
 # ------------------------------------------------------------------------- in-process, step-alternated overheads
 def measure_inprocess(repeats, depth, width, threads, batch_size=50):
     """Step-by-step alternation inside one process (no start-up, no cross-run drift): the training step of each
-    Protocol A script rebuilt from the script's own loss functions (train_supervised / train_vat / train_pi),
-    on the same WRN and the same 32x32x3 batches. Returns {label: median step seconds} and the per-pair medians of
+    script rebuilt from the script's own functions (train_supervised / train_vat / train_pi / train_mixmatch), on
+    the same WRN and the same 32x32x3 batches. Returns {label: median step seconds} and the per-pair medians of
     per-iteration ratios. A diagnostic for the subprocess numbers, which a loaded machine makes noisy."""
     import torch
     import torch.nn.functional as F
