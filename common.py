@@ -523,6 +523,23 @@ def log_interval(writer, sums, step, steps_in_interval, seconds, lr, ramp, total
           f"lr {lr:.2e} SPS {sps:.1f} ETA {eta / 60:.1f} min", flush=True)
 
 
+def evaluate_and_log(writer, step, model, data, split, normalize, autocast, best_valid, test_at_best):
+    """Protocol A evaluation: validation and test error, the test error at the best validation error so far (the
+    reported number; the first evaluation always sets it), three eval/ scalars and one printed line. Returns
+    (valid_error, test_error, best_valid, test_at_best)."""
+    valid = split.valid.to(data.x_train.device)
+    valid_error = error_rate(model, data.x_train[valid], data.y_train[valid], normalize, autocast=autocast)
+    test_error = error_rate(model, data.x_test, data.y_test, normalize, autocast=autocast)
+    if valid_error < best_valid or best_valid != best_valid:
+        best_valid, test_at_best = valid_error, test_error
+    writer.add_scalar("eval/valid_error", valid_error, step)
+    writer.add_scalar("eval/test_error", test_error, step)
+    writer.add_scalar("eval/test_error_at_best_valid", test_at_best, step)
+    print(f"eval step {step}: valid error {valid_error:.2f}% test error {test_error:.2f}% "
+          f"(test at best valid {test_at_best:.2f}%)", flush=True)
+    return valid_error, test_error, best_valid, test_at_best
+
+
 def finish_run(writer, run_dir, args, steps_run, train_time, valid_error, test_error, best_valid, test_at_best):
     """Protocol A end of run: summary.json (STYLE.md keys; steps_per_second over training time only), the hparams
     entry in TensorBoard, one printed line."""

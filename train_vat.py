@@ -349,16 +349,8 @@ def main():
             if device.type == "cuda":
                 torch.cuda.synchronize()
             train_time += time.perf_counter() - tick
-            valid_error = common.error_rate(model, data.x_train[split.valid.to(device)],
-                                            data.y_train[split.valid.to(device)], normalize, autocast=amp)
-            test_error = common.error_rate(model, data.x_test, data.y_test, normalize, autocast=amp)
-            if valid_error < best_valid or best_valid != best_valid:
-                best_valid, test_at_best = valid_error, test_error
-            writer.add_scalar("eval/valid_error", valid_error, done)
-            writer.add_scalar("eval/test_error", test_error, done)
-            writer.add_scalar("eval/test_error_at_best_valid", test_at_best, done)
-            print(f"eval step {done}: valid error {valid_error:.2f}% test error {test_error:.2f}% "
-                  f"(test at best valid {test_at_best:.2f}%)", flush=True)
+            valid_error, test_error, best_valid, test_at_best = common.evaluate_and_log(
+                writer, done, model, data, split, normalize, amp, best_valid, test_at_best)
             common.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
                 "script": SCRIPT, "args": vars(args), "step": done, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "labeled_sampler": labeled_batches.state_dict(),
