@@ -2,7 +2,7 @@
 augmentation on the device. Nothing here is an algorithm; everything here is shared.
 
 Images are held on the device as uint8 tensors (N, C, H, W) for their whole life. A training batch is gathered by
-index, normalised (GCN + ZCA for CIFAR, [-1, 1] otherwise, REFERENCE §1) and augmented on the device with
+index, normalised (GCN + ZCA for CIFAR, [-1, 1] otherwise, as Oliver et al.'s build_tfrecords.py) and augmented on the device with
 per-sample randomness drawn from the global torch RNG, so a seeded run is reproducible and resumable.
 """
 import argparse
@@ -248,17 +248,24 @@ class Split:
     labeled: torch.Tensor  # indices into x_train
     unlabeled: torch.Tensor
     valid: torch.Tensor
+    labeled_in_unlabeled: bool = False  # True: the labeled images are also in the unlabeled stream (labels dropped)
 
     def save(self, path):
+        record = {k: getattr(self, k).tolist() for k in ("labeled", "unlabeled", "valid")}
+        record["labeled_in_unlabeled"] = self.labeled_in_unlabeled
         with open(path, "w") as f:
-            json.dump({k: getattr(self, k).tolist() for k in ("labeled", "unlabeled", "valid")}, f)
+            json.dump(record, f)
 
 
-def make_ssl_split(labels, num_classes, num_labeled, num_valid, seed, num_labelable=None, include_labeled=True):
+def make_ssl_split(labels, num_classes, num_labeled, num_valid, seed, num_labelable=None, include_labeled=False):
     """Hold out ``num_valid`` images for validation, pick a class-balanced labeled subset of ``num_labeled`` with
-    ``seed``, and make the unlabeled stream from the rest of train (Protocol A: labeled images included, labels
-    dropped; ``include_labeled=False`` excludes them). The validation set is drawn with a fixed generator so every
-    seed is selected on the same validation images; the seed only moves the labeled subset (5 seeds = 5 splits)."""
+    ``seed``, and make the unlabeled stream from the rest of train. By default the labeled and unlabeled sets are
+    disjoint, as the NS3L paper counts them (section 4.1: CIFAR-10 4,000 + 41,000) and as the PyTorch port of Oliver et
+    al.'s code builds them (perrying/realistic-ssl-evaluation-pytorch build_dataset.py:38-41) and the MixMatch code
+    (google-research/mixmatch scripts/create_split.py:111-114). ``include_labeled=True`` puts the labeled images in the
+    unlabeled stream too (labels dropped), as Oliver et al.'s TF data provider does (train_model.py:283-285). The
+    validation set is drawn with a fixed generator so every seed is selected on the same validation images; the seed
+    only moves the labeled subset (5 seeds = 5 splits)."""
     labels = labels.cpu()
     n = len(labels)
     num_labelable = n if num_labelable is None else num_labelable
@@ -288,7 +295,7 @@ def make_ssl_split(labels, num_classes, num_labeled, num_valid, seed, num_labela
     if not include_labeled:
         in_valid[labeled] = True
     unlabeled = (~in_valid).nonzero().squeeze(1)
-    return Split(labeled, unlabeled, valid.sort().values)
+    return Split(labeled, unlabeled, valid.sort().values, bool(include_labeled))
 
 
 class BatchSampler:
@@ -345,8 +352,8 @@ def fit_zca(images, identity_scale=0.1, eps=1e-10):
 
 
 class Normalizer:
-    """uint8 batch -> float batch. 'zca': GCN (scale 55) + ZCA fit once on all training images (REFERENCE §1,
-    CIFAR); 'scale': x / 127.5 - 1, i.e. [-1, 1] (SVHN and everything else, and all of Protocol B)."""
+    """uint8 batch -> float batch. 'zca': GCN (scale 55) + ZCA fit once on all training images (Oliver et al.
+    lib/dataset_utils.py:409-472, CIFAR); 'scale': x / 127.5 - 1, i.e. [-1, 1] (SVHN and everything else, and all of Protocol B)."""
 
     def __init__(self, kind, fit_images=None, chunk=5000):
         self.kind = kind
@@ -369,23 +376,33 @@ def make_normalizer(dataset, kind=None):
 
 
 # ---------------------------------------------------------------------------------------------------- augmentation
+def reflect_index(index, size):
+    """Fold out-of-range indices back inside [0, size) by reflection without repeating the edge (TF / PyTorch
+    'REFLECT' padding: -1 -> 1, size -> size - 2); valid for offsets below ``size``."""
+    index = index.abs()
+    return torch.where(index > size - 1, 2 * (size - 1) - index, index)
+
+
 def augment(x, flip=False, shift=0, noise_std=0.0):
     """Batched augmentation of a float batch (B, C, H, W) on its device, fresh randomness per sample:
     horizontal flip with probability 1/2 -> random translation by -shift..shift px with reflect padding
-    (= pad ``shift`` and random crop) -> additive Gaussian noise. Oliver et al.'s order."""
+    (= pad ``shift`` and random crop) -> additive Gaussian noise. Oliver et al.'s order (lib/networks.py:143-152).
+
+    The translation is one gather with reflected source indices rather than F.pad(mode="reflect") + crop: the same
+    result, but its backward (VAT differentiates through it) is deterministic on CUDA, where reflection-padding
+    backward has no deterministic kernel (torch.use_deterministic_algorithms refuses it)."""
     batch, channels, height, width = x.shape
     if flip:
         mask = torch.rand(batch, 1, 1, 1, device=x.device) < 0.5
         x = torch.where(mask, x.flip(3), x)
     if shift > 0:
-        padded = F.pad(x, (shift, shift, shift, shift), mode="reflect")
-        offset_y = torch.randint(0, 2 * shift + 1, (batch, 1, 1, 1), device=x.device)
-        offset_x = torch.randint(0, 2 * shift + 1, (batch, 1, 1, 1), device=x.device)
-        rows = torch.arange(height, device=x.device).view(1, 1, height, 1) + offset_y
-        cols = torch.arange(width, device=x.device).view(1, 1, 1, width) + offset_x
-        padded_width = width + 2 * shift
-        flat_index = (rows * padded_width + cols).expand(batch, channels, height, width).reshape(batch, channels, -1)
-        x = padded.reshape(batch, channels, -1).gather(2, flat_index).reshape(batch, channels, height, width)
+        offset_y = torch.randint(0, 2 * shift + 1, (batch, 1), device=x.device)
+        offset_x = torch.randint(0, 2 * shift + 1, (batch, 1), device=x.device)
+        rows = reflect_index(torch.arange(height, device=x.device).view(1, height) + offset_y - shift, height)
+        cols = reflect_index(torch.arange(width, device=x.device).view(1, width) + offset_x - shift, width)
+        flat_index = (rows[:, :, None] * width + cols[:, None, :]).reshape(batch, 1, height * width)
+        x = x.reshape(batch, channels, height * width).gather(2, flat_index.expand(batch, channels, height * width))
+        x = x.reshape(batch, channels, height, width)
     if noise_std > 0:
         x = x + noise_std * torch.randn_like(x)
     return x
@@ -483,28 +500,57 @@ def set_rng_state(state):
 
 
 def seed_everything(seed, deterministic):
+    """Seed every RNG. ``deterministic``: cuDNN's deterministic kernels with benchmarking off, and
+    torch.use_deterministic_algorithms(True), so any op without a deterministic kernel raises instead of silently
+    varying (with the cuBLAS workspace setting it needs on CUDA). With it, a run repeats bit for bit on the same
+    machine, software and device; without it (the default), cuDNN benchmarks its kernels and runs differ slightly."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call (CUDA docs)
+    torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
 
 
+def precision(args, device):
+    """(autocast context, memory format) of a run. ``--bf16`` / ``--channels-last`` left unset mean: on for CUDA,
+    off for the CPU; set explicitly they apply on either device, so the CPU test suite runs the CUDA code paths."""
+    use_bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
+    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    return autocast, (torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@contextlib.contextmanager
+def exact_fp32(device_type):
+    """Plain fp32 arithmetic inside: autocast off, and TF32 off for cuDNN convolutions and cuBLAS matmuls (PyTorch lets
+    cuDNN convolutions use TF32 by default on Ampere / Hopper, a 10-bit mantissa). Used for VAT's r search (xi = 1e-6
+    vanishes at lower precision) and for evaluation (Oliver et al. and the MixMatch code evaluate in fp32)."""
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.autocast(device_type, enabled=False):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
+
+
 @torch.inference_mode()
-def error_rate(model, images, labels, normalize, batch_size=1000, autocast=None):
-    """Test error in percent of ``model`` (eval mode, running BN statistics) on uint8 images held on the device."""
+def error_rate(model, images, labels, normalize, batch_size=1000, memory_format=torch.contiguous_format):
+    """Test error in percent of ``model`` (eval mode, running BN statistics) on uint8 images held on the device, in
+    exact fp32 whatever autocast the caller runs under (exact_fp32)."""
     if len(images) == 0:
         return float("nan")
     was_training = model.training
     model.eval()
     wrong = torch.zeros((), device=images.device)
-    for i in range(0, len(images), batch_size):
-        x = normalize(images[i: i + batch_size])
-        if images.is_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast if autocast is not None else contextlib.nullcontext():
+    with exact_fp32(images.device.type):
+        for i in range(0, len(images), batch_size):
+            x = normalize(images[i: i + batch_size]).contiguous(memory_format=memory_format)
             logits = model(x)
-        wrong += (logits.argmax(1) != labels[i: i + batch_size]).sum()
+            wrong += (logits.argmax(1) != labels[i: i + batch_size]).sum()
     model.train(was_training)
     return 100.0 * wrong.item() / len(images)
 
@@ -523,13 +569,13 @@ def log_interval(writer, sums, step, steps_in_interval, seconds, lr, ramp, total
           f"lr {lr:.2e} SPS {sps:.1f} ETA {eta / 60:.1f} min", flush=True)
 
 
-def evaluate_and_log(writer, step, model, data, split, normalize, autocast, best_valid, test_at_best):
-    """Protocol A evaluation: validation and test error, the test error at the best validation error so far (the
-    reported number; the first evaluation always sets it), three eval/ scalars and one printed line. Returns
-    (valid_error, test_error, best_valid, test_at_best)."""
+def evaluate_and_log(writer, step, model, data, split, normalize, memory_format, best_valid, test_at_best):
+    """Protocol A evaluation (fp32, error_rate): validation and test error, the test error at the best validation error
+    so far (the reported number; the first evaluation always sets it), three eval/ scalars and one printed line.
+    Returns (valid_error, test_error, best_valid, test_at_best)."""
     valid = split.valid.to(data.x_train.device)
-    valid_error = error_rate(model, data.x_train[valid], data.y_train[valid], normalize, autocast=autocast)
-    test_error = error_rate(model, data.x_test, data.y_test, normalize, autocast=autocast)
+    valid_error = error_rate(model, data.x_train[valid], data.y_train[valid], normalize, memory_format=memory_format)
+    test_error = error_rate(model, data.x_test, data.y_test, normalize, memory_format=memory_format)
     if valid_error < best_valid or best_valid != best_valid:
         best_valid, test_at_best = valid_error, test_error
     writer.add_scalar("eval/valid_error", valid_error, step)

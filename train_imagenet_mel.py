@@ -377,8 +377,9 @@ def build_model(args, num_classes):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, batch_size, num_workers, device, autocast, channels_last, rank, world_size):
-    """Top-1 / top-5 error (%) and mean CE over `dataset`, sharded over the ranks (no padding) and summed."""
+def evaluate(model, dataset, batch_size, num_workers, device, channels_last, rank, world_size):
+    """Top-1 / top-5 error (%) and mean CE over `dataset`, sharded over the ranks (no padding) and summed; in exact
+    fp32 (autocast and TF32 off), as the authors' code evaluates."""
     model.eval()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
@@ -387,7 +388,7 @@ def evaluate(model, dataset, batch_size, num_workers, device, autocast, channels
     for images, targets in loader:
         images = images.to(device, non_blocking=True, memory_format=torch.channels_last if channels_last else torch.preserve_format)
         targets = targets.to(device, non_blocking=True)
-        with autocast():
+        with common.exact_fp32(device.type):
             logits = model(images)[0].float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         totals += torch.stack([torch.tensor(len(targets), device=device), (top5[:, 0] == targets).sum(),
@@ -578,9 +579,9 @@ if __name__ == "__main__":
 
     def run_evaluation(step):
         average_buffers(core, world_size)
-        metrics = {"test": evaluate(core, val_folder, eval_batch, args.num_workers, device, autocast, mixed, rank, world_size)}
+        metrics = {"test": evaluate(core, val_folder, eval_batch, args.num_workers, device, mixed, rank, world_size)}
         if len(valid_idx):
-            metrics["valid"] = evaluate(core, valid_set, eval_batch, args.num_workers, device, autocast, mixed, rank, world_size)
+            metrics["valid"] = evaluate(core, valid_set, eval_batch, args.num_workers, device, mixed, rank, world_size)
             if best["valid"] is None or metrics["valid"]["top1_error"] < best["valid"]:
                 best.update(valid=metrics["valid"]["top1_error"], test_at_best_valid=metrics["test"]["top1_error"])
         if is_main:

@@ -4,10 +4,12 @@ MixMatch: Berthelot et al. 2019. MixMatch + NS3L: Chen et al., "Negative Samplin
 (ICML 2020) section 4.3 and Tables 3-5: every row of the mixed batches X' and U' gets as negatives the classes whose
 *mixed target* probability is below T = 0.05, and L = L_x + lambda_u L_u + lambda_1 L_NS3L on the mixed inputs' outputs.
 
-    python train_mixmatch.py --dataset cifar10 --num-labeled 250 --ns3l
+    python train_mixmatch.py --dataset cifar10 --num-labeled 250 --ns3l       # 307,200 steps, the NS3L paper's 300 epochs
+    python train_mixmatch.py --dataset cifar10 --num-labeled 250 --total-steps 1048576   # the MixMatch paper's 2^20
     python train_mixmatch.py --dataset digits --depth 10 --total-steps 2000 --eval-every 250 --rampup-steps 500 --ns3l
 
-Point by point against the official code (mixmatch.py, libml/{layers,models,data,utils}.py, runs/table2.sh):
+Point by point against the official code (google-research/mixmatch at 1011a1d; mixmatch.py, libml/{layers,models,
+data,utils}.py, runs/table*.sh; line numbers in docs/fidelity.md):
  1. Batches: 64 labeled + 64 unlabeled, K = 2 views per unlabeled image (FLAGS.batch, nu). Inputs x * 2/255 - 1.
  2. Augmentation (libml/data.py): flip + reflect-pad-4 random crop (CIFAR), crop only (SVHN), flip + pad 12 (STL-10),
     one fresh draw per view. Other image sizes: pad = image size / 8 (the same ratio). No input noise, no whitening.
@@ -24,16 +26,28 @@ Point by point against the official code (mixmatch.py, libml/{layers,models,data
  7. Loss: softmax cross-entropy on the mixed labeled rows + lambda_u * mean over rows and classes of the squared
     error between mixed targets and softmax on the unlabeled rows; lambda_u ramped linearly to its value over 1024 kimg
     = 16,384 steps of 64 (warmup_kimg). lambda_u: 75 CIFAR-10, 250 SVHN, 50 STL-10, 150 CIFAR-100.
- 8. Adam lr 0.002 constant. After each step: w <- w * (1 - 0.02 * lr) for every conv / dense kernel ('kernel' in the
-    name; no biases, no BN) and an EMA (decay 0.999) of the trainable variables only. BN moving statistics are not
-    averaged: the EMA model reads the live model's (utils.getter_ema falls back to the variable itself).
- 9. Evaluation with the EMA model in inference mode every 64 kimg = 1024 steps; the headline is the median test error
-    of the last 20 evaluations (scripts/extract_accuracy.py). The raw model is also evaluated (classify_raw).
-10. Split: the labeled images are not in the unlabeled stream (scripts/create_split.py); validation is held out
-    of the unlabeled images (CIFAR / SVHN 5000; STL-10 500).
+ 8. Adam lr 0.002 constant. Each step also applies w <- w * (1 - 0.02 * lr) to every conv / dense kernel ('kernel' in
+    the name; no biases, no BN) and an EMA (decay 0.999) of the trainable variables only. BN moving statistics are not
+    averaged: the EMA model reads the live model's (utils.getter_ema falls back to the variable itself). In the
+    official graph the decay, EMA and BN-update ops are built before `tf.control_dependencies([train_op])`
+    (mixmatch.py:88-96), so TF does not order them after the Adam update: they run in the same session.run in an
+    unspecified order. Here the order is fixed: Adam, then decay, then EMA (the evident intent).
+ 9. Evaluation in fp32 with the EMA model in inference mode every 64 kimg = 1024 steps; the headline is the median
+    test error of the last 20 evaluations on that grid (scripts/extract_accuracy.py). The raw model is also evaluated
+    (classify_raw).
+10. Split: the labeled images are not in the unlabeled stream (scripts/create_split.py); validation is held out of
+    the unlabeled images. The official runs hold out 1 image ("-1" in runs/table*.sh); the defaults here follow the
+    NS3L paper's counts instead (CIFAR 5,000; SVHN 7,325, the paper's 65,682 / 64,932 unlabeled; STL-10 500).
+11. Length: the NS3L paper trains CIFAR-10 and SVHN for 300 epochs of 64 kimg = 307,200 steps (the default); the
+    MixMatch paper's 2^20 steps elsewhere. CIFAR-100 + NS3L: T = 0.5 / 100 (the paper divides T by 10 on CIFAR-100).
+12. --svhn-extra is the official "svhn" data set of runs/table7.sh: train + extra, labels drawn from both, alpha 0.25,
+    lambda_u 250. The labeled draw is class-balanced here; the official create_split.py matches the class frequencies
+    of train + extra.
 Where this PyTorch port differs (all small): the post-step weight decay and EMA are unordered in the TF graph (here
 decay, then EMA); PyTorch's Adam puts epsilon outside the bias correction (TF: inside); the labeled subset is a
-class-balanced draw by seed (official: its own sampler; STL-10 official folds); the ramp is counted in steps, not images.
+class-balanced draw by seed (official: its own sampler; STL-10 official folds); the ramp is counted in steps, not
+images; on CUDA the training passes run under bf16 autocast by default (the official code is fp32 throughout;
+--no-bf16 restores it), evaluation is always fp32.
 """
 import argparse
 import contextlib
@@ -52,11 +66,20 @@ import common
 import wrn
 
 SCRIPT = "train_mixmatch"
-# Protocol B per data set: lambda_u (MixMatch paper / NS3L section 4.4), default split, NS3L lambda_1 (NS3L 4.4).
+# Protocol B per data set: lambda_u (official runs/table5.sh:24, table6.sh:25, table2.sh:18, table1.sh:21; NS3L 4.4)
+# and the default split. num_valid: the official runs hold out 1 image (dataset suffix "-1", runs/table*.sh); the NS3L
+# paper's counts imply CIFAR 5,000 (section 4.1: 45,000 training images) and SVHN 7,325 (65,682 / 64,932 unlabeled at
+# 250 / 1,000 labels = 73,257 - 7,325 - labels; Oliver et al.'s code holds out 7,326). STL-10: 500, the official
+# code's other choice (libml/data_pair.py:54), as the paper gives none.
+# NS3L paper (workshop version, section 4.1): "we reduce training epochs to 300 epochs for both SVHN and CIFAR10"; an
+# official epoch is 64 kimg = 1,024 steps of 64 (libml/train.py:34, report_kimg), so 307,200 steps. The MixMatch
+# paper's 2^20 steps (mixmatch.py:146, train_kimg 1 << 16) stay the default elsewhere (STL-10: the NS3L paper trains
+# "significantly fewer epochs" without a number).
+NS3L_STEPS = 300 * 1024
 PROTOCOL_B = {
-    "cifar10": dict(lambda_u=75.0, num_labeled=250, num_valid=5000),
+    "cifar10": dict(lambda_u=75.0, num_labeled=250, num_valid=5000, total_steps=NS3L_STEPS),
     "cifar100": dict(lambda_u=150.0, num_labeled=10000, num_valid=5000),
-    "svhn": dict(lambda_u=250.0, num_labeled=250, num_valid=5000),
+    "svhn": dict(lambda_u=250.0, num_labeled=250, num_valid=7325, total_steps=NS3L_STEPS),
     "stl10": dict(lambda_u=50.0, num_labeled=1000, num_valid=500),
 }
 
@@ -70,9 +93,13 @@ def parse_args(argv=None):
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
     g.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
-                   help="cudnn.deterministic (bit-reproducible, slower on GPU)")
-    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast for forward passes on CUDA (ignored on CPU)")
+                   help="deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, no benchmark): "
+                        "bit-reproducible on the same machine and software, slower on GPU")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for training forward passes (default: on for CUDA, off on CPU; --bf16 forces it "
+                        "on the CPU too). Evaluation always runs in exact fp32")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: on for CUDA, off on CPU)")
     g.add_argument("--eval-every", type=int, default=1024, help="steps between evaluations (official: 64 kimg)")
     g.add_argument("--log-every", type=int, default=100, help="steps between logged scalars")
     g = parser.add_argument_group("data")
@@ -80,17 +107,22 @@ def parse_args(argv=None):
                    help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz (x_train, y_train, x_test, y_test)")
     g.add_argument("--data-dir", default="data", help="torchvision data root")
     g.add_argument("--download", action="store_true", help="let torchvision download the data set")
-    g.add_argument("--svhn-extra", action="store_true", help="SVHN: add the 531k 'extra' images to the unlabeled stream")
+    g.add_argument("--svhn-extra", action="store_true",
+                   help="SVHN + extra as the official runs/table7.sh: the 531k 'extra' images join train, the labeled "
+                        "and validation images are drawn from train + extra, and --alpha defaults to 0.25")
     g.add_argument("--num-labeled", type=int, default=None,
                    help="labeled images (default: CIFAR-10 / SVHN 250, STL-10 1000, CIFAR-100 10000, else common.py's)")
     g.add_argument("--num-valid", type=int, default=None,
-                   help="validation images (official: CIFAR / SVHN 5000, STL-10 500; else common.py's)")
+                   help="validation images (default: NS3L paper counts, CIFAR 5000, SVHN 7325; STL-10 500; official "
+                        "runs hold out 1)")
     g.add_argument("--include-labeled", action="store_true",
                    help="also put the labeled images in the unlabeled stream (official create_split.py does not)")
     g.add_argument("--shift", type=int, default=None,
                    help="random-crop padding in px (official: 4 at 32 px, 12 on STL-10; default image size / 8)")
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--total-steps", type=int, default=1 << 20, help="official: 2^16 kimg = 2^20 steps of 64")
+    g.add_argument("--total-steps", type=int, default=None,
+                   help="training steps (default: CIFAR-10 and SVHN 307,200 = the NS3L paper's 300 epochs of 64 kimg; "
+                        "elsewhere 2^20 = the MixMatch paper's 2^16 kimg, which --total-steps 1048576 restores)")
     g.add_argument("--batch-size", type=int, default=64, help="labeled images per step, = unlabeled (official 64)")
     g.add_argument("--lr", type=float, default=0.002, help="Adam learning rate, constant (official)")
     g.add_argument("--weight-decay", type=float, default=0.02,
@@ -104,7 +136,9 @@ def parse_args(argv=None):
     g = parser.add_argument_group("mixmatch")
     g.add_argument("--k-augment", type=int, default=2, help="augmentations per unlabeled image (official nu = 2)")
     g.add_argument("--temperature", type=float, default=0.5, help="sharpening temperature T (official)")
-    g.add_argument("--alpha", type=float, default=0.75, help="Beta(alpha, alpha) of mixup (official --beta 0.75)")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="Beta(alpha, alpha) of mixup (default 0.75, official --beta in runs/table*.sh; 0.25 with "
+                        "--svhn-extra, runs/table7.sh)")
     g.add_argument("--lambda-u", type=float, default=None,
                    help="weight of the L2 loss (default 75 CIFAR-10, 250 SVHN, 50 STL-10, 150 CIFAR-100; else 75)")
     g.add_argument("--rampup-steps", type=int, default=16384, help="linear ramp of lambda_u (official 1024 kimg)")
@@ -112,23 +146,25 @@ def parse_args(argv=None):
     g.add_argument("--ns3l", action="store_true", help="add the NS3L loss on X' and U' (NS3L paper section 4.3)")
     g.add_argument("--ns3l-weight", type=float, default=None,
                    help="lambda_1 (NS3L 4.4: CIFAR-10 5 below 4000 labels, 10 at 4000; SVHN, STL-10 and others 2)")
-    g.add_argument("--threshold", type=float, default=0.05, help="T: mixed-target probabilities below it are negatives")
+    g.add_argument("--threshold", type=float, default=None,
+                   help="T: mixed-target probabilities below it are negatives (default 0.5 / num_classes: 0.05 for 10 "
+                        "classes, NS3L 4.4; divided by 10 for CIFAR-100 as the paper does for Protocol A)")
     args = parser.parse_args(argv)
 
     for name in ("total_steps", "eval_every", "log_every", "k_augment"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("weight_decay", "rampup_steps", "lambda_u", "ns3l_weight", "shift"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.batch_size < max(2, args.k_augment + 1):
         parser.error(f"--batch-size must be >= 2 and >= --k-augment + 1 (one interleave group each), got {args.batch_size}")
-    if not 0.0 < args.threshold < 1.0:
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         parser.error(f"--threshold must be in (0, 1), got {args.threshold}")
     if not 0.0 <= args.ema_decay < 1.0:
         parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     for name in ("temperature", "alpha", "lr"):
-        if not getattr(args, name) > 0:
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
             parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
     if not 0.0 < args.bn_momentum <= 1.0:
         parser.error(f"--bn-momentum must be in (0, 1], got {args.bn_momentum}")
@@ -141,6 +177,12 @@ def parse_args(argv=None):
     except common.DataError as error:
         parser.error(str(error))
     defaults = PROTOCOL_B.get(key, {})
+    if args.total_steps is None:
+        args.total_steps = defaults.get("total_steps", 1 << 20)
+    if args.alpha is None:
+        args.alpha = 0.25 if (key == "svhn" and args.svhn_extra) else 0.75
+    if args.threshold is None and common.DATASETS[key]["num_classes"]:  # an .npz gets its T once its classes are known
+        args.threshold = 0.5 / common.DATASETS[key]["num_classes"]  # 0.05 for 10 classes (NS3L 4.4), 0.005 for 100
     if args.lambda_u is None:
         args.lambda_u = defaults.get("lambda_u", 75.0)
     if args.num_stages is None:
@@ -259,6 +301,14 @@ def ema_update_(ema_model, model, decay):
         ema_buffer.copy_(buffer)
 
 
+def grid_test_errors(evaluations, eval_every, total_steps):
+    """The test errors that enter the median of the last 20, in order: evaluations on the --eval-every grid plus the
+    one at the end of this run. A run extended with --resume --total-steps drops its old off-grid final evaluation,
+    so an extended run reports what an uninterrupted run of the new length would (official: one checkpoint per
+    64 kimg, scripts/extract_accuracy.py:34-37)."""
+    return [error for step, error in evaluations if step % eval_every == 0 or step == total_steps]
+
+
 def make_model(num_classes, args, channels):
     """Official ResNet classifier: WRN with conv biases; the dense kernel TF Glorot-normal (truncated) initialised."""
     model = wrn.WideResNet(num_classes, args.depth, args.width, channels, num_stages=args.num_stages, conv_bias=True,
@@ -276,17 +326,20 @@ def main():
         checkpoint = common.load_checkpoint(args.resume, SCRIPT)
         args = common.resume_args(args, checkpoint, sys.argv[1:])
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and args.bf16)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    amp, memory_format = common.precision(args, device)  # bf16 autocast and channels_last: on for CUDA by default
     common.seed_everything(args.seed, args.torch_deterministic)
 
     # Data: every failure here is one line and happens before anything is written.
     try:
         data = common.load_dataset(args.dataset, args.data_dir, args.download, device, args.svhn_extra)
+        if args.svhn_extra and data.name == "svhn":  # official svhn split: labels from train + extra (README.md:31)
+            data.num_labelable = len(data.x_train)
         split = common.make_ssl_split(data.y_train, data.num_classes, args.num_labeled, args.num_valid, args.seed,
                                       data.num_labelable, include_labeled=args.include_labeled)
     except common.DataError as error:
         common.fail(str(error))
+    if args.threshold is None:
+        args.threshold = 0.5 / data.num_classes  # 0.05 for 10 classes (NS3L 4.4); / 10 on CIFAR-100, as in Protocol A
     flip = common.DATASETS[data.name]["flip"]  # CIFAR / STL-10 flip, SVHN / digits / MNIST do not
     shift = args.shift if args.shift is not None else max(1, round(data.image_size / 8))  # 4 at 32 px, 12 at 96 px
     if shift >= data.image_size:
@@ -300,7 +353,7 @@ def main():
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)  # default betas, constant LR (official)
     labeled_batches = common.BatchSampler(split.labeled.to(device), args.batch_size)
     unlabeled_batches = common.BatchSampler(split.unlabeled.to(device), args.batch_size)
-    start_step, best_valid, test_at_best, train_time, test_errors = 0, float("inf"), float("nan"), 0.0, []
+    start_step, best_valid, test_at_best, train_time, evaluations = 0, float("inf"), float("nan"), 0.0, []
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         ema_model.load_state_dict(checkpoint["ema_model"])
@@ -309,7 +362,7 @@ def main():
         unlabeled_batches.load_state_dict(checkpoint["unlabeled_sampler"])
         common.set_rng_state(checkpoint["rng"])
         start_step, best_valid, test_at_best = checkpoint["step"], checkpoint["best_valid"], checkpoint["test_at_best"]
-        train_time, test_errors = checkpoint["train_time"], list(checkpoint["test_errors"])
+        train_time, evaluations = checkpoint["train_time"], [tuple(e) for e in checkpoint["evaluations"]]
         print(f"resumed {run_dir} at step {start_step}")
 
     def batch(indices):  # gather uint8 images on the device -> [-1, 1] -> flip / pad-and-crop, fresh per sample
@@ -383,11 +436,13 @@ def main():
                 torch.cuda.synchronize()
             train_time += time.perf_counter() - tick
             valid_x, valid_y = data.x_train[split.valid.to(device)], data.y_train[split.valid.to(device)]
-            valid_error = common.error_rate(ema_model, valid_x, valid_y, normalize, autocast=amp) \
+            # fp32 evaluation (common.error_rate), as the official graph (float32 placeholders, mixmatch.py:54)
+            valid_error = common.error_rate(ema_model, valid_x, valid_y, normalize, memory_format=memory_format) \
                 if len(valid_x) else float("nan")
-            test_error = common.error_rate(ema_model, data.x_test, data.y_test, normalize, autocast=amp)
-            raw_test_error = common.error_rate(model, data.x_test, data.y_test, normalize, autocast=amp)
-            test_errors.append(test_error)
+            test_error = common.error_rate(ema_model, data.x_test, data.y_test, normalize, memory_format=memory_format)
+            raw_test_error = common.error_rate(model, data.x_test, data.y_test, normalize, memory_format=memory_format)
+            evaluations.append((done, test_error))
+            test_errors = grid_test_errors(evaluations, args.eval_every, args.total_steps)
             median20 = statistics.median(test_errors[-20:])
             if valid_error < best_valid:
                 best_valid, test_at_best = valid_error, test_error
@@ -403,9 +458,10 @@ def main():
                 "ema_model": ema_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "labeled_sampler": labeled_batches.state_dict(), "unlabeled_sampler": unlabeled_batches.state_dict(),
                 "rng": common.rng_state(), "best_valid": best_valid, "test_at_best": test_at_best,
-                "train_time": train_time, "test_errors": test_errors})
+                "train_time": train_time, "evaluations": evaluations})
             tick = time.perf_counter()
 
+    test_errors = grid_test_errors(evaluations, args.eval_every, args.total_steps)
     median20 = statistics.median(test_errors[-20:]) if test_errors else float("nan")
     summary = {"steps": args.total_steps, "steps_per_second": (args.total_steps / train_time) if train_time else None,
                "median_last20_test_error": median20, "final_valid_error": valid_error,

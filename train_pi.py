@@ -1,7 +1,7 @@
 """Pi-model, plus NS3L as a flag (Protocol A).
 
-Pi-model (Laine & Aila 2017; Sajjadi et al. 2016) as run by Oliver et al. 2018 ("Realistic evaluation of deep SSL",
-REFERENCE §1) and by the NS3L paper (Chen et al., ICML 2020, Table 1 "Pi model" and "Pi + NS3L" columns, section 4):
+Pi-model (Laine & Aila 2017; Sajjadi et al. 2016) as run by Oliver et al. 2018 ("Realistic evaluation of deep SSL";
+brain-research/realistic-ssl-evaluation lib/ssl_framework.py:252-253, lib/ssl_utils.py:79-81) and by the NS3L paper (Chen et al., ICML 2020, Table 1 "Pi model" and "Pi + NS3L" columns, section 4):
 every step the batch [labeled; unlabeled] goes through the network twice with fresh augmentation and noise; the first
 pass is trained, the second is the target (no gradient, BatchNorm running statistics untouched), and the consistency
 loss is the mean squared error between the two softmaxes of each unlabeled image, averaged over classes. Its weight
@@ -22,6 +22,10 @@ Deviations and choices (also in docs/pi.md):
 - The target pass runs on the whole [labeled; unlabeled] batch like Oliver et al.'s (so both passes normalise with
   statistics of the same mix of images); only its unlabeled rows enter the loss.
 - NS3L reuses the trained (first) pass of the unlabeled batch, as train_supervised.py does by default.
+- Labeled and unlabeled sets are disjoint by default (NS3L paper 4.1 counts); --include-labeled gives Oliver et al.'s
+  TF stream, which includes the labeled images.
+- The PyTorch port (perrying/realistic-ssl-evaluation-pytorch lib/algs/pimodel.py:13-15) swaps the roles of the two
+  passes (its second, non-BN-updating pass is trained); this script follows Oliver et al.'s TF code.
 """
 import argparse
 import math
@@ -47,9 +51,13 @@ def parse_args(argv=None):
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
     g.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
-                   help="cudnn.deterministic (bit-reproducible, slower on GPU)")
-    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast for forward passes on CUDA (ignored on CPU)")
+                   help="deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, no benchmark): "
+                        "bit-reproducible on the same machine and software, slower on GPU")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for training forward passes (default: on for CUDA, off on CPU; --bf16 forces it "
+                        "on the CPU too). Evaluation always runs in exact fp32")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: on for CUDA, off on CPU)")
     g.add_argument("--eval-every", type=int, default=5000, help="steps between evaluations and checkpoints")
     g.add_argument("--log-every", type=int, default=100, help="steps between logged scalars")
     g = parser.add_argument_group("data")
@@ -61,8 +69,9 @@ def parse_args(argv=None):
     g.add_argument("--num-labeled", type=int, default=None,
                    help="labeled images (default: the paper's, CIFAR-10 4000 / SVHN 1000 / CIFAR-100 10000)")
     g.add_argument("--num-valid", type=int, default=None, help="validation images held out of train (CIFAR 5000, SVHN 7325)")
-    g.add_argument("--exclude-labeled", action="store_true",
-                   help="leave the labeled images out of the unlabeled stream (Oliver et al. include them)")
+    g.add_argument("--include-labeled", action="store_true",
+                   help="also put the labeled images in the unlabeled stream, as Oliver et al.'s TF data provider does "
+                        "(default: disjoint sets, as the NS3L paper counts them and the PyTorch port builds them)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--total-steps", type=int, default=200_000, help="NS3L paper section 4.1")
     g.add_argument("--batch-size", type=int, default=50, help="labeled images per step (Oliver et al.: 50 + 50)")
@@ -161,8 +170,7 @@ def main():
         checkpoint = common.load_checkpoint(args.resume, SCRIPT)
         args = common.resume_args(args, checkpoint, sys.argv[1:])
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and args.bf16)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    amp, memory_format = common.precision(args, device)  # bf16 autocast and channels_last: on for CUDA by default
     common.seed_everything(args.seed, args.torch_deterministic)
 
     # Data: every failure here is one line and happens before anything is written.
@@ -172,7 +180,7 @@ def main():
         args.num_labeled = info["num_labeled"] if args.num_labeled is None else args.num_labeled
         args.num_valid = info["num_valid"] if args.num_valid is None else args.num_valid
         split = common.make_ssl_split(data.y_train, data.num_classes, args.num_labeled, args.num_valid, args.seed,
-                                      data.num_labelable, include_labeled=not args.exclude_labeled)
+                                      data.num_labelable, include_labeled=args.include_labeled)
     except common.DataError as error:
         common.fail(str(error))
     if args.threshold is None:
@@ -258,7 +266,7 @@ def main():
                 torch.cuda.synchronize()
             train_time += time.perf_counter() - tick
             valid_error, test_error, best_valid, test_at_best = common.evaluate_and_log(
-                writer, done, model, data, split, normalize, amp, best_valid, test_at_best)
+                writer, done, model, data, split, normalize, memory_format, best_valid, test_at_best)
             common.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
                 "script": SCRIPT, "args": vars(args), "step": done, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "labeled_sampler": labeled_batches.state_dict(),

@@ -2,8 +2,10 @@
 
 Follows the NS3L paper (Chen et al., "Negative Sampling in Semi-Supervised Learning", ICML 2020) section 4, which
 follows Oliver et al. 2018 ("Realistic evaluation of deep SSL") with 200k steps, ramp-up 50k and LR decay at 130k:
-WRN-28-2, Adam (no weight decay), batches of 50 labeled + 50 unlabeled images, test error at the lowest validation
-error. NS3L (paper Algorithm 1, section 4.3): the classes whose detached predicted probability on an unlabeled image
+WRN-28-2, Adam (no weight decay), batches of 50 labeled + 50 unlabeled images (100 labeled images when no unlabeled
+term is on: Oliver et al.'s fully supervised runs use dataset_mode=labeled, train_model.py:85-90 and
+lib/data_provider.py:130-132; the PyTorch port's train.py:71-75 does the same), labeled and unlabeled sets disjoint
+(NS3L paper 4.1 counts; --include-labeled for Oliver et al.'s TF stream), test error at the lowest validation error. NS3L (paper Algorithm 1, section 4.3): the classes whose detached predicted probability on an unlabeled image
 is below the threshold T are its negatives, and the loss is -log(1 - sum of their probabilities).
 
     python train_supervised.py --dataset cifar10 --num-labeled 4000 --ns3l
@@ -11,7 +13,9 @@ is below the threshold T are its negatives, and the loss is -log(1 - sum of thei
 
 Deviations and choices (also in the README):
 - The NS3L loss reuses the training forward pass of the unlabeled batch (paper Algorithm 1 / section 4.3). The
-  authors' released function instead runs a new forward pass with BatchNorm statistics frozen: --ns3l-extra-pass.
+  authors' released function (johnchenresearch/NS3L ns3l.py:21-27) instead runs a new forward pass with BatchNorm
+  statistics frozen; with perrying's WRN, which augments inside forward (lib/wrn.py:89-91), that pass sees a fresh
+  augmentation of the same images: --ns3l-extra-pass does exactly that.
 - One forward pass over [labeled; unlabeled] (one set of BatchNorm batch statistics), as Oliver et al. do.
 - Pseudo-Label and NS3L weights are ramped by exp(-5 (1 - t)^2); the entropy penalty is not (Oliver et al.).
 - Pseudo-Label loss: mean over all unlabeled rows of mask * cross-entropy to the argmax (Oliver et al.).
@@ -40,9 +44,13 @@ def parse_args(argv=None):
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
     g.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
-                   help="cudnn.deterministic (bit-reproducible, slower on GPU)")
-    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast for forward passes on CUDA (ignored on CPU)")
+                   help="deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, no benchmark): "
+                        "bit-reproducible on the same machine and software, slower on GPU")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for training forward passes (default: on for CUDA, off on CPU; --bf16 forces it "
+                        "on the CPU too). Evaluation always runs in exact fp32")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: on for CUDA, off on CPU)")
     g.add_argument("--eval-every", type=int, default=5000, help="steps between evaluations and checkpoints")
     g.add_argument("--log-every", type=int, default=100, help="steps between logged scalars")
     g = parser.add_argument_group("data")
@@ -54,12 +62,16 @@ def parse_args(argv=None):
     g.add_argument("--num-labeled", type=int, default=None,
                    help="labeled images (default: the paper's, CIFAR-10 4000 / SVHN 1000 / CIFAR-100 10000)")
     g.add_argument("--num-valid", type=int, default=None, help="validation images held out of train (CIFAR 5000, SVHN 7325)")
-    g.add_argument("--exclude-labeled", action="store_true",
-                   help="leave the labeled images out of the unlabeled stream (Oliver et al. include them)")
+    g.add_argument("--include-labeled", action="store_true",
+                   help="also put the labeled images in the unlabeled stream, as Oliver et al.'s TF data provider does "
+                        "(default: disjoint sets, as the NS3L paper counts them and the PyTorch port builds them)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--total-steps", type=int, default=200_000, help="NS3L paper section 4.1")
-    g.add_argument("--batch-size", type=int, default=50, help="labeled images per step (Oliver et al.: 50 + 50)")
-    g.add_argument("--unlabeled-batch-size", type=int, default=None, help="unlabeled images per step (= --batch-size)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="labeled images per step (default: 50, with 50 unlabeled, when --pseudo-label / --entmin / "
+                        "--ns3l is on; 100 for the supervised baseline, Oliver et al.'s dataset_mode=labeled)")
+    g.add_argument("--unlabeled-batch-size", type=int, default=None,
+                   help="unlabeled images per step (default: = --batch-size)")
     g.add_argument("--lr", type=float, default=None,
                    help="Adam learning rate (default, NS3L paper / Oliver et al.: 3e-3 supervised, 6e-4 with --ns3l, "
                         "3e-4 with --pseudo-label)")
@@ -82,13 +94,17 @@ def parse_args(argv=None):
     g.add_argument("--threshold", type=float, default=None,
                    help="T: classes below it are negatives (default 0.4 / num_classes: 0.04 for 10, 0.004 for 100)")
     g.add_argument("--ns3l-extra-pass", action="store_true",
-                   help="compute NS3L on a new forward pass with frozen BN statistics (authors' released ns3l.py)")
+                   help="compute NS3L on a new forward pass of the whole batch, freshly augmented, with frozen BN "
+                        "statistics (authors' released ns3l.py); costs one more forward pass per step")
     args = parser.parse_args(argv)
 
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         parser.error(f"--threshold must be in (0, 1), got {args.threshold}")
     if not 0.0 < args.pl_threshold < 1.0:
         parser.error(f"--pl-threshold must be in (0, 1), got {args.pl_threshold}")
+    uses_unlabeled = args.ns3l or args.pseudo_label or args.entmin
+    if args.batch_size is None:  # Oliver et al.: batch 100, half unlabeled unless dataset_mode=labeled
+        args.batch_size = 50 if uses_unlabeled else 100
     for name in ("total_steps", "batch_size", "eval_every", "log_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -158,8 +174,7 @@ def main():
         checkpoint = common.load_checkpoint(args.resume, SCRIPT)
         args = common.resume_args(args, checkpoint, sys.argv[1:])
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and args.bf16)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    amp, memory_format = common.precision(args, device)  # bf16 autocast and channels_last: on for CUDA by default
     common.seed_everything(args.seed, args.torch_deterministic)
 
     # Data: every failure here is one line and happens before anything is written.
@@ -169,7 +184,7 @@ def main():
         args.num_labeled = info["num_labeled"] if args.num_labeled is None else args.num_labeled
         args.num_valid = info["num_valid"] if args.num_valid is None else args.num_valid
         split = common.make_ssl_split(data.y_train, data.num_classes, args.num_labeled, args.num_valid, args.seed,
-                                      data.num_labelable, include_labeled=not args.exclude_labeled)
+                                      data.num_labelable, include_labeled=args.include_labeled)
     except common.DataError as error:
         common.fail(str(error))
     if args.threshold is None:
@@ -196,9 +211,8 @@ def main():
         train_time = checkpoint["train_time"]
         print(f"resumed {run_dir} at step {start_step}")
 
-    def batch(indices):  # gather uint8 images on the device -> normalise -> augment (fresh randomness per sample)
-        x = common.augment(normalize(data.x_train[indices]), flip, shift, noise_std)
-        return x.contiguous(memory_format=memory_format)
+    def augment(images):  # normalised images -> one stochastic view (fresh flip / shift / noise per sample and call)
+        return common.augment(images, flip, shift, noise_std).contiguous(memory_format=memory_format)
 
     sums = {}  # running sums of logged scalars, kept on the device so the loop never waits for the GPU
     def accumulate(name, value):
@@ -214,13 +228,14 @@ def main():
             group["lr"] = lr
         ramp = rampup(step, args.rampup_steps)
         labeled_idx = next(labeled_batches)
-        x, y = batch(labeled_idx), data.y_train[labeled_idx]
+        y, indices = data.y_train[labeled_idx], labeled_idx
         if uses_unlabeled:
             unlabeled_idx = next(unlabeled_batches)
-            x = torch.cat([x, batch(unlabeled_idx)])
+            indices = torch.cat([labeled_idx, unlabeled_idx])
             y_hidden = data.y_train[unlabeled_idx]  # hidden labels: diagnostics only, never in a loss
+        images = normalize(data.x_train[indices])  # gathered on the device, before augmentation
         with amp:
-            logits = model(x).float()
+            logits = model(augment(images)).float()
         logits_l, logits_u = logits[: len(y)], logits[len(y):]
         loss_sup = F.cross_entropy(logits_l, y)
         loss = loss_sup
@@ -229,8 +244,10 @@ def main():
             negatives = ns3l_negatives(logits_u, args.threshold)
             ns3l_logits = logits_u
             if args.ns3l_extra_pass:
-                with amp, wrn.no_bn_update(model):  # the whole batch, as the authors' ns3l.py, rows of x_u kept
-                    ns3l_logits = model(x).float()[len(y):]
+                # the whole batch again, as the authors' ns3l.py, with a fresh augmentation (theirs runs inside
+                # the network's forward); BN running statistics untouched; the loss uses its unlabeled rows
+                with amp, wrn.no_bn_update(model):
+                    ns3l_logits = model(augment(images)).float()[len(y):]
             loss_ns3l = ns3l_loss(ns3l_logits, negatives)
             loss = loss + args.ns3l_weight * ramp * loss_ns3l
             known = y_hidden >= 0
@@ -269,7 +286,7 @@ def main():
                 torch.cuda.synchronize()
             train_time += time.perf_counter() - tick
             valid_error, test_error, best_valid, test_at_best = common.evaluate_and_log(
-                writer, done, model, data, split, normalize, amp, best_valid, test_at_best)
+                writer, done, model, data, split, normalize, memory_format, best_valid, test_at_best)
             common.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
                 "script": SCRIPT, "args": vars(args), "step": done, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "labeled_sampler": labeled_batches.state_dict(),

@@ -2,9 +2,11 @@
 
 Follows the NS3L paper (Chen et al., "Negative Sampling in Semi-Supervised Learning", ICML 2020) sections 2.2, 4.3 and
 4.4 (Tables 1 and 2), which follow Oliver et al. 2018 ("Realistic evaluation of deep SSL") with 200k steps, ramp-up
-50k and LR decay at 130k: WRN-28-2, Adam (no weight decay), batches of 50 labeled + 50 unlabeled images, test error at
-the lowest validation error. VAT (Miyato et al. 2017): r_adv = eps * g / ||g|| where g is the gradient, at a random
-direction d of norm xi, of KL(p(x) || p(x + d)); the loss is KL(p(x) || p(x + r_adv)) with p(x) held fixed.
+50k and LR decay at 130k: WRN-28-2, Adam (no weight decay), batches of 50 labeled + 50 unlabeled images (disjoint sets,
+NS3L paper 4.1; --include-labeled for Oliver et al.'s TF stream), test error at the lowest validation error. VAT
+(Miyato et al. 2017): r_adv = eps * g / ||g|| where g is the gradient, at a random direction d of norm xi, of
+KL(p(x) || p(x + d)); the loss is KL(p(x + r_adv) || p(x)) with p(x) held fixed, the direction of Oliver et al.'s
+code (--vat-kl miyato: KL(p(x) || p(x + r_adv)), Miyato et al.'s).
 VAT + NS3L (paper section 4.3): L = L_supervised + lambda_2 L_VAT + lambda_1 L_NS3L.
 
     python train_vat.py --dataset cifar10 --num-labeled 4000 --ns3l
@@ -17,13 +19,14 @@ Deviations and choices (also in the README):
   et al. (augmentation runs inside their network; `network_function(inputs + r_vadv)`). The VAT loss therefore also
   carries consistency under augmentation, which their VAT numbers include.
 - The r search and the perturbed pass use batch statistics but never update the BatchNorm running statistics
-  (wrn.no_bn_update). The r search always runs in fp32 (xi = 1e-6 vanishes in bf16); under bf16 autocast the clean
-  target of the search is recomputed in fp32. At xi = 1e-6 the fp32 probe is close to rounding level, so g is the
-  VAT code's finite-difference gradient, not an exact Hessian-vector product (as in the TF original).
-- Loss direction KL(p(x) || p(x + r_adv)) follows REFERENCE / Miyato et al.; Oliver et al.'s framework computes
-  KL(p(x + r_adv) || p(x)) for the loss (its r search uses KL(p(x) || p(x + d)), as here).
+  (wrn.no_bn_update). The r search always runs in exact fp32, autocast and TF32 off (xi = 1e-6 vanishes in bf16 and
+  TF32); under bf16 autocast its clean target is recomputed in fp32 on the same augmented tensor the clean pass saw
+  (Oliver et al. reuse the clean logits, logit_p = logit). At xi = 1e-6 the fp32 probe is close to rounding level, so
+  g is the VAT code's finite-difference gradient, not an exact Hessian-vector product (as in the TF original).
+- Loss direction KL(p(x + r_adv) || p(x)) as in Oliver et al.'s code (lib/hparams.py:64 forward_kl on (student,
+  teacher)) and the PyTorch port (lib/algs/vat.py:40); --vat-kl miyato gives Miyato et al.'s KL(p(x) || p(x + r_adv)).
 - NS3L reuses the clean training pass (paper Algorithm 1); the authors' released function uses an extra pass with
-  frozen BatchNorm statistics (train_supervised.py --ns3l-extra-pass).
+  frozen BatchNorm statistics and fresh augmentation (train_supervised.py --ns3l-extra-pass).
 - g is normalised as in the VAT code: divide by max |g| first, then by the L2 norm (||g|| can be ~1e-10).
 - The entropy penalty is on the perturbed unlabeled predictions, as in Oliver et al.'s code (`logits_student`);
   NS3L and Pseudo-Label use the clean unlabeled predictions (NS3L paper 4.3). VAT, NS3L and Pseudo-Label weights are
@@ -58,9 +61,13 @@ def parse_args(argv=None):
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
     g.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
-                   help="cudnn.deterministic (bit-reproducible, slower on GPU)")
-    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast for forward passes on CUDA (ignored on CPU; the r search is always fp32)")
+                   help="deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, no benchmark): "
+                        "bit-reproducible on the same machine and software, slower on GPU")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for training forward passes (default: on for CUDA, off on CPU; --bf16 forces it "
+                        "on the CPU too). Evaluation and VAT's r search always runs in exact fp32")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: on for CUDA, off on CPU)")
     g.add_argument("--eval-every", type=int, default=5000, help="steps between evaluations and checkpoints")
     g.add_argument("--log-every", type=int, default=100, help="steps between logged scalars")
     g = parser.add_argument_group("data")
@@ -72,8 +79,9 @@ def parse_args(argv=None):
     g.add_argument("--num-labeled", type=int, default=None,
                    help="labeled images (default: the paper's, CIFAR-10 4000 / SVHN 1000 / CIFAR-100 10000)")
     g.add_argument("--num-valid", type=int, default=None, help="validation images held out of train (CIFAR 5000, SVHN 7325)")
-    g.add_argument("--exclude-labeled", action="store_true",
-                   help="leave the labeled images out of the unlabeled stream (Oliver et al. include them)")
+    g.add_argument("--include-labeled", action="store_true",
+                   help="also put the labeled images in the unlabeled stream, as Oliver et al.'s TF data provider does "
+                        "(default: disjoint sets, as the NS3L paper counts them and the PyTorch port builds them)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--total-steps", type=int, default=200_000, help="NS3L paper section 4.1")
     g.add_argument("--batch-size", type=int, default=50, help="labeled images per step (Oliver et al.: 50 + 50)")
@@ -97,6 +105,9 @@ def parse_args(argv=None):
                         "other [-1, 1] data 1.0, see VAT_EPS)")
     g.add_argument("--vat-xi", type=float, default=1e-6, help="norm of the probe d (Oliver et al. / VAT code)")
     g.add_argument("--vat-iterations", type=int, default=1, help="power iterations (Oliver et al.: 1)")
+    g.add_argument("--vat-kl", choices=("oliver", "miyato"), default="oliver",
+                   help="loss direction: 'oliver' KL(p(x + r_adv) || p(x)), Oliver et al.'s forward_kl (their weight 0.3 "
+                        "was tuned for it); 'miyato' KL(p(x) || p(x + r_adv)), Miyato et al.'s")
     g = parser.add_argument_group("entropy minimisation / pseudo-label")
     g.add_argument("--entmin", action="store_true", help="VAT + EntMin (Oliver et al.)")
     g.add_argument("--entmin-weight", type=float, default=0.1, help="entropy weight, not ramped (Oliver et al.)")
@@ -162,21 +173,19 @@ def l2_normalize(d):
     return d / torch.sqrt(1e-6 + d.pow(2).sum(dim=dims, keepdim=True))
 
 
-def adversarial_perturbation(model, x, clean_logits=None, eps=6.0, xi=1e-6, iterations=1, augment=None):
-    """r_adv = eps * g / ||g|| (per sample), g = grad_d KL(p(x) || p(augment(x + d))) at d = xi * unit random, iterated.
+def adversarial_perturbation(model, x, clean_logits, eps=6.0, xi=1e-6, iterations=1, augment=None):
+    """r_adv = eps * g / ||g|| (per sample), g = grad_d KL(p(x) || p(augment(x + d))) at d = xi * unit random, iterated
+    (Oliver et al. third_party/vat/vat_utils.py:15-27: logit_p = logit, one power iteration, max-abs then L2 norm).
 
     ``x`` is the batch before augmentation: as in Oliver et al., where augmentation runs inside the network, d is added
-    to the raw (normalised) image and every pass draws fresh augmentation (``augment``, identity when None). Runs in
-    fp32 with autocast off, with batch statistics that do not update the BatchNorm running statistics, and leaves no
-    gradient on the parameters (autograd.grad w.r.t. d only). ``clean_logits`` are p(x) of the clean training pass;
-    None recomputes them here in fp32. The result carries no gradient."""
+    to the raw (normalised) image and every pass draws fresh augmentation (``augment``, identity when None).
+    ``clean_logits`` are p(x). Runs in exact fp32 (autocast and TF32 off, common.exact_fp32) with batch statistics
+    that do not update the BatchNorm running statistics, and leaves no gradient on the parameters (autograd.grad
+    w.r.t. d only). The result carries no gradient."""
     augment = augment or (lambda t: t)
     x = x.detach().float()
-    with wrn.no_bn_update(model), torch.autocast(x.device.type, enabled=False):
-        if clean_logits is None:
-            with torch.no_grad():
-                clean_logits = model(augment(x))
-        clean_logits = clean_logits.detach().float()
+    clean_logits = clean_logits.detach().float()
+    with wrn.no_bn_update(model), common.exact_fp32(x.device.type):
         d = torch.randn_like(x)
         for _ in range(iterations):
             d = (xi * l2_normalize(d)).requires_grad_()
@@ -185,16 +194,31 @@ def adversarial_perturbation(model, x, clean_logits=None, eps=6.0, xi=1e-6, iter
     return eps * l2_normalize(d)
 
 
-def vat_loss(model, x, logits, eps, xi=1e-6, iterations=1, autocast=None, reuse_logits=True, augment=None):
-    """Per-row KL(p(x) || p(x + r_adv)) with p(x) = softmax(``logits``) detached (Miyato et al.'s direction, as in
-    REFERENCE; Oliver et al.'s framework takes KL(p(x + r_adv) || p(x)) for the loss), the perturbed logits and r_adv.
+def vat_loss(model, x, logits, eps, xi=1e-6, iterations=1, autocast=None, augment=None, clean_input=None,
+             direction="oliver"):
+    """Per-row VAT loss, the perturbed logits and r_adv. ``logits`` are the clean training pass, p(x), held fixed.
+
+    direction "oliver" (default): KL(p(x + r_adv) || p(x)), Oliver et al.'s consistency_func="forward_kl" applied to
+    (student, teacher) = (network(x + r_adv), output) (lib/hparams.py:64, lib/ssl_framework.py:178-184 and 261-262,
+    lib/ssl_utils.py:100-101); the PyTorch port does the same (lib/algs/vat.py:40, citing brain-research issue #27,
+    where the authors say forward KL worked better); their weight 0.3 was tuned for it. "miyato": KL(p(x) ||
+    p(x + r_adv)), Miyato et al.'s VAT paper and code. The r search uses KL(p(x) || p(x + d)) either way.
+
     ``x`` is the un-augmented batch; the perturbed pass sees ``augment(x + r_adv)`` with fresh augmentation and uses
-    batch statistics without updating the running statistics. ``reuse_logits=False`` (bf16 logits) makes the fp32 r
-    search recompute its own clean logits."""
-    r_adv = adversarial_perturbation(model, x, logits if reuse_logits else None, eps, xi, iterations, augment)
+    batch statistics without updating the running statistics. ``clean_input``: the augmented tensor the clean pass
+    saw; when given, the r search recomputes p(x) on it in exact fp32 (used when the clean pass ran under bf16, whose
+    logits are too coarse for the xi = 1e-6 probe), so the search and the loss see the same view."""
+    if clean_input is not None:
+        with torch.no_grad(), wrn.no_bn_update(model), common.exact_fp32(clean_input.device.type):
+            search_logits = model(clean_input.float())
+    else:
+        search_logits = logits
+    r_adv = adversarial_perturbation(model, x, search_logits, eps, xi, iterations, augment)
     with wrn.no_bn_update(model), autocast if autocast is not None else contextlib.nullcontext():
         perturbed = x + r_adv.to(x.dtype)
         logits_adv = model(augment(perturbed) if augment is not None else perturbed).float()
+    if direction == "oliver":
+        return kl_divergence(logits_adv, logits.detach()), logits_adv, r_adv
     return kl_divergence(logits.detach(), logits_adv), logits_adv, r_adv
 
 
@@ -240,9 +264,7 @@ def main():
         checkpoint = common.load_checkpoint(args.resume, SCRIPT)
         args = common.resume_args(args, checkpoint, sys.argv[1:])
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    use_bf16 = device.type == "cuda" and args.bf16
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    amp, memory_format = common.precision(args, device)  # bf16 autocast and channels_last: on for CUDA by default
     common.seed_everything(args.seed, args.torch_deterministic)
 
     # Data: every failure here is one line and happens before anything is written.
@@ -252,7 +274,7 @@ def main():
         args.num_labeled = info["num_labeled"] if args.num_labeled is None else args.num_labeled
         args.num_valid = info["num_valid"] if args.num_valid is None else args.num_valid
         split = common.make_ssl_split(data.y_train, data.num_classes, args.num_labeled, args.num_valid, args.seed,
-                                      data.num_labelable, include_labeled=not args.exclude_labeled)
+                                      data.num_labelable, include_labeled=args.include_labeled)
     except common.DataError as error:
         common.fail(str(error))
     if args.threshold is None:
@@ -298,13 +320,17 @@ def main():
         y = data.y_train[labeled_idx]
         y_hidden = data.y_train[unlabeled_idx]  # hidden labels: diagnostics only, never in a loss
         images = normalize(data.x_train[torch.cat([labeled_idx, unlabeled_idx])])  # before augmentation
+        clean_input = augment(images)
         with amp:
-            logits = model(augment(images)).float()  # clean pass over [labeled; unlabeled]; the only BN-updating one
+            logits = model(clean_input)  # clean pass over [labeled; unlabeled]; the only BN-updating one
+        low_precision = logits.dtype != torch.float32  # bf16: the r search recomputes p(x) in fp32 on clean_input
+        logits = logits.float()
         logits_l, logits_u = logits[: len(y)], logits[len(y):]
         loss_sup = F.cross_entropy(logits_l, y)
         # VAT on the whole batch, as Oliver et al. (same batch statistics as the clean pass); loss on unlabeled rows
         kl, logits_adv, r_adv = vat_loss(model, images, logits, args.vat_eps, args.vat_xi, args.vat_iterations,
-                                         autocast=amp, reuse_logits=not use_bf16, augment=augment)
+                                         autocast=amp, augment=augment, direction=args.vat_kl,
+                                         clean_input=clean_input if low_precision else None)
         loss_vat = kl[len(y):].mean()
         loss = loss_sup + args.vat_weight * ramp * loss_vat
         accumulate("losses/supervised", loss_sup)
@@ -350,7 +376,7 @@ def main():
                 torch.cuda.synchronize()
             train_time += time.perf_counter() - tick
             valid_error, test_error, best_valid, test_at_best = common.evaluate_and_log(
-                writer, done, model, data, split, normalize, amp, best_valid, test_at_best)
+                writer, done, model, data, split, normalize, memory_format, best_valid, test_at_best)
             common.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
                 "script": SCRIPT, "args": vars(args), "step": done, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "labeled_sampler": labeled_batches.state_dict(),

@@ -142,14 +142,16 @@ def test_split_sizes_balance_disjointness_and_seed():
     labels = torch.arange(1000) % 10
     split = common.make_ssl_split(labels, 10, num_labeled=100, num_valid=200, seed=3)
     labeled, unlabeled, valid = (set(s.tolist()) for s in (split.labeled, split.unlabeled, split.valid))
-    assert len(labeled) == 100 and len(valid) == 200 and len(unlabeled) == 800
+    assert len(labeled) == 100 and len(valid) == 200 and len(unlabeled) == 700  # disjoint by default (NS3L counts)
     assert torch.bincount(labels[split.labeled], minlength=10).tolist() == [10] * 10
-    assert not (valid & labeled) and not (valid & unlabeled) and labeled <= unlabeled  # Protocol A includes labeled
+    assert not (valid & labeled) and not (valid & unlabeled) and not (labeled & unlabeled)
+    assert split.labeled_in_unlabeled is False
     assert torch.equal(common.make_ssl_split(labels, 10, 100, 200, seed=3).labeled, split.labeled)
     other = common.make_ssl_split(labels, 10, 100, 200, seed=4)
     assert not torch.equal(other.labeled, split.labeled) and torch.equal(other.valid, split.valid)
-    excluded = common.make_ssl_split(labels, 10, 100, 200, seed=3, include_labeled=False)
-    assert len(excluded.unlabeled) == 700 and not set(excluded.unlabeled.tolist()) & labeled
+    included = common.make_ssl_split(labels, 10, 100, 200, seed=3, include_labeled=True)  # Oliver et al.'s TF stream
+    assert len(included.unlabeled) == 800 and labeled <= set(included.unlabeled.tolist())
+    assert included.labeled_in_unlabeled is True and torch.equal(included.labeled, split.labeled)
     uneven = common.make_ssl_split(labels, 10, 105, 0, seed=0)
     assert sorted(torch.bincount(labels[uneven.labeled]).tolist()) == [10] * 5 + [11] * 5
 
@@ -157,7 +159,7 @@ def test_split_sizes_balance_disjointness_and_seed():
 def test_split_with_unlabeled_only_rows_and_errors():
     labels = torch.cat([torch.arange(100) % 10, torch.full((50,), -1)])
     split = common.make_ssl_split(labels, 10, 20, 10, seed=0, num_labelable=100)
-    assert split.valid.max() < 100 and split.labeled.max() < 100 and len(split.unlabeled) == 140
+    assert split.valid.max() < 100 and split.labeled.max() < 100 and len(split.unlabeled) == 120
     with pytest.raises(common.DataError, match="exceed"):
         common.make_ssl_split(labels, 10, 95, 10, seed=0, num_labelable=100)
     with pytest.raises(common.DataError, match="class 9"):

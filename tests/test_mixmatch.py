@@ -167,7 +167,7 @@ def test_lambda_u_linear_ramp_and_protocol_defaults():
     assert (args.rampup_steps, args.lambda_u, args.batch_size, args.k_augment, args.alpha, args.temperature,
             args.lr, args.weight_decay, args.ema_decay, args.eval_every, args.threshold) == \
         (16384, 75.0, 64, 2, 0.75, 0.5, 0.002, 0.02, 0.999, 1024, 0.05)
-    assert args.ns3l_weight == 5.0 and args.num_labeled == 250
+    assert args.ns3l_weight == 5.0 and args.num_labeled == 250 and args.total_steps == 307_200
     assert mm.parse_args(["--num-labeled", "4000"]).ns3l_weight == 10.0
     for dataset, lambda_u, weight, stages in (("svhn", 250, 2, 3), ("stl10", 50, 2, 4), ("cifar100", 150, 2, 3)):
         a = mm.parse_args(["--dataset", dataset])

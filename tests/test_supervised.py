@@ -71,7 +71,8 @@ def test_paper_learning_rates_and_threshold_default():
     assert ts.parse_args(["--pseudo-label"]).lr == 3e-4
     assert ts.parse_args(["--ns3l", "--lr", "0.1"]).lr == 0.1
     args = ts.parse_args([])
-    assert (args.total_steps, args.lr_decay_step, args.rampup_steps, args.batch_size) == (200_000, 130_000, 50_000, 50)
+    assert (args.total_steps, args.lr_decay_step, args.rampup_steps, args.batch_size) == (200_000, 130_000, 50_000, 100)
+    assert ts.parse_args(["--ns3l"]).batch_size == ts.parse_args(["--ns3l"]).unlabeled_batch_size == 50
 
 
 # ------------------------------------------------------------------------------------------------- end to end

@@ -107,8 +107,10 @@ def test_power_iteration_runs_in_fp32_under_bf16_autocast():
     shape = (3, 6, 6)
     model = OneDirection(shape)
     x = model.inputs(8)
+    with torch.no_grad():
+        clean = model(x)  # fp32 target, as the script passes (recomputed in fp32 when its clean pass ran in bf16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        r_adv = train_vat.adversarial_perturbation(model, x, None, eps=2.0, xi=1e-6)
+        r_adv = train_vat.adversarial_perturbation(model, x, clean, eps=2.0, xi=1e-6)
     assert r_adv.dtype == torch.float32
     u = model.u.detach().flatten()
     cosine = (r_adv.flatten(1) @ u) / (r_adv.flatten(1).norm(dim=1) * u.norm())
@@ -168,8 +170,9 @@ def test_paper_defaults():
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-VARIANTS = {"vat": [], "entmin": ["--entmin"], "pl": ["--pseudo-label", "--pl-threshold", "0.1"], "ns3l": ["--ns3l"]}
-EXPECTED = {"vat": set(), "entmin": {"losses/entropy"}, "pl": {"losses/pseudo_label", "charts/pl_mask_rate"},
+VARIANTS = {"vat": [], "entmin": ["--entmin"], "pl": ["--pseudo-label", "--pl-threshold", "0.1"], "ns3l": ["--ns3l"],
+            "miyato": ["--vat-kl", "miyato"]}
+EXPECTED = {"vat": set(), "miyato": set(), "entmin": {"losses/entropy"}, "pl": {"losses/pseudo_label", "charts/pl_mask_rate"},
             "ns3l": {"losses/ns3l", "charts/ns3l_negatives_per_sample", "charts/ns3l_false_negative_rate"}}
 OPTIONAL = set().union(*EXPECTED.values()) | {"charts/pl_accuracy"}
 
@@ -234,6 +237,13 @@ def test_ns3l_term_is_zero_when_off_and_nonzero_when_on(runs):
         else:
             assert min(residual) > 1e-4
             assert all(abs(r - 0.3 * n) < 1e-5 for r, n in zip(residual, scalars["losses/ns3l"]))
+
+
+def test_vat_kl_flag_reaches_the_loss(runs):
+    """Same seed, same first batch and r search: only the loss direction differs, so the first VAT losses differ."""
+    default, miyato = (read_scalars(runs[name][3])["losses/vat"] for name in ("vat", "miyato"))
+    assert default[0] != pytest.approx(miyato[0], rel=1e-3)
+    assert json.load(open(os.path.join(runs["vat"][3], "args.json")))["vat_kl"] == "oliver"
 
 
 def test_resume_continues_the_run(runs):

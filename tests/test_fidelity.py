@@ -1,0 +1,254 @@
+"""The defaults and code paths that decide whether a run is comparable with the NS3L paper's tables: VAT's loss
+direction, the supervised batch, the disjoint split, the authors' extra pass, the bf16 / channels_last paths (run on
+the CPU here, with an explicit --bf16 --channels-last), fp32 evaluation, deterministic mode and MixMatch's defaults.
+
+The end-to-end checks run each script's main() in-process with a spy on WideResNet.forward that records every forward
+pass (training or eval mode, batch size, input, autocast state, output dtype, memory format)."""
+import json
+import os
+import statistics
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402
+import train_mixmatch  # noqa: E402
+import train_pi  # noqa: E402
+import train_supervised  # noqa: E402
+import train_vat  # noqa: E402
+import wrn  # noqa: E402
+
+TINY = ["--dataset", "synthetic", "--depth", "10", "--width", "1", "--bn-momentum", "0.1", "--no-cuda",
+        "--log-every", "1"]
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Every WideResNet forward pass of the run, in order."""
+    records, forward = [], wrn.WideResNet.forward
+
+    def recording_forward(self, x):
+        out = forward(self, x)
+        records.append(dict(training=self.training, batch=len(x), input=x.detach().float().clone(),
+                            autocast=torch.is_autocast_enabled("cpu"), out_dtype=out.dtype,
+                            channels_last=x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(),
+                            bn_update=all(m.update_stats for m in self.modules() if isinstance(m, wrn.BatchNorm2d))))
+        return out
+    monkeypatch.setattr(wrn.WideResNet, "forward", recording_forward)
+    yield records
+    torch.use_deterministic_algorithms(False)  # main() sets it for --torch-deterministic; keep other tests unaffected
+
+
+def run_main(module, monkeypatch, tmp_path, *argv, name="run"):
+    monkeypatch.setattr(sys, "argv", [module.__file__, *TINY, "--runs-dir", str(tmp_path), "--run-name", name, *argv])
+    module.main()
+    run_dir = tmp_path / name
+    with open(run_dir / "summary.json") as f:
+        summary = json.load(f)
+    with open(run_dir / "split.json") as f:
+        split = json.load(f)
+    return summary, split
+
+
+# ------------------------------------------------------------------------------------------------ VAT direction
+def test_vat_loss_is_olivers_kl_by_default_and_miyatos_with_the_flag():
+    torch.manual_seed(0)
+    model = wrn.WideResNet(10, depth=10, width=1, bn_momentum=0.1).train()
+    x = torch.randn(6, 3, 8, 8)
+    logits = model(x)
+    results = {}
+    for direction in ("oliver", "miyato"):
+        torch.manual_seed(1)  # the same random d, so both searches find the same r_adv
+        kl, logits_adv, r_adv = train_vat.vat_loss(model, x, logits, eps=2.0, direction=direction)
+        p, q = torch.softmax(logits.detach(), 1), torch.softmax(logits_adv.detach(), 1)  # p(x), p(x + r_adv)
+        by_hand = (q * (q.log() - p.log())).sum(1) if direction == "oliver" else (p * (p.log() - q.log())).sum(1)
+        torch.testing.assert_close(kl.detach(), by_hand, rtol=1e-4, atol=1e-6)
+        results[direction] = kl.detach()
+    assert not torch.allclose(results["oliver"], results["miyato"], rtol=1e-3)  # the two directions are different
+    assert train_vat.parse_args([]).vat_kl == "oliver"
+    assert train_vat.parse_args(["--vat-kl", "miyato"]).vat_kl == "miyato"
+
+
+def test_vat_gradient_flows_through_both_sides_of_the_perturbed_distribution():
+    """KL(q || p) with q = p(x + r_adv): d/dz_q of sum q (log q - log p) is q * (log q - log p - KL), by hand."""
+    torch.manual_seed(0)
+    clean = torch.randn(3, 5)
+    perturbed = torch.randn(3, 5, requires_grad=True)
+    train_vat.kl_divergence(perturbed, clean).sum().backward()
+    q, p = torch.softmax(perturbed.detach(), 1), torch.softmax(clean, 1)
+    kl = (q * (q.log() - p.log())).sum(1, keepdim=True)
+    torch.testing.assert_close(perturbed.grad, q * (q.log() - p.log() - kl), rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_vat_search_target_is_recomputed_in_fp32_on_the_same_augmented_tensor(monkeypatch):
+    torch.manual_seed(0)
+    model = wrn.WideResNet(10, depth=10, width=1, bn_momentum=0.1).train()
+    x = torch.randn(6, 3, 8, 8)
+
+    def augment(t):  # fresh noise on every call: a second call never reproduces the first view
+        return t + 0.5 * torch.randn_like(t)
+    clean_input = augment(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(clean_input)
+    assert logits.dtype == torch.bfloat16
+    calls, forward = [], wrn.WideResNet.forward
+    monkeypatch.setattr(wrn.WideResNet, "forward", lambda self, t: calls.append(
+        (t.detach().clone(), torch.is_autocast_enabled("cpu"))) or forward(self, t))
+    train_vat.vat_loss(model, x, logits.float(), eps=2.0, autocast=torch.autocast("cpu", dtype=torch.bfloat16),
+                       augment=augment, clean_input=clean_input)
+    target_input, target_autocast = calls[0]
+    assert torch.equal(target_input, clean_input) and not target_autocast  # same view, fp32
+    assert not calls[1][1] and calls[2][1]  # the search pass is fp32; the loss's perturbed pass runs under bf16
+    assert not torch.equal(calls[1][0], clean_input)
+
+
+def test_exact_fp32_switches_autocast_and_tf32_off_and_restores_them():
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with common.exact_fp32("cpu"):
+                assert not torch.is_autocast_enabled("cpu")
+                assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+                assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+            assert torch.is_autocast_enabled("cpu") and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+# ------------------------------------------------------------------------------------- supervised batch, split
+def test_supervised_baseline_trains_on_100_labeled_images_per_step(monkeypatch, tmp_path, spy):
+    assert train_supervised.parse_args([]).batch_size == 100
+    for flag in ("--ns3l", "--pseudo-label", "--entmin"):
+        assert train_supervised.parse_args([flag]).batch_size == 50
+    assert train_supervised.parse_args(["--batch-size", "64"]).batch_size == 64
+    summary, _ = run_main(train_supervised, monkeypatch, tmp_path, "--total-steps", "2", "--eval-every", "2",
+                          "--num-labeled", "100", "--num-valid", "50")
+    training = [r["batch"] for r in spy if r["training"]]
+    assert training == [100, 100] and summary["args"]["batch_size"] == 100
+
+
+def test_default_split_is_disjoint_and_the_flag_restores_olivers_overlap(monkeypatch, tmp_path, spy):
+    for module in (train_supervised, train_vat, train_pi, train_mixmatch):
+        assert module.parse_args([]).include_labeled is False, module.__name__
+    _, split = run_main(train_vat, monkeypatch, tmp_path, "--total-steps", "1", "--eval-every", "1", name="disjoint")
+    assert split["labeled_in_unlabeled"] is False and not set(split["labeled"]) & set(split["unlabeled"])
+    _, split = run_main(train_vat, monkeypatch, tmp_path, "--total-steps", "1", "--eval-every", "1",
+                        "--include-labeled", name="overlap")
+    assert split["labeled_in_unlabeled"] is True and set(split["labeled"]) <= set(split["unlabeled"])
+    assert not set(split["valid"]) & set(split["unlabeled"])
+
+
+# --------------------------------------------------------------------------------------------- NS3L extra pass
+def test_ns3l_extra_pass_sees_a_fresh_augmentation_and_changes_the_run(monkeypatch, tmp_path, spy):
+    flags = ["--ns3l", "--total-steps", "3", "--eval-every", "3", "--rampup-steps", "0", "--seed", "4"]
+    run_main(train_supervised, monkeypatch, tmp_path, *flags, name="plain")
+    assert len([r for r in spy if r["training"]]) == 3
+    spy.clear()
+    views, augment = [], common.augment
+    monkeypatch.setattr(common, "augment", lambda x, *a, **k: views.append((x.clone(), augment(x, *a, **k))) or
+                        views[-1][1])
+    run_main(train_supervised, monkeypatch, tmp_path, *flags, "--ns3l-extra-pass", name="extra")
+    passes = [r for r in spy if r["training"]]
+    assert len(passes) == 6 and [r["bn_update"] for r in passes[:2]] == [True, False]
+    (images, clean), (images_again, again) = views[0], views[1]
+    assert torch.equal(images, images_again)  # the extra pass augments the same normalised images ...
+    assert not torch.equal(clean, again)  # ... afresh (a pass on the same tensor would repeat the training logits)
+    assert torch.equal(passes[0]["input"], clean) and torch.equal(passes[1]["input"], again)
+    a = torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "extra" / "checkpoint.pt", weights_only=True)["model"]
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())  # same seed, another result
+
+
+# ------------------------------------------------------------------------- bf16 + channels_last on the CPU
+CASES = {
+    "supervised": (train_supervised, ["--ns3l", "--ns3l-extra-pass", "--pseudo-label", "--entmin"]),
+    "vat": (train_vat, ["--ns3l", "--entmin"]),
+    "pi": (train_pi, ["--ns3l"]),
+    "mixmatch": (train_mixmatch, ["--ns3l", "--batch-size", "8"]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bf16_channels_last_end_to_end_with_fp32_evaluation(name, monkeypatch, tmp_path, spy):
+    module, flags = CASES[name]
+    summary, _ = run_main(module, monkeypatch, tmp_path, *flags, "--bf16", "--channels-last", "--total-steps", "3",
+                          "--eval-every", "2", "--torch-deterministic")
+    training = [r for r in spy if r["training"]]
+    evaluation = [r for r in spy if not r["training"]]
+    assert training and evaluation
+    assert all(r["channels_last"] for r in spy)
+    bf16 = [r for r in training if r["autocast"]]
+    assert bf16 and all(r["out_dtype"] == torch.bfloat16 for r in bf16)
+    if name == "vat":  # the r search and its recomputed target are the fp32 training passes
+        fp32 = [r for r in training if not r["autocast"]]
+        assert fp32 and all(r["out_dtype"] == torch.float32 for r in fp32)
+        assert torch.equal(training[1]["input"], training[0]["input"])  # target recomputed on the clean view
+    else:
+        assert len(bf16) == len(training)
+    assert all(not r["autocast"] and r["out_dtype"] == torch.float32 for r in evaluation)
+    for key in ("final_test_error", "final_valid_error"):
+        assert 0.0 <= summary[key] <= 100.0
+    assert summary["args"]["bf16"] is True and summary["args"]["channels_last"] is True
+
+
+def test_cpu_defaults_are_fp32_and_contiguous(monkeypatch, tmp_path, spy):
+    run_main(train_pi, monkeypatch, tmp_path, "--total-steps", "1", "--eval-every", "1")
+    assert spy and all(not r["autocast"] and r["out_dtype"] == torch.float32 and not r["channels_last"] for r in spy)
+
+
+def test_torch_deterministic_turns_on_deterministic_algorithms(monkeypatch, tmp_path, spy):
+    torch.use_deterministic_algorithms(False)
+    run_main(train_pi, monkeypatch, tmp_path, "--total-steps", "1", "--eval-every", "1", "--torch-deterministic")
+    assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") in (":4096:8", ":16:8")
+    common.seed_everything(0, False)
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+
+
+def test_augment_backward_runs_under_deterministic_algorithms():
+    """VAT differentiates through the translation; the gather-based reflect padding has a deterministic backward."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        x = torch.randn(4, 3, 8, 8, requires_grad=True)
+        common.augment(x, flip=True, shift=2, noise_std=0.1).square().sum().backward()
+        assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+# ------------------------------------------------------------------------------------------ MixMatch defaults
+def test_mixmatch_defaults_resolved_from_the_data_set():
+    cifar10, svhn, stl10, cifar100 = (train_mixmatch.parse_args(["--dataset", d])
+                                      for d in ("cifar10", "svhn", "stl10", "cifar100"))
+    assert cifar10.total_steps == svhn.total_steps == 300 * 1024  # NS3L paper: 300 epochs of 64 kimg
+    assert stl10.total_steps == cifar100.total_steps == 1 << 20
+    assert train_mixmatch.parse_args(["--total-steps", "1048576"]).total_steps == 1 << 20
+    assert (cifar10.num_valid, svhn.num_valid, stl10.num_valid) == (5000, 7325, 500)
+    assert cifar10.threshold == pytest.approx(0.05) and cifar100.threshold == pytest.approx(0.005)
+    assert (cifar10.alpha, svhn.alpha) == (0.75, 0.75)
+    extra = train_mixmatch.parse_args(["--dataset", "svhn", "--svhn-extra"])
+    assert (extra.alpha, extra.lambda_u) == (0.25, 250.0)
+
+
+def test_mixmatch_median_uses_grid_evaluations_only():
+    evaluations = [(2, 10.0), (4, 20.0), (5, 90.0), (6, 30.0), (8, 40.0)]
+    assert train_mixmatch.grid_test_errors(evaluations, 2, 8) == [10.0, 20.0, 30.0, 40.0]
+    assert train_mixmatch.grid_test_errors(evaluations[:3], 2, 5) == [10.0, 20.0, 90.0]
+
+
+def test_mixmatch_extended_run_drops_the_old_final_evaluation(monkeypatch, tmp_path, spy):
+    flags = ["--batch-size", "8", "--eval-every", "2"]
+    run_main(train_mixmatch, monkeypatch, tmp_path, *flags, "--total-steps", "5", name="extended")
+    monkeypatch.setattr(sys, "argv", [train_mixmatch.__file__, "--resume", str(tmp_path / "extended"),
+                                      "--total-steps", "8", "--no-cuda"])
+    train_mixmatch.main()
+    with open(tmp_path / "extended" / "summary.json") as f:
+        summary = json.load(f)
+    evaluations = torch.load(tmp_path / "extended" / "checkpoint.pt", weights_only=True)["evaluations"]
+    assert [step for step, _ in evaluations] == [2, 4, 5, 6, 8]
+    grid = [error for step, error in evaluations if step != 5]
+    assert summary["median_last20_test_error"] == pytest.approx(statistics.median(grid))
