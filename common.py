@@ -473,6 +473,14 @@ def resume_args(args, checkpoint, argv):
     """The resumed run keeps its saved arguments; only --total-steps (to extend a run) and the device flags given on
     this command line override them."""
     saved = argparse.Namespace(**checkpoint["args"])
+    if "channels_last" not in vars(saved):  # a run started before these flags existed keeps the meaning it had
+        for name, value in legacy_args(vars(saved)).items():
+            setattr(saved, name, value)
+        print(f"--resume {args.resume}: arguments of an older version, kept with their old meaning "
+              f"({', '.join(f'{k}={v}' for k, v in sorted(legacy_args(checkpoint['args']).items()))})")
+    for name, value in vars(args).items():  # flags added later still need a value
+        if name not in vars(saved):
+            setattr(saved, name, value)
     for flag, name in (("--total-steps", "total_steps"), ("--cuda", "cuda"), ("--no-cuda", "cuda")):
         if any(a == flag or a.startswith(flag + "=") for a in argv):
             setattr(saved, name, getattr(args, name))
@@ -481,6 +489,20 @@ def resume_args(args, checkpoint, argv):
         fail(f"--resume {args.resume}: the run already finished {checkpoint['step']} steps; pass --total-steps "
              f"larger than that to extend it")
     return saved
+
+
+def legacy_args(saved):
+    """What the arguments added with the fidelity review meant before they existed: the labeled images were in the
+    unlabeled stream unless --exclude-labeled, VAT's loss was KL(p(x) || p(x + r_adv)), and bf16 / channels_last
+    applied to CUDA only."""
+    legacy = {"channels_last": None}
+    if "exclude_labeled" in saved:
+        legacy["include_labeled"] = not saved["exclude_labeled"]
+    if "vat_eps" in saved:
+        legacy["vat_kl"] = "miyato"
+    if saved.get("bf16") is True:
+        legacy["bf16"] = None
+    return legacy
 
 
 def rng_state():
@@ -516,11 +538,30 @@ def seed_everything(seed, deterministic):
 
 def precision(args, device):
     """(autocast context, memory format) of a run. ``--bf16`` / ``--channels-last`` left unset mean: on for CUDA,
-    off for the CPU; set explicitly they apply on either device, so the CPU test suite runs the CUDA code paths."""
+    off for the CPU; set explicitly they apply on either device, so the CPU test suite runs the CUDA code paths.
+    ``--no-bf16`` on CUDA means the original code's arithmetic: fp32 with TF32 off for the whole run (PyTorch lets
+    cuDNN convolutions use TF32 by default on Ampere / Hopper; TF 1, which the original code ran on, had no TF32)."""
     use_bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    if not use_bf16 and device.type == "cuda":
+        set_tf32("ieee", "ieee")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     return autocast, (torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def set_tf32(matmul, conv):
+    """Set the fp32 precision of cuBLAS matmuls and cuDNN convolutions ('ieee' = exact fp32, 'tf32'; 'none' = PyTorch's
+    default) and return the previous pair. PyTorch >= 2.9 API (mixing it with reads of the legacy allow_tf32 flags
+    raises in PyTorch, so nothing here reads those); older versions use the allow_tf32 flags."""
+    backends = torch.backends
+    if hasattr(backends.cuda.matmul, "fp32_precision") and hasattr(getattr(backends.cudnn, "conv", None),
+                                                                   "fp32_precision"):
+        previous = (backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision)
+        backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision = matmul, conv
+        return previous
+    previous = tuple("tf32" if flag else "ieee" for flag in (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32))
+    backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = matmul == "tf32", conv != "ieee"
+    return previous
 
 
 @contextlib.contextmanager
@@ -528,13 +569,13 @@ def exact_fp32(device_type):
     """Plain fp32 arithmetic inside: autocast off, and TF32 off for cuDNN convolutions and cuBLAS matmuls (PyTorch lets
     cuDNN convolutions use TF32 by default on Ampere / Hopper, a 10-bit mantissa). Used for VAT's r search (xi = 1e-6
     vanishes at lower precision) and for evaluation (Oliver et al. and the MixMatch code evaluate in fp32)."""
-    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    previous = set_tf32("ieee", "ieee") if device_type == "cuda" else None  # TF32 is a CUDA matter only
     try:
         with torch.autocast(device_type, enabled=False):
             yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
+        if previous is not None:
+            set_tf32(*previous)
 
 
 @torch.inference_mode()

@@ -57,7 +57,8 @@ def parse_args(argv=None):
     g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__<script>__<seed>__<time>)")
     g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
     g.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
-                   help="cudnn.deterministic (bit-reproducible, slower on GPU)")
+                   help="deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, no benchmark): "
+                        "bit-reproducible on the same machine and software, slower on GPU")
     g.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations (default: 10 epochs)")
     g.add_argument("--log-every", type=int, default=100, help="steps between logged scalars")
     g = parser.add_argument_group("data")

@@ -1,6 +1,6 @@
 """Semi-supervised ImageNet with MEL, NBEL and CAM locality (Bansal & Zepeda) — single GPU or torchrun DDP.
 
-Follows the note `papers/imagenet_mel_nbel_locality_note.txt` (eqs. 1-4) and REFERENCE §6. A class-balanced labeled
+Follows Bansal & Zepeda's note "Semi-Supervised Learning" (eqs. 1-4) and their code (ankanbansal/semi-supervised-learning). A class-balanced labeled
 subset and a disjoint unlabeled subset are drawn by the seed from an ImageNet-style `train/` folder; `val/` is the test
 set. Every batch slot is labeled with probability `--labeled-ratio`. The loss on a batch of T images is
 

@@ -2,7 +2,7 @@
 
 MixMatch: Berthelot et al. 2019. MixMatch + NS3L: Chen et al., "Negative Sampling in Semi-Supervised Learning"
 (ICML 2020) section 4.3 and Tables 3-5: every row of the mixed batches X' and U' gets as negatives the classes whose
-*mixed target* probability is below T = 0.05, and L = L_x + lambda_u L_u + lambda_1 L_NS3L on the mixed inputs' outputs.
+*mixed target* probability is below T = 0.5 / num_classes (0.05), and L = L_x + lambda_u L_u + lambda_1 L_NS3L on the mixed inputs' outputs.
 
     python train_mixmatch.py --dataset cifar10 --num-labeled 250 --ns3l       # 307,200 steps, the NS3L paper's 300 epochs
     python train_mixmatch.py --dataset cifar10 --num-labeled 250 --total-steps 1048576   # the MixMatch paper's 2^20
@@ -47,7 +47,7 @@ Where this PyTorch port differs (all small): the post-step weight decay and EMA 
 decay, then EMA); PyTorch's Adam puts epsilon outside the bias correction (TF: inside); the labeled subset is a
 class-balanced draw by seed (official: its own sampler; STL-10 official folds); the ramp is counted in steps, not
 images; on CUDA the training passes run under bf16 autocast by default (the official code is fp32 throughout;
---no-bf16 restores it), evaluation is always fp32.
+--no-bf16 restores exact fp32, TF32 off), evaluation is always exact fp32.
 """
 import argparse
 import contextlib
@@ -70,7 +70,7 @@ SCRIPT = "train_mixmatch"
 # and the default split. num_valid: the official runs hold out 1 image (dataset suffix "-1", runs/table*.sh); the NS3L
 # paper's counts imply CIFAR 5,000 (section 4.1: 45,000 training images) and SVHN 7,325 (65,682 / 64,932 unlabeled at
 # 250 / 1,000 labels = 73,257 - 7,325 - labels; Oliver et al.'s code holds out 7,326). STL-10: 500, the official
-# code's other choice (libml/data_pair.py:54), as the paper gives none.
+# code's other choice (libml/data_pair.py:43-46), as the paper gives none.
 # NS3L paper (workshop version, section 4.1): "we reduce training epochs to 300 epochs for both SVHN and CIFAR10"; an
 # official epoch is 64 kimg = 1,024 steps of 64 (libml/train.py:34, report_kimg), so 307,200 steps. The MixMatch
 # paper's 2^20 steps (mixmatch.py:146, train_kimg 1 << 16) stay the default elsewhere (STL-10: the NS3L paper trains
@@ -362,7 +362,12 @@ def main():
         unlabeled_batches.load_state_dict(checkpoint["unlabeled_sampler"])
         common.set_rng_state(checkpoint["rng"])
         start_step, best_valid, test_at_best = checkpoint["step"], checkpoint["best_valid"], checkpoint["test_at_best"]
-        train_time, evaluations = checkpoint["train_time"], [tuple(e) for e in checkpoint["evaluations"]]
+        train_time = checkpoint["train_time"]
+        if "evaluations" in checkpoint:
+            evaluations = [tuple(e) for e in checkpoint["evaluations"]]
+        else:  # an older checkpoint kept only the errors, one per --eval-every steps, the last one at its step
+            errors = list(checkpoint["test_errors"])
+            evaluations = [(min(args.eval_every * (i + 1), start_step), e) for i, e in enumerate(errors)]
         print(f"resumed {run_dir} at step {start_step}")
 
     def batch(indices):  # gather uint8 images on the device -> [-1, 1] -> flip / pad-and-crop, fresh per sample

@@ -3,8 +3,9 @@
 Follows the NS3L paper (Chen et al., "Negative Sampling in Semi-Supervised Learning", ICML 2020) section 4, which
 follows Oliver et al. 2018 ("Realistic evaluation of deep SSL") with 200k steps, ramp-up 50k and LR decay at 130k:
 WRN-28-2, Adam (no weight decay), batches of 50 labeled + 50 unlabeled images (100 labeled images when no unlabeled
-term is on: Oliver et al.'s fully supervised runs use dataset_mode=labeled, train_model.py:85-90 and
-lib/data_provider.py:130-132; the PyTorch port's train.py:71-75 does the same), labeled and unlabeled sets disjoint
+term is on: Oliver et al.'s dataset_mode=labeled, train_model.py:85-90 and lib/data_provider.py:130-132, added
+for the fully supervised runs in their PR #7, whose run files spell it --dataset_model; the PyTorch port's
+train.py:71-75 trains supervised on 100 labeled images), labeled and unlabeled sets disjoint
 (NS3L paper 4.1 counts; --include-labeled for Oliver et al.'s TF stream), test error at the lowest validation error. NS3L (paper Algorithm 1, section 4.3): the classes whose detached predicted probability on an unlabeled image
 is below the threshold T are its negatives, and the loss is -log(1 - sum of their probabilities).
 

@@ -21,8 +21,9 @@ Deviations and choices (also in the README):
 - The r search and the perturbed pass use batch statistics but never update the BatchNorm running statistics
   (wrn.no_bn_update). The r search always runs in exact fp32, autocast and TF32 off (xi = 1e-6 vanishes in bf16 and
   TF32); under bf16 autocast its clean target is recomputed in fp32 on the same augmented tensor the clean pass saw
-  (Oliver et al. reuse the clean logits, logit_p = logit). At xi = 1e-6 the fp32 probe is close to rounding level, so
-  g is the VAT code's finite-difference gradient, not an exact Hessian-vector product (as in the TF original).
+  (Oliver et al. reuse the clean logits, logit_p = logit); with --no-bf16 on CUDA the whole run is exact fp32 (TF32
+  off). The probe pass draws its own augmentation (as in Oliver et al.), so g is the gradient of the KL between two
+  augmented views, not a Hessian-vector product of one view; at xi = 1e-6 the probe is near fp32 rounding anyway.
 - Loss direction KL(p(x + r_adv) || p(x)) as in Oliver et al.'s code (lib/hparams.py:64 forward_kl on (student,
   teacher)) and the PyTorch port (lib/algs/vat.py:40); --vat-kl miyato gives Miyato et al.'s KL(p(x) || p(x + r_adv)).
 - NS3L reuses the clean training pass (paper Algorithm 1); the authors' released function uses an extra pass with

@@ -51,15 +51,15 @@ def parse_args(argv=None):
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     g.add_argument("--clock", default="wall", choices=("wall", "process"), help="clock of the time axis and --time-budget: wall (the paper's) or this process's CPU time, which a shared machine's load does not inflate")
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="planted", help="'planted' (REFERENCE section 5), an .npz with x_train, y_train, x_test, y_test, or a training file in the Extreme Classification Repository text format")
+    g.add_argument("--dataset", default="planted", help="'planted' (this project's planted-hierarchy benchmark, see PlantedHierarchy), an .npz with x_train, y_train, x_test, y_test, or a training file in the Extreme Classification Repository text format")
     g.add_argument("--test-data", default=None, help="held-out file in the XC text format (required with a text --dataset); split 20%% validation / 80%% test as in the paper")
-    g.add_argument("--num-classes", type=int, default=2 ** 14, help="planted: number of labels C (REFERENCE section 5 uses 2^12..2^17)")
-    g.add_argument("--num-features", type=int, default=32, help="planted: feature dimension K (REFERENCE section 5)")
+    g.add_argument("--num-classes", type=int, default=2 ** 14, help="planted: number of labels C (docs/xc.md uses 2^10..2^17)")
+    g.add_argument("--num-features", type=int, default=32, help="planted: feature dimension K")
     g.add_argument("--planted-train-size", type=int, default=None, help="planted: size of the fixed sample the tree and the label counts are fitted on (default 16 x C); the main model sees fresh samples every step")
     g.add_argument("--eval-size", type=int, default=2000, help="points of the fixed held-out sample per split (validation and test)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--method", default="adversarial", choices=METHODS, help="negative sampling scheme (paper Section 5 baselines)")
-    g.add_argument("--total-steps", type=int, default=3000, help="training steps (REFERENCE section 5: 3000 steps at C = 2^12)")
+    g.add_argument("--total-steps", type=int, default=3000, help="training steps (3000 at C = 2^12: docs/xc.md)")
     g.add_argument("--time-budget", type=float, default=0.0, help="stop when tree fit + training time (evaluation excluded) exceeds this many seconds; 0 = no limit")
     g.add_argument("--batch-size", type=int, default=1000, help="positives per step (authors' saved run)")
     g.add_argument("--num-negatives", type=int, default=10, help="negatives per positive (authors' saved run)")
@@ -136,7 +136,8 @@ def load_xc_text(path):
 
 def reindex_by_frequency(y_train, y_heldout):
     """Label ids sorted by descending training frequency (ties by id); held-out points whose label never occurs in
-    training are dropped (REFERENCE section 5). Returns new y_train, new y_heldout, mask of kept held-out points, C."""
+    training are dropped (Bamler & Mandt 2020, 'Extreme Classification via Adversarial Softmax
+    Approximation', ICLR, experiments section). Returns new y_train, new y_heldout, mask of kept held-out points, C."""
     ids, counts = np.unique(y_train, return_counts=True)
     order = np.argsort(-counts, kind="stable")
     mapping = {int(label): new for new, label in enumerate(ids[order])}
@@ -147,7 +148,7 @@ def reindex_by_frequency(y_train, y_heldout):
 
 
 class PlantedHierarchy:
-    """Synthetic labels with a planted hierarchy (REFERENCE section 5): C labels on the leaves of a complete binary
+    """Synthetic labels with a planted hierarchy (this project's CPU-sized check of the paper's claim): C labels on the leaves of a complete binary
     tree of depth D = ceil(log2 C), randomly permuted; class mean mu_y = sum_{l=1..D} r^l g_(ancestor at depth l),
     g ~ N(0, I_K), r = 0.4^(1/D); x ~ N(mu_y, I); prior pi_y proportional to (y + 1)^-0.5. The Bayes posterior is
     linear with w*_y = mu_y, b*_y = log pi_y - |mu_y|^2 / 2, the ceiling on reachable log-likelihood."""
@@ -431,7 +432,7 @@ def negative_sampling_loss(pos_scores, neg_scores, pos_log_pn, neg_log_pn, reg):
 
 
 def nce_loss(pos_scores, neg_scores, pos_log_pn, neg_log_pn, reg):
-    """NCE with the tree as base distribution (REFERENCE section 5): the classifier sees xi - log p_n, so xi itself
+    """NCE with the tree as base distribution (Bamler & Mandt 2020's NCE baseline): the classifier sees xi - log p_n, so xi itself
     models the unnormalised log-probability and is used uncorrected at prediction; lambda xi^2 as regulariser."""
     positive = F.softplus(pos_log_pn - pos_scores) + reg * pos_scores ** 2
     negative = F.softplus(neg_scores - neg_log_pn) + reg * neg_scores ** 2
@@ -638,7 +639,7 @@ if __name__ == "__main__":
                 z = tree.whiten(x)
                 negatives, neg_log_pn = tree.sample(z, args.num_negatives)
                 pos_log_pn = tree.log_prob(z, y)
-            else:  # uniform / frequency: log p_n = 0 in the loss (REFERENCE section 5)
+            else:  # uniform / frequency: log p_n = 0 in the loss (Bamler & Mandt's baselines)
                 if args.method == "uniform":
                     negatives = torch.randint(num_classes, shape, device=device)
                 else:

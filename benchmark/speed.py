@@ -167,7 +167,7 @@ def measure_batch_share(repeats, depth, width, threads, batch_size=50, dataset="
     model = wrn.WideResNet(data.num_classes, depth, width, data.channels, bn_momentum=0.01)
     optimizer = torch.optim.Adam(model.parameters(), lr=6e-4)
 
-    def produce():  # exactly what train_supervised.py's batch() does, for both halves
+    def produce():  # what train_supervised.py does per step: gather, normalise, augment (here per half)
         li, ui = next(labeled), next(unlabeled)
         x = torch.cat([common.augment(normalize(data.x_train[li]), flip, shift, noise),
                        common.augment(normalize(data.x_train[ui]), flip, shift, noise)])

@@ -9,6 +9,7 @@ import os
 import statistics
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,6 +69,12 @@ def test_vat_loss_is_olivers_kl_by_default_and_miyatos_with_the_flag():
         torch.testing.assert_close(kl.detach(), by_hand, rtol=1e-4, atol=1e-6)
         results[direction] = kl.detach()
     assert not torch.allclose(results["oliver"], results["miyato"], rtol=1e-3)  # the two directions are different
+    for direction in ("oliver", "miyato"):  # p(x) is a constant target either way
+        clean = model(x)
+        clean.retain_grad()
+        train_vat.vat_loss(model, x, clean, eps=2.0, direction=direction)[0].mean().backward()
+        assert clean.grad is None and model.fc.weight.grad.abs().sum() > 0
+        model.zero_grad()
     assert train_vat.parse_args([]).vat_kl == "oliver"
     assert train_vat.parse_args(["--vat-kl", "miyato"]).vat_kl == "miyato"
 
@@ -106,17 +113,39 @@ def test_bf16_vat_search_target_is_recomputed_in_fp32_on_the_same_augmented_tens
 
 
 def test_exact_fp32_switches_autocast_and_tf32_off_and_restores_them():
-    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = True
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = (matmul.fp32_precision, conv.fp32_precision)
+    matmul.fp32_precision, conv.fp32_precision = "tf32", "tf32"  # as a user who allows TF32 everywhere
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            with common.exact_fp32("cpu"):
+            with common.exact_fp32("cuda"), common.exact_fp32("cpu"):
                 assert not torch.is_autocast_enabled("cpu")
-                assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+                assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
                 assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
-            assert torch.is_autocast_enabled("cpu") and torch.backends.cudnn.allow_tf32
+            assert torch.is_autocast_enabled("cpu")
+            assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        with pytest.raises(ZeroDivisionError):  # restored on the way out of an exception too
+            with common.exact_fp32("cuda"):
+                1 / 0
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+        matmul.fp32_precision, conv.fp32_precision = before
+
+
+def test_no_bf16_on_cuda_means_exact_fp32_for_the_run(monkeypatch):
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = (matmul.fp32_precision, conv.fp32_precision)
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: ("autocast", a, k))  # no CUDA here: only the decision
+    try:
+        args = train_vat.parse_args(["--no-bf16"])
+        amp, memory_format = common.precision(args, torch.device("cuda"))
+        assert amp[2]["enabled"] is False and memory_format == torch.channels_last
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        matmul.fp32_precision, conv.fp32_precision = before
+        amp, _ = common.precision(train_vat.parse_args([]), torch.device("cuda"))
+        assert amp[2]["enabled"] is True and (matmul.fp32_precision, conv.fp32_precision) == before
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before
 
 
 # ------------------------------------------------------------------------------------- supervised batch, split
@@ -175,8 +204,9 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_bf16_channels_last_end_to_end_with_fp32_evaluation(name, monkeypatch, tmp_path, spy):
     module, flags = CASES[name]
-    summary, _ = run_main(module, monkeypatch, tmp_path, *flags, "--bf16", "--channels-last", "--total-steps", "3",
-                          "--eval-every", "2", "--torch-deterministic")
+    summary, split = run_main(module, monkeypatch, tmp_path, *flags, "--bf16", "--channels-last", "--total-steps", "3",
+                              "--eval-every", "2", "--torch-deterministic")
+    assert split["labeled_in_unlabeled"] is False and not set(split["labeled"]) & set(split["unlabeled"])
     training = [r for r in spy if r["training"]]
     evaluation = [r for r in spy if not r["training"]]
     assert training and evaluation
@@ -209,15 +239,45 @@ def test_torch_deterministic_turns_on_deterministic_algorithms(monkeypatch, tmp_
     assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
 
 
-def test_augment_backward_runs_under_deterministic_algorithms():
-    """VAT differentiates through the translation; the gather-based reflect padding has a deterministic backward."""
+def test_reflect_translation_equals_reflect_padding_and_crop_for_every_offset():
+    """The gather-based translation (deterministic backward on CUDA) is exactly F.pad(mode="reflect") + crop."""
+    import torch.nn.functional as F
+    for height, width, shift in ((8, 8, 2), (5, 7, 4), (32, 32, 4), (6, 4, 3)):
+        x = torch.randn(2, 3, height, width)
+        padded = F.pad(x, (shift, shift, shift, shift), mode="reflect")
+        for dy in range(2 * shift + 1):
+            for dx in range(2 * shift + 1):
+                rows = common.reflect_index(torch.arange(height) + dy - shift, height)
+                cols = common.reflect_index(torch.arange(width) + dx - shift, width)
+                assert torch.equal(x[:, :, rows][:, :, :, cols], padded[:, :, dy:dy + height, dx:dx + width])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="reflection-padding backward raises only on CUDA")
+def test_augment_backward_runs_under_deterministic_algorithms_on_cuda():
     torch.use_deterministic_algorithms(True)
     try:
-        x = torch.randn(4, 3, 8, 8, requires_grad=True)
+        x = torch.randn(4, 3, 8, 8, device="cuda", requires_grad=True)
         common.augment(x, flip=True, shift=2, noise_std=0.1).square().sum().backward()
         assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_a_run_of_the_previous_version_resumes_with_its_old_meaning(monkeypatch, tmp_path, spy, capsys):
+    run_main(train_vat, monkeypatch, tmp_path, "--total-steps", "2", "--eval-every", "2", name="old")
+    path = tmp_path / "old" / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    for name in ("vat_kl", "include_labeled", "channels_last"):  # what the previous version's args lacked
+        del checkpoint["args"][name]
+    checkpoint["args"].update(exclude_labeled=False, bf16=True)
+    torch.save(checkpoint, path)
+    monkeypatch.setattr(sys, "argv", [train_vat.__file__, "--resume", str(tmp_path / "old"), "--total-steps", "3"])
+    train_vat.main()
+    assert "older version" in capsys.readouterr().out
+    with open(tmp_path / "old" / "summary.json") as f:
+        resumed = json.load(f)["args"]
+    assert (resumed["vat_kl"], resumed["include_labeled"], resumed["bf16"]) == ("miyato", True, None)
+    assert not any(r["autocast"] for r in spy)  # bf16 meant "on CUDA" then: this CPU run stays fp32
 
 
 # ------------------------------------------------------------------------------------------ MixMatch defaults
@@ -241,6 +301,8 @@ def test_mixmatch_median_uses_grid_evaluations_only():
 
 
 def test_mixmatch_extended_run_drops_the_old_final_evaluation(monkeypatch, tmp_path, spy):
+    calls = []  # every evaluation gets its own error, so the median shows which evaluations entered it
+    monkeypatch.setattr(common, "error_rate", lambda *a, **k: calls.append(1) or float(len(calls)) ** 2)
     flags = ["--batch-size", "8", "--eval-every", "2"]
     run_main(train_mixmatch, monkeypatch, tmp_path, *flags, "--total-steps", "5", name="extended")
     monkeypatch.setattr(sys, "argv", [train_mixmatch.__file__, "--resume", str(tmp_path / "extended"),
@@ -250,5 +312,36 @@ def test_mixmatch_extended_run_drops_the_old_final_evaluation(monkeypatch, tmp_p
         summary = json.load(f)
     evaluations = torch.load(tmp_path / "extended" / "checkpoint.pt", weights_only=True)["evaluations"]
     assert [step for step, _ in evaluations] == [2, 4, 5, 6, 8]
+    errors = [error for _, error in evaluations]
+    assert len(set(errors)) == 5
     grid = [error for step, error in evaluations if step != 5]
     assert summary["median_last20_test_error"] == pytest.approx(statistics.median(grid))
+    assert summary["median_last20_test_error"] != pytest.approx(statistics.median(errors))
+
+
+def test_mixmatch_svhn_extra_draws_labels_from_train_and_extra(monkeypatch, tmp_path, spy):
+    """Official runs/table7.sh: the labeled (and validation) images may come from the extra images too."""
+    load = common.load_dataset
+
+    def svhn_with_extra(*args, **kwargs):  # synthetic images standing in for SVHN: rows >= 200 play 'extra'
+        data = load("synthetic", device=kwargs.get("device", "cpu"))
+        data.name, data.num_labelable = "svhn", 200
+        return data
+    monkeypatch.setattr(common, "load_dataset", svhn_with_extra)
+    argv = ["--dataset", "svhn", "--batch-size", "8", "--total-steps", "1", "--eval-every", "1", "--num-labeled", "250",
+            "--num-valid", "100"]
+    _, split = run_main(train_mixmatch, monkeypatch, tmp_path, *argv, "--svhn-extra", name="extra")
+    assert max(split["labeled"] + split["valid"]) >= 200 and len(split["labeled"]) == 250
+    with pytest.raises(SystemExit):  # without --svhn-extra only the 200 train rows can be labeled: too few
+        run_main(train_mixmatch, monkeypatch, tmp_path, *argv, name="plain")
+
+
+def test_mixmatch_threshold_of_an_npz_follows_its_classes(monkeypatch, tmp_path, spy):
+    rng = np.random.RandomState(0)
+    path = tmp_path / "five.npz"
+    np.savez(path, x_train=rng.randint(0, 255, (60, 8, 8), dtype=np.uint8), y_train=np.arange(60) % 5,
+             x_test=rng.randint(0, 255, (20, 8, 8), dtype=np.uint8), y_test=np.arange(20) % 5)
+    assert train_mixmatch.parse_args(["--dataset", str(path)]).threshold is None  # classes unknown before loading
+    summary, _ = run_main(train_mixmatch, monkeypatch, tmp_path, "--dataset", str(path), "--batch-size", "8",
+                          "--num-labeled", "10", "--num-valid", "10", "--total-steps", "1", "--eval-every", "1")
+    assert summary["args"]["threshold"] == pytest.approx(0.1)  # 0.5 / 5 classes

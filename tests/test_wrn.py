@@ -1,4 +1,4 @@
-"""WRN wiring (REFERENCE §1), parameter count, and the forward pass that leaves BatchNorm statistics alone."""
+"""WRN wiring (Oliver et al. lib/networks.py), parameter count, and the forward pass that leaves BatchNorm statistics alone."""
 import torch
 import torch.nn.functional as F
 

@@ -241,7 +241,7 @@ def test_end_to_end_npz_reuse_tree_and_never_overwrite(tmp_path):
 
 
 def test_adversarial_beats_uniform_and_frequency_with_six_times_fewer_steps(tmp_path):
-    """The paper's claim at C = 2^12 (REFERENCE section 5), fixed seeds and step counts: adversarial after S steps
+    """The paper's claim at C = 2^12 (planted-hierarchy check), fixed seeds and step counts: adversarial after S steps
     beats uniform and frequency negatives after 6 S steps in log-likelihood; its raw scores are useless."""
     steps = 100
     common = ["--dataset", "planted", "--num-classes", "4096", "--batch-size", "500", "--eval-size", "1000",

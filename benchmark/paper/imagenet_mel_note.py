@@ -1,4 +1,4 @@
-"""The ImageNet note (papers/imagenet_mel_nbel_locality_note.txt; Bansal & Zepeda): DenseNet-121 on ImageNet with
+"""The ImageNet note (Bansal & Zepeda, "Semi-Supervised Learning"): DenseNet-121 on ImageNet with
 64k labeled and 192k unlabeled images, CE + alpha MEL + beta NBEL + gamma locality, SGD Nesterov 0.9, wd 1e-4,
 LR 0.1 / 10 every 30 epochs, 90 epochs, batch 256, supervised share 0.25; top-1 error on val/ (the note has no
 validation split, so the number is the final test error). Seeds: the note reports single runs; we give 3.

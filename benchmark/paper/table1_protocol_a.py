@@ -6,7 +6,8 @@ Every hyperparameter is the scripts' default, which is the paper's (section 4.4)
 CIFAR-100), lambda1 = 1, LR 6e-4; VAT + NS3L LR 6e-4, lambda1 = lambda2 = 0.3 (CIFAR-100: LR 3e-3, lambda2 = 0.6);
 Pi + NS3L as NS3L. Also defaults: the supervised baseline trains on 100 labeled images per step (Oliver et al.'s
 dataset_mode=labeled), the others on 50 labeled + 50 unlabeled; labeled and unlabeled sets are disjoint (the paper's
-4,000 + 41,000 counts); VAT's loss is KL(p(x + r_adv) || p(x)) (Oliver et al.'s direction). One GPU run of WRN-28-2 for 200k steps takes a few hours (VAT about twice NS3L).
+4,000 + 41,000 counts); VAT's loss is KL(p(x + r_adv) || p(x)) (Oliver et al.'s direction). One GPU run of WRN-28-2 for 200k steps takes a few hours; a VAT step costs about three NS3L steps (clean, search
+and perturbed passes; CPU ratio in docs/benchmarks.md).
 
     python benchmark/paper/table1_protocol_a.py                  # print the 120 commands and the paper's numbers
     python benchmark/paper/table1_protocol_a.py --run --setting cifar10 -- --data-dir data --download

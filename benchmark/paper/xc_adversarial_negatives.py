@@ -1,4 +1,4 @@
-"""Bamler & Mandt 2020 (papers/adversarial_softmax_extreme_classification.txt): adversarial negative sampling vs
+"""Bamler & Mandt 2020 ("Extreme Classification via Adversarial Softmax Approximation", ICLR): adversarial negative sampling vs
 uniform / frequency negatives and NCE on Wikipedia-500K and Amazon-670K (512-d XML-CNN features, first label
 only), Adagrad, batch 1000, 10 negatives, per-method LR / lambda of the paper's Table 1 (train_xc.py's defaults),
 aux tree k = 16, lambda_n = 0.1. Metrics: test accuracy (reported here as error = 100 - accuracy) and predictive
@@ -6,8 +6,8 @@ log-likelihood (summary.json final_test_log_likelihood), against wall-clock time
 
 The paper reports these results only as learning curves (its Figure 1): there is no number to put beside ours
 except the EURLex-4K appendix (full softmax 33.6 % accuracy, uniform negative sampling 26.4 %) and the
-planted-hierarchy CPU check of REFERENCE section 5 (D = 12, 3,000 steps: adversarial ~ 79 % / -0.9 nats, uniform
-~ 50 % / -2.5 nats). Data: put the XML-CNN feature files (x_train, y_train, x_test, y_test .npz) at the paths below
+planted-hierarchy CPU check of this project (D = 12, 3,000 steps: adversarial ~ 79 % / -0.9 nats, uniform
+~ 50 % / -2.5 nats, an earlier measurement here, not a paper number). Data: put the XML-CNN feature files (x_train, y_train, x_test, y_test .npz) at the paths below
 or pass other paths with --dataset after --. benchmark/xc_compare.py (another engineer's) plots the curves.
 
     python benchmark/paper/xc_adversarial_negatives.py [--run | --report] [--setting planted-d12]
@@ -31,8 +31,8 @@ SETTINGS["eurlex-4k"] = [
 SETTINGS["planted-d12"] = [
     Config(m, ["train_xc.py", "--dataset", "planted", "--num-classes", "4096", "--total-steps", "3000",
                "--method", m, "--no-cuda"], paper, note)
-    for m, paper, note in [("adversarial", (21.0, None), "REFERENCE: ~79 % accuracy, -0.9 nats"),
-                           ("uniform", (50.0, None), "REFERENCE: ~50 % accuracy, -2.5 nats")]]
+    for m, paper, note in [("adversarial", (21.0, None), "earlier run here: ~79 % accuracy, -0.9 nats"),
+                           ("uniform", (50.0, None), "earlier run here: ~50 % accuracy, -2.5 nats")]]
 
 if __name__ == "__main__":
     sys.exit(main("xc", "Adversarial negative sampling for extreme classification (Bamler & Mandt 2020)",
