@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torch.utils.tensorboard import SummaryWriter
-from torchvision import transforms
+from torchvision.transforms import v2 as transforms
 
 import common
 
@@ -56,8 +56,10 @@ def parse_args(argv=None):
                    help="start from the model weights of the finished run RUN_DIR (the note's '+MEL+NBEL initialised "
                         "from the MEL model'); optimizer, LR schedule and step count start fresh; ignored with --resume")
     g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA if available")
-    g.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=True,
-                   help="cudnn.deterministic (off = cudnn.benchmark, faster)")
+    g.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
+                   help="cuDNN deterministic kernels with benchmarking off (default off: cudnn.benchmark, as the "
+                        "authors' main.py:106). Not torch.use_deterministic_algorithms: DenseNet's adaptive pooling "
+                        "has no deterministic CUDA backward, and DataLoader workers still vary with their count")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast + channels_last on CUDA (ignored on CPU)")
     g.add_argument("--log-every", type=int, default=100, help="steps between scalar logs")
@@ -71,8 +73,12 @@ def parse_args(argv=None):
                    help="images of train/ held out for model selection; 0 = none, as in the note (val/ is the test set)")
     g.add_argument("--labeled-ratio", type=float, default=0.25,
                    help="probability that a batch slot is labeled (authors' default 0.25; the note found 0.8 best)")
-    g.add_argument("--crop-size", type=int, default=224, help="random-resized-crop / centre-crop size (standard)")
-    g.add_argument("--resize-size", type=int, default=256, help="evaluation resize before the centre crop (standard)")
+    g.add_argument("--crop-size", type=int, default=224, help="training and centre-crop size (authors' 224)")
+    g.add_argument("--resize-size", type=int, default=256,
+                   help="resize before the crop, training ('authors' augmentation) and evaluation (authors' 256)")
+    g.add_argument("--augmentation", choices=("authors", "random-resized-crop"), default="authors",
+                   help="'authors': Resize + RandomCrop + flip (their dataLoader.py:29-31); 'random-resized-crop': "
+                        "torchvision's ImageNet recipe")
     g.add_argument("--num-workers", type=int, default=8, help="DataLoader workers per process")
     g = parser.add_argument_group("model")
     g.add_argument("--arch", default="densenet121", choices=["densenet121", "densenet161", "densenet169", "densenet201"],
@@ -327,13 +333,31 @@ def fail(message):
     sys.exit(1)
 
 
-def load_image_folders(data_dir, crop_size, resize_size):
+def train_transform(augmentation, crop_size, resize_size):
+    """The training augmentation. 'authors' (default): Resize(256) + RandomCrop(224) + horizontal flip, as the authors'
+    TrainTransform (ankanbansal/semi-supervised-learning dataLoader.py:29-31); 'random-resized-crop': torchvision's
+    ImageNet recipe, RandomResizedCrop(224) + flip. Both end with ToImage + ToDtype(float32, scale=True) (the v2 form
+    of ToTensor) and the ImageNet mean / std."""
+    if augmentation == "authors":
+        crop = [transforms.Resize(resize_size), transforms.RandomCrop(crop_size)]
+    else:
+        crop = [transforms.RandomResizedCrop(crop_size)]
+    return transforms.Compose(crop + [transforms.RandomHorizontalFlip(), transforms.ToImage(),
+                                      transforms.ToDtype(torch.float32, scale=True),
+                                      transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def eval_transform(crop_size, resize_size):
+    """Resize(256) + CenterCrop(224), the authors' ValTransform (dataLoader.py:44-46)."""
+    return transforms.Compose([transforms.Resize(resize_size), transforms.CenterCrop(crop_size), transforms.ToImage(),
+                               transforms.ToDtype(torch.float32, scale=True),
+                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def load_image_folders(data_dir, crop_size, resize_size, augmentation="authors"):
     """ImageFolders for train/ (augmented), train/ (evaluation transform) and val/; SystemExit on missing folders."""
-    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(crop_size), transforms.RandomHorizontalFlip(),
-                                   transforms.ToTensor(), normalize])
-    eval_tf = transforms.Compose([transforms.Resize(resize_size), transforms.CenterCrop(crop_size),
-                                  transforms.ToTensor(), normalize])
+    train_tf = train_transform(augmentation, crop_size, resize_size)
+    eval_tf = eval_transform(crop_size, resize_size)
     folders = {}
     for split in ("train", "val"):
         path = os.path.join(data_dir, split)
@@ -474,7 +498,8 @@ if __name__ == "__main__":
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=mixed)
 
     # Data checks come before anything is written.
-    train_folder, train_eval_folder, val_folder = load_image_folders(args.data_dir, args.crop_size, args.resize_size)
+    train_folder, train_eval_folder, val_folder = load_image_folders(args.data_dir, args.crop_size, args.resize_size,
+                                                                        args.augmentation)
     num_classes = len(train_folder.classes)
     try:
         labeled_idx, unlabeled_idx, valid_idx = make_split(train_folder.targets, num_classes, args.num_labeled,
