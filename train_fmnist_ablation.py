@@ -24,7 +24,7 @@ Choices the paper does not state (the defaults):
   50 * 40 = 2,000 steps at the default 50 labeled + 50 unlabeled images per step. Every row makes the same number of
   optimiser steps on the same labeled split; the unlabeled stream is seen 2000 * 50 / 58000 = 1.7 times.
   (Oliver et al.'s 50 + 50 batches, which the paper's section 4.1 uses; one pass over the 58k unlabeled images per
-  epoch would be 29x the compute and does not fit a CPU.)
+  epoch would be 29x the compute and does not fit a CPU: --epoch-unit unlabeled reads "epoch" that way, for a GPU.)
 - CNN: conv 5x5/2 (16) - ReLU - conv 3x3/2 (32) - ReLU - linear 128 - ReLU - linear, no BatchNorm (so the NS3L pass
   needs no frozen-statistics trick) and no dropout; about 0.4 ms per image per training step on one CPU core.
 - Adam, learning rate 1e-3 (PyTorch/Keras default), no weight decay, constant; no data augmentation; inputs scaled
@@ -69,7 +69,10 @@ def parse_args(argv=None):
     g.add_argument("--num-labeled", type=int, default=2000, help="labeled images (paper Table 5: 2,000)")
     g.add_argument("--num-valid", type=int, default=0, help="validation images held out of train (paper: none)")
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=50, help="passes over the labeled set (paper Table 5: 50)")
+    g.add_argument("--epochs", type=int, default=50, help="epochs of --epoch-unit (paper Table 5: 50)")
+    g.add_argument("--epoch-unit", choices=("labeled", "unlabeled"), default="labeled",
+                   help="what an epoch passes over, which the paper does not define: 'labeled' (the 2,000 labeled images; "
+                        "2,000 steps for 50 epochs) or 'unlabeled' (the 58,000 unlabeled images; 29x the steps)")
     g.add_argument("--total-steps", type=int, default=None, help="overrides --epochs: optimiser steps")
     g.add_argument("--batch-size", type=int, default=50, help="labeled images per step (Oliver et al.: 50)")
     g.add_argument("--unlabeled-batch-size", type=int, default=50, help="unlabeled images per step (Oliver et al.: 50)")
@@ -200,7 +203,8 @@ def main():
                     f"{data.num_classes} classes (at most {max_negatives(args.negatives, data.num_classes)})")
     if args.negatives != "supervised" and (len(split.unlabeled) == 0 or (data.y_train[split.unlabeled] < 0).any()):
         common.fail("the unlabeled images need hidden labels (oracle rule, wrong-negative diagnostics)")
-    steps_per_epoch = math.ceil(args.num_labeled / args.batch_size)
+    steps_per_epoch = math.ceil(args.num_labeled / args.batch_size) if args.epoch_unit == "labeled" else \
+        math.ceil(len(split.unlabeled) / args.unlabeled_batch_size)
     args.total_steps = args.total_steps or args.epochs * steps_per_epoch
     args.eval_every = args.eval_every or 10 * steps_per_epoch
     normalize = common.Normalizer("scale")  # x / 127.5 - 1

@@ -42,7 +42,10 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="one labeled split per seed")
-    parser.add_argument("--epochs", type=int, default=50, help="passes over the labeled set (paper: 50)")
+    parser.add_argument("--epochs", type=int, default=50, help="epochs (paper: 50)")
+    parser.add_argument("--epoch-unit", choices=("labeled", "unlabeled"), default="labeled",
+                        help="an epoch = a pass over the labeled set (default) or over the unlabeled images (29x the "
+                             "steps; a GPU job)")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--runs-dir", default=None, help="where the runs go (default runs/fmnist_table_e<EPOCHS>)")
@@ -57,7 +60,8 @@ def parse_args():
             parser.error(f"unknown row {stem!r}: choose from {', '.join(stems)}")
     if args.epochs < 1 or args.jobs < 1 or args.threads < 1:
         parser.error("--epochs, --jobs and --threads must be >= 1")
-    args.runs_dir = args.runs_dir or f"runs/fmnist_table_e{args.epochs}"  # finished runs are reused only at equal epochs
+    suffix = "" if args.epoch_unit == "labeled" else "u"  # finished runs are reused only at equal epochs and unit
+    args.runs_dir = args.runs_dir or f"runs/fmnist_table_e{args.epochs}{suffix}"
     return args
 
 
@@ -70,7 +74,7 @@ def run_one(args, stem, flags, seed):
     if os.path.isdir(run_dir):  # an interrupted run of this runner: start it again
         shutil.rmtree(run_dir)
     command = [sys.executable, os.path.join(ROOT, "train_fmnist_ablation.py"), *flags, "--seed", str(seed),
-               "--epochs", str(args.epochs), "--eval-every", "1000000000", "--runs-dir", args.runs_dir, "--run-name", name, *args.extra]
+               "--epochs", str(args.epochs), "--epoch-unit", args.epoch_unit, "--eval-every", "1000000000", "--runs-dir", args.runs_dir, "--run-name", name, *args.extra]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     start = time.perf_counter()
     with open(os.path.join(args.runs_dir, name + ".log"), "w") as log:

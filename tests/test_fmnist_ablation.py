@@ -192,6 +192,20 @@ def test_every_rule_end_to_end_on_generated_debian_files(rule, flags, debian_fol
         assert summary["negatives_per_sample"] < 9
 
 
+def test_epoch_unit_labeled_by_default_unlabeled_as_a_flag(debian_folder, tmp_path, monkeypatch):
+    """'50 epochs' is undefined in the paper: passes over the labeled set (default) or over the unlabeled images."""
+    monkeypatch.setattr(common, "DEBIAN_FASHION_MNIST", debian_folder[0])
+    assert fm.parse_args([]).epoch_unit == "labeled"
+    flags = ["--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "none"), "--num-labeled", "40",
+             "--batch-size", "20", "--unlabeled-batch-size", "100", "--hidden", "16", "--no-cuda", "--epochs", "1",
+             "--log-every", "1"]
+    for unit, steps in (("labeled", 2), ("unlabeled", 4)):  # 40 / 20 labeled; 360 unlabeled / 100 -> 4
+        runs = str(tmp_path / unit)
+        summary = run_in_process(monkeypatch, runs, *flags, "--epoch-unit", unit, "--runs-dir", runs,
+                                 "--run-name", "run")
+        assert summary["steps"] == steps and summary["epochs"] == 1
+
+
 def test_subprocess_run_writes_the_run_directory(tmp_path):
     rng = np.random.RandomState(1)
     x_train, y_train = learnable_images(200, rng)
