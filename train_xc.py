@@ -56,7 +56,8 @@ def parse_args(argv=None):
     g.add_argument("--num-classes", type=int, default=2 ** 14, help="planted: number of labels C (docs/xc.md uses 2^10..2^17)")
     g.add_argument("--num-features", type=int, default=32, help="planted: feature dimension K")
     g.add_argument("--planted-train-size", type=int, default=None, help="planted: size of the fixed sample the tree and the label counts are fitted on (default 16 x C); the main model sees fresh samples every step")
-    g.add_argument("--eval-size", type=int, default=2000, help="points of the fixed held-out sample per split (validation and test)")
+    g.add_argument("--eval-size", type=int, default=2000, help="points of the fixed held-out sample per split: validation always; test only for planted (file data: the whole test split, as the authors evaluate it, unless --test-size)")
+    g.add_argument("--test-size", type=int, default=None, help="file data: cap the test split at this many points (default: all of it)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--method", default="adversarial", choices=METHODS, help="negative sampling scheme (paper Section 5 baselines)")
     g.add_argument("--total-steps", type=int, default=3000, help="training steps (3000 at C = 2^12: docs/xc.md)")
@@ -77,10 +78,10 @@ def parse_args(argv=None):
     g.add_argument("--log-every", type=int, default=100, help="log training scalars every N steps")
     args = parser.parse_args(argv)
 
-    positive = ["num_classes", "num_features", "eval_size", "total_steps", "batch_size", "num_negatives", "pca_dim",
+    positive = ["num_classes", "num_features", "eval_size", "test_size", "total_steps", "batch_size", "num_negatives", "pca_dim",
                 "tree_newton_steps", "tree_max_rounds", "eval_every", "log_every"]
     for name in positive:
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.dataset == "planted" and args.num_classes < 2:
         parser.error(f"--num-classes must be >= 2, got {args.num_classes}")
@@ -526,7 +527,8 @@ def load_dataset(args):
     order = torch.randperm(len(y_test), generator=generator)  # held-out points: 20 % validation / 80 % test
     num_valid = max(1, len(order) // 5)
     to_tensor = lambda idx: (torch.as_tensor(x_test[idx.numpy()], dtype=torch.float32), torch.as_tensor(y_test[idx.numpy()]))
-    heldout = {"valid": to_tensor(order[:num_valid][:args.eval_size]), "test": to_tensor(order[num_valid:][:args.eval_size])}
+    # The authors evaluate the whole test split and subsample only validation (their evaluation scripts).
+    heldout = {"valid": to_tensor(order[:num_valid][:args.eval_size]), "test": to_tensor(order[num_valid:][:args.test_size])}
     return path.stem, torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(y_train), heldout, num_classes, None
 
 

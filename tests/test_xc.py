@@ -200,6 +200,22 @@ def test_missing_data_file_is_one_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_file_data_is_evaluated_on_the_whole_test_split(tmp_path):
+    """The authors evaluate the full test set and subsample only validation; --eval-size caps validation only."""
+    generator = torch.Generator().manual_seed(3)
+    planted = xc.PlantedHierarchy(8, 4, generator)
+    x_train, y_train = planted.sample(400, generator)
+    x_test, y_test = planted.sample(3000, generator)
+    np.savez(tmp_path / "d.npz", x_train=x_train.numpy(), y_train=y_train.numpy(), x_test=x_test.numpy(),
+             y_test=y_test.numpy())
+    args = xc.parse_args(["--dataset", str(tmp_path / "d.npz"), "--eval-size", "100"])
+    _, _, _, heldout, _, _ = xc.load_dataset(args)
+    kept = len(heldout["valid"][1]) + len(heldout["test"][1])
+    assert len(heldout["valid"][1]) == 100 and len(heldout["test"][1]) == 3000 - 3000 // 5 and kept == 2500
+    args = xc.parse_args(["--dataset", str(tmp_path / "d.npz"), "--test-size", "50"])
+    assert len(xc.load_dataset(args)[3]["test"][1]) == 50
+
+
 def test_end_to_end_npz_reuse_tree_and_never_overwrite(tmp_path):
     generator = torch.Generator().manual_seed(3)
     planted = xc.PlantedHierarchy(20, 6, generator)
