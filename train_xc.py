@@ -66,6 +66,10 @@ def parse_args(argv=None):
     g.add_argument("--num-negatives", type=int, default=10, help="negatives per positive (authors' saved run)")
     g.add_argument("--lr", type=float, default=None, help="Adagrad learning rate (default per method: paper Table 1 Amazon-670K, softmax Appendix A.2)")
     g.add_argument("--reg", type=float, default=None, help="lambda of eq. 6 (default per method as for --lr)")
+    g.add_argument("--bias-init", choices=("inverse-aux", "zero"), default="inverse-aux",
+                   help="adversarial: start b_y at -mean log p_n(y|x) over y's training points, the authors' only saved "
+                        "adversarial configuration (load_and_evaluate_model.py:35, initialize_to_inverse_aux); 'zero' "
+                        "starts at 0. Other methods: uniform / frequency 0 (the authors' avg_lls are 0 there), NCE -log C")
     g = parser.add_argument_group("auxiliary tree")
     g.add_argument("--aux-model", default=None, help="reuse a tree saved by an earlier run (aux_tree.pt) instead of fitting one")
     g.add_argument("--pca-dim", type=int, default=16, help="k, whitened PCA dimension of the tree (paper Section 5)")
@@ -424,6 +428,19 @@ class LinearScores(nn.Module):
         return x @ self.weight.weight.T + self.bias.weight.T
 
 
+@torch.no_grad()
+def inverse_aux_bias(tree, x, y, num_classes, chunk=65536):
+    """The authors' bias start (initialize_to_inverse_aux): b_y = -(mean over y's training points of log p_n(y|x)),
+    fit_aux_model.jl:322-340 (avg_lls) and main_model/supervised_model.py:28-33 (bias = -avg_lls). Then
+    xi_y + log p_n(y|x) starts near 0 on average for the points of y: the corrected scores start close to uniform.
+    Labels without a training point start at 0."""
+    total = torch.zeros(num_classes, device=x.device)
+    for i in range(0, len(y), chunk):
+        total.index_add_(0, y[i: i + chunk], tree.log_prob(tree.whiten(x[i: i + chunk]), y[i: i + chunk]))
+    counts = torch.bincount(y, minlength=num_classes).float()
+    return torch.where(counts > 0, -total / counts.clamp_min(1), torch.zeros_like(total))
+
+
 def negative_sampling_loss(pos_scores, neg_scores, pos_log_pn, neg_log_pn, reg):
     """Paper eq. 6, mean over positives, negatives averaged per positive: softplus(-xi+) + lambda (xi+ + log p_n(y+|x))^2
     + mean_n [softplus(xi-) + lambda (xi- + log p_n(y-|x))^2]. Uniform / frequency negatives pass log p_n = 0."""
@@ -589,6 +606,9 @@ if __name__ == "__main__":
     model = LinearScores(num_classes, num_features).to(device)
     if args.method == "nce":  # NCE scores are log-probabilities: start at uniform, else never-sampled labels (score 0
         nn.init.constant_(model.bias.weight, -math.log(num_classes))  # = probability 1) outrank every trained one
+    elif args.method == "adversarial" and args.bias_init == "inverse-aux":
+        with torch.no_grad():
+            model.bias.weight.copy_(inverse_aux_bias(tree, x_train, y_train, num_classes)[:, None])
     optimizer = torch.optim.Adagrad(model.parameters(), lr=args.lr, initial_accumulator_value=0.0)
     run_start = time.time()
     train_seconds = 0.0
