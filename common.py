@@ -474,10 +474,11 @@ def resume_args(args, checkpoint, argv):
     this command line override them."""
     saved = argparse.Namespace(**checkpoint["args"])
     if "channels_last" not in vars(saved):  # a run started before these flags existed keeps the meaning it had
-        for name, value in legacy_args(vars(saved)).items():
+        legacy = legacy_args(vars(saved))
+        for name, value in legacy.items():
             setattr(saved, name, value)
         print(f"--resume {args.resume}: arguments of an older version, kept with their old meaning "
-              f"({', '.join(f'{k}={v}' for k, v in sorted(legacy_args(checkpoint['args']).items()))})")
+              f"({', '.join(f'{k}={v}' for k, v in sorted(legacy.items()))})")
     for name, value in vars(args).items():  # flags added later still need a value
         if name not in vars(saved):
             setattr(saved, name, value)

@@ -66,7 +66,7 @@ def parse_args(argv=None):
                         "bit-reproducible on the same machine and software, slower on GPU")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast for training forward passes (default: on for CUDA, off on CPU; --bf16 forces it "
-                        "on the CPU too). Evaluation and VAT's r search always runs in exact fp32")
+                        "on the CPU too). Evaluation and VAT's r search always run in exact fp32")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (default: on for CUDA, off on CPU)")
     g.add_argument("--eval-every", type=int, default=5000, help="steps between evaluations and checkpoints")
