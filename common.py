@@ -242,6 +242,112 @@ def load_dataset(name, data_dir="data", download=False, device="cpu", svhn_extra
                    x_test.to(device), y_test.to(device), num_classes, num_labelable)
 
 
+# ------------------------------------------------------------------------------ extreme classification text files
+# train_xc.py's data. Every reader keeps each point's smallest label id (the authors' "first label",
+# binarize-labels.py:29 of mandt-lab/adversarial-negative-sampling) and marks points without a label with -1.
+# Problems raise DataError with one line that names the file and the line.
+
+def _xc_header(handle, path, names):
+    line = handle.readline()
+    tokens = line.split()
+    if len(tokens) != len(names) or not all(token.isdigit() for token in tokens):
+        raise DataError(f"{path}: line 1 must be '{' '.join(names)}' ({len(names)} whole numbers), got {line.strip()[:60]!r}")
+    return [int(token) for token in tokens]
+
+
+def _xc_sparse(tokens, row, path, lineno, size, what):
+    """Fill row from 'index:value' tokens; returns the indices."""
+    indices = []
+    for token in tokens:
+        index, sep, value = token.partition(":")
+        try:
+            index, value = int(index), float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise DataError(f"{path}: line {lineno}: expected '{what}:value', got {token[:40]!r}")
+        if not 0 <= index < size:
+            raise DataError(f"{path}: line {lineno}: {what} {index} outside 0..{size - 1} (line 1's header)")
+        if row is not None:
+            row[index] = value
+        indices.append(index)
+    return indices
+
+
+def _xc_count(path, lineno, expected):
+    if lineno - 1 != expected:
+        raise DataError(f"{path}: line 1 says {expected} points but the file has {lineno - 1} data lines")
+
+
+def read_xc_repository(path):
+    """One file of the Extreme Classification Repository's original text format (Bhatia et al.): line 1 'N K C',
+    then per point 'l1,l2,... f:v f:v ...' (0-based ids; a point without labels starts with a space).
+    Returns (features float32 N x K, labels int64 N, C)."""
+    with open(path) as handle:
+        num_points, num_features, num_labels = _xc_header(handle, path, ("N", "K", "C"))
+        features = np.zeros((num_points, num_features), dtype=np.float32)
+        labels = np.full(num_points, -1, dtype=np.int64)
+        lineno = 1
+        for lineno, line in enumerate(handle, start=2):
+            if lineno - 2 >= num_points:
+                raise DataError(f"{path}: more than N = {num_points} data lines (line 1's header)")
+            tokens = line.rstrip("\n").split(" ")
+            if tokens[0] and ":" not in tokens[0]:
+                try:
+                    ids = [int(token) for token in tokens[0].split(",") if token]
+                except ValueError:
+                    raise DataError(f"{path}: line {lineno}: labels must be 'l1,l2,...', got {tokens[0][:40]!r}") from None
+                if ids and not all(0 <= i < num_labels for i in ids):
+                    raise DataError(f"{path}: line {lineno}: a label id is outside 0..{num_labels - 1} (line 1's header)")
+                labels[lineno - 2] = min(ids, default=-1)
+                tokens = tokens[1:]
+            _xc_sparse([t for t in tokens if t], features[lineno - 2], path, lineno, num_features, "feature")
+        _xc_count(path, lineno, num_points)
+    return features, labels, num_labels
+
+
+def read_xc_features(path):
+    """A feature matrix with header 'N K', then one point per line: K space-separated numbers (the dense XML-CNN
+    files the authors read, binarize-features.py:15-19) or sparse 'f:v' tokens (the repository's X_Xf.txt files).
+    Returns float32 N x K."""
+    with open(path) as handle:
+        num_points, num_features = _xc_header(handle, path, ("N", "K"))
+        features = np.zeros((num_points, num_features), dtype=np.float32)
+        lineno = 1
+        for lineno, line in enumerate(handle, start=2):
+            if lineno - 2 >= num_points:
+                raise DataError(f"{path}: more than N = {num_points} data lines (line 1's header)")
+            tokens = line.split()
+            if tokens and ":" in tokens[0]:
+                _xc_sparse(tokens, features[lineno - 2], path, lineno, num_features, "feature")
+                continue
+            try:
+                values = np.array(tokens, dtype=np.float32)
+            except ValueError:
+                raise DataError(f"{path}: line {lineno}: not {num_features} numbers") from None
+            if len(values) != num_features:
+                raise DataError(f"{path}: line {lineno}: {len(values)} numbers, line 1 says K = {num_features}")
+            features[lineno - 2] = values
+        _xc_count(path, lineno, num_points)
+    return features
+
+
+def read_xc_labels(path):
+    """A label matrix with header 'N C', then one point per line: 'l:1 l:1 ...' (the authors' trn_lbl_mat.txt,
+    binarize-labels.py:13-29, and the repository's X_Y.txt). Returns (smallest label id per point or -1, C)."""
+    with open(path) as handle:
+        num_points, num_labels = _xc_header(handle, path, ("N", "C"))
+        labels = np.full(num_points, -1, dtype=np.int64)
+        lineno = 1
+        for lineno, line in enumerate(handle, start=2):
+            if lineno - 2 >= num_points:
+                raise DataError(f"{path}: more than N = {num_points} data lines (line 1's header)")
+            ids = _xc_sparse(line.split(), None, path, lineno, num_labels, "label")
+            labels[lineno - 2] = min(ids, default=-1)
+        _xc_count(path, lineno, num_points)
+    return labels, num_labels
+
+
 # ------------------------------------------------------------------------------------------------------------ split
 @dataclass
 class Split:
@@ -469,11 +575,12 @@ def load_checkpoint(run_dir, script):
     return checkpoint
 
 
-def resume_args(args, checkpoint, argv):
-    """The resumed run keeps its saved arguments; only --total-steps (to extend a run) and the device flags given on
-    this command line override them."""
+def resume_args(args, checkpoint, argv, overrides=("total_steps", "cuda"), legacy=True):
+    """The resumed run keeps its saved arguments; only the ``overrides`` given on this command line (--total-steps
+    to extend a run, the device flag) replace them. ``legacy``: give the arguments of a WRN-script run saved before
+    the fidelity review their old meaning (legacy_args)."""
     saved = argparse.Namespace(**checkpoint["args"])
-    if "channels_last" not in vars(saved):  # a run started before these flags existed keeps the meaning it had
+    if legacy and "channels_last" not in vars(saved):  # a run started before these flags existed keeps the meaning it had
         legacy = legacy_args(vars(saved))
         for name, value in legacy.items():
             setattr(saved, name, value)
@@ -482,8 +589,9 @@ def resume_args(args, checkpoint, argv):
     for name, value in vars(args).items():  # flags added later still need a value
         if name not in vars(saved):
             setattr(saved, name, value)
-    for flag, name in (("--total-steps", "total_steps"), ("--cuda", "cuda"), ("--no-cuda", "cuda")):
-        if any(a == flag or a.startswith(flag + "=") for a in argv):
+    for name in overrides:
+        flags = ["--" + name.replace("_", "-")] + (["--no-" + name.replace("_", "-")] if name == "cuda" else [])
+        if any(a == flag or a.startswith(flag + "=") for a in argv for flag in flags):
             setattr(saved, name, getattr(args, name))
     saved.resume = args.resume
     if checkpoint["step"] >= saved.total_steps:

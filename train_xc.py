@@ -13,7 +13,6 @@ tree as base distribution, and the full softmax (O(C K) per step).
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 
 import common
+from xc_tree import ProbabilisticTree, fit_tree
 
 METHODS = ("adversarial", "uniform", "frequency", "nce", "softmax")
 # (learning rate, regulariser lambda of eq. 6). Negative-sampling methods: paper Table 1, Amazon-670K column (the
@@ -36,15 +36,17 @@ PAPER_DEFAULTS = {
     "nce": (0.01, 1e-3),
     "softmax": (0.3, 3e-4),
 }
-PADDING_BIAS = 1000.0  # sigma(+-1000) is exactly 1 / 0 in float32: padding leaves get probability zero (Section 3)
+
+AUTHORS_SPLIT_SEED = 36528475  # binarize-labels.py:68 (their validation / test split of the held-out points)
 
 
 def parse_args(argv=None):
     parser = common.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = parser.add_argument_group("experiment")
     g.add_argument("--seed", type=int, default=1, help="seed of the training run (batches, negatives, init)")
-    g.add_argument("--data-seed", type=int, default=0, help="seed of the planted problem and of the held-out split, so different --seed train on the same data")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the planted problem and of the held-out split, so different --seed train on the same data (file data: 0 is the authors' split)")
     g.add_argument("--runs-dir", default="runs", help="parent directory of run directories")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint (its arguments, its tree; --total-steps, --time-budget and --cuda may be given again)")
     g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__xc__<seed>__<unix time>)")
     g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
     g.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=True, help="torch.backends.cudnn.deterministic")
@@ -52,7 +54,9 @@ def parse_args(argv=None):
     g.add_argument("--clock", default="wall", choices=("wall", "process"), help="clock of the time axis and --time-budget: wall (the paper's) or this process's CPU time, which a shared machine's load does not inflate")
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="planted", help="'planted' (this project's planted-hierarchy benchmark, see PlantedHierarchy), an .npz with x_train, y_train, x_test, y_test, or a training file in the Extreme Classification Repository text format")
-    g.add_argument("--test-data", default=None, help="held-out file in the XC text format (required with a text --dataset); split 20%% validation / 80%% test as in the paper")
+    g.add_argument("--labels", default=None, help="label matrix of --dataset ('N C' header, 'l:1 ...' lines) when --dataset is a feature matrix ('N K' header, dense rows or 'f:v' tokens): the authors' XML-CNN pair trn_ft_mat_dense.txt + trn_lbl_mat.txt, or the repository's trn_X_Xf.txt + trn_X_Y.txt")
+    g.add_argument("--test-data", default=None, help="held-out file in the same format as --dataset (required with a text --dataset); split 20%% validation / 80%% test with the authors' seed (binarize-labels.py:68-72)")
+    g.add_argument("--test-labels", default=None, help="label matrix of --test-data (with --labels)")
     g.add_argument("--num-classes", type=int, default=2 ** 14, help="planted: number of labels C (docs/xc.md uses 2^10..2^17)")
     g.add_argument("--num-features", type=int, default=32, help="planted: feature dimension K")
     g.add_argument("--planted-train-size", type=int, default=None, help="planted: size of the fixed sample the tree and the label counts are fitted on (default 16 x C); the main model sees fresh samples every step")
@@ -106,39 +110,6 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------- data
-def load_xc_text(path):
-    """Extreme Classification Repository format: header `N K C`, then one line per point `l1,l2,... f:v f:v ...`
-    (0-based ids; a point without labels starts with a space). Keeps the smallest label id per point (the paper's
-    'first label'), drops points without labels. Returns dense float32 features (N x K) and int64 labels."""
-    with open(path) as handle:
-        header = handle.readline().split()
-        if len(header) != 3 or not all(token.isdigit() for token in header):
-            raise ValueError(f"{path}: first line must be 'N K C', got {' '.join(header)!r}")
-        num_points, num_features, num_labels = map(int, header)
-        features = np.zeros((num_points, num_features), dtype=np.float32)
-        labels = np.full(num_points, -1, dtype=np.int64)
-        row = -1
-        for row, line in enumerate(handle):
-            if row >= num_points:
-                raise ValueError(f"{path}: more than N = {num_points} data lines")
-            tokens = line.rstrip("\n").split(" ")
-            if tokens[0] and ":" not in tokens[0]:
-                ids = [int(token) for token in tokens[0].split(",") if token]
-                if ids:
-                    labels[row] = min(ids)
-                tokens = tokens[1:]
-            for token in tokens:
-                if token:
-                    index, value = token.split(":")
-                    features[row, int(index)] = float(value)
-        if row + 1 != num_points:
-            raise ValueError(f"{path}: header says N = {num_points} but found {row + 1} data lines")
-        if labels.max(initial=-1) >= num_labels:
-            raise ValueError(f"{path}: label id {labels.max()} >= C = {num_labels}")
-    keep = labels >= 0
-    return features[keep], labels[keep]
-
-
 def reindex_by_frequency(y_train, y_heldout):
     """Label ids sorted by descending training frequency (ties by id); held-out points whose label never occurs in
     training are dropped (Bamler & Mandt 2020, 'Extreme Classification via Adversarial Softmax
@@ -183,228 +154,6 @@ class PlantedHierarchy:
 
     def bayes_scores(self, x):
         return x @ self.means.T + self.log_prior - 0.5 * (self.means ** 2).sum(1)
-
-
-# ---------------------------------------------------------------------------------------------- auxiliary tree
-class ProbabilisticTree:
-    """p_n(y|x) of paper Section 3: a complete binary tree over 2^D >= C leaves on PCA-whitened features z. Internal
-    nodes are heap-indexed (root 1, children 2n and 2n + 1); node n goes right with probability
-    sigmoid(theta[n, :k].z + theta[n, k]). Padding leaves (ids >= C in leaf order) have probability zero."""
-
-    def __init__(self, mean, projection, theta, leaf_label, fit_seconds=0.0):
-        self.mean, self.projection, self.theta, self.leaf_label = mean, projection, theta, leaf_label
-        self.num_leaves = len(leaf_label)
-        self.depth = self.num_leaves.bit_length() - 1
-        self.num_classes = int((leaf_label >= 0).sum())
-        self.label_leaf = torch.empty(self.num_classes, dtype=torch.long, device=leaf_label.device)
-        real = (leaf_label >= 0).nonzero().squeeze(1)
-        self.label_leaf[leaf_label[real]] = real
-        self.fit_seconds = fit_seconds
-
-    def whiten(self, x):
-        return (x - self.mean) @ self.projection
-
-    def _logits(self, z, node):
-        theta = self.theta[node]
-        return (theta[..., :-1] * z).sum(-1) + theta[..., -1]
-
-    def sample(self, z, num_samples):
-        """num_samples labels per row of z and their log p_n, by ancestral sampling: O(num_samples k log C)."""
-        node = torch.ones(z.shape[0], num_samples, dtype=torch.long, device=z.device)
-        log_prob = torch.zeros(z.shape[0], num_samples, device=z.device)
-        for _ in range(self.depth):
-            logit = self._logits(z[:, None, :], node)
-            right = torch.rand_like(logit) < torch.sigmoid(logit)
-            log_prob += F.logsigmoid(torch.where(right, logit, -logit))
-            node = 2 * node + right.long()
-        return self.leaf_label[node - self.num_leaves], log_prob
-
-    def log_prob(self, z, labels):
-        """log p_n(labels | z) for labels of shape (B,) or (B, m): O(k log C) each."""
-        heap = self.label_leaf[labels] + self.num_leaves
-        zz = z if labels.dim() == 1 else z[:, None, :]
-        log_prob = torch.zeros(labels.shape, device=z.device)
-        for level in range(self.depth):
-            logit = self._logits(zz, heap >> (self.depth - level))
-            right = ((heap >> (self.depth - level - 1)) & 1).bool()
-            log_prob += F.logsigmoid(torch.where(right, logit, -logit))
-        return log_prob
-
-    def log_prob_leaves(self, z):
-        """log-probability of every leaf, padding included (B x 2^D), expanded level by level: O(2^D k) per row."""
-        log_prob = torch.zeros(z.shape[0], 1, device=z.device)
-        for level in range(self.depth):
-            nodes = self.theta[2 ** level: 2 ** (level + 1)]
-            logit = z @ nodes[:, :-1].T + nodes[:, -1]
-            log_prob = torch.stack([log_prob + F.logsigmoid(-logit), log_prob + F.logsigmoid(logit)], -1).flatten(1)
-        return log_prob
-
-    def log_prob_all(self, z):
-        """log p_n(y | z) for all C labels (B x C)."""
-        return self.log_prob_leaves(z)[:, self.label_leaf]
-
-    def to(self, device):
-        return ProbabilisticTree(self.mean.to(device), self.projection.to(device), self.theta.to(device),
-                                 self.leaf_label.to(device), self.fit_seconds)
-
-    def state_dict(self):
-        return {"mean": self.mean.cpu(), "projection": self.projection.cpu(), "theta": self.theta.cpu(),
-                "leaf_label": self.leaf_label.cpu(), "fit_seconds": torch.tensor(self.fit_seconds)}
-
-    @classmethod
-    def from_state_dict(cls, state):
-        return cls(state["mean"], state["projection"], state["theta"], state["leaf_label"], float(state["fit_seconds"]))
-
-
-def _pca_whitening(x, dim):
-    mean = x.mean(0)
-    centred = x - mean
-    eigenvalues, eigenvectors = torch.linalg.eigh((centred.T @ centred).double() / len(x))
-    dim = min(dim, x.shape[1])
-    top_values, top_vectors = eigenvalues[-dim:].flip(0), eigenvectors[:, -dim:].flip(1)
-    return mean, (top_vectors / top_values.clamp_min(1e-12).sqrt()).float()
-
-
-class _GroupedRows:
-    """Rows grouped by node and zero-padded to blocks of `width` rows that each belong to one node. Per-point work
-    (logits, gradients, Hessians) is then a batched matmul over blocks, and the per-node sums are index_add_ over
-    N / width blocks instead of over N rows."""
-
-    def __init__(self, rows, node, num_nodes, width=32):
-        order = torch.argsort(node, stable=True)
-        lengths = torch.bincount(node, minlength=num_nodes)
-        padded = (lengths + width - 1) // width * width
-        start, padded_start = torch.cumsum(lengths, 0) - lengths, torch.cumsum(padded, 0) - padded
-        sorted_node = node[order]
-        self.position = torch.empty_like(order)  # row i sits at position[i] of the padded layout
-        self.position[order] = padded_start[sorted_node] + torch.arange(len(node), device=node.device) - start[sorted_node]
-        self.blocks = torch.zeros(int(padded.sum()), rows.shape[1], device=rows.device)
-        self.blocks[self.position] = rows
-        self.blocks = self.blocks.view(-1, width, rows.shape[1])
-        self.block_node = torch.repeat_interleave(torch.arange(num_nodes, device=node.device), padded // width)
-        self.num_nodes, self.width = num_nodes, width
-
-    def pad(self, values):
-        """Per-row values (N) in the padded layout (num_blocks x width), zero on padding rows."""
-        out = torch.zeros(self.blocks.shape[0] * self.width, dtype=values.dtype, device=values.device)
-        out[self.position] = values
-        return out.view(-1, self.width)
-
-    def logits(self, node_theta):
-        return torch.bmm(self.blocks, node_theta[self.block_node][:, :, None]).squeeze(2)
-
-    def node_sum(self, block_values):
-        """Per-node sums of per-block values (num_blocks x ...)."""
-        out = torch.zeros((self.num_nodes,) + block_values.shape[1:], dtype=block_values.dtype, device=block_values.device)
-        return out.index_add_(0, self.block_node, block_values)
-
-    def weighted_sum(self, weight):
-        """Per-node sums of weight_i row_i."""
-        return self.node_sum(torch.bmm(weight[:, None, :], self.blocks).squeeze(1))
-
-    def outer_sum(self, weight):
-        """Per-node sums of weight_i row_i row_i^T."""
-        return self.node_sum(torch.bmm((self.blocks * weight[:, :, None]).transpose(1, 2), self.blocks))
-
-
-def fit_tree(x, y, num_classes, pca_dim=16, reg=0.1, newton_steps=4, max_rounds=4, clock=time.perf_counter):
-    """Fit p_n top-down (paper Section 3), all nodes of one level at once. Per node: w = dominant eigenvector of the
-    covariance of the per-label feature sums, b = 0; split the labels into halves by Delta_y (eq. 9); Newton ascent
-    (with step halving, which plain Newton needs on nearly separable nodes) on the regularised node log-likelihood
-    (eq. 8); re-split by Delta_y until no label changes side. Real labels always fill leaves 0..C-1 in the initial
-    order and every split keeps them first in each block, so padding stays in the last leaves."""
-    start_time = clock()
-    device = x.device
-    mean, projection = _pca_whitening(x, pca_dim)
-    z = (x - mean) @ projection
-    z1 = torch.cat([z, torch.ones(len(z), 1, device=device)], 1)  # (z, 1): theta = (w, b)
-    dim = z1.shape[1]
-    depth = max(1, math.ceil(math.log2(num_classes)))
-    num_leaves = 2 ** depth
-    # row y: (sum_{x in D_y} z, n_y), so Delta_y of eq. 9 is label_sums[y] . theta
-    label_sums = torch.zeros(num_classes, dim, device=device).index_add_(0, y, z1)
-    theta = torch.zeros(num_leaves, dim, device=device)
-    slot_label = torch.arange(num_classes, device=device)  # leaf slot -> label, for the C real slots
-    eye = torch.eye(dim, device=device, dtype=torch.float64)
-    for level in range(depth):
-        num_nodes, block = 2 ** level, num_leaves >> level
-        half = block // 2
-        num_real = (num_classes - torch.arange(num_nodes, device=device) * block).clamp(0, block)
-        num_right = (num_real - half).clamp_min(0)  # real labels that go right; the rest of the right half is padding
-        slot_of_label = torch.empty_like(slot_label)
-        slot_of_label[slot_label] = torch.arange(num_classes, device=device)
-        label_node = slot_of_label // block
-        points = _GroupedRows(z1, label_node[y], num_nodes)
-        labels = _GroupedRows(label_sums[:, :-1], label_node, num_nodes)
-        is_point = points.pad(torch.ones(len(y), device=device))
-        node_reg = reg * num_real.clamp_min(1).float()  # lambda_n scaled by the real labels under the node
-
-        # initial w: dominant eigenvector of the covariance of the label sums under each node; b = 0
-        count = num_real.clamp_min(1).float()
-        is_label = labels.pad(torch.ones(num_classes, device=device))
-        first = labels.weighted_sum(is_label) / count[:, None]
-        covariance = labels.outer_sum(is_label) / count[:, None, None]
-        covariance = (covariance - first[:, :, None] * first[:, None, :]).double()
-        node_theta = torch.cat([torch.linalg.eigh(covariance)[1][:, :, -1].float(), torch.zeros(num_nodes, 1, device=device)], 1)
-
-        def split(node_theta):
-            """True for the labels that go right: the num_right[node] labels with the largest Delta_y (eq. 9)."""
-            delta = (label_sums * node_theta[label_node]).sum(1)
-            order = torch.argsort(-delta, stable=True)
-            order = order[torch.argsort(label_node[order], stable=True)]
-            first_of_node = torch.cumsum(num_real, 0) - num_real
-            rank = torch.empty_like(order)
-            rank[order] = torch.arange(num_classes, device=device) - first_of_node[label_node[order]]
-            return rank < num_right[label_node], rank
-
-        def objective(node_theta, side, logit=None):  # eq. 8 minus the regulariser, per node
-            logit = points.logits(node_theta) if logit is None else logit
-            log_likelihood = (F.logsigmoid(side * logit) * is_point).sum(1).double()
-            return points.node_sum(log_likelihood) - node_reg * (node_theta ** 2).sum(1)
-
-        goes_right, rank = split(node_theta)
-        for _ in range(max_rounds):
-            side = points.pad(goes_right[y].float() * 2 - 1)  # zeta of eq. 8 (0 on padding rows)
-            for _ in range(newton_steps):
-                logit = points.logits(node_theta)
-                gradient = points.weighted_sum(side * torch.sigmoid(-side * logit)) - 2 * node_reg[:, None] * node_theta
-                hessian = points.outer_sum(torch.sigmoid(logit) * torch.sigmoid(-logit) * is_point).double()
-                hessian = hessian + (2 * node_reg.double()[:, None, None] + 1e-6) * eye  # 1e-6: nodes without points
-                step = torch.cholesky_solve(gradient.double()[:, :, None], torch.linalg.cholesky(hessian)).squeeze(2).float()
-                if float(step.abs().max()) < 1e-5:  # converged (to float32 precision) at every node
-                    break
-                current = objective(node_theta, side, logit)
-                tolerance = 1e-6 * (current.abs() + 1)  # float32 rounding noise of the objective
-                accepted = torch.zeros(num_nodes, dtype=torch.bool, device=device)
-                new_theta = node_theta.clone()
-                for halving in range(12):
-                    candidate = node_theta + 0.5 ** halving * step
-                    better = ~accepted & (objective(candidate, side) >= current - tolerance)
-                    new_theta[better], accepted = candidate[better], accepted | better
-                    if bool(accepted.all()):
-                        break
-                node_theta = new_theta
-            new_right, rank = split(node_theta)
-            changed = bool((new_right != goes_right).any())
-            goes_right = new_right
-            if not changed:
-                break
-
-        # nodes whose right child holds only padding always go left: w = 0, b = -1000 (Section 3, technical details)
-        padded = num_right == 0
-        node_theta[padded] = 0.0
-        node_theta[padded, -1] = -PADDING_BIAS
-        theta[num_nodes: 2 * num_nodes] = node_theta
-        # reorder the leaf slots: within each node's block, left-goers first, then right-goers
-        block_start = label_node * block
-        new_slot = torch.where(goes_right, block_start + half + rank, block_start + rank - num_right[label_node])
-        slot_label = torch.empty_like(slot_label)
-        slot_label[new_slot] = torch.arange(num_classes, device=device)
-    leaf_label = torch.full((num_leaves,), -1, dtype=torch.long, device=device)
-    leaf_label[:num_classes] = slot_label
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    return ProbabilisticTree(mean, projection, theta, leaf_label, clock() - start_time)
 
 
 # ---------------------------------------------------------------------------------------------- main model and losses
@@ -493,15 +242,26 @@ def evaluate(model, x, y, correction, chunk_size):
     return metrics
 
 
-def fail(message):
-    print(f"train_xc.py: error: {message}", file=sys.stderr)
-    sys.exit(1)
+def heldout_split(num_points, data_seed):
+    """The authors' split of the held-out points (those whose label occurs in training) into validation and test
+    (binarize-labels.py:68-72): a np.random.RandomState(36528475) permutation, the first round(0.2 n) for
+    validation. --data-seed shifts the seed; 0 gives the authors' split."""
+    order = np.random.RandomState(AUTHORS_SPLIT_SEED + data_seed).permutation(num_points)
+    num_valid = min(max(1, round(0.2 * num_points)), num_points - 1)
+    return order[:num_valid], order[num_valid:]
 
 
-def atomic_save(obj, path):
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def read_file_pair(args, features_path, labels_path):
+    """(features, labels) of one split, from one XC-repository file or a feature file + label file."""
+    if labels_path is None:
+        features, labels, _ = common.read_xc_repository(features_path)
+    else:
+        features = common.read_xc_features(features_path)
+        labels, _ = common.read_xc_labels(labels_path)
+        if len(labels) != len(features):
+            raise common.DataError(f"{labels_path}: {len(labels)} points, but {features_path} has {len(features)}")
+    keep = labels >= 0  # points without a label are dropped (the authors' files have none)
+    return features[keep], labels[keep]
 
 
 def load_dataset(args):
@@ -514,43 +274,63 @@ def load_dataset(args):
         heldout = {split: planted.sample(args.eval_size, generator) for split in ("valid", "test")}
         return "planted", x_train, y_train, heldout, args.num_classes, planted
     path = Path(args.dataset)
-    if not path.is_file():
-        fail(f"data file {path} not found (expected 'planted', an .npz, or an XC-format text file)")
+    for name, value in (("--dataset", args.dataset), ("--labels", args.labels), ("--test-data", args.test_data),
+                        ("--test-labels", args.test_labels)):
+        if value is not None and not Path(value).is_file():
+            common.fail(f"{name} {value}: file not found (--dataset takes 'planted', an .npz, or XC text files)")
     if path.suffix == ".npz":
         try:
             with np.load(path) as data:
                 x_train, y_train, x_test, y_test = (data[key] for key in ("x_train", "y_train", "x_test", "y_test"))
         except (KeyError, ValueError, OSError) as error:
-            fail(f"{path}: not an .npz with x_train, y_train, x_test, y_test ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
+            common.fail(f"{path}: not an .npz with x_train, y_train, x_test, y_test ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
         x_train, x_test = x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)
     else:
         if args.test_data is None:
-            fail("a text-format --dataset needs --test-data (the held-out file in the same format)")
-        if not Path(args.test_data).is_file():
-            fail(f"data file {args.test_data} not found")
+            common.fail("a text-format --dataset needs --test-data (the held-out file in the same format)")
+        if (args.labels is None) != (args.test_labels is None):
+            common.fail("--labels and --test-labels go together (feature file + label file for each split)")
         try:
-            x_train, y_train = load_xc_text(path)
-            x_test, y_test = load_xc_text(args.test_data)
-        except ValueError as error:
-            fail(str(error))
+            x_train, y_train = read_file_pair(args, args.dataset, args.labels)
+            x_test, y_test = read_file_pair(args, args.test_data, args.test_labels)
+        except (common.DataError, UnicodeDecodeError) as error:
+            common.fail(str(error) if isinstance(error, common.DataError) else f"{path}: not a text file")
         if x_test.shape[1] != x_train.shape[1]:
-            fail(f"{args.test_data}: K = {x_test.shape[1]} differs from the training file's K = {x_train.shape[1]}")
+            common.fail(f"{args.test_data}: K = {x_test.shape[1]} differs from the training file's K = {x_train.shape[1]}")
     if len(x_train) != len(y_train) or len(x_test) != len(y_test) or x_train.shape[1] != x_test.shape[1]:
-        fail(f"{path}: inconsistent shapes x_train {x_train.shape}, y_train {y_train.shape}, x_test {x_test.shape}, y_test {y_test.shape}")
+        common.fail(f"{path}: inconsistent shapes x_train {x_train.shape}, y_train {y_train.shape}, x_test {x_test.shape}, y_test {y_test.shape}")
     y_train, y_test, keep, num_classes = reindex_by_frequency(np.asarray(y_train).astype(np.int64), np.asarray(y_test).astype(np.int64))
     x_test = x_test[keep]
     if num_classes < 2 or len(y_test) < 2:
-        fail(f"{path}: need at least 2 labels and 2 held-out points with labels seen in training")
-    order = torch.randperm(len(y_test), generator=generator)  # held-out points: 20 % validation / 80 % test
-    num_valid = max(1, len(order) // 5)
-    to_tensor = lambda idx: (torch.as_tensor(x_test[idx.numpy()], dtype=torch.float32), torch.as_tensor(y_test[idx.numpy()]))
+        common.fail(f"{path}: need at least 2 labels and 2 held-out points with labels seen in training")
+    valid, test = heldout_split(len(y_test), args.data_seed)
+    to_tensor = lambda idx: (torch.as_tensor(x_test[idx], dtype=torch.float32), torch.as_tensor(y_test[idx]))
     # The authors evaluate the whole test split and subsample only validation (their evaluation scripts).
-    heldout = {"valid": to_tensor(order[:num_valid][:args.eval_size]), "test": to_tensor(order[num_valid:][:args.test_size])}
+    heldout = {"valid": to_tensor(valid[:args.eval_size]), "test": to_tensor(test[:args.test_size])}
     return path.stem, torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(y_train), heldout, num_classes, None
 
 
-if __name__ == "__main__":
-    args = parse_args()
+def load_tree(path, num_classes, num_features):
+    try:
+        tree = ProbabilisticTree.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as error:  # missing, truncated, not a tree: one line
+        common.fail(f"cannot read the auxiliary tree {path} ({type(error).__name__})")
+    if tree.num_classes != num_classes or tree.mean.shape[0] != num_features:
+        common.fail(f"the auxiliary tree {path} is for C = {tree.num_classes}, K = {tree.mean.shape[0]}; the data "
+                    f"have C = {num_classes}, K = {num_features}")
+    return tree
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    checkpoint = None
+    if args.resume:
+        checkpoint = common.load_checkpoint(args.resume, "train_xc.py")
+        args = common.resume_args(args, checkpoint, argv, overrides=("total_steps", "time_budget", "cuda"), legacy=False)
+        if args.time_budget > 0 and checkpoint["train_seconds"] + checkpoint["aux_fit_seconds"] >= args.time_budget:
+            common.fail(f"--resume {args.resume}: the run already used its --time-budget of {args.time_budget:g} s; "
+                        f"pass a larger one to extend it")
     torch.sparse.check_sparse_tensor_invariants.disable()  # explicit opt-out (silences a warning per Adagrad step)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.threads:
@@ -559,23 +339,18 @@ if __name__ == "__main__":
     dataset_name, x_train, y_train, heldout, num_classes, planted = load_dataset(args)
     needs_tree = args.method in ("adversarial", "nce")
     tree = None
-    if needs_tree and args.aux_model is not None:
-        try:
-            tree = ProbabilisticTree.from_state_dict(torch.load(args.aux_model, map_location="cpu", weights_only=True))
-        except (OSError, RuntimeError, KeyError, EOFError) as error:
-            fail(f"cannot read --aux-model {args.aux_model}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
-        if tree.num_classes != num_classes or tree.mean.shape[0] != x_train.shape[1]:
-            fail(f"--aux-model {args.aux_model} is for C = {tree.num_classes}, K = {tree.mean.shape[0]}; the data have C = {num_classes}, K = {x_train.shape[1]}")
+    if checkpoint is not None and needs_tree:  # the resumed run reuses its own fitted tree
+        tree = load_tree(Path(args.resume) / "aux_tree.pt", num_classes, x_train.shape[1])
+    elif needs_tree and args.aux_model is not None:
+        tree = load_tree(args.aux_model, num_classes, x_train.shape[1])
 
-    run_name = args.run_name or f"{dataset_name}__xc__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.runs_dir) / run_name
-    try:
-        run_dir.mkdir(parents=True, exist_ok=False)
-    except FileExistsError:
-        fail(f"run directory {run_dir} already exists; pick another --run-name")
-    (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
-    writer = SummaryWriter(str(run_dir))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
+    if checkpoint is None:
+        run_dir = Path(common.create_run_dir(args.runs_dir, args.run_name or f"{dataset_name}__xc__{args.seed}__{int(time.time())}"))
+        common.write_json(str(run_dir / "args.json"), vars(args))
+    else:
+        run_dir = Path(args.resume)
+    writer = SummaryWriter(str(run_dir), purge_step=None if checkpoint is None else checkpoint["step"] + 1)
+    writer.add_text("hyperparameters", common.hparams_table(args))
 
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -595,9 +370,10 @@ if __name__ == "__main__":
         if tree is None:
             tree = fit_tree(x_train, y_train, num_classes, args.pca_dim, args.tree_reg, args.tree_newton_steps, args.tree_max_rounds, clock)
             print(f"auxiliary tree: depth {tree.depth}, fitted in {tree.fit_seconds:.1f} s")
-            atomic_save(tree.state_dict(), run_dir / "aux_tree.pt")
         else:
-            print(f"auxiliary tree: reused {args.aux_model} (fitted in {tree.fit_seconds:.1f} s, counted on the time axis)")
+            print(f"auxiliary tree: reused {args.resume or args.aux_model} (fitted in {tree.fit_seconds:.1f} s, counted on the time axis)")
+        if checkpoint is None:  # the run directory always holds its tree, so --resume never needs --aux-model's file
+            common.save_checkpoint(str(run_dir / "aux_tree.pt"), tree.state_dict())
         tree = tree.to(device)
         time_offset = tree.fit_seconds
     correction = {"adversarial": lambda xb: tree.log_prob_all(tree.whiten(xb)),  # eq. 5
@@ -611,8 +387,6 @@ if __name__ == "__main__":
             model.bias.weight.copy_(inverse_aux_bias(tree, x_train, y_train, num_classes)[:, None])
     optimizer = torch.optim.Adagrad(model.parameters(), lr=args.lr, initial_accumulator_value=0.0)
     run_start = time.time()
-    train_seconds = 0.0
-    history, best = [], {"valid_error": math.inf}
     chunk_size = max(1, 2 ** 23 // num_classes)
     if planted is not None:  # the ceiling: exact Bayes posterior on the same held-out points
         bayes = {split: prediction_metrics(planted.bayes_scores(x), y) for split, (x, y) in heldout.items()}
@@ -622,6 +396,16 @@ if __name__ == "__main__":
         print(f"Bayes posterior (ceiling): test log-likelihood {bayes['bayes_test_log_likelihood']:.3f}, accuracy {bayes['bayes_test_accuracy']:.1f} %")
     else:
         bayes = {}
+    history, best = [], {"valid_error": math.inf}
+    step, train_seconds = 0, 0.0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step, train_seconds, history, best = checkpoint["step"], checkpoint["train_seconds"], checkpoint["history"], checkpoint["best"]
+        run_start = checkpoint["run_start"]
+        with open(run_dir / "eval_history.jsonl", "w") as handle:  # drop rows a crashed leg wrote after its checkpoint
+            handle.writelines(json.dumps(row) + "\n" for row in history)
+        print(f"resumed {run_dir} at step {step}")
 
     def run_evaluation(step, elapsed):
         walltime = run_start + elapsed
@@ -631,6 +415,7 @@ if __name__ == "__main__":
                 row[f"{split}_{name}"] = value
                 writer.add_scalar(f"eval/{split}_{name}", value, step, walltime=walltime)
         writer.add_scalar("eval/seconds", elapsed, step, walltime=walltime)
+        writer.flush()
         history.append(row)
         with open(run_dir / "eval_history.jsonl", "a") as handle:
             handle.write(json.dumps(row) + "\n")
@@ -639,13 +424,17 @@ if __name__ == "__main__":
         raw = f", raw {row['test_raw_log_likelihood']:.3f} / {row['test_raw_accuracy']:.1f} %" if "test_raw_accuracy" in row else ""
         print(f"eval step {step} ({elapsed:.1f} s): test log-likelihood {row['test_log_likelihood']:.3f}, "
               f"accuracy {row['test_accuracy']:.2f} %, P@5 {row['test_precision_at_5']:.2f} %{raw}")
-        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                     "train_seconds": elapsed - time_offset, "torch_rng": torch.get_rng_state(), "args": json.dumps(vars(args))},
-                    run_dir / "checkpoint.pt")
+        common.save_checkpoint(str(run_dir / "checkpoint.pt"), {
+            "script": "train_xc.py", "args": vars(args), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "step": step, "train_seconds": elapsed - time_offset, "aux_fit_seconds": time_offset, "run_start": run_start,
+            "history": history, "best": best, "rng": common.rng_state()})
 
-    run_evaluation(0, time_offset)
-    last_eval_seconds = time_offset
-    step, segment_start = 0, clock()
+    if checkpoint is None:
+        run_evaluation(0, time_offset)
+    else:
+        common.set_rng_state(checkpoint["rng"])  # last: everything above that draws random numbers is set up again
+    last_eval_seconds = time_offset + train_seconds
+    segment_start = clock()
     while step < args.total_steps:
         # ALGO LOGIC: positives (fresh planted samples or a random minibatch), negatives, loss, sparse Adagrad step
         if planted is not None:
@@ -706,10 +495,14 @@ if __name__ == "__main__":
                "best_valid_error": best["valid_error"], "test_error_at_best_valid": best["test_error"],
                **{f"final_{key}": value for key, value in final.items() if key not in ("step", "seconds")}, **bayes,
                "args": vars(args)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    common.write_json(str(run_dir / "summary.json"), summary)
     writer.add_hparams({key: value for key, value in vars(args).items() if isinstance(value, (int, float, str))},
                        {f"hparam/{key}": summary[key] for key in ("final_test_log_likelihood", "final_test_error")},
                        run_name=".")
     writer.close()
     print(f"done: {step} steps in {train_seconds:.1f} s (+ {time_offset:.1f} s tree fit), test log-likelihood "
           f"{final['test_log_likelihood']:.3f}, accuracy {final['test_accuracy']:.2f} %, P@5 {final['test_precision_at_5']:.2f} %; {run_dir}")
+
+
+if __name__ == "__main__":
+    main()

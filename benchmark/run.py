@@ -104,7 +104,7 @@ def build_command(config, seed, runs_dir, python=sys.executable):
 
 
 def supports_resume(argv):
-    """Whether the training script of ``argv`` defines --resume (train_xc.py and train_fmnist_ablation.py do not:
+    """Whether the training script of ``argv`` defines --resume (train_fmnist_ablation.py does not:
     an interrupted run of theirs starts again)."""
     script = next((a for a in argv if a.endswith(".py")), None)
     if script is None or not os.path.isfile(script):

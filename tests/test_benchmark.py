@@ -155,11 +155,11 @@ def test_run_resumes_a_real_script_with_its_whole_command_and_refuses_another_bu
     capsys.readouterr()
     with pytest.raises(SystemExit, match="finished 20 steps, this sweep asks for 30"):
         run.main(argv[:2] + [argv[2].replace("--total-steps 20", "--total-steps 30")] + argv[3:])
-    # A script without --resume (train_xc.py) starts an interrupted run again instead of passing --resume.
-    xc = run.Config("xc", ["train_xc.py", "--total-steps", "5"])
-    os.makedirs(os.path.join(runs, "xc__seed1"))
-    open(os.path.join(runs, "xc__seed1", "checkpoint.pt"), "w").close()
-    (job,) = run.plan([xc], [1], runs)
+    # A script without --resume (train_fmnist_ablation.py) starts an interrupted run again instead of passing --resume.
+    fm = run.Config("fm", ["train_fmnist_ablation.py", "--epochs", "1"])
+    os.makedirs(os.path.join(runs, "fm__seed1"))
+    open(os.path.join(runs, "fm__seed1", "checkpoint.pt"), "w").close()
+    (job,) = run.plan([fm], [1], runs)
     assert job[3] == "new" and "--resume" not in job[2]
 
 

@@ -1,4 +1,4 @@
-"""Tests of train_xc.py: the auxiliary tree, the losses, the sparse update, the data loaders, bad inputs, an
+"""Tests of train_xc.py and xc_tree.py: the auxiliary tree, the losses, the sparse update, the data loaders, bad inputs, an
 end-to-end run and the paper's claim (adversarial negatives beat uniform / frequency ones) on planted data."""
 import json
 import math
@@ -14,7 +14,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
 import train_xc as xc  # noqa: E402
+import xc_tree  # noqa: E402
 
 SCRIPT = str(ROOT / "train_xc.py")
 
@@ -33,7 +35,7 @@ def small_tree():
     generator = torch.Generator().manual_seed(0)
     planted = xc.PlantedHierarchy(37, 8, generator)
     x, y = planted.sample(3000, generator)
-    return xc.fit_tree(x, y, 37, pca_dim=4), planted, x, y
+    return xc_tree.fit_tree(x, y, 37, pca_dim=4), planted, x, y
 
 
 def test_tree_normalised_and_padding_has_zero_probability(small_tree):
@@ -82,8 +84,8 @@ def test_fitted_tree_beats_uniform_and_saves_round_trip(small_tree, tmp_path):
     tree, planted, x, y = small_tree
     z = tree.whiten(x)
     assert tree.log_prob(z, y).mean() > -math.log(37) + 1.5  # far better than the uniform p_n
-    xc.atomic_save(tree.state_dict(), tmp_path / "tree.pt")
-    loaded = xc.ProbabilisticTree.from_state_dict(torch.load(tmp_path / "tree.pt", weights_only=True))
+    common.save_checkpoint(str(tmp_path / "tree.pt"), tree.state_dict())
+    loaded = xc_tree.ProbabilisticTree.from_state_dict(torch.load(tmp_path / "tree.pt", weights_only=True))
     assert torch.equal(loaded.log_prob_all(loaded.whiten(x[:50])), tree.log_prob_all(z[:50]))
     assert loaded.fit_seconds == pytest.approx(tree.fit_seconds)
 
@@ -93,7 +95,7 @@ def test_power_of_two_and_tiny_label_sets():
     for num_classes in (2, 3, 16):
         planted = xc.PlantedHierarchy(num_classes, 6, generator)
         x, y = planted.sample(500, generator)
-        tree = xc.fit_tree(x, y, num_classes, pca_dim=3)
+        tree = xc_tree.fit_tree(x, y, num_classes, pca_dim=3)
         log_prob = tree.log_prob_all(tree.whiten(x[:20]))
         assert torch.allclose(log_prob.logsumexp(1), torch.zeros(20), atol=1e-5)
         labels, _ = tree.sample(tree.whiten(x[:20]), 50)
@@ -159,23 +161,94 @@ def write_xc_text(path, rows, num_features, num_labels):
             handle.write(",".join(map(str, labels)) + " " + " ".join(f"{i}:{v}" for i, v in features) + "\n")
 
 
-def test_text_format_loader_and_reindexing(tmp_path):
+def write_xc_pair(features_path, labels_path, x, labels, num_labels, dense=True):
+    """The authors' XML-CNN layout (dense 'n d' feature file, binarize-features.py:15-19; 'N C' label matrix of
+    'l:1' tokens, binarize-labels.py:15-29) or, with dense=False, the repository's sparse X_Xf.txt + X_Y.txt."""
+    with open(features_path, "w") as handle:
+        handle.write(f"{len(x)} {x.shape[1]}\n")
+        for row in x:
+            handle.write(" ".join(f"{v:.6g}" for v in row) if dense else " ".join(f"{i}:{v:.6g}" for i, v in enumerate(row) if v))
+            handle.write("\n")
+    with open(labels_path, "w") as handle:
+        handle.write(f"{len(labels)} {num_labels}\n")
+        handle.writelines(" ".join(f"{label}:1" for label in point) + "\n" for point in labels)
+
+
+def test_repository_format_reader_and_reindexing(tmp_path):
     rows = [([7, 3], [(0, 1.5), (4, -2.0)]), ([], [(1, 1.0)]), ([5], [(2, 0.25)]), ([3, 9], []), ([5], [(4, 1.0)]),
             ([5, 6], [(3, 3.0)])]
     write_xc_text(tmp_path / "train.txt", rows, 5, 10)
-    x, y = xc.load_xc_text(tmp_path / "train.txt")
-    assert y.tolist() == [3, 5, 3, 5, 5]  # smallest label kept, the unlabeled point dropped
-    assert x.shape == (5, 5) and x[0].tolist() == [1.5, 0, 0, 0, -2.0] and x[1, 2] == 0.25 and not x[2].any()
-    new_train, new_test, keep, num_classes = xc.reindex_by_frequency(y, np.array([3, 8, 5]))
+    x, y, num_labels = common.read_xc_repository(tmp_path / "train.txt")
+    assert num_labels == 10 and y.tolist() == [3, -1, 5, 3, 5, 5]  # smallest label kept, -1: no label
+    assert x.shape == (6, 5) and x[0].tolist() == [1.5, 0, 0, 0, -2.0] and x[2, 2] == 0.25 and not x[3].any()
+    new_train, new_test, keep, num_classes = xc.reindex_by_frequency(y[y >= 0], np.array([3, 8, 5]))
     assert num_classes == 2 and new_train.tolist() == [1, 0, 1, 0, 0]  # label 5 (3 points) becomes 0
     assert keep.tolist() == [True, False, True] and new_test.tolist() == [1, 0]  # label 8 unseen in training
 
 
-@pytest.mark.parametrize("content", ["5 3\n", "2 3 4\n1 0:1\n", "1 3 4\n9 0:1\n"])
-def test_text_format_rejects_bad_files(tmp_path, content):
+@pytest.mark.parametrize("dense", [True, False])
+def test_feature_and_label_matrix_readers(tmp_path, dense):
+    x = np.array([[0.5, 0.0, -1.25], [0.0, 2.0, 0.0], [1e-3, 0.0, 3.0]], dtype=np.float32)
+    write_xc_pair(tmp_path / "ft.txt", tmp_path / "lbl.txt", x, [[4, 2], [0], [3]], 6, dense=dense)
+    np.testing.assert_allclose(common.read_xc_features(tmp_path / "ft.txt"), x, rtol=1e-6)
+    labels, num_labels = common.read_xc_labels(tmp_path / "lbl.txt")
+    assert num_labels == 6 and labels.tolist() == [2, 0, 3]  # the smallest label, as binarize-labels.py:29
+
+
+@pytest.mark.parametrize("reader,content,message", [
+    ("read_xc_repository", "5 3\n", "line 1 must be 'N K C'"),
+    ("read_xc_repository", "2 3 4\n1 0:1\n", "line 1 says 2 points but the file has 1"),
+    ("read_xc_repository", "1 3 4\n9 0:1\n", "line 2: a label id is outside 0..3"),
+    ("read_xc_repository", "1 3 4\n1 0:x\n", "line 2: expected 'feature:value'"),
+    ("read_xc_repository", "1 3 4\n1 7:1\n", "line 2: feature 7 outside 0..2"),
+    ("read_xc_features", "2 3\n1 2 3\n1 2\n", "line 3: 2 numbers, line 1 says K = 3"),
+    ("read_xc_features", "1 2\n1 a\n", "line 2: not 2 numbers"),
+    ("read_xc_features", "1 2\n1 2\n3 4\n", "more than N = 1 data lines"),
+    ("read_xc_features", "1 2 3\n1 2\n", "line 1 must be 'N K'"),
+    ("read_xc_labels", "1 4\n0:1 5:1\n", "line 2: label 5 outside 0..3"),
+    ("read_xc_labels", "1 4\n2\n", "line 2: expected 'label:value'"),
+])
+def test_readers_reject_malformed_files_with_one_line(tmp_path, reader, content, message):
     (tmp_path / "bad.txt").write_text(content)
-    with pytest.raises(ValueError):
-        xc.load_xc_text(tmp_path / "bad.txt")
+    with pytest.raises(common.DataError) as error:
+        getattr(common, reader)(tmp_path / "bad.txt")
+    assert message in str(error.value) and "bad.txt" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_heldout_split_is_the_authors(tmp_path):
+    """binarize-labels.py:68-72: RandomState(36528475).permutation, first round(0.2 n) validation."""
+    valid, test = xc.heldout_split(1003, 0)
+    order = np.random.RandomState(36528475).permutation(1003)
+    assert valid.tolist() == order[:201].tolist() and test.tolist() == order[201:].tolist()
+    assert xc.heldout_split(1003, 1)[0].tolist() != valid.tolist()
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_end_to_end_on_a_feature_and_label_file_pair(tmp_path, dense):
+    generator = torch.Generator().manual_seed(5)
+    planted = xc.PlantedHierarchy(12, 5, generator)
+    x_train, y_train = planted.sample(400, generator)
+    x_test, y_test = planted.sample(60, generator)
+    extra = lambda y: [[int(label), int(label) + 12] for label in y]  # a second, larger label: dropped
+    write_xc_pair(tmp_path / "trn_ft.txt", tmp_path / "trn_lbl.txt", x_train.numpy(), extra(y_train), 24, dense)
+    write_xc_pair(tmp_path / "tst_ft.txt", tmp_path / "tst_lbl.txt", x_test.numpy(), extra(y_test), 24, dense)
+    files = ["--dataset", str(tmp_path / "trn_ft.txt"), "--labels", str(tmp_path / "trn_lbl.txt"),
+             "--test-data", str(tmp_path / "tst_ft.txt"), "--test-labels", str(tmp_path / "tst_lbl.txt")]
+    run([*files, "--total-steps", "20", "--batch-size", "16", "--pca-dim", "3", "--run-name", "pair"], tmp_path)
+    summary = json.loads((tmp_path / "runs" / "pair" / "summary.json").read_text())
+    assert summary["steps"] == 20 and math.isfinite(summary["final_test_log_likelihood"])
+    args = xc.parse_args(files)
+    _, x, y, heldout, num_classes, _ = xc.load_dataset(args)
+    assert num_classes == len(torch.unique(y_train)) and y.max() < num_classes and x.shape == (400, 5)
+    assert len(heldout["valid"][1]) + len(heldout["test"][1]) == 60 and len(heldout["valid"][1]) == 12
+    torch.testing.assert_close(x, x_train, rtol=1e-5, atol=1e-5)
+    # a label file that does not match its feature file is one line, and nothing is written
+    (tmp_path / "short.txt").write_text("3 24\n0:1\n1:1\n2:1\n")
+    result = run([*files[:2], "--labels", str(tmp_path / "short.txt"), *files[4:], "--run-name", "bad"], tmp_path, check=False)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "short.txt: 3 points, but" in result.stderr and not (tmp_path / "runs" / "bad").exists()
+    result = run([*files[:6], "--run-name", "bad"], tmp_path, check=False)
+    assert result.returncode == 1 and "--labels and --test-labels go together" in result.stderr
 
 
 @pytest.mark.parametrize("argv", [["--total-steps", "0"], ["--num-classes", "1"], ["--lr", "-1"], ["--reg", "nan"],
@@ -204,7 +277,7 @@ def test_inverse_aux_bias_is_minus_the_mean_log_pn_of_each_label():
     generator = torch.Generator().manual_seed(0)
     planted = xc.PlantedHierarchy(8, 4, generator)
     x, y = planted.sample(400, generator)
-    tree = xc.fit_tree(x, y, 8, pca_dim=3)
+    tree = xc_tree.fit_tree(x, y, 8, pca_dim=3)
     bias = xc.inverse_aux_bias(tree, x, y, 8, chunk=7)  # several chunks
     log_pn = tree.log_prob(tree.whiten(x), y)
     for label in range(8):
@@ -263,7 +336,8 @@ def test_end_to_end_npz_reuse_tree_and_never_overwrite(tmp_path):
     # the saved tree is reused, and its fitting time still counts on the time axis
     run([*common, "--run-name", "second", "--aux-model", str(run_dir / "aux_tree.pt")], tmp_path)
     second = json.loads((tmp_path / "runs" / "second" / "summary.json").read_text())
-    assert not (tmp_path / "runs" / "second" / "aux_tree.pt").exists()
+    second_tree = torch.load(tmp_path / "runs" / "second" / "aux_tree.pt", weights_only=True)  # kept for --resume
+    assert torch.equal(second_tree["theta"], torch.load(run_dir / "aux_tree.pt", weights_only=True)["theta"])
     assert second["aux_fit_seconds"] == pytest.approx(summary["aux_fit_seconds"])
 
     # an existing run directory is never overwritten
@@ -297,3 +371,54 @@ def test_adversarial_beats_uniform_and_frequency_with_six_times_fewer_steps(tmp_
     assert adversarial["final_test_raw_accuracy"] < 10.0  # without eq. 5's correction the scores are useless
     assert adversarial["final_test_raw_log_likelihood"] < adversarial["final_test_log_likelihood"] - 3.0
     assert adversarial["final_test_log_likelihood"] <= adversarial["bayes_test_log_likelihood"]
+
+
+@pytest.mark.parametrize("method,data", [("adversarial", "planted"), ("frequency", "npz")])
+def test_resume_matches_uninterrupted_run(tmp_path, method, data):
+    """A run stopped at step 10 and resumed to 30 ends with the weights, Adagrad state and metrics of an
+    uninterrupted 30-step run: same negatives and batches (CPU / CUDA RNG restored), same fitted tree (reused)."""
+    if data == "npz":
+        generator = torch.Generator().manual_seed(3)
+        planted = xc.PlantedHierarchy(20, 6, generator)
+        (x_train, y_train), (x_test, y_test) = planted.sample(600, generator), planted.sample(100, generator)
+        np.savez(tmp_path / "d.npz", x_train=x_train.numpy(), y_train=y_train.numpy(), x_test=x_test.numpy(),
+                 y_test=y_test.numpy())
+        source = ["--dataset", str(tmp_path / "d.npz")]
+    else:
+        source = ["--dataset", "planted", "--num-classes", "50", "--num-features", "6", "--eval-size", "200"]
+    flags = [*source, "--method", method, "--batch-size", "32", "--eval-every", "10", "--log-every", "5", "--pca-dim", "3"]
+    run([*flags, "--total-steps", "30", "--run-name", "full"], tmp_path)
+    run([*flags, "--total-steps", "10", "--run-name", "part"], tmp_path)
+    part = tmp_path / "runs" / "part"
+    tree_before = (part / "aux_tree.pt").read_bytes() if method == "adversarial" else None
+    result = run(["--resume", str(part), "--total-steps", "30"], tmp_path)
+    assert "resumed" in result.stdout and "at step 10" in result.stdout
+    if method == "adversarial":
+        assert "reused" in result.stdout and (part / "aux_tree.pt").read_bytes() == tree_before
+    full, resumed = (json.loads((tmp_path / "runs" / n / "summary.json").read_text()) for n in ("full", "part"))
+    for key in ("steps", "final_test_log_likelihood", "final_test_error", "final_valid_error", "best_valid_error",
+                "test_error_at_best_valid", "final_test_precision_at_5"):
+        assert full[key] == resumed[key], key
+    a, b = (torch.load(tmp_path / "runs" / n / "checkpoint.pt", weights_only=True) for n in ("full", "part"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(state_a[k]["sum"], state_b[k]["sum"]) for k in state_a)
+    steps = lambda n: [json.loads(line)["step"] for line in (tmp_path / "runs" / n / "eval_history.jsonl").read_text().splitlines()]
+    assert steps("part") == steps("full") == [0, 10, 20, 30]
+
+
+def test_resume_bad_input_is_one_line_and_loses_nothing(tmp_path):
+    flags = ["--dataset", "planted", "--num-classes", "20", "--num-features", "4", "--eval-size", "50",
+             "--batch-size", "16", "--total-steps", "5", "--pca-dim", "3", "--run-name", "done"]
+    run(flags, tmp_path)
+    run_dir = tmp_path / "runs" / "done"
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    for argv, message in ((["--resume", str(run_dir)], "already finished 5 steps"),
+                          (["--resume", str(tmp_path / "nowhere")], "no checkpoint.pt")):
+        result = run(argv, tmp_path, check=False)
+        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+    (run_dir / "checkpoint.pt").write_bytes(before["checkpoint.pt"][:500])
+    result = run(["--resume", str(run_dir), "--total-steps", "9"], tmp_path, check=False)
+    assert result.returncode == 1 and "corrupt" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert after == {**before, "checkpoint.pt": before["checkpoint.pt"][:500]}
