@@ -27,15 +27,17 @@ import common
 from xc_tree import ProbabilisticTree, fit_tree
 
 METHODS = ("adversarial", "uniform", "frequency", "nce", "softmax")
-# (learning rate, regulariser lambda of eq. 6). Negative-sampling methods: paper Table 1, Amazon-670K column (the
-# column where the uniform baseline got the larger learning rate, i.e. the stronger baselines); softmax: Appendix A.2.
+# (learning rate, regulariser lambda of eq. 6) per --table1-column. Negative-sampling methods: paper Table 1 (the
+# Amazon-670K column is the default: there the uniform baseline got the larger learning rate, i.e. the stronger
+# baselines); softmax: Appendix A.2 (EURLex-4K) in both. All constant learning rates, as the authors' saved runs
+# (load_and_evaluate_model.py:15-16, lr_exponent 0.0).
 PAPER_DEFAULTS = {
-    "adversarial": (0.01, 1e-3),
-    "uniform": (0.01, 3e-4),
-    "frequency": (0.003, 1e-5),
-    "nce": (0.01, 1e-3),
-    "softmax": (0.3, 3e-4),
+    "amazon": {"adversarial": (0.01, 1e-3), "uniform": (0.01, 3e-4), "frequency": (0.003, 1e-5), "nce": (0.01, 1e-3),
+               "softmax": (0.3, 3e-4)},
+    "wikipedia": {"adversarial": (0.01, 1e-3), "uniform": (0.001, 1e-4), "frequency": (0.003, 1e-5),
+                  "nce": (0.01, 3e-3), "softmax": (0.3, 3e-4)},
 }
+ADAGRAD_INIT = 1e-8  # the authors' --adagrad_init (optimizer.py:48, :91), on their loss summed over the batch
 
 AUTHORS_SPLIT_SEED = 36528475  # binarize-labels.py:68 (their validation / test split of the held-out points)
 
@@ -68,15 +70,24 @@ def parse_args(argv=None):
     g.add_argument("--time-budget", type=float, default=0.0, help="stop when tree fit + training time (evaluation excluded) exceeds this many seconds; 0 = no limit")
     g.add_argument("--batch-size", type=int, default=1000, help="positives per step (authors' saved run)")
     g.add_argument("--num-negatives", type=int, default=10, help="negatives per positive (authors' saved run)")
-    g.add_argument("--lr", type=float, default=None, help="Adagrad learning rate (default per method: paper Table 1 Amazon-670K, softmax Appendix A.2)")
+    g.add_argument("--table1-column", choices=("amazon", "wikipedia"), default="amazon", help="which column of the paper's Table 1 gives the default --lr / --reg per method (they differ for uniform and NCE)")
+    g.add_argument("--lr", type=float, default=None, help="Adagrad learning rate (default per method: paper Table 1, --table1-column; softmax Appendix A.2)")
     g.add_argument("--reg", type=float, default=None, help="lambda of eq. 6 (default per method as for --lr)")
+    g.add_argument("--init", choices=("glorot", "zero"), default="glorot",
+                   help="start of w and b: the authors' Glorot-uniform (supervised_model.py:23-30: w ~ U(+-sqrt(6 / (C + K))), "
+                        "b ~ U(+-sqrt(3 / C)), near zero) or exact zeros (then NCE's b starts at -log C, so labels it never "
+                        "sampled do not outrank trained ones)")
+    g.add_argument("--sampling", choices=("epochs", "replacement"), default="epochs",
+                   help="file data: minibatches from a fresh permutation every epoch, the last partial batch dropped (what the "
+                        "authors' saved runs did: 1646 steps per epoch on Wikipedia-500K), or i.i.d. with replacement")
     g.add_argument("--bias-init", choices=("inverse-aux", "zero"), default="inverse-aux",
                    help="adversarial: start b_y at -mean log p_n(y|x) over y's training points, the authors' only saved "
                         "adversarial configuration (load_and_evaluate_model.py:35, initialize_to_inverse_aux); 'zero' "
-                        "starts at 0. Other methods: uniform / frequency 0 (the authors' avg_lls are 0 there), NCE -log C")
+                        "keeps --init's. Other methods: --init's (the authors' initialize_to_inverse_aux is off for them)")
     g = parser.add_argument_group("auxiliary tree")
     g.add_argument("--aux-model", default=None, help="reuse a tree saved by an earlier run (aux_tree.pt) instead of fitting one")
-    g.add_argument("--pca-dim", type=int, default=16, help="k, whitened PCA dimension of the tree (paper Section 5)")
+    g.add_argument("--pca-dim", type=int, default=16, help="k, whitened PCA dimension of the tree (paper Section 5), after standardising every feature (the authors' pca.ipynb)")
+    g.add_argument("--tree-split", choices=("halves", "packed"), default="halves", help="labels of a node: two equal halves (paper Section 3; the authors' initial split, fit_aux_model.jl:161-162), or fill the left child first (this project's earlier layout)")
     g.add_argument("--tree-reg", type=float, default=0.1, help="lambda_n of the node regulariser (paper Section 5), scaled by the number of real labels under the node as in the authors' code")
     g.add_argument("--tree-newton-steps", type=int, default=4, help="Newton steps per node between two re-splits")
     g.add_argument("--tree-max-rounds", type=int, default=4, help="cap on re-split rounds per level (the paper re-splits until no label changes side)")
@@ -103,7 +114,7 @@ def parse_args(argv=None):
         parser.error(f"--threads must be >= 0, got {args.threads}")
     if args.time_budget < 0 or args.eval_every_seconds < 0:
         parser.error("--time-budget and --eval-every-seconds must be >= 0")
-    default_lr, default_reg = PAPER_DEFAULTS[args.method]
+    default_lr, default_reg = PAPER_DEFAULTS[args.table1_column][args.method]
     args.lr = default_lr if args.lr is None else args.lr
     args.reg = default_reg if args.reg is None else args.reg
     return args
@@ -161,12 +172,17 @@ class LinearScores(nn.Module):
     """xi_y(x) = x.w_y + b_y (paper Section 5). Rows live in sparse embeddings, so a negative-sampling step
     produces sparse gradients and torch.optim.Adagrad touches only the O(batch x negatives) rows it sampled."""
 
-    def __init__(self, num_classes, num_features):
+    def __init__(self, num_classes, num_features, init="glorot"):
         super().__init__()
         self.weight = nn.Embedding(num_classes, num_features, sparse=True)
         self.bias = nn.Embedding(num_classes, 1, sparse=True)
-        nn.init.zeros_(self.weight.weight)
-        nn.init.zeros_(self.bias.weight)
+        with torch.no_grad():
+            if init == "glorot":  # TF1 xavier_initializer: U(+-sqrt(6 / (fan_in + fan_out))); a vector has fan C, C
+                self.weight.weight.uniform_(-math.sqrt(6 / (num_classes + num_features)), math.sqrt(6 / (num_classes + num_features)))
+                self.bias.weight.uniform_(-math.sqrt(3 / num_classes), math.sqrt(3 / num_classes))
+            else:
+                self.weight.weight.zero_()
+                self.bias.weight.zero_()
 
     def forward(self, x, labels):
         """Scores of the given labels (B x m) for the rows of x (B x K): O(B m K)."""
@@ -207,10 +223,10 @@ def nce_loss(pos_scores, neg_scores, pos_log_pn, neg_log_pn, reg):
 
 
 def softmax_loss(logits, labels, reg):
-    """Full softmax cross-entropy (eq. 1) plus eq. 6's penalty in expectation over one uniform negative:
-    lambda (xi+^2 + mean_y xi_y^2)."""
+    """Full softmax cross-entropy (eq. 1) plus lambda xi+^2 on the true class's score only, as the authors' code
+    (supervised_model.py:214-221; the paper, Appendix A.2, says only "a quadratic regularizer")."""
     positive = logits.gather(1, labels[:, None]).squeeze(1)
-    return F.cross_entropy(logits, labels) + reg * (positive ** 2 + (logits ** 2).mean(1)).mean()
+    return F.cross_entropy(logits, labels) + reg * (positive ** 2).mean()
 
 
 def prediction_metrics(scores, labels):
@@ -337,6 +353,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     dataset_name, x_train, y_train, heldout, num_classes, planted = load_dataset(args)
+    if planted is None and args.sampling == "epochs" and args.batch_size > len(y_train):
+        common.fail(f"--batch-size {args.batch_size} exceeds the {len(y_train)} training points (--sampling epochs)")
     needs_tree = args.method in ("adversarial", "nce")
     tree = None
     if checkpoint is not None and needs_tree:  # the resumed run reuses its own fitted tree
@@ -368,7 +386,8 @@ def main(argv=None):
     time_offset = 0.0
     if needs_tree:
         if tree is None:
-            tree = fit_tree(x_train, y_train, num_classes, args.pca_dim, args.tree_reg, args.tree_newton_steps, args.tree_max_rounds, clock)
+            tree = fit_tree(x_train, y_train, num_classes, args.pca_dim, args.tree_reg, args.tree_newton_steps,
+                            args.tree_max_rounds, clock, args.tree_split)
             print(f"auxiliary tree: depth {tree.depth}, fitted in {tree.fit_seconds:.1f} s")
         else:
             print(f"auxiliary tree: reused {args.resume or args.aux_model} (fitted in {tree.fit_seconds:.1f} s, counted on the time axis)")
@@ -379,13 +398,15 @@ def main(argv=None):
     correction = {"adversarial": lambda xb: tree.log_prob_all(tree.whiten(xb)),  # eq. 5
                   "frequency": lambda xb: log_frequency.expand(len(xb), -1)}.get(args.method)
 
-    model = LinearScores(num_classes, num_features).to(device)
-    if args.method == "nce":  # NCE scores are log-probabilities: start at uniform, else never-sampled labels (score 0
-        nn.init.constant_(model.bias.weight, -math.log(num_classes))  # = probability 1) outrank every trained one
+    model = LinearScores(num_classes, num_features, args.init).to(device)
+    if args.method == "nce" and args.init == "zero":  # NCE scores are log-probabilities: start at uniform, else
+        nn.init.constant_(model.bias.weight, -math.log(num_classes))  # never-sampled labels (score 0) outrank the rest
     elif args.method == "adversarial" and args.bias_init == "inverse-aux":
         with torch.no_grad():
             model.bias.weight.copy_(inverse_aux_bias(tree, x_train, y_train, num_classes)[:, None])
-    optimizer = torch.optim.Adagrad(model.parameters(), lr=args.lr, initial_accumulator_value=0.0)
+    # Our loss is the authors' divided by the batch size; Adagrad is invariant to that up to its initial accumulator,
+    # which is scaled by batch_size^-2 to match theirs exactly.
+    optimizer = torch.optim.Adagrad(model.parameters(), lr=args.lr, initial_accumulator_value=ADAGRAD_INIT / args.batch_size ** 2)
     run_start = time.time()
     chunk_size = max(1, 2 ** 23 // num_classes)
     if planted is not None:  # the ceiling: exact Bayes posterior on the same held-out points
@@ -398,10 +419,12 @@ def main(argv=None):
         bayes = {}
     history, best = [], {"valid_error": math.inf}
     step, train_seconds = 0, 0.0
+    order, position = torch.empty(0, dtype=torch.long, device=device), 0  # --sampling epochs: permutation, cursor
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         step, train_seconds, history, best = checkpoint["step"], checkpoint["train_seconds"], checkpoint["history"], checkpoint["best"]
+        order, position = checkpoint["order"].to(device), checkpoint["position"]
         run_start = checkpoint["run_start"]
         with open(run_dir / "eval_history.jsonl", "w") as handle:  # drop rows a crashed leg wrote after its checkpoint
             handle.writelines(json.dumps(row) + "\n" for row in history)
@@ -427,7 +450,7 @@ def main(argv=None):
         common.save_checkpoint(str(run_dir / "checkpoint.pt"), {
             "script": "train_xc.py", "args": vars(args), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "step": step, "train_seconds": elapsed - time_offset, "aux_fit_seconds": time_offset, "run_start": run_start,
-            "history": history, "best": best, "rng": common.rng_state()})
+            "history": history, "best": best, "order": order.cpu(), "position": position, "rng": common.rng_state()})
 
     if checkpoint is None:
         run_evaluation(0, time_offset)
@@ -439,8 +462,14 @@ def main(argv=None):
         # ALGO LOGIC: positives (fresh planted samples or a random minibatch), negatives, loss, sparse Adagrad step
         if planted is not None:
             x, y = planted.sample(args.batch_size)
-        else:
+        elif args.sampling == "replacement":
             index = torch.randint(len(y_train), (args.batch_size,), device=device)
+            x, y = x_train[index], y_train[index]
+        else:  # shuffled epochs: a fresh permutation when the current one has no full batch left
+            if position + args.batch_size > len(order):
+                order, position = torch.randperm(len(y_train), device=device), 0
+            index = order[position: position + args.batch_size]
+            position += args.batch_size
             x, y = x_train[index], y_train[index]
         if args.method == "softmax":
             loss = softmax_loss(model.all_scores(x), y, args.reg)

@@ -20,7 +20,7 @@ PADDING_BIAS = 1000.0  # sigma(+-1000) is exactly 1 / 0 in float32: padding leav
 class ProbabilisticTree:
     """p_n(y|x) of paper Section 3: a complete binary tree over 2^D >= C leaves on PCA-whitened features z. Internal
     nodes are heap-indexed (root 1, children 2n and 2n + 1); node n goes right with probability
-    sigmoid(theta[n, :k].z + theta[n, k]). Padding leaves (ids >= C in leaf order) have probability zero."""
+    sigmoid(theta[n, :k].z + theta[n, k]). Padding leaves (leaf_label -1) have probability zero."""
 
     def __init__(self, mean, projection, theta, leaf_label, fit_seconds=0.0):
         self.mean, self.projection, self.theta, self.leaf_label = mean, projection, theta, leaf_label
@@ -88,12 +88,18 @@ class ProbabilisticTree:
 
 
 def _pca_whitening(x, dim):
+    """The authors' preprocessing of the tree's features (pca.ipynb, fit_pca / reduce_dim of
+    mandt-lab/adversarial-negative-sampling): centre, divide every feature by its standard deviation (PCA of the
+    correlation matrix, in float64), keep the top `dim` components and whiten them to unit variance. Returns (mean,
+    projection) with z = (x - mean) @ projection."""
     mean = x.mean(0)
     centred = x - mean
-    eigenvalues, eigenvectors = torch.linalg.eigh((centred.T @ centred).double() / len(x))
+    covariance = (centred.T @ centred).double() / len(x)
+    std = covariance.diagonal().sqrt().clamp_min(1e-12)  # constant features: a zero row / column, never selected
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance / (std[:, None] * std[None, :]))
     dim = min(dim, x.shape[1])
     top_values, top_vectors = eigenvalues[-dim:].flip(0), eigenvectors[:, -dim:].flip(1)
-    return mean, (top_vectors / top_values.clamp_min(1e-12).sqrt()).float()
+    return mean, (top_vectors / top_values.clamp_min(1e-12).sqrt() / std[:, None]).float()
 
 
 class _GroupedRows:
@@ -138,12 +144,16 @@ class _GroupedRows:
         return self.node_sum(torch.bmm((self.blocks * weight[:, :, None]).transpose(1, 2), self.blocks))
 
 
-def fit_tree(x, y, num_classes, pca_dim=16, reg=0.1, newton_steps=4, max_rounds=4, clock=time.perf_counter):
+def fit_tree(x, y, num_classes, pca_dim=16, reg=0.1, newton_steps=4, max_rounds=4, clock=time.perf_counter,
+             split_mode="halves"):
     """Fit p_n top-down (paper Section 3), all nodes of one level at once. Per node: w = dominant eigenvector of the
-    covariance of the per-label feature sums, b = 0; split the labels into halves by Delta_y (eq. 9); Newton ascent
-    (with step halving, which plain Newton needs on nearly separable nodes) on the regularised node log-likelihood
-    (eq. 8); re-split by Delta_y until no label changes side. Real labels always fill leaves 0..C-1 in the initial
-    order and every split keeps them first in each block, so padding stays in the last leaves."""
+    covariance of the per-label feature sums, b = 0; split the node's labels by Delta_y (eq. 9): the right child gets
+    the ceil(r / 2) of its r real labels with the largest Delta_y ("two equally sized halves"; with split_mode
+    "packed", only the labels that do not fit in the left child's 2^(D-l-1) leaves); Newton ascent (with step
+    halving, which plain Newton needs on nearly separable nodes) on the node log-likelihood of eq. 8 minus
+    (reg / 2) |Y_node| ||theta||^2 (the authors' prior, fit_aux_model.jl:128,134,294-298); re-split by Delta_y
+    until no label changes side. Each child's real labels fill the start of its leaf block, padding the rest; a node
+    whose child holds no real label always goes to the other child (b = -+1000, Section 3)."""
     start_time = clock()
     device = x.device
     mean, projection = _pca_whitening(x, pca_dim)
@@ -155,20 +165,19 @@ def fit_tree(x, y, num_classes, pca_dim=16, reg=0.1, newton_steps=4, max_rounds=
     # row y: (sum_{x in D_y} z, n_y), so Delta_y of eq. 9 is label_sums[y] . theta
     label_sums = torch.zeros(num_classes, dim, device=device).index_add_(0, y, z1)
     theta = torch.zeros(num_leaves, dim, device=device)
-    slot_label = torch.arange(num_classes, device=device)  # leaf slot -> label, for the C real slots
+    label_slot = torch.arange(num_classes, device=device)  # label -> leaf slot (0 .. 2^D - 1)
     eye = torch.eye(dim, device=device, dtype=torch.float64)
     for level in range(depth):
         num_nodes, block = 2 ** level, num_leaves >> level
         half = block // 2
-        num_real = (num_classes - torch.arange(num_nodes, device=device) * block).clamp(0, block)
-        num_right = (num_real - half).clamp_min(0)  # real labels that go right; the rest of the right half is padding
-        slot_of_label = torch.empty_like(slot_label)
-        slot_of_label[slot_label] = torch.arange(num_classes, device=device)
-        label_node = slot_of_label // block
+        label_node = label_slot // block
+        num_real = torch.bincount(label_node, minlength=num_nodes)
+        # real labels that go right: half of them (rounded up), or in "packed" mode what the left child cannot hold
+        num_right = num_real - num_real // 2 if split_mode == "halves" else (num_real - half).clamp_min(0)
         points = _GroupedRows(z1, label_node[y], num_nodes)
         labels = _GroupedRows(label_sums[:, :-1], label_node, num_nodes)
         is_point = points.pad(torch.ones(len(y), device=device))
-        node_reg = reg * num_real.clamp_min(1).float()  # lambda_n scaled by the real labels under the node
+        node_reg = 0.5 * reg * num_real.clamp_min(1).float()  # (lambda_n / 2) |Y_node|: fit_aux_model.jl:294-298
 
         # initial w: dominant eigenvector of the covariance of the label sums under each node; b = 0
         count = num_real.clamp_min(1).float()
@@ -221,18 +230,16 @@ def fit_tree(x, y, num_classes, pca_dim=16, reg=0.1, newton_steps=4, max_rounds=
             if not changed:
                 break
 
-        # nodes whose right child holds only padding always go left: w = 0, b = -1000 (Section 3, technical details)
-        padded = num_right == 0
-        node_theta[padded] = 0.0
-        node_theta[padded, -1] = -PADDING_BIAS
+        # a node whose right (left) child holds only padding always goes left (right): w = 0, b = -+1000 (Section 3)
+        for forced, sign in ((num_right == 0, -1.0), ((num_right == num_real) & (num_real > 0), 1.0)):
+            node_theta[forced] = 0.0
+            node_theta[forced, -1] = sign * PADDING_BIAS
         theta[num_nodes: 2 * num_nodes] = node_theta
-        # reorder the leaf slots: within each node's block, left-goers first, then right-goers
+        # move the labels: within each node's block, left-goers fill the left child's leaves, right-goers the right's
         block_start = label_node * block
-        new_slot = torch.where(goes_right, block_start + half + rank, block_start + rank - num_right[label_node])
-        slot_label = torch.empty_like(slot_label)
-        slot_label[new_slot] = torch.arange(num_classes, device=device)
+        label_slot = torch.where(goes_right, block_start + half + rank, block_start + rank - num_right[label_node])
     leaf_label = torch.full((num_leaves,), -1, dtype=torch.long, device=device)
-    leaf_label[:num_classes] = slot_label
+    leaf_label[label_slot] = torch.arange(num_classes, device=device)
     if x.is_cuda:
         torch.cuda.synchronize()
     return ProbabilisticTree(mean, projection, theta, leaf_label, clock() - start_time)

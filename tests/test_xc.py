@@ -90,6 +90,50 @@ def test_fitted_tree_beats_uniform_and_saves_round_trip(small_tree, tmp_path):
     assert loaded.fit_seconds == pytest.approx(tree.fit_seconds)
 
 
+def test_tree_splits_labels_into_equal_halves(small_tree):
+    """Paper Section 3 ("two equally sized halves") and the authors' initial split (fit_aux_model.jl:161-162): at
+    every node the right child gets ceil(r / 2) of the r real labels; with --tree-split packed, the left child is
+    filled first (C = 37: 32 / 5 at the root)."""
+    tree, planted, x, y = small_tree
+    real = (tree.leaf_label >= 0).view(-1).float()
+    for level in range(tree.depth):
+        children = real.view(2 ** level, 2, -1).sum(2)  # real labels under the left / right child of each node
+        assert torch.equal(children[:, 1], children.sum(1) - children.sum(1).div(2, rounding_mode="floor")), level
+    packed = xc_tree.fit_tree(x, y, 37, pca_dim=4, split_mode="packed")
+    assert int((packed.leaf_label[:32] >= 0).sum()) == 32 and int((packed.leaf_label[32:] >= 0).sum()) == 5
+    # single-label nodes always go right (b = +1000), as the authors' split_in_half (fit_aux_model.jl:151-154)
+    singles = [2 ** level + n for level in range(tree.depth)
+               for n, count in enumerate(real.view(2 ** level, -1).sum(1).tolist()) if count == 1]
+    assert singles and all(tree.theta[node, -1] == 1000.0 and not tree.theta[node, :-1].any() for node in singles)
+
+
+def test_tree_node_optimum_has_the_authors_half_lambda_prior():
+    """At a fitted node, grad of sum log sigma(zeta theta.z1) - (lambda / 2) |Y| ||theta||^2 vanishes (the authors'
+    Newton step, fit_aux_model.jl:128,134: gradient -lambda theta, not -2 lambda theta)."""
+    generator = torch.Generator().manual_seed(4)
+    planted = xc.PlantedHierarchy(2, 5, generator)
+    x, y = planted.sample(400, generator)
+    tree = xc_tree.fit_tree(x, y, 2, pca_dim=3, reg=3.0, newton_steps=50, max_rounds=10)
+    z1 = torch.cat([tree.whiten(x), torch.ones(len(x), 1)], 1).double()
+    theta = tree.theta[1].double()
+    side = (tree.label_leaf[y] == 1).double() * 2 - 1  # zeta: +1 for the label on the right leaf
+    gradient = (side * torch.sigmoid(-side * (z1 @ theta)))[:, None].mul(z1).sum(0) - 3.0 * 2 * theta
+    assert gradient.abs().max() < 1e-3 * (1 + theta.abs().max())
+
+
+def test_tree_features_are_standardised_before_pca():
+    """pca.ipynb: PCA of the correlation matrix, so rescaling a feature changes nothing; z is whitened."""
+    generator = torch.Generator().manual_seed(5)
+    planted = xc.PlantedHierarchy(16, 6, generator)
+    x, y = planted.sample(2000, generator)
+    scale = torch.tensor([1.0, 100.0, 0.01, 1.0, 7.0, 1.0])
+    a = xc_tree.fit_tree(x, y, 16, pca_dim=3)
+    b = xc_tree.fit_tree(x * scale, y, 16, pca_dim=3)
+    torch.testing.assert_close(a.log_prob_all(a.whiten(x[:50])), b.log_prob_all(b.whiten(x[:50] * scale)), atol=2e-3, rtol=1e-3)
+    z = a.whiten(x)
+    torch.testing.assert_close(z.T @ z / len(z), torch.eye(3), atol=1e-3, rtol=0)
+
+
 def test_power_of_two_and_tiny_label_sets():
     generator = torch.Generator().manual_seed(2)
     for num_classes in (2, 3, 16):
@@ -113,7 +157,8 @@ def test_losses_against_hand_computed_values():
     expected_nce = (softplus(-0.3 - 0.5) + reg * 0.25 + 0.5 * (softplus(-1.0 + 2.0) + reg * 1.0 + softplus(2.1) + reg * 4.0))
     assert xc.nce_loss(pos, neg, pos_lp, neg_lp, reg).item() == pytest.approx(expected_nce, rel=1e-6)
     logits, labels = torch.tensor([[1.0, 2.0, -1.0]]), torch.tensor([1])
-    expected_softmax = F.cross_entropy(logits, labels).item() + reg * (4.0 + (1 + 4 + 1) / 3)
+    # -log softmax(2 | 1, 2, -1) + lambda * 2^2: only the true class's score is penalised (supervised_model.py:219-221)
+    expected_softmax = -(2.0 - math.log(math.exp(1.0) + math.exp(2.0) + math.exp(-1.0))) + reg * 4.0
     assert xc.softmax_loss(logits, labels, reg).item() == pytest.approx(expected_softmax, rel=1e-6)
 
 
@@ -123,7 +168,7 @@ def test_prediction_metrics_and_bias_correction():
     metrics = xc.prediction_metrics(scores, labels)
     assert metrics["hits1"] == 1 and metrics["hits5"] == 1
     assert metrics["log_likelihood"] == pytest.approx(float(torch.log_softmax(scores, 1)[:, 0].sum()), rel=1e-6)
-    model = xc.LinearScores(6, 2)
+    model = xc.LinearScores(6, 2, "zero")
     x = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
     correction = lambda xb: scores[xb[:, 0].long()]
     out = xc.evaluate(model, x, labels, correction, chunk_size=1)  # raw scores are all 0; corrected are `scores`
@@ -422,3 +467,27 @@ def test_resume_bad_input_is_one_line_and_loses_nothing(tmp_path):
     assert result.returncode == 1 and "corrupt" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     assert after == {**before, "checkpoint.pt": before["checkpoint.pt"][:500]}
+
+
+def test_glorot_init_and_shuffled_epochs(tmp_path, monkeypatch):
+    """--init glorot is the authors' (TF1 xavier_initializer, supervised_model.py:23-30); --sampling epochs shows
+    every training point once per epoch (64 points, batch 16: steps 1-4 and 5-8 are each a permutation)."""
+    model = xc.LinearScores(1000, 24)
+    limit_w, limit_b = math.sqrt(6 / 1024), math.sqrt(3 / 1000)
+    assert model.weight.weight.abs().max() <= limit_w and model.weight.weight.abs().max() > 0.9 * limit_w
+    assert model.bias.weight.abs().max() <= limit_b and model.bias.weight.abs().max() > 0.9 * limit_b
+    assert not xc.LinearScores(10, 3, "zero").weight.weight.any()
+    x_train = torch.arange(64 * 3, dtype=torch.float32).view(64, 3)  # row i is recognisable by its first entry
+    y_train = torch.arange(64) % 4
+    np.savez(tmp_path / "d.npz", x_train=x_train.numpy(), y_train=y_train.numpy(), x_test=x_train[:20].numpy(),
+             y_test=y_train[:20].numpy())
+    seen = []
+    forward = xc.LinearScores.forward
+    monkeypatch.setattr(xc.LinearScores, "forward", lambda self, x, labels: (seen.append(x[:, 0] / 3), forward(self, x, labels))[1])
+    xc.main(["--dataset", str(tmp_path / "d.npz"), "--method", "uniform", "--batch-size", "16", "--total-steps", "8",
+             "--eval-every", "100", "--runs-dir", str(tmp_path / "runs"), "--run-name", "epochs"])
+    for epoch in (seen[:4], seen[4:8]):
+        assert sorted(torch.cat(epoch).long().tolist()) == list(range(64))
+    assert torch.cat(seen[:4]).tolist() != list(range(64))  # shuffled, not in file order
+    with pytest.raises(SystemExit):
+        xc.main(["--dataset", str(tmp_path / "d.npz"), "--batch-size", "65", "--runs-dir", str(tmp_path / "runs")])
