@@ -288,3 +288,16 @@ def test_runner_table_has_every_paper_row_and_aggregates_seeds(tmp_path):
     assert "| 15.20 ± 0.66 | 16.00 ± 1.41 | 2 | 3.00 | 0.00 ± 0.00 |" in rows["Oracle - 3"]
     assert "| 17.25 ± 0.22 | - | 0 |" in rows["Supervised"]
     assert "20 epochs = 800 steps" in text
+    # the ordering claims: paired differences on the same seed, mean ± standard error, checked by hand
+    for stem, errors in (("supervised", (16.0, 17.0, 16.5)), ("uniform-1", (17.0, 17.5, 18.5)),
+                         ("oracle-1", (15.5, 16.0, 16.0))):
+        for seed, error in zip((1, 2, 3), errors):
+            (tmp_path / f"{stem}__seed{seed}").mkdir()
+            (tmp_path / f"{stem}__seed{seed}" / "summary.json").write_text(json.dumps({"final_test_error": error}))
+    text = runner.claims(type("Args", (), {"runs_dir": str(tmp_path), "seeds": [1, 2, 3]})())
+    lines = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| ") and " − " in line}
+    # uniform-1 - supervised = +1.0, +0.5, +2.0: mean 1.1667, std 0.7638, s.e. 0.4410, 2.6 s.e. in the claimed direction
+    assert lines["Uniform - 1 − Supervised"].endswith("| +1.17 ± 0.44 | +2.6 | yes |")
+    # oracle-3 (seeds 1, 2 only) against the best other row by mean, oracle-1: -0.5, +1.0 -> mean +0.25, s.e. 0.75
+    assert lines["Oracle - 3 − Oracle - 1"].endswith("| +0.25 ± 0.75 | -0.3 | no, within noise |")
+    assert "Threshold" not in text  # rows without runs are left out
