@@ -39,8 +39,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def fail(message, code=1):
-    """Print one clear line on stderr and exit non-zero (bad input never produces a traceback)."""
-    print(f"{os.path.basename(sys.argv[0]) or 'error'}: error: {message}", file=sys.stderr)
+    """Print one clear line on stderr and exit non-zero (bad input never produces a traceback). Under torchrun every
+    rank meets the same error; only rank 0 prints it."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{os.path.basename(sys.argv[0]) or 'error'}: error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
@@ -561,17 +563,17 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def load_checkpoint(run_dir, script):
+def load_checkpoint(run_dir, script, flag="--resume"):
     """Read RUN_DIR/checkpoint.pt written by ``script``; any problem is one line and exit 1, nothing is touched."""
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(path):
-        fail(f"--resume {run_dir}: no checkpoint.pt in that directory")
+        fail(f"{flag} {run_dir}: no checkpoint.pt in that directory")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, pickle garbage, wrong types: all mean "corrupt"
-        fail(f"--resume {run_dir}: checkpoint.pt is corrupt or unreadable ({type(error).__name__})")
-    if not isinstance(checkpoint, dict) or checkpoint.get("script") != script or "args" not in checkpoint:
-        fail(f"--resume {run_dir}: checkpoint.pt was not written by {script}")
+        fail(f"{flag} {run_dir}: checkpoint.pt is corrupt or unreadable ({type(error).__name__})")
+    if not isinstance(checkpoint, dict) or checkpoint.get("script") != script or not isinstance(checkpoint.get("args"), dict):
+        fail(f"{flag} {run_dir}: checkpoint.pt was not written by {script}")
     return checkpoint
 
 

@@ -10,11 +10,24 @@ set. Every batch slot is labeled with probability `--labeled-ratio`. The loss on
     Loc  = sum over 4 directions of ||[ ||C_i(1:k, :)||_2 for k = 1..N ]||_1 on the CAM of the top class   (eq. 3)
 
 with a DenseNet (torchvision, random init) whose CAMs come from its last ReLU feature map and classifier weights.
-Where the authors' code differs from the note, the note is the default and the code's behaviour is a flag
-(`--nbel-on-mean-logits`, `--loc-weighting prob`).
 
-    python train_imagenet_mel.py --data-dir /data/imagenet --num-labeled 64000 --num-unlabeled 200000
-    torchrun --standalone --nproc_per_node 8 train_imagenet_mel.py --data-dir /data/imagenet
+Two recipes fill the defaults (`--recipe`; every flag given on the command line wins):
+- `paper` (default): the run behind the authors' ImageNet table (their final report, latex_files/final/
+  experiments.tex of ankanbansal/semi-supervised-learning at commit 07a3918: DenseNet-161 from scratch (line 11),
+  batch 52 (line 12), |S| = 64,000 and |U| = 192,000 (lines 8-9, 179), alpha = 0.8 with R/T = 0.8, the
+  supervised share of the 54.75 row (line 47; the note's "till 0.8"), the CAM of the most probable class (line 123),
+  NBEL on the mean softmax (note eq. 2). The report only says it follows DenseNet's optimiser and schedule (line 27);
+  the code's main.py:63 has 130 epochs and, while the results were produced, LR / 10 every 20 epochs
+  (main.py:60 at 32a0169; 30 from 2576d16 on, after the table). Pools without replacement, drawn by the seed.
+- `code`: the authors' main.py defaults at HEAD: DenseNet-161 (:29), batch 140 (:39), 50k labeled / 150k unlabeled
+  file lists (:43-44), supervised share 0.25 (:53), alpha 1 (:55), LR / 10 every 30 epochs (:61), 130 epochs (:63),
+  batch slots drawn with replacement (dataLoader.py:111-122), every class's CAM weighted by its probability
+  (train.py:99) and NBEL as -H(softmax(mean logits)) (losses.py:42-43).
+Both: beta 2 and gamma 0.01 (main.py:54-56; the report varies them and gives no values), SGD LR 0.1, Nesterov 0.9,
+weight decay 1e-4 (main.py:60, :113-114). The note (an earlier draft) says 64k / 200k and "DenseNet".
+
+    python train_imagenet_mel.py --data-dir /data/imagenet
+    torchrun --standalone --nproc_per_node 8 train_imagenet_mel.py --data-dir /data/imagenet --recipe code
 """
 import argparse
 import copy
@@ -22,7 +35,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 
 import numpy as np
@@ -37,17 +49,28 @@ from torchvision.transforms import v2 as transforms
 import common
 
 SCRIPT = "imagenet_mel"
+RECIPES = {
+    "paper": {"arch": "densenet161", "batch_size": 52, "epochs": 130, "lr_step_epochs": 20, "num_labeled": 64000,
+              "num_unlabeled": 192000, "labeled_ratio": 0.8, "mel_weight": 0.8, "loc_weighting": "max",
+              "nbel_on_mean_logits": False, "pool_sampling": "without"},
+    "code": {"arch": "densenet161", "batch_size": 140, "epochs": 130, "lr_step_epochs": 30, "num_labeled": 50000,
+             "num_unlabeled": 150000, "labeled_ratio": 0.25, "mel_weight": 1.0, "loc_weighting": "prob",
+             "nbel_on_mean_logits": True, "pool_sampling": "with"},
+}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Arguments that define the experiment; a resumed run must be started with the same values.
 MUST_MATCH_ON_RESUME = ("data_dir", "seed", "num_labeled", "num_unlabeled", "num_valid", "labeled_ratio", "batch_size",
                         "lr", "momentum", "weight_decay", "lr_step_epochs", "arch", "growth_rate", "block_config",
                         "num_init_features", "crop_size", "resize_size", "mel_weight", "nbel_weight", "loc_weight",
-                        "loc_weighting", "nbel_on_mean_logits")
+                        "loc_weighting", "nbel_on_mean_logits", "pool_sampling")
 
 
 def parse_args(argv=None):
     parser = common.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = parser.add_argument_group("experiment")
+    g.add_argument("--recipe", choices=sorted(RECIPES), default="paper",
+                   help="the defaults of the flags marked 'recipe' below: 'paper' = the run behind the authors' table, "
+                        "'code' = their main.py (module docstring)")
     g.add_argument("--seed", type=int, default=1, help="seeds the split, the batch schedule and the model init")
     g.add_argument("--runs-dir", default="runs", help="parent of the run directory")
     g.add_argument("--run-name", default=None, help="default: <dataset>__imagenet_mel__<seed>__<unix time>")
@@ -66,13 +89,16 @@ def parse_args(argv=None):
     g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations; 0 = once per epoch")
     g = parser.add_argument_group("data")
     g.add_argument("--data-dir", required=True, help="folder with ImageNet-style train/ and val/ class folders")
-    g.add_argument("--num-labeled", type=int, default=64000, help="class-balanced labeled subset of train/ (note §3)")
-    g.add_argument("--num-unlabeled", type=int, default=200000,
-                   help="unlabeled subset of train/, disjoint from the labeled one (note §3); -1 = all the rest")
+    g.add_argument("--num-labeled", type=int, default=None, help="class-balanced labeled subset of train/ (recipe: 64000 / 50000)")
+    g.add_argument("--num-unlabeled", type=int, default=None,
+                   help="unlabeled subset of train/, disjoint from the labeled one; -1 = all the rest (recipe: 192000 / 150000)")
     g.add_argument("--num-valid", type=int, default=0,
                    help="images of train/ held out for model selection; 0 = none, as in the note (val/ is the test set)")
-    g.add_argument("--labeled-ratio", type=float, default=0.25,
-                   help="probability that a batch slot is labeled (authors' default 0.25; the note found 0.8 best)")
+    g.add_argument("--labeled-ratio", type=float, default=None,
+                   help="probability that a batch slot is labeled, R/T (recipe: 0.8 / 0.25)")
+    g.add_argument("--pool-sampling", choices=("without", "with"), default=None,
+                   help="batch slots take the next image of a seeded reshuffle of their pool, or a uniform draw with "
+                        "replacement as the authors' WeightedBatchSampler (recipe: without / with)")
     g.add_argument("--crop-size", type=int, default=224, help="training and centre-crop size (authors' 224)")
     g.add_argument("--resize-size", type=int, default=256,
                    help="resize before the crop, training ('authors' augmentation) and evaluation (authors' 256)")
@@ -81,30 +107,34 @@ def parse_args(argv=None):
                         "torchvision's ImageNet recipe")
     g.add_argument("--num-workers", type=int, default=8, help="DataLoader workers per process")
     g = parser.add_argument_group("model")
-    g.add_argument("--arch", default="densenet121", choices=["densenet121", "densenet161", "densenet169", "densenet201"],
-                   help="torchvision DenseNet, random init (issue 8; the note uses 'DenseNet')")
+    g.add_argument("--arch", default=None, choices=["densenet121", "densenet161", "densenet169", "densenet201"],
+                   help="torchvision DenseNet, random init (recipe: densenet161)")
     g.add_argument("--growth-rate", type=int, default=None, help="override the arch's growth rate (tiny test nets)")
     g.add_argument("--block-config", default=None, help="override the arch's blocks, e.g. '2,2' (tiny test nets)")
     g.add_argument("--num-init-features", type=int, default=None, help="override the arch's stem width")
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=90, help="standard ImageNet schedule (LR /10 at 30 and 60)")
+    g.add_argument("--epochs", type=int, default=None, help="epochs of labeled + unlabeled pool size (recipe: 130)")
     g.add_argument("--total-steps", type=int, default=None,
                    help="override the number of steps (default: epochs x steps per epoch)")
-    g.add_argument("--batch-size", type=int, default=256, help="global batch, split over the DDP processes (standard)")
-    g.add_argument("--lr", type=float, default=0.1, help="authors' code / standard for batch 256")
-    g.add_argument("--lr-step-epochs", type=int, default=30, help="LR divided by 10 every this many epochs (authors)")
+    g.add_argument("--batch-size", type=int, default=None, help="global batch, split over the DDP processes (recipe: 52 / 140)")
+    g.add_argument("--lr", type=float, default=0.1, help="authors' main.py:60")
+    g.add_argument("--lr-step-epochs", type=int, default=None, help="LR divided by 10 every this many epochs (recipe: 20 / 30)")
     g.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum (authors' code)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="authors' code")
     g = parser.add_argument_group("MEL / NBEL / locality")
-    g.add_argument("--mel-weight", type=float, default=1.0, help="alpha, eq. 4 (authors' ImageNet default 1)")
+    g.add_argument("--mel-weight", type=float, default=None, help="alpha, eq. 4 (recipe: 0.8 / 1)")
     g.add_argument("--nbel-weight", type=float, default=2.0, help="beta, eq. 4 (authors' ImageNet default 2)")
     g.add_argument("--loc-weight", type=float, default=0.01, help="gamma, eq. 4 (authors' ImageNet default 0.01)")
-    g.add_argument("--loc-weighting", default="max", choices=["max", "prob"],
-                   help="max: CAM of the most probable class (note §2.3); prob: every class's penalty weighted by its "
-                        "probability, with gradient (authors' code)")
-    g.add_argument("--nbel-on-mean-logits", action="store_true",
-                   help="NBEL as -H(softmax(mean logits)) like the authors' code, instead of -H(mean softmax) (note eq. 2)")
+    g.add_argument("--loc-weighting", default=None, choices=["max", "prob"],
+                   help="max: CAM of the most probable class (note §2.3, report line 123); prob: every class's penalty "
+                        "weighted by its probability, with gradient (authors' train.py:99) (recipe: max / prob)")
+    g.add_argument("--nbel-on-mean-logits", action=argparse.BooleanOptionalAction, default=None,
+                   help="NBEL as -H(softmax(mean logits)) like the authors' losses.py, instead of -H(mean softmax) "
+                        "(note eq. 2) (recipe: off / on)")
     args = parser.parse_args(argv)
+    for name, value in RECIPES[args.recipe].items():  # flags not given take the recipe's value
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
     if not 0.0 <= args.labeled_ratio <= 1.0:
         parser.error(f"--labeled-ratio must be in [0, 1], got {args.labeled_ratio}")
@@ -272,11 +302,14 @@ class LabeledRatioBatchSampler:
     labeled slots take the next images of a seeded reshuffle of the labeled pool, the other slots of the unlabeled pool.
     Every rank builds the same global batch and takes its contiguous chunk of batch_size / world_size slots, so ranks
     never share a slot, a pass through a pool is split between ranks without overlap, and the global batches (hence
-    the run) depend on the seed only — not on the number of processes. Resuming at `start_step` is exact."""
+    the run) depend on the seed only — not on the number of processes. Resuming at `start_step` is exact.
+    replacement=True: each slot draws uniformly from its pool instead (the authors' WeightedBatchSampler,
+    dataLoader.py:111-122), seeded by (seed, step)."""
 
-    def __init__(self, labeled, unlabeled, batch_size, labeled_ratio, seed, rank=0, world_size=1, start_step=0):
+    def __init__(self, labeled, unlabeled, batch_size, labeled_ratio, seed, rank=0, world_size=1, start_step=0,
+                 replacement=False):
         self.pools = (np.asarray(labeled, dtype=np.int64), np.asarray(unlabeled, dtype=np.int64))
-        self.batch_size, self.labeled_ratio, self.seed = batch_size, labeled_ratio, seed
+        self.batch_size, self.labeled_ratio, self.seed, self.replacement = batch_size, labeled_ratio, seed, replacement
         self.rank, self.world_size, self.start_step = rank, world_size, start_step
         self.per_rank = batch_size // world_size
         self._orders = {}
@@ -303,8 +336,13 @@ class LabeledRatioBatchSampler:
         while True:
             mask = self.slot_mask(step)
             indices = np.empty(self.batch_size, np.int64)
-            indices[mask], labeled_pos = self._take(0, labeled_pos, int(mask.sum()))
-            indices[~mask], unlabeled_pos = self._take(1, unlabeled_pos, int((~mask).sum()))
+            if self.replacement:
+                draw = np.random.default_rng([self.seed, 4, step])
+                indices[mask] = self.pools[0][draw.integers(len(self.pools[0]), size=int(mask.sum()))] if mask.any() else []
+                indices[~mask] = self.pools[1][draw.integers(len(self.pools[1]), size=int((~mask).sum()))] if (~mask).any() else []
+            else:
+                indices[mask], labeled_pos = self._take(0, labeled_pos, int(mask.sum()))
+                indices[~mask], unlabeled_pos = self._take(1, unlabeled_pos, int((~mask).sum()))
             yield indices, mask
             step += 1
 
@@ -324,13 +362,6 @@ class SemiSupervisedView(torch.utils.data.Dataset):
         index, is_labeled = item
         image, target = self.image_folder[index]
         return image, (target if is_labeled else -1)
-
-
-def fail(message):
-    """A user error: one line on stderr (from rank 0 only under torchrun, every rank sees the same error), exit 1."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(message, file=sys.stderr, flush=True)
-    sys.exit(1)
 
 
 def train_transform(augmentation, crop_size, resize_size):
@@ -362,13 +393,13 @@ def load_image_folders(data_dir, crop_size, resize_size, augmentation="authors")
     for split in ("train", "val"):
         path = os.path.join(data_dir, split)
         if not os.path.isdir(path):
-            fail(f"error: {path} is not a directory (--data-dir needs ImageNet-style train/ and val/ folders)")
+            common.fail(f"{path} is not a directory (--data-dir needs ImageNet-style train/ and val/ folders)")
         try:
             folders[split] = torchvision.datasets.ImageFolder(path, transform=train_tf if split == "train" else eval_tf)
         except (FileNotFoundError, RuntimeError) as error:
-            fail(f"error: {path}: {error}".replace("\n", " "))
+            common.fail(f"{path}: {error}".replace("\n", " "))
     if folders["train"].classes != folders["val"].classes:
-        fail(f"error: train/ and val/ in {data_dir} have different class folders")
+        common.fail(f"train/ and val/ in {data_dir} have different class folders")
     train_eval = copy.copy(folders["train"])
     train_eval.transform = eval_tf
     return folders["train"], train_eval, folders["val"]
@@ -438,17 +469,9 @@ def average_buffers(module, world_size):
 
 def read_checkpoint(run_dir, flag):
     """(checkpoint, its saved args) of RUN_DIR/checkpoint.pt as written by this script; a missing, corrupt or foreign
-    file is one line and exit 1."""
-    path = os.path.join(run_dir, "checkpoint.pt")
-    if not os.path.isfile(path):
-        fail(f"error: {flag} {run_dir}: no checkpoint.pt there")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(checkpoint.get("model"), dict) or not isinstance(checkpoint.get("step"), int):
-            raise ValueError("not a train_imagenet_mel.py checkpoint")
-        return checkpoint, json.loads(checkpoint["args"])
-    except Exception as error:  # truncated zip, pickle garbage, another script's file
-        fail(f"error: cannot read {path}: {type(error).__name__}: {error}".replace("\n", " "))
+    file is one line and exit 1 (common.load_checkpoint)."""
+    checkpoint = common.load_checkpoint(run_dir, "train_imagenet_mel.py", flag)
+    return checkpoint, checkpoint["args"]
 
 
 def check_init_source(init_from, init_checkpoint, model_shapes, labeled_idx):
@@ -456,30 +479,24 @@ def check_init_source(init_from, init_checkpoint, model_shapes, labeled_idx):
     warm start would carry labels of this run's unlabeled or validation images). One line and exit 1 otherwise."""
     summary_path = os.path.join(init_from, "summary.json")
     if not os.path.isfile(summary_path):  # checkpoint.pt of a run still going
-        fail(f"error: --init-from {init_from} has not finished (no summary.json); wait for it or --resume it")
+        common.fail(f"--init-from {init_from} has not finished (no summary.json); wait for it or --resume it")
     with open(summary_path) as f:
         if json.load(f).get("steps") != init_checkpoint["step"]:  # a finished run being extended by --resume
-            fail(f"error: --init-from {init_from}: its checkpoint is not the finished model (a --resume is extending it)")
+            common.fail(f"--init-from {init_from}: its checkpoint is not the finished model (a --resume is extending it)")
     source_shapes = {k: tuple(v.shape) for k, v in init_checkpoint["model"].items()}
     different = sorted(k for k in source_shapes.keys() | model_shapes.keys() if source_shapes.get(k) != model_shapes.get(k))
     if different:
-        fail(f"error: --init-from {init_from} has another network ({len(different)} tensors differ, e.g. "
+        common.fail(f"--init-from {init_from} has another network ({len(different)} tensors differ, e.g. "
              f"{different[0]}: {source_shapes.get(different[0])} there, {model_shapes.get(different[0])} here)")
     split_path = os.path.join(init_from, "split.npz")
     leaked = np.setdiff1d(np.load(split_path)["labeled"], labeled_idx) if os.path.isfile(split_path) else None
     if leaked is None or leaked.size:
-        fail(f"error: --init-from {init_from}: " + ("no split.npz" if leaked is None else
+        common.fail(f"--init-from {init_from}: " + ("no split.npz" if leaked is None else
              f"{leaked.size} of its labeled train/ images are not labeled in this run; their labels would leak"))
 
 
-def save_checkpoint(path, state):
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
-
-
-if __name__ == "__main__":
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     # torchrun sets WORLD_SIZE / RANK / LOCAL_RANK; a plain `python` run is a world of one.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -490,7 +507,7 @@ if __name__ == "__main__":
     if world_size > 1:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     if args.batch_size % world_size:
-        fail(f"error: --batch-size {args.batch_size} is not divisible by the {world_size} processes")
+        common.fail(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes")
     is_main = rank == 0
     mixed = use_cuda and args.bf16 and torch.cuda.is_bf16_supported()
 
@@ -505,9 +522,9 @@ if __name__ == "__main__":
         labeled_idx, unlabeled_idx, valid_idx = make_split(train_folder.targets, num_classes, args.num_labeled,
                                                            args.num_unlabeled, args.num_valid, args.seed)
     except ValueError as error:
-        fail(f"error: {error}")
+        common.fail(f"{error}")
     if args.labeled_ratio < 1 and len(unlabeled_idx) == 0:
-        fail(f"error: no images of train/ are left for the unlabeled pool (--labeled-ratio {args.labeled_ratio} < 1)")
+        common.fail(f"no images of train/ are left for the unlabeled pool (--labeled-ratio {args.labeled_ratio} < 1)")
     steps_per_epoch = math.ceil((len(labeled_idx) + len(unlabeled_idx)) / args.batch_size)
     total_steps = args.total_steps or args.epochs * steps_per_epoch
     eval_every = args.eval_every or steps_per_epoch
@@ -529,10 +546,10 @@ if __name__ == "__main__":
         checkpoint, saved = read_checkpoint(run_dir, "--resume")
         mismatched = [k for k in MUST_MATCH_ON_RESUME if saved.get(k) != getattr(args, k)]
         if mismatched:
-            fail(f"error: --resume needs the run's own settings; these differ: {', '.join(mismatched)}")
+            common.fail(f"--resume needs the run's own settings; these differ: {', '.join(mismatched)}")
         saved_split = np.load(os.path.join(run_dir, "split.npz"))
         if not (np.array_equal(saved_split["labeled"], labeled_idx) and np.array_equal(saved_split["unlabeled"], unlabeled_idx)):
-            fail(f"error: train/ in {args.data_dir} no longer gives the split saved in {run_dir}")
+            common.fail(f"train/ in {args.data_dir} no longer gives the split saved in {run_dir}")
     else:
         dataset_name = os.path.basename(os.path.normpath(args.data_dir))
         run_dir = [os.path.join(args.runs_dir, args.run_name or f"{dataset_name}__{SCRIPT}__{args.seed}__{int(time.time())}")]
@@ -542,16 +559,15 @@ if __name__ == "__main__":
         failed = [None]
         if is_main:
             if os.path.exists(run_dir):
-                failed[0] = f"error: {run_dir} exists; choose another --run-name (or --resume it)"
+                failed[0] = f"run directory {run_dir} already exists: choose another --run-name, or continue it with --resume {run_dir}"
             else:
                 os.makedirs(run_dir)
-                with open(os.path.join(run_dir, "args.json"), "w") as f:
-                    json.dump(vars(args) | {"world_size": world_size}, f, indent=2)
+                common.write_json(os.path.join(run_dir, "args.json"), vars(args) | {"world_size": world_size})
                 np.savez(os.path.join(run_dir, "split.npz"), labeled=labeled_idx, unlabeled=unlabeled_idx, valid=valid_idx)
         if world_size > 1:
             dist.broadcast_object_list(failed, src=0)
         if failed[0]:
-            fail(failed[0])
+            common.fail(failed[0])
     writer = SummaryWriter(run_dir) if is_main else None
     if is_main:
         table = "\n".join(f"|{k}|{v}|" for k, v in sorted(vars(args).items()))
@@ -590,7 +606,7 @@ if __name__ == "__main__":
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None)
 
     sampler = LabeledRatioBatchSampler(labeled_idx, unlabeled_idx, args.batch_size, args.labeled_ratio, args.seed,
-                                       rank, world_size, start_step)
+                                       rank, world_size, start_step, replacement=args.pool_sampling == "with")
     loader_generator = torch.Generator().manual_seed(args.seed * 1_000_003 + rank * 1_009 + start_step)
     train_loader = torch.utils.data.DataLoader(SemiSupervisedView(train_folder), batch_sampler=sampler,
                                                num_workers=args.num_workers, pin_memory=use_cuda,
@@ -617,9 +633,9 @@ if __name__ == "__main__":
             print(f"step {step}: test top-1 error {metrics['test']['top1_error']:.2f}% top-5 "
                   f"{metrics['test']['top5_error']:.2f}%" + (f", valid top-1 {metrics['valid']['top1_error']:.2f}%"
                                                               if "valid" in metrics else ""), flush=True)
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
-                "model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "args": json.dumps(vars(args)), "best": json.dumps(best), "torch_rng": torch.get_rng_state()})
+            common.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
+                "script": "train_imagenet_mel.py", "model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": step, "args": vars(args), "best": json.dumps(best), "torch_rng": torch.get_rng_state()})
         return metrics
 
     model.train()
@@ -657,7 +673,7 @@ if __name__ == "__main__":
             running.zero_()
             steps_since_log = 0
             if not all(math.isfinite(v) for v in values):
-                fail(f"error: non-finite loss at step {step + 1}: {values}")
+                common.fail(f"non-finite loss at step {step + 1}: {values}")
             if is_main:
                 for name, value in zip(list(losses) + ["labeled_share"], values):
                     writer.add_scalar(("charts/" if name == "labeled_share" else "losses/") + name, value, step + 1)
@@ -693,8 +709,7 @@ if __name__ == "__main__":
                    "world_size": world_size, "max_param_diff_across_ranks": max_rank_diff,
                    "num_labeled": len(labeled_idx), "num_unlabeled": len(unlabeled_idx), "num_valid": len(valid_idx),
                    "num_test": len(val_folder), "args": vars(args)}
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        common.write_json(os.path.join(run_dir, "summary.json"), summary)
         writer.add_hparams({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
                            {"hparam/test_top1_error": summary["final_test_error"],
                             "hparam/test_top5_error": summary["final_test_top5_error"]}, run_name=".")
@@ -704,3 +719,7 @@ if __name__ == "__main__":
               f"ranks max |diff| {max_rank_diff}", flush=True)
     if world_size > 1:
         dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

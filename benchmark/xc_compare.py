@@ -25,15 +25,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_xc as xc  # noqa: E402
+import xc_tree  # noqa: E402
 
-COLOURS = {"adversarial": "tab:green", "uniform": "tab:blue", "frequency": "tab:purple", "nce": "tab:orange", "softmax": "tab:red"}
+COLOURS = {"adversarial": "tab:green", "adversarial-zero": "tab:olive", "uniform": "tab:blue", "frequency": "tab:purple",
+           "nce": "tab:orange", "nce-zero": "tab:brown", "softmax": "tab:red"}
+# train_xc.py flags of each compared configuration: the methods with the authors' starts (Glorot; the adversarial
+# biases at -mean log p_n), plus the adversarial biases started at zero and NCE started at zero weights and
+# biases at -log C (this project's earlier defaults)
+FLAGS = {**{method: ["--method", method] for method in xc.METHODS},
+         "adversarial-zero": ["--method", "adversarial", "--bias-init", "zero"],
+         "nce-zero": ["--method", "nce", "--init", "zero"]}
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--timing", action="store_true", help="measure tree fit / sampling times instead of comparing methods")
     parser.add_argument("--num-classes", type=int, default=2 ** 14, help="C of the comparison (issue: 2^14)")
-    parser.add_argument("--methods", nargs="+", default=list(xc.METHODS), choices=xc.METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(FLAGS), choices=list(FLAGS))
     parser.add_argument("--budget", type=float, default=60.0, help="seconds per method, tree fit included")
     parser.add_argument("--eval-every-seconds", type=float, default=4.0, help="evaluation cadence in training seconds")
     parser.add_argument("--eval-size", type=int, default=2000, help="held-out points per split")
@@ -66,7 +74,7 @@ def compare(args):
                     str(args.eval_every_seconds), "--log-every", "1000", "--clock", args.clock, "--threads", str(args.threads),
                     "--runs-dir", str(base)]
     if args.parallel > 1:  # concurrent runs, each fitting its own (identical, deterministic) tree; needs --clock process
-        commands = {method: command_base + ["--method", method, "--run-name", method] for method in args.methods}
+        commands = {method: command_base + FLAGS[method] + ["--run-name", method] for method in args.methods}
         for command in commands.values():
             print(" ".join(command[1:]), flush=True)
         with ThreadPoolExecutor(args.parallel) as pool:
@@ -76,9 +84,10 @@ def compare(args):
                     sys.exit(f"{method} failed:\n{result.stderr[-2000:]}")
     else:  # sequential: the tree is fitted once and reused; its fit time still counts for every method using it
         tree_path = None
-        for method in sorted(args.methods, key=lambda method: method not in ("adversarial", "nce")):
-            command = command_base + ["--method", method, "--run-name", method]
-            if method in ("adversarial", "nce") and tree_path is not None:
+        uses_tree = ("adversarial", "adversarial-zero", "nce", "nce-zero")
+        for method in sorted(args.methods, key=lambda method: method not in uses_tree):
+            command = command_base + FLAGS[method] + ["--run-name", method]
+            if method in uses_tree and tree_path is not None:
                 command += ["--aux-model", str(tree_path)]
             print(" ".join(command[1:]), flush=True)
             subprocess.run(command, check=True)
@@ -126,7 +135,7 @@ def write_report(args, base, results):
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    baselines = [method for method in results if method != "adversarial"]
+    baselines = [method for method in results if not method.startswith("adversarial")]
     target = max(results[method][0]["final_test_log_likelihood"] for method in baselines) if baselines else -math.inf
     any_summary = next(iter(results.values()))[0]
     lines = [f"Planted hierarchy, C = {args.num_classes}, K = 32, batch 1000, 10 negatives, budget {args.budget:g} s "
@@ -181,7 +190,7 @@ def timing(args):
         generator = torch.Generator().manual_seed(0)
         planted = xc.PlantedHierarchy(num_classes, 32, generator)
         x, y = planted.sample(args.timing_train_per_class * num_classes, generator)
-        tree = xc.fit_tree(x, y, num_classes, clock=clock)
+        tree = xc_tree.fit_tree(x, y, num_classes, clock=clock)
         xb, yb = planted.sample(1000, generator)
         z = tree.whiten(xb)
 

@@ -281,12 +281,12 @@ def test_bad_data_rejected_before_writing(image_folder, tmp_path):
     runs = tmp_path / "runs"
     missing = run_script(["--data-dir", str(tmp_path / "nowhere"), "--runs-dir", str(runs), *TINY_NET])
     assert missing.returncode != 0
-    assert missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere' / 'train'} is not a directory "
+    assert missing.stderr.strip().splitlines() == [f"train_imagenet_mel.py: error: {tmp_path / 'nowhere' / 'train'} is not a directory "
                                                    "(--data-dir needs ImageNet-style train/ and val/ folders)"]
     too_many = run_script(["--data-dir", image_folder, "--num-labeled", "49", "--num-unlabeled", "0",
                            "--labeled-ratio", "1", "--runs-dir", str(runs), *TINY_NET])
     assert too_many.returncode != 0
-    assert too_many.stderr.strip().splitlines() == ["error: --num-labeled 49 is more than the 48 images in train/"]
+    assert too_many.stderr.strip().splitlines() == ["train_imagenet_mel.py: error: --num-labeled 49 is more than the 48 images in train/"]
     assert not runs.exists()
 
 
@@ -406,7 +406,9 @@ def test_init_from_another_run_loads_its_weights(image_folder, tmp_path):
     assert target["step"] == 2 and warm_summary["steps"] == 2 and warm_summary["steps_this_run"] == 2
     weights = [k for k in source["model"] if k.endswith(".weight")]
     assert weights and all(torch.equal(source["model"][k], target["model"][k]) for k in weights)
-    cold = run_script([*common, "--lr", "1e-30", "--weight-decay", "0", "--total-steps", "2", "--run-name", "cold"])
+    # (the authors' main.py recipe end to end: slots with replacement, probability-weighted CAMs, NBEL on mean logits)
+    cold = run_script([*common, "--lr", "1e-30", "--weight-decay", "0", "--total-steps", "2", "--run-name", "cold",
+                       "--recipe", "code"])
     assert not torch.equal(torch.load(runs / "cold" / "checkpoint.pt", weights_only=True)["model"]["classifier.weight"],
                            source["model"]["classifier.weight"])
     assert cold.returncode == 0
@@ -432,12 +434,12 @@ def test_init_from_another_run_loads_its_weights(image_folder, tmp_path):
                                        (runs / "going", [], "has not finished"),
                                        (runs / "extending", [], "not the finished model"),
                                        (tmp_path / "nowhere", [], "no checkpoint.pt"),
-                                       (runs / "broken", [], "cannot read")):
+                                       (runs / "broken", [], "corrupt or unreadable")):
         bad = run_script([*common, "--total-steps", "2", "--run-name", "bad", "--init-from", str(source_dir), *extra])
         assert bad.returncode != 0 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
         assert not (runs / "bad").exists()
     resume_broken = run_script([*common, "--total-steps", "2", "--resume", str(runs / "broken")])
-    assert resume_broken.returncode != 0 and "cannot read" in resume_broken.stderr
+    assert resume_broken.returncode != 0 and "corrupt or unreadable" in resume_broken.stderr
     assert (runs / "broken" / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # nothing on disk touched
 
 
@@ -458,3 +460,35 @@ def test_torchrun_two_processes_gloo_identical_weights(image_folder, tmp_path):
     assert len(scalars["losses/total"]) == 3 and all(np.isfinite(scalars["losses/total"]))
     # All ranks' labeled slots are counted: the logged share is the global batch's.
     assert all(0 < v < 1 for v in scalars["charts/labeled_share"])
+
+
+def test_recipes_fill_the_flags_not_given():
+    """--recipe paper (default): the run behind the authors' table (final report, experiments.tex at 07a3918);
+    --recipe code: their main.py defaults. A flag on the command line wins over either."""
+    paper = mel.parse_args(["--data-dir", "x"])
+    assert (paper.arch, paper.batch_size, paper.epochs, paper.lr_step_epochs, paper.num_labeled, paper.num_unlabeled,
+            paper.labeled_ratio, paper.mel_weight, paper.pool_sampling, paper.loc_weighting,
+            paper.nbel_on_mean_logits) == ("densenet161", 52, 130, 20, 64000, 192000, 0.8, 0.8, "without", "max", False)
+    code = mel.parse_args(["--data-dir", "x", "--recipe", "code"])
+    assert (code.arch, code.batch_size, code.epochs, code.lr_step_epochs, code.num_labeled, code.num_unlabeled,
+            code.labeled_ratio, code.mel_weight, code.pool_sampling, code.loc_weighting,
+            code.nbel_on_mean_logits) == ("densenet161", 140, 130, 30, 50000, 150000, 0.25, 1.0, "with", "prob", True)
+    assert (code.nbel_weight, code.loc_weight, code.lr, paper.nbel_weight, paper.loc_weight) == (2.0, 0.01, 0.1, 2.0, 0.01)
+    mixed = mel.parse_args(["--data-dir", "x", "--recipe", "code", "--batch-size", "8", "--no-nbel-on-mean-logits"])
+    assert mixed.batch_size == 8 and mixed.nbel_on_mean_logits is False and mixed.labeled_ratio == 0.25
+
+
+def test_sampler_with_replacement_is_seeded_by_step_and_draws_from_the_right_pool():
+    labeled, unlabeled = np.arange(0, 6), np.arange(100, 400)
+    sampler = mel.LabeledRatioBatchSampler(labeled, unlabeled, 32, 0.5, seed=5, replacement=True)
+    batches = [b for _, b in zip(range(40), sampler.global_batches())]
+    for indices, mask in batches:
+        assert np.isin(indices[mask], labeled).all() and np.isin(indices[~mask], unlabeled).all()
+    drawn = np.concatenate([indices[mask] for indices, mask in batches])
+    assert len(drawn) > 6 * 10 and set(drawn.tolist()) == set(labeled.tolist())  # 6 images, drawn again and again
+    assert any(len(set(i[m].tolist())) < m.sum() for i, m in batches)  # repeats inside one batch: with replacement
+    resumed = mel.LabeledRatioBatchSampler(labeled, unlabeled, 32, 0.5, seed=5, start_step=17, replacement=True)
+    first = next(resumed.global_batches())
+    assert np.array_equal(first[0], batches[17][0]) and np.array_equal(first[1], batches[17][1])
+    other = next(mel.LabeledRatioBatchSampler(labeled, unlabeled, 32, 0.5, seed=6, replacement=True).global_batches())
+    assert not np.array_equal(other[0], batches[0][0])
