@@ -7,8 +7,14 @@ negatives come from an auxiliary probabilistic binary tree p_n(y|x) fitted to th
 prediction time: score_y = xi_y(x) + log p_n(y|x) (eq. 5). Baselines: uniform and frequency negatives, NCE with the
 tree as base distribution, and the full softmax (O(C K) per step).
 
+The auxiliary tree is in xc_tree.py; every default is matched to the authors' code (mandt-lab/
+adversarial-negative-sampling) file by file in docs/fidelity.md, with the deviations that remain.
+
     python train_xc.py --dataset planted --num-classes 16384 --method adversarial
-    python train_xc.py --dataset train.txt --test-data test.txt --method adversarial   # XC repository format
+    python train_xc.py --dataset trn_ft_mat_dense.txt --labels trn_lbl_mat.txt \
+        --test-data tst_ft_mat_dense.txt --test-labels tst_lbl_mat.txt            # the authors' XML-CNN files
+    python train_xc.py --dataset train.txt --test-data test.txt                    # XC repository one-file format
+    python train_xc.py --resume runs/<run> --total-steps 100000                    # continue or extend a run
 """
 import argparse
 import json
