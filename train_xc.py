@@ -94,7 +94,7 @@ def parse_args(argv=None):
     g.add_argument("--aux-model", default=None, help="reuse a tree saved by an earlier run (aux_tree.pt) instead of fitting one")
     g.add_argument("--pca-dim", type=int, default=16, help="k, whitened PCA dimension of the tree (paper Section 5), after standardising every feature (the authors' pca.ipynb)")
     g.add_argument("--tree-split", choices=("halves", "packed"), default="halves", help="labels of a node: two equal halves (paper Section 3; the authors' initial split, fit_aux_model.jl:161-162), or fill the left child first (this project's earlier layout)")
-    g.add_argument("--tree-reg", type=float, default=0.1, help="lambda_n of the node regulariser (paper Section 5), scaled by the number of real labels under the node as in the authors' code")
+    g.add_argument("--tree-reg", type=float, default=0.1, help="lambda_n (paper Section 5); the node prior is (lambda_n / 2) x (real labels under the node) x ||(w, b)||^2, as the authors' fit_aux_model.jl:128,134,294-298")
     g.add_argument("--tree-newton-steps", type=int, default=4, help="Newton steps per node between two re-splits")
     g.add_argument("--tree-max-rounds", type=int, default=4, help="cap on re-split rounds per level (the paper re-splits until no label changes side)")
     g = parser.add_argument_group("cadence")
