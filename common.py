@@ -254,7 +254,10 @@ def _xc_header(handle, path, names):
     tokens = line.split()
     if len(tokens) != len(names) or not all(token.isdigit() for token in tokens):
         raise DataError(f"{path}: line 1 must be '{' '.join(names)}' ({len(names)} whole numbers), got {line.strip()[:60]!r}")
-    return [int(token) for token in tokens]
+    sizes = [int(token) for token in tokens]
+    if "K" in names and sizes[0] * sizes[names.index("K")] > 2 ** 36:  # float32: 256 GiB
+        raise DataError(f"{path}: line 1 asks for a {sizes[0]} x {sizes[names.index('K')]} dense feature matrix (over 256 GiB)")
+    return sizes
 
 
 def _xc_sparse(tokens, row, path, lineno, size, what):

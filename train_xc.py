@@ -36,7 +36,7 @@ METHODS = ("adversarial", "uniform", "frequency", "nce", "softmax")
 # (learning rate, regulariser lambda of eq. 6) per --table1-column. Negative-sampling methods: paper Table 1 (the
 # Amazon-670K column is the default: there the uniform baseline got the larger learning rate, i.e. the stronger
 # baselines); softmax: Appendix A.2 (EURLex-4K) in both. All constant learning rates, as the authors' saved runs
-# (load_and_evaluate_model.py:15-16, lr_exponent 0.0).
+# (load_and_evaluate_model.py:38 and :81, lr_exponent 0.0).
 PAPER_DEFAULTS = {
     "amazon": {"adversarial": (0.01, 1e-3), "uniform": (0.01, 3e-4), "frequency": (0.003, 1e-5), "nce": (0.01, 1e-3),
                "softmax": (0.3, 3e-4)},
@@ -89,7 +89,7 @@ def parse_args(argv=None):
     g.add_argument("--bias-init", choices=("inverse-aux", "zero"), default="inverse-aux",
                    help="adversarial: start b_y at -mean log p_n(y|x) over y's training points, the authors' only saved "
                         "adversarial configuration (load_and_evaluate_model.py:35, initialize_to_inverse_aux); 'zero' "
-                        "keeps --init's. Other methods: --init's (the authors' initialize_to_inverse_aux is off for them)")
+                        "keeps --init's. Other methods keep --init's start (initialize_to_inverse_aux defaults to off, abstract_main_model.py:499)")
     g = parser.add_argument_group("auxiliary tree")
     g.add_argument("--aux-model", default=None, help="reuse a tree saved by an earlier run (aux_tree.pt) instead of fitting one")
     g.add_argument("--pca-dim", type=int, default=16, help="k, whitened PCA dimension of the tree (paper Section 5), after standardising every feature (the authors' pca.ipynb)")

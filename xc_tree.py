@@ -90,7 +90,7 @@ class ProbabilisticTree:
 def _pca_whitening(x, dim):
     """The authors' preprocessing of the tree's features (pca.ipynb, fit_pca / reduce_dim of
     mandt-lab/adversarial-negative-sampling): centre, divide every feature by its standard deviation (PCA of the
-    correlation matrix, in float64), keep the top `dim` components and whiten them to unit variance. Returns (mean,
+    correlation matrix, eigendecomposed in float64), keep the top `dim` components and whiten them to unit variance. Returns (mean,
     projection) with z = (x - mean) @ projection."""
     mean = x.mean(0)
     centred = x - mean

@@ -160,13 +160,15 @@ def claims(args):
             ref = reference
             if ref is None:  # "best": against the best other row by mean
                 others = [o for o in errors if o != stem and errors[o]]
+                if not others:
+                    continue
                 ref = min(others, key=lambda o: statistics.mean(errors[o].values()))
             seeds = sorted(set(errors[stem]) & set(errors[ref]))
             if len(seeds) < 2:
                 continue
             diffs = [errors[stem][seed] - errors[ref][seed] for seed in seeds]
             mean, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
-            z = sign * mean / se if se > 0 else math.copysign(math.inf, sign * mean)
+            z = sign * mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, sign * mean))
             verdict = "yes" if z >= 2 else ("yes, within noise" if z > 0 else ("no, within noise" if z > -2 else "no"))
             lines.append(f"| {claim} | {labels[stem]} − {labels[ref]} | {mean:+.2f} ± {se:.2f} | {z:+.1f} | {verdict} |")
     return ("\n".join(lines) + "\n\nDifference = this row's test error minus the reference's on the same seed (same "

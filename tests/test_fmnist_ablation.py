@@ -301,3 +301,13 @@ def test_runner_table_has_every_paper_row_and_aggregates_seeds(tmp_path):
     # oracle-3 (seeds 1, 2 only) against the best other row by mean, oracle-1: -0.5, +1.0 -> mean +0.25, s.e. 0.75
     assert lines["Oracle - 3 − Oracle - 1"].endswith("| +0.25 ± 0.75 | -0.3 | no, within noise |")
     assert "Threshold" not in text  # rows without runs are left out
+    # a row without a reference (only oracle-3 has runs) is left out instead of failing; equal runs are "within noise"
+    only = tmp_path / "only"
+    for seed, error in ((1, 15.0), (2, 16.0)):
+        (only / f"oracle-3__seed{seed}").mkdir(parents=True)
+        (only / f"oracle-3__seed{seed}" / "summary.json").write_text(json.dumps({"final_test_error": error}))
+    assert " − " not in runner.claims(type("Args", (), {"runs_dir": str(only), "seeds": [1, 2]})())
+    for seed in (1, 2):
+        (only / f"oracle-1__seed{seed}").mkdir()
+        (only / f"oracle-1__seed{seed}" / "summary.json").write_text(json.dumps({"final_test_error": 15.0 + seed - 1}))
+    assert "| +0.00 ± 0.00 | +0.0 | no, within noise |" in runner.claims(type("Args", (), {"runs_dir": str(only), "seeds": [1, 2]})())

@@ -468,14 +468,16 @@ def test_recipes_fill_the_flags_not_given():
     paper = mel.parse_args(["--data-dir", "x"])
     assert (paper.arch, paper.batch_size, paper.epochs, paper.lr_step_epochs, paper.num_labeled, paper.num_unlabeled,
             paper.labeled_ratio, paper.mel_weight, paper.pool_sampling, paper.loc_weighting,
-            paper.nbel_on_mean_logits) == ("densenet161", 52, 130, 20, 64000, 192000, 0.8, 0.8, "without", "max", False)
+            paper.nbel_on_mean_logits) == ("densenet161", 52, 130, 20, 64000, 192000, 0.8, 0.8, "with", "prob", True)
     code = mel.parse_args(["--data-dir", "x", "--recipe", "code"])
     assert (code.arch, code.batch_size, code.epochs, code.lr_step_epochs, code.num_labeled, code.num_unlabeled,
             code.labeled_ratio, code.mel_weight, code.pool_sampling, code.loc_weighting,
             code.nbel_on_mean_logits) == ("densenet161", 140, 130, 30, 50000, 150000, 0.25, 1.0, "with", "prob", True)
     assert (code.nbel_weight, code.loc_weight, code.lr, paper.nbel_weight, paper.loc_weight) == (2.0, 0.01, 0.1, 2.0, 0.01)
-    mixed = mel.parse_args(["--data-dir", "x", "--recipe", "code", "--batch-size", "8", "--no-nbel-on-mean-logits"])
-    assert mixed.batch_size == 8 and mixed.nbel_on_mean_logits is False and mixed.labeled_ratio == 0.25
+    mixed = mel.parse_args(["--data-dir", "x", "--recipe", "code", "--batch-size", "8", "--no-nbel-on-mean-logits",
+                            "--pool-sampling", "without", "--loc-weighting", "max"])
+    assert (mixed.batch_size, mixed.nbel_on_mean_logits, mixed.pool_sampling, mixed.loc_weighting,
+            mixed.labeled_ratio) == (8, False, "without", "max", 0.25)
 
 
 def test_sampler_with_replacement_is_seeded_by_step_and_draws_from_the_right_pool():

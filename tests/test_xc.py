@@ -250,6 +250,8 @@ def test_feature_and_label_matrix_readers(tmp_path, dense):
     ("read_xc_features", "1 2\n1 a\n", "line 2: not 2 numbers"),
     ("read_xc_features", "1 2\n1 2\n3 4\n", "more than N = 1 data lines"),
     ("read_xc_features", "1 2 3\n1 2\n", "line 1 must be 'N K'"),
+    ("read_xc_features", "100000000 100000\n", "dense feature matrix (over 256 GiB)"),
+    ("read_xc_repository", "100000000 100000 5\n", "dense feature matrix (over 256 GiB)"),
     ("read_xc_labels", "1 4\n0:1 5:1\n", "line 2: label 5 outside 0..3"),
     ("read_xc_labels", "1 4\n2\n", "line 2: expected 'label:value'"),
 ])
