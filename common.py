@@ -526,6 +526,20 @@ def augmentation_defaults(dataset_name):
 
 
 # ------------------------------------------------------------------------------------------- run plumbing (shared)
+def add_device_args(group, exact_fp32="Evaluation always runs in exact fp32"):
+    """The device flags every WRN script shares: --cuda, --torch-deterministic, --bf16, --channels-last (resolved by
+    precision() and seed_everything())."""
+    group.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
+    group.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
+                       help="deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, no "
+                            "benchmark): bit-reproducible on the same machine and software, slower on GPU")
+    group.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                       help="bf16 autocast for training forward passes (default: on for CUDA, off on CPU; --bf16 forces "
+                            f"it on the CPU too). {exact_fp32}")
+    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="channels_last memory format (default: on for CUDA, off on CPU)")
+
+
 def create_run_dir(runs_dir, run_name):
     """Make a fresh run directory; an existing one is never reused or overwritten."""
     run_dir = os.path.join(runs_dir, run_name)

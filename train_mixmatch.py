@@ -49,7 +49,6 @@ class-balanced draw by seed (official: its own sampler; STL-10 official folds); 
 images; on CUDA the training passes run under bf16 autocast by default (the official code is fp32 throughout;
 --no-bf16 restores exact fp32, TF32 off), evaluation is always exact fp32.
 """
-import argparse
 import contextlib
 import copy
 import math
@@ -91,15 +90,7 @@ def parse_args(argv=None):
     g.add_argument("--runs-dir", default="runs", help="where run directories are created")
     g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__<script>__<seed>__<time>)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
-    g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
-    g.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
-                   help="deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, no benchmark): "
-                        "bit-reproducible on the same machine and software, slower on GPU")
-    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for training forward passes (default: on for CUDA, off on CPU; --bf16 forces it "
-                        "on the CPU too). Evaluation always runs in exact fp32")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory format (default: on for CUDA, off on CPU)")
+    common.add_device_args(g)
     g.add_argument("--eval-every", type=int, default=1024, help="steps between evaluations (official: 64 kimg)")
     g.add_argument("--log-every", type=int, default=100, help="steps between logged scalars")
     g = parser.add_argument_group("data")

@@ -33,7 +33,6 @@ Deviations and choices (also in the README):
   NS3L and Pseudo-Label use the clean unlabeled predictions (NS3L paper 4.3). VAT, NS3L and Pseudo-Label weights are
   ramped by exp(-5 (1 - t)^2); the entropy penalty is not.
 """
-import argparse
 import contextlib
 import math
 import os
@@ -60,15 +59,7 @@ def parse_args(argv=None):
     g.add_argument("--runs-dir", default="runs", help="where run directories are created")
     g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__<script>__<seed>__<time>)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
-    g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
-    g.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
-                   help="deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, no benchmark): "
-                        "bit-reproducible on the same machine and software, slower on GPU")
-    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for training forward passes (default: on for CUDA, off on CPU; --bf16 forces it "
-                        "on the CPU too). Evaluation and VAT's r search always run in exact fp32")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory format (default: on for CUDA, off on CPU)")
+    common.add_device_args(g, exact_fp32="Evaluation and VAT's r search always run in exact fp32")
     g.add_argument("--eval-every", type=int, default=5000, help="steps between evaluations and checkpoints")
     g.add_argument("--log-every", type=int, default=100, help="steps between logged scalars")
     g = parser.add_argument_group("data")
