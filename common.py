@@ -527,8 +527,8 @@ def augmentation_defaults(dataset_name):
 
 # ------------------------------------------------------------------------------------------- run plumbing (shared)
 def add_device_args(group, exact_fp32="Evaluation always runs in exact fp32"):
-    """The device flags every WRN script shares: --cuda, --torch-deterministic, --bf16, --channels-last (resolved by
-    precision() and seed_everything())."""
+    """The device flags every WRN script shares: --cuda, --torch-deterministic, --bf16, --channels-last, --compile
+    (resolved by precision(), compile_model() and seed_everything())."""
     group.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
     group.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
                        help="deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, no "
@@ -537,7 +537,87 @@ def add_device_args(group, exact_fp32="Evaluation always runs in exact fp32"):
                        help="bf16 autocast for training forward passes (default: on for CUDA, off on CPU; --bf16 forces "
                             f"it on the CPU too). {exact_fp32}")
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                       help="channels_last memory format (default: on for CUDA, off on CPU)")
+                       help="channels_last memory format (default: the faster format of the device, FASTER_FORMAT: "
+                            "channels_last on CUDA and on the CPU)")
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the model for the training passes (default: on for CUDA, off on the CPU, "
+                            "where compiling takes about a minute); the first step, which compiles, is timed apart and "
+                            "left out of SPS. Evaluation and checkpoints use the uncompiled module")
+
+
+# The memory format of a device when --channels-last is not given: the faster one, measured on the training step
+# (docs/benchmarks.md, "Memory format"). CPU: the WRN-28-2 forward + backward is 11-17 % faster in channels_last
+# (2-core AVX2, oneDNN). CUDA: channels_last is what cuDNN's tensor-core convolutions want under bf16 autocast.
+FASTER_FORMAT = {"cuda": True, "cpu": True}
+
+
+def compile_model(model, args, device):
+    """The module the training passes call: torch.compile(model) with --compile (default on CUDA), else the model.
+
+    The compiled module shares its parameters and buffers with ``model``, so the optimiser, the EMA, evaluation
+    (which calls ``model`` itself, eagerly) and ``model.state_dict()`` see one set of weights and checkpoints hold
+    no compiler wrapper. Every variant of a pass (training mode, BatchNorm updates on or off via wrn.no_bn_update,
+    autocast on or off, an input that needs a gradient) is a guard on the compiled code: each gets its own graph
+    the first time it runs, i.e. within the first training step. ``dynamic=False``: every batch shape of a run is
+    fixed, so static shapes give the fastest kernels."""
+    enabled = device.type == "cuda" if args.compile is None else args.compile
+    if not enabled:
+        return model
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)  # passes x shapes
+    return torch.compile(model, dynamic=False)
+
+
+class TrainClock:
+    """Training time and steps per second of a run, across --resume legs.
+
+    ``start()`` / ``pause()`` bracket training (evaluation and checkpoints are outside); ``step()`` counts a timed step,
+    except the first step of a leg whose model is compiled: its time (compilation included) is printed once as
+    compile_seconds and left out of both the time and the step count, so SPS and ETA are the compiled speed. ``lap()`` gives the steps per second since the previous lap over training time only: its step
+    count and its time run over the same steps, also when an evaluation falls inside the interval. CUDA is
+    synchronised only at these calls, never per step."""
+
+    def __init__(self, device, seconds=0.0, steps=0):
+        self.device, self.seconds, self.steps = device, float(seconds), int(steps)  # totals, checkpointed
+        self.compile_seconds = None
+        self._lap_seconds, self._lap_steps, self._started = 0.0, 0, None
+
+    def _now(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def start(self):
+        self._started = self._now()
+
+    def pause(self):
+        elapsed = self._now() - self._started
+        self.seconds += elapsed
+        self._lap_seconds += elapsed
+        self._started = None
+
+    def step(self, compiled=False):
+        """One training step done. ``compiled``: the model is compiled, so the first step of this leg compiled it;
+        that step's time is printed once (compile_seconds) and left out of the time and the step count."""
+        if compiled and self.compile_seconds is None:
+            self.compile_seconds = self._now() - self._started
+            print(f"compile: the first step took {self.compile_seconds:.1f} s with compilation (not in SPS)", flush=True)
+            self._started = self._now()
+            return
+        self.steps += 1
+        self._lap_steps += 1
+
+    def lap(self):
+        """Steps per second since the previous lap (training time only); starts the next lap."""
+        now = self._now()
+        self._lap_seconds += now - self._started
+        self.seconds += now - self._started
+        self._started = now
+        sps = self._lap_steps / self._lap_seconds if self._lap_seconds > 0 else float("nan")
+        self._lap_seconds, self._lap_steps = 0.0, 0
+        return sps
+
+    def steps_per_second(self):
+        return self.steps / self.seconds if self.seconds > 0 and self.steps else None
 
 
 def create_run_dir(runs_dir, run_name):
@@ -594,9 +674,9 @@ def load_checkpoint(run_dir, script, flag="--resume"):
     return checkpoint
 
 
-def resume_args(args, checkpoint, argv, overrides=("total_steps", "cuda"), legacy=True):
+def resume_args(args, checkpoint, argv, overrides=("total_steps", "cuda", "compile"), legacy=True):
     """The resumed run keeps its saved arguments; only the ``overrides`` given on this command line (--total-steps
-    to extend a run, the device flag) replace them. ``legacy``: give the arguments of a WRN-script run saved before
+    to extend a run, the device flags --cuda and --compile) replace them. ``legacy``: give the arguments of a WRN-script run saved before
     the fidelity review their old meaning (legacy_args)."""
     saved = argparse.Namespace(**checkpoint["args"])
     if legacy and "channels_last" not in vars(saved):  # a run started before these flags existed keeps the meaning it had
@@ -609,7 +689,7 @@ def resume_args(args, checkpoint, argv, overrides=("total_steps", "cuda"), legac
         if name not in vars(saved):
             setattr(saved, name, value)
     for name in overrides:
-        flags = ["--" + name.replace("_", "-")] + (["--no-" + name.replace("_", "-")] if name == "cuda" else [])
+        flags = ["--" + name.replace("_", "-")] + (["--no-" + name] if name in ("cuda", "compile") else [])
         if any(a == flag or a.startswith(flag + "=") for a in argv for flag in flags):
             setattr(saved, name, getattr(args, name))
     saved.resume = args.resume
@@ -665,12 +745,13 @@ def seed_everything(seed, deterministic):
 
 
 def precision(args, device):
-    """(autocast context, memory format) of a run. ``--bf16`` / ``--channels-last`` left unset mean: on for CUDA,
-    off for the CPU; set explicitly they apply on either device, so the CPU test suite runs the CUDA code paths.
+    """(autocast context, memory format) of a run. ``--bf16`` left unset means on for CUDA, off for the CPU (bf16 is
+    slower than fp32 on CPUs without AVX-512 BF16); ``--channels-last`` left unset takes the device's faster format
+    (FASTER_FORMAT). Set explicitly, both apply on either device, so the CPU test suite runs the CUDA code paths.
     ``--no-bf16`` on CUDA means the original code's arithmetic: fp32 with TF32 off for the whole run (PyTorch lets
     cuDNN convolutions use TF32 by default on Ampere / Hopper; TF 1, which the original code ran on, had no TF32)."""
     use_bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
-    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    channels_last = FASTER_FORMAT.get(device.type, False) if args.channels_last is None else args.channels_last
     if not use_bf16 and device.type == "cuda":
         set_tf32("ieee", "ieee")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -724,16 +805,16 @@ def error_rate(model, images, labels, normalize, batch_size=1000, memory_format=
     return 100.0 * wrong.item() / len(images)
 
 
-def log_interval(writer, sums, step, steps_in_interval, seconds, lr, ramp, total_steps):
-    """Protocol A logging: the interval means of the summed scalars, learning rate, ramp and SPS (training time only)
-    to TensorBoard, and one printed line with the ETA."""
-    sps = steps_in_interval / max(seconds, 1e-9)
+def log_interval(writer, sums, step, steps_in_interval, sps, lr, ramp, total_steps):
+    """Protocol A logging: the interval means of the summed scalars, learning rate, ramp and SPS (``sps``: training
+    steps per second from TrainClock.lap) to TensorBoard, and one printed line with the ETA."""
     for name, total in sums.items():
         writer.add_scalar(name, total.item() / steps_in_interval, step)
     writer.add_scalar("charts/learning_rate", lr, step)
     writer.add_scalar("charts/unlabeled_weight_ramp", ramp, step)
-    writer.add_scalar("charts/SPS", sps, step)
-    eta = (total_steps - step) / max(sps, 1e-9)
+    if sps == sps:  # nan when the interval held only the compiling step
+        writer.add_scalar("charts/SPS", sps, step)
+    eta = (total_steps - step) / sps if sps > 0 else float("nan")
     print(f"step {step}/{total_steps} loss {sums['losses/total'].item() / steps_in_interval:.4f} "
           f"lr {lr:.2e} SPS {sps:.1f} ETA {eta / 60:.1f} min", flush=True)
 
@@ -755,12 +836,13 @@ def evaluate_and_log(writer, step, model, data, split, normalize, memory_format,
     return valid_error, test_error, best_valid, test_at_best
 
 
-def finish_run(writer, run_dir, args, steps_run, train_time, valid_error, test_error, best_valid, test_at_best):
-    """Protocol A end of run: summary.json (STYLE.md keys; steps_per_second over training time only), the hparams
-    entry in TensorBoard, one printed line."""
-    summary = {"steps": args.total_steps, "steps_per_second": (args.total_steps / train_time) if train_time else None,
-               "final_valid_error": valid_error, "final_test_error": test_error, "best_valid_error": best_valid,
-               "test_error_at_best_valid": test_at_best, "train_seconds": train_time, "args": vars(args)}
+def finish_run(writer, run_dir, args, steps_run, clock, valid_error, test_error, best_valid, test_at_best):
+    """Protocol A end of run: summary.json (STYLE.md keys; steps_per_second over training time only, from the
+    TrainClock), the hparams entry in TensorBoard, one printed line."""
+    summary = {"steps": args.total_steps, "steps_per_second": clock.steps_per_second(),
+               "compile_seconds": clock.compile_seconds, "final_valid_error": valid_error,
+               "final_test_error": test_error, "best_valid_error": best_valid, "test_error_at_best_valid": test_at_best,
+               "train_seconds": clock.seconds, "args": vars(args)}
     write_json(os.path.join(run_dir, "summary.json"), summary)
     writer.add_hparams({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
                        {"hparam/test_error_at_best_valid": test_at_best, "hparam/best_valid_error": best_valid},

@@ -55,7 +55,6 @@ import math
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn as nn
@@ -344,7 +343,8 @@ def main():
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)  # default betas, constant LR (official)
     labeled_batches = common.BatchSampler(split.labeled.to(device), args.batch_size)
     unlabeled_batches = common.BatchSampler(split.unlabeled.to(device), args.batch_size)
-    start_step, best_valid, test_at_best, train_time, evaluations = 0, float("inf"), float("nan"), 0.0, []
+    start_step, best_valid, test_at_best, evaluations = 0, float("inf"), float("nan"), []
+    clock = common.TrainClock(device)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         ema_model.load_state_dict(checkpoint["ema_model"])
@@ -353,7 +353,7 @@ def main():
         unlabeled_batches.load_state_dict(checkpoint["unlabeled_sampler"])
         common.set_rng_state(checkpoint["rng"])
         start_step, best_valid, test_at_best = checkpoint["step"], checkpoint["best_valid"], checkpoint["test_at_best"]
-        train_time = checkpoint["train_time"]
+        clock = common.TrainClock(device, checkpoint["train_time"], checkpoint.get("timed_steps", start_step))
         if "evaluations" in checkpoint:
             evaluations = [tuple(e) for e in checkpoint["evaluations"]]
         else:  # an older checkpoint kept only the errors, one per --eval-every steps, the last one at its step
@@ -369,17 +369,19 @@ def main():
         sums[name] = sums.get(name, 0.0) + value.detach().float()
 
     valid_error = test_error = raw_test_error = float("nan")
+    net = common.compile_model(model, args, device)  # the training passes; evaluation and checkpoints use model
     model.train()
-    tick, last_log_step = time.perf_counter(), start_step
+    last_log_step = start_step
+    clock.start()
     for step in range(start_step, args.total_steps):
         # ALGO LOGIC: guess labels on K views, mixup all rows, interleaved forward, losses, Adam, decay, EMA
         labeled_idx, unlabeled_idx = next(labeled_batches), next(unlabeled_batches)
         x, y = batch(labeled_idx), data.y_train[labeled_idx]
         views = [batch(unlabeled_idx) for _ in range(args.k_augment)]
-        guessed = guess_labels(model, views, args.temperature, amp)
+        guessed = guess_labels(net, views, args.temperature, amp)
         targets = torch.cat([F.one_hot(y, data.num_classes).float()] + [guessed] * args.k_augment)
         mixed_inputs, mixed_targets, lam, _ = mixup(torch.cat([x] + views), targets, args.alpha)
-        logits = torch.cat(interleaved_forward(model, list(mixed_inputs.split(len(x))), amp, memory_format))
+        logits = torch.cat(interleaved_forward(net, list(mixed_inputs.split(len(x))), amp, memory_format))
         n = len(x)
         loss_xe, loss_l2u = mixmatch_losses(logits[:n], mixed_targets[:n], logits[n:], mixed_targets[n:])
         lambda_u = args.lambda_u * linear_rampup(step, args.rampup_steps)
@@ -398,6 +400,7 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        clock.step(compiled=net is not model)  # a compiled leg's first step compiles: timed apart
         decoupled_weight_decay_(model, args.weight_decay * args.lr)
         ema_update_(ema_model, model, args.ema_decay)
         hidden = data.y_train[unlabeled_idx]  # hidden labels: diagnostics only, never in a loss
@@ -412,25 +415,20 @@ def main():
         done = step + 1
         # LOGGING: means since the last log; SPS over training time only
         if done % args.log_every == 0 or done == args.total_steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            train_time += now - tick
-            sps = (done - last_log_step) / max(now - tick, 1e-9)
+            sps = clock.lap()
             for name, total in sums.items():
                 writer.add_scalar(name, total.item() / (done - last_log_step), done)
             writer.add_scalar("charts/learning_rate", args.lr, done)
             writer.add_scalar("charts/lambda_u", lambda_u, done)
-            writer.add_scalar("charts/SPS", sps, done)
-            eta = (args.total_steps - done) / max(sps, 1e-9)
+            if sps == sps:  # nan when the interval held only the compiling step
+                writer.add_scalar("charts/SPS", sps, done)
+            eta = (args.total_steps - done) / sps if sps > 0 else float("nan")
             print(f"step {done}/{args.total_steps} loss {sums['losses/total'].item() / (done - last_log_step):.4f} "
                   f"lambda_u {lambda_u:.2f} SPS {sps:.1f} ETA {eta / 60:.1f} min", flush=True)
-            sums, last_log_step, tick = {}, done, time.perf_counter()
+            sums, last_log_step = {}, done
         # EVAL: the EMA model (official classify_op); the reported number is the median of the last 20 test errors
         if done % args.eval_every == 0 or done == args.total_steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            train_time += time.perf_counter() - tick
+            clock.pause()
             valid_x, valid_y = data.x_train[split.valid.to(device)], data.y_train[split.valid.to(device)]
             # fp32 evaluation (common.error_rate), as the official graph (float32 placeholders, mixmatch.py:54)
             valid_error = common.error_rate(ema_model, valid_x, valid_y, normalize, memory_format=memory_format) \
@@ -454,16 +452,17 @@ def main():
                 "ema_model": ema_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "labeled_sampler": labeled_batches.state_dict(), "unlabeled_sampler": unlabeled_batches.state_dict(),
                 "rng": common.rng_state(), "best_valid": best_valid, "test_at_best": test_at_best,
-                "train_time": train_time, "evaluations": evaluations})
-            tick = time.perf_counter()
+                "train_time": clock.seconds, "timed_steps": clock.steps, "evaluations": evaluations})
+            clock.start()
 
     test_errors = grid_test_errors(evaluations, args.eval_every, args.total_steps)
     median20 = statistics.median(test_errors[-20:]) if test_errors else float("nan")
-    summary = {"steps": args.total_steps, "steps_per_second": (args.total_steps / train_time) if train_time else None,
+    summary = {"steps": args.total_steps, "steps_per_second": clock.steps_per_second(),
+               "compile_seconds": clock.compile_seconds,
                "median_last20_test_error": median20, "final_valid_error": valid_error,
                "final_test_error": test_error, "final_test_error_raw": raw_test_error,
                "best_valid_error": best_valid if best_valid != float("inf") else float("nan"),
-               "test_error_at_best_valid": test_at_best, "train_seconds": train_time, "args": vars(args)}
+               "test_error_at_best_valid": test_at_best, "train_seconds": clock.seconds, "args": vars(args)}
     common.write_json(os.path.join(run_dir, "summary.json"), summary)
     writer.add_hparams({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
                        {"hparam/median_last20_test_error": median20, "hparam/test_error_at_best_valid": test_at_best},

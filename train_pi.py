@@ -30,7 +30,6 @@ Deviations and choices (also in docs/pi.md):
 import math
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -186,7 +185,8 @@ def main():
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)  # default betas, no weight decay (Oliver et al.)
     labeled_batches = common.BatchSampler(split.labeled.to(device), args.batch_size)
     unlabeled_batches = common.BatchSampler(split.unlabeled.to(device), args.unlabeled_batch_size)
-    start_step, best_valid, test_at_best, train_time = 0, float("inf"), float("nan"), 0.0
+    start_step, best_valid, test_at_best = 0, float("inf"), float("nan")
+    clock = common.TrainClock(device)  # training time and steps, without evaluation (and compilation)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -194,7 +194,7 @@ def main():
         unlabeled_batches.load_state_dict(checkpoint["unlabeled_sampler"])
         common.set_rng_state(checkpoint["rng"])
         start_step, best_valid, test_at_best = checkpoint["step"], checkpoint["best_valid"], checkpoint["test_at_best"]
-        train_time = checkpoint["train_time"]
+        clock = common.TrainClock(device, checkpoint["train_time"], checkpoint.get("timed_steps", start_step))
         print(f"resumed {run_dir} at step {start_step}")
 
     def view(images):  # normalised uint8 images -> one stochastic view (fresh flip / shift / noise per sample)
@@ -205,8 +205,10 @@ def main():
         sums[name] = sums.get(name, 0.0) + value.detach().float()
 
     valid_error = test_error = float("nan")
+    net = common.compile_model(model, args, device)  # the training passes; evaluation and checkpoints use model
     model.train()
-    tick, last_log_step = time.perf_counter(), start_step
+    last_log_step = start_step
+    clock.start()
     for step in range(start_step, args.total_steps):
         # ALGO LOGIC: Adam with one step decay (x0.2 at 130k) and the ramped unlabeled weights
         lr = args.lr * (args.lr_decay_factor if step >= args.lr_decay_step else 1.0)
@@ -219,8 +221,8 @@ def main():
         # Two stochastic passes of the same images: each draws its own augmentation, as Oliver et al.'s augmentation
         # inside every forward pass does. The first updates BN statistics and is trained; the second is the target.
         with amp:
-            logits = model(view(images)).float()
-            target_logits = target_pass(model, view(images))
+            logits = net(view(images)).float()
+            target_logits = target_pass(net, view(images))
         logits_l, logits_u, target_u = logits[: len(y)], logits[len(y):], target_logits[len(y):]
         loss_sup = F.cross_entropy(logits_l, y)
         loss_pi = consistency_loss(logits_u, target_u)
@@ -241,32 +243,28 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        clock.step(compiled=net is not model)  # a compiled leg's first step compiles: timed apart
 
         done = step + 1
         # LOGGING: means since the last log; SPS over training time only
         if done % args.log_every == 0 or done == args.total_steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            train_time += now - tick
-            common.log_interval(writer, sums, done, done - last_log_step, now - tick, lr, ramp, args.total_steps)
-            sums, last_log_step, tick = {}, done, time.perf_counter()
+            common.log_interval(writer, sums, done, done - last_log_step, clock.lap(), lr, ramp, args.total_steps)
+            sums, last_log_step = {}, done
         # EVAL: validation and test error; test error at the best validation error is the reported number
         if done % args.eval_every == 0 or done == args.total_steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            train_time += time.perf_counter() - tick
+            clock.pause()
             valid_error, test_error, best_valid, test_at_best = common.evaluate_and_log(
                 writer, done, model, data, split, normalize, memory_format, best_valid, test_at_best)
             common.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
                 "script": SCRIPT, "args": vars(args), "step": done, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "labeled_sampler": labeled_batches.state_dict(),
                 "unlabeled_sampler": unlabeled_batches.state_dict(), "rng": common.rng_state(),
-                "best_valid": best_valid, "test_at_best": test_at_best, "train_time": train_time})
-            tick = time.perf_counter()
+                "best_valid": best_valid, "test_at_best": test_at_best,
+                "train_time": clock.seconds, "timed_steps": clock.steps})
+            clock.start()
 
-    common.finish_run(writer, run_dir, args, args.total_steps - start_step, train_time, valid_error, test_error,
-                      best_valid, test_at_best)
+    common.finish_run(writer, run_dir, args, args.total_steps - start_step, clock, valid_error, test_error, best_valid,
+                      test_at_best)
 
 
 if __name__ == "__main__":

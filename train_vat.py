@@ -37,7 +37,6 @@ import contextlib
 import math
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -281,7 +280,8 @@ def main():
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)  # default betas, no weight decay (Oliver et al.)
     labeled_batches = common.BatchSampler(split.labeled.to(device), args.batch_size)
     unlabeled_batches = common.BatchSampler(split.unlabeled.to(device), args.unlabeled_batch_size)
-    start_step, best_valid, test_at_best, train_time = 0, float("inf"), float("nan"), 0.0
+    start_step, best_valid, test_at_best = 0, float("inf"), float("nan")
+    clock = common.TrainClock(device)  # training time and steps, without evaluation (and compilation)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -289,7 +289,7 @@ def main():
         unlabeled_batches.load_state_dict(checkpoint["unlabeled_sampler"])
         common.set_rng_state(checkpoint["rng"])
         start_step, best_valid, test_at_best = checkpoint["step"], checkpoint["best_valid"], checkpoint["test_at_best"]
-        train_time = checkpoint["train_time"]
+        clock = common.TrainClock(device, checkpoint["train_time"], checkpoint.get("timed_steps", start_step))
         print(f"resumed {run_dir} at step {start_step}")
 
     def augment(x):  # fresh flip / translation / noise per sample and per pass, as inside Oliver et al.'s network
@@ -300,8 +300,10 @@ def main():
         sums[name] = sums.get(name, 0.0) + value.detach().float()
 
     valid_error = test_error = float("nan")
+    net = common.compile_model(model, args, device)  # the training passes; evaluation and checkpoints use model
     model.train()
-    tick, last_log_step = time.perf_counter(), start_step
+    last_log_step = start_step
+    clock.start()
     for step in range(start_step, args.total_steps):
         # ALGO LOGIC: Adam with one step decay (x0.2 at 130k) and the ramped unlabeled weights
         lr = args.lr * (args.lr_decay_factor if step >= args.lr_decay_step else 1.0)
@@ -314,13 +316,13 @@ def main():
         images = normalize(data.x_train[torch.cat([labeled_idx, unlabeled_idx])])  # before augmentation
         clean_input = augment(images)
         with amp:
-            logits = model(clean_input)  # clean pass over [labeled; unlabeled]; the only BN-updating one
+            logits = net(clean_input)  # clean pass over [labeled; unlabeled]; the only BN-updating one
         low_precision = logits.dtype != torch.float32  # bf16: the r search recomputes p(x) in fp32 on clean_input
         logits = logits.float()
         logits_l, logits_u = logits[: len(y)], logits[len(y):]
         loss_sup = F.cross_entropy(logits_l, y)
         # VAT on the whole batch, as Oliver et al. (same batch statistics as the clean pass); loss on unlabeled rows
-        kl, logits_adv, r_adv = vat_loss(model, images, logits, args.vat_eps, args.vat_xi, args.vat_iterations,
+        kl, logits_adv, r_adv = vat_loss(net, images, logits, args.vat_eps, args.vat_xi, args.vat_iterations,
                                          autocast=amp, augment=augment, direction=args.vat_kl,
                                          clean_input=clean_input if low_precision else None)
         loss_vat = kl[len(y):].mean()
@@ -352,32 +354,28 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        clock.step(compiled=net is not model)  # a compiled leg's first step compiles: timed apart
 
         done = step + 1
         # LOGGING: means since the last log; SPS over training time only
         if done % args.log_every == 0 or done == args.total_steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            train_time += now - tick
-            common.log_interval(writer, sums, done, done - last_log_step, now - tick, lr, ramp, args.total_steps)
-            sums, last_log_step, tick = {}, done, time.perf_counter()
+            common.log_interval(writer, sums, done, done - last_log_step, clock.lap(), lr, ramp, args.total_steps)
+            sums, last_log_step = {}, done
         # EVAL: validation and test error; test error at the best validation error is the reported number
         if done % args.eval_every == 0 or done == args.total_steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            train_time += time.perf_counter() - tick
+            clock.pause()
             valid_error, test_error, best_valid, test_at_best = common.evaluate_and_log(
                 writer, done, model, data, split, normalize, memory_format, best_valid, test_at_best)
             common.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
                 "script": SCRIPT, "args": vars(args), "step": done, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "labeled_sampler": labeled_batches.state_dict(),
                 "unlabeled_sampler": unlabeled_batches.state_dict(), "rng": common.rng_state(),
-                "best_valid": best_valid, "test_at_best": test_at_best, "train_time": train_time})
-            tick = time.perf_counter()
+                "best_valid": best_valid, "test_at_best": test_at_best,
+                "train_time": clock.seconds, "timed_steps": clock.steps})
+            clock.start()
 
-    common.finish_run(writer, run_dir, args, args.total_steps - start_step, train_time, valid_error, test_error,
-                      best_valid, test_at_best)
+    common.finish_run(writer, run_dir, args, args.total_steps - start_step, clock, valid_error, test_error, best_valid,
+                      test_at_best)
 
 
 if __name__ == "__main__":
