@@ -808,14 +808,15 @@ def error_rate(model, images, labels, normalize, batch_size=1000, memory_format=
 def log_interval(writer, sums, step, steps_in_interval, sps, lr, ramp, total_steps):
     """Protocol A logging: the interval means of the summed scalars, learning rate, ramp and SPS (``sps``: training
     steps per second from TrainClock.lap) to TensorBoard, and one printed line with the ETA."""
-    for name, total in sums.items():
-        writer.add_scalar(name, total.item() / steps_in_interval, step)
+    means = dict(zip(sums, (torch.stack(list(sums.values())) / steps_in_interval).tolist()))  # one device sync
+    for name, mean in means.items():
+        writer.add_scalar(name, mean, step)
     writer.add_scalar("charts/learning_rate", lr, step)
     writer.add_scalar("charts/unlabeled_weight_ramp", ramp, step)
     if sps == sps:  # nan when the interval held only the compiling step
         writer.add_scalar("charts/SPS", sps, step)
     eta = (total_steps - step) / sps if sps > 0 else float("nan")
-    print(f"step {step}/{total_steps} loss {sums['losses/total'].item() / steps_in_interval:.4f} "
+    print(f"step {step}/{total_steps} loss {means['losses/total']:.4f} "
           f"lr {lr:.2e} SPS {sps:.1f} ETA {eta / 60:.1f} min", flush=True)
 
 

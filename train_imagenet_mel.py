@@ -85,6 +85,10 @@ def parse_args(argv=None):
                         "has no deterministic CUDA backward, and DataLoader workers still vary with their count")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast + channels_last on CUDA (ignored on CPU)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training forward and backward (default: on for CUDA, off on the CPU); the "
+                        "first step, which compiles, is timed apart and left out of SPS; evaluation and checkpoints "
+                        "use the uncompiled module")
     g.add_argument("--log-every", type=int, default=100, help="steps between scalar logs")
     g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations; 0 = once per epoch")
     g = parser.add_argument_group("data")
@@ -604,6 +608,8 @@ def main(argv=None):
             print(f"resumed {run_dir} at step {start_step}", flush=True)
     if world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None)
+    train_model = common.compile_model(model, args, device)  # compiled around DDP, as PyTorch's DDP notes advise
+    compiled = train_model is not model
 
     sampler = LabeledRatioBatchSampler(labeled_idx, unlabeled_idx, args.batch_size, args.labeled_ratio, args.seed,
                                        rank, world_size, start_step, replacement=args.pool_sampling == "with")
@@ -639,7 +645,7 @@ def main(argv=None):
         return metrics
 
     model.train()
-    train_time, steps_done, steps_since_log, metrics = 0.0, 0, 0, None
+    train_time, steps_done, timed_steps, steps_since_log, metrics, compile_seconds = 0.0, 0, 0, 0, None, None
     running = torch.zeros(6, device=device)  # summed loss components and labeled share since the last log
     for step in range(start_step, total_steps):
         tick = time.time()
@@ -650,7 +656,7 @@ def main(argv=None):
         images = images.to(device, non_blocking=True, memory_format=torch.channels_last if mixed else torch.preserve_format)
         targets = targets.to(device, non_blocking=True)
         with autocast():
-            logits, features = model(images)
+            logits, features = train_model(images)
         losses = compute_losses(logits.float(), features.float(), core.classifier.weight, targets, args.mel_weight,
                                 args.nbel_weight, args.loc_weight, args.loc_weighting, args.nbel_on_mean_logits,
                                 world_size)
@@ -660,7 +666,13 @@ def main(argv=None):
         running += torch.stack([v.detach() for v in losses.values()] + [(targets >= 0).float().mean()])
         if use_cuda:
             torch.cuda.synchronize()
-        train_time += time.time() - tick
+        if compiled and step == start_step:  # this step compiled the model: reported apart, not in SPS
+            compile_seconds = time.time() - tick
+            if is_main:
+                print(f"compile: the first step took {compile_seconds:.1f} s with compilation (not in SPS)", flush=True)
+        else:
+            train_time += time.time() - tick
+            timed_steps += 1
         steps_done += 1
         steps_since_log += 1
 
@@ -677,7 +689,7 @@ def main(argv=None):
             if is_main:
                 for name, value in zip(list(losses) + ["labeled_share"], values):
                     writer.add_scalar(("charts/" if name == "labeled_share" else "losses/") + name, value, step + 1)
-                sps = steps_done / max(train_time, 1e-9)
+                sps = timed_steps / max(train_time, 1e-9)
                 writer.add_scalar("charts/learning_rate", lr_at(step), step + 1)
                 writer.add_scalar("charts/SPS", sps, step + 1)
                 print(f"step {step + 1}/{total_steps} loss {values[0]:.4f} (ce {values[1]:.4f} mel {values[2]:.4f} "
@@ -701,7 +713,8 @@ def main(argv=None):
         max_rank_diff = diff.item()
     if is_main:
         summary = {"steps": total_steps, "steps_this_run": steps_done,
-                   "steps_per_second": steps_done / train_time if train_time > 0 else None,
+                   "steps_per_second": timed_steps / train_time if train_time > 0 else None,
+                   "compile_seconds": compile_seconds,
                    "final_test_error": metrics["test"]["top1_error"], "final_test_top5_error": metrics["test"]["top5_error"],
                    "final_test_loss": metrics["test"]["loss"],
                    "final_valid_error": metrics["valid"]["top1_error"] if "valid" in metrics else None,

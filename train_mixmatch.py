@@ -205,8 +205,9 @@ def guess_labels(model, views, temperature, autocast=contextlib.nullcontext()):
 def mixup(inputs, targets, alpha):
     """Official MixMode 'xxy.yxy': one shuffle of all rows, lambda ~ Beta(alpha, alpha) per row and
     lambda' = max(lambda, 1 - lambda), so each mixed row stays closer to its own input (MixMatch eq. 8-11)."""
-    lam = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha))).sample((len(inputs),))
-    lam = torch.maximum(lam, 1.0 - lam).to(inputs.device)
+    alpha = torch.tensor(float(alpha), device=inputs.device)  # drawn on the device: no host-device copy per step
+    lam = torch.distributions.Beta(alpha, alpha).sample((len(inputs),))
+    lam = torch.maximum(lam, 1.0 - lam)
     perm = torch.randperm(len(inputs), device=inputs.device)
     lam_x = lam.view(-1, *([1] * (inputs.dim() - 1)))
     mixed_inputs = lam_x * inputs + (1.0 - lam_x) * inputs[perm]
@@ -275,20 +276,18 @@ def ns3l_loss(logits, negatives):
 
 @torch.no_grad()
 def decoupled_weight_decay_(model, factor):
-    """Official post-step decay v <- v * (1 - wd * lr) on 'kernel' variables: conv and dense weights only."""
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            module.weight.mul_(1.0 - factor)
+    """Official post-step decay v <- v * (1 - wd * lr) on 'kernel' variables: conv and dense weights only (one
+    multi-tensor kernel)."""
+    torch._foreach_mul_([m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))], 1.0 - factor)
 
 
 @torch.no_grad()
 def ema_update_(ema_model, model, decay):
     """tf.train.ExponentialMovingAverage over the trainable variables: e <- decay e + (1 - decay) p. BN running
-    statistics are not averaged; the EMA model uses the live ones (official getter_ema falls back to the variable)."""
-    for ema_param, param in zip(ema_model.parameters(), model.parameters()):
-        ema_param.lerp_(param, 1.0 - decay)
-    for ema_buffer, buffer in zip(ema_model.buffers(), model.buffers()):
-        ema_buffer.copy_(buffer)
+    statistics are not averaged; the EMA model uses the live ones (official getter_ema falls back to the variable).
+    Multi-tensor kernels (torch._foreach_*): two launches per step instead of two per tensor."""
+    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1.0 - decay)
+    torch._foreach_copy_(list(ema_model.buffers()), list(model.buffers()))
 
 
 def grid_test_errors(evaluations, eval_every, total_steps):
@@ -416,14 +415,15 @@ def main():
         # LOGGING: means since the last log; SPS over training time only
         if done % args.log_every == 0 or done == args.total_steps:
             sps = clock.lap()
-            for name, total in sums.items():
-                writer.add_scalar(name, total.item() / (done - last_log_step), done)
+            means = dict(zip(sums, (torch.stack(list(sums.values())) / (done - last_log_step)).tolist()))  # one sync
+            for name, mean in means.items():
+                writer.add_scalar(name, mean, done)
             writer.add_scalar("charts/learning_rate", args.lr, done)
             writer.add_scalar("charts/lambda_u", lambda_u, done)
             if sps == sps:  # nan when the interval held only the compiling step
                 writer.add_scalar("charts/SPS", sps, done)
             eta = (args.total_steps - done) / sps if sps > 0 else float("nan")
-            print(f"step {done}/{args.total_steps} loss {sums['losses/total'].item() / (done - last_log_step):.4f} "
+            print(f"step {done}/{args.total_steps} loss {means['losses/total']:.4f} "
                   f"lambda_u {lambda_u:.2f} SPS {sps:.1f} ETA {eta / 60:.1f} min", flush=True)
             sums, last_log_step = {}, done
         # EVAL: the EMA model (official classify_op); the reported number is the median of the last 20 test errors

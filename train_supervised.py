@@ -255,7 +255,7 @@ def main():
             confident = mask.bool() & (y_hidden >= 0)
             accumulate("losses/pseudo_label", loss_pl)
             accumulate("charts/pl_mask_rate", mask.mean())
-            accumulate("charts/pl_accuracy", (targets == y_hidden)[confident].float().sum() / confident.sum().clamp_min(1))
+            accumulate("charts/pl_accuracy", ((targets == y_hidden) & confident).sum() / confident.sum().clamp_min(1))
         if args.entmin:
             loss_ent = entropy_loss(logits_u)
             loss = loss + args.entmin_weight * loss_ent

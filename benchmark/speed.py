@@ -74,11 +74,12 @@ def make_npz(path, num_train=1000, num_test=100, size=32, channels=3, num_classe
     return path
 
 
-def groups(npz, steps, depth, width):
-    """{group: {label: argv}}; the labels of one group are alternated and compared."""
+def groups(npz, steps, depth, width, compiled=False):
+    """{group: {label: argv}}; the labels of one group are alternated and compared. ``compiled``: the WRN scripts
+    run with --compile (their steps/s leaves the compiling first step out)."""
     common_flags = ["--dataset", npz, "--num-labeled", "200", "--num-valid", "100", "--depth", str(depth),
                     "--width", str(width), "--total-steps", str(steps), "--eval-every", str(steps),
-                    "--log-every", str(steps), "--no-cuda"]
+                    "--log-every", str(steps), "--no-cuda"] + (["--compile"] if compiled else [])
     protocol_a = common_flags + ["--rampup-steps", "0"]  # full unlabeled weights from step 0: all losses active
     return {
         "pseudo-label": {"PL": ["train_supervised.py", "--pseudo-label"] + protocol_a,
@@ -126,11 +127,11 @@ def run_once(argv, runs_dir, name, threads):
         return json.load(f).get("steps_per_second")
 
 
-def measure_scripts(selected, rounds, steps, depth, width, threads, workdir):
+def measure_scripts(selected, rounds, steps, depth, width, threads, workdir, compiled=False):
     """{group: [ {label: sps}, ... one dict per round ]}, commands alternated within each round."""
     npz = make_npz(os.path.join(workdir, "speed_synthetic.npz"))
     results = {}
-    for group, commands in groups(npz, steps, depth, width).items():
+    for group, commands in groups(npz, steps, depth, width, compiled).items():
         if group not in selected:
             continue
         results[group] = []
@@ -200,11 +201,10 @@ def measure_batch_share(repeats, depth, width, threads, batch_size=50, dataset="
 
 
 # ------------------------------------------------------------------------- in-process, step-alternated overheads
-def measure_inprocess(repeats, depth, width, threads, batch_size=50):
-    """Step-by-step alternation inside one process (no start-up, no cross-run drift): the training step of each
-    script rebuilt from the script's own functions (train_supervised / train_vat / train_pi / train_mixmatch), on
-    the same WRN and the same 32x32x3 batches. Returns {label: median step seconds} and the per-pair medians of
-    per-iteration ratios. A diagnostic for the subprocess numbers, which a loaded machine makes noisy."""
+def step_functions(net, batch_size, x_all, y_all, memory_format=None):
+    """{label: (loss function, ns3l flag)}: one training step of each variant rebuilt from the scripts' own loss
+    functions, every forward pass through ``net`` (a model or its torch.compile wrapper), inputs in
+    ``memory_format`` (default contiguous)."""
     import torch
     import torch.nn.functional as F
     sys.path.insert(0, ROOT)
@@ -212,21 +212,14 @@ def measure_inprocess(repeats, depth, width, threads, batch_size=50):
     import train_pi
     import train_supervised
     import train_vat
-    import wrn
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = wrn.WideResNet(10, depth, width, 3, bn_momentum=0.01)
-    optimizer = torch.optim.Adam(model.parameters(), lr=6e-4)
-    x_all = torch.rand(4 * batch_size, 3, 32, 32) * 2 - 1
-    y_all = torch.randint(0, 10, (4 * batch_size,))
 
     def batch():
         idx = torch.randperm(len(x_all))[: 2 * batch_size]
-        return x_all[idx], y_all[idx[:batch_size]]
+        return x_all[idx].contiguous(memory_format=memory_format), y_all[idx[:batch_size]]
 
     def pl(ns3l):
         x, y = batch()
-        logits = model(x)
+        logits = net(x)
         logits_l, logits_u = logits[:batch_size], logits[batch_size:]
         loss = F.cross_entropy(logits_l, y) + train_supervised.pseudo_label_loss(logits_u, 0.95)[0]
         if ns3l:
@@ -235,15 +228,15 @@ def measure_inprocess(repeats, depth, width, threads, batch_size=50):
 
     def ns3l_only(_=None):
         x, y = batch()
-        logits = model(x)
+        logits = net(x)
         logits_u = logits[batch_size:]
         return F.cross_entropy(logits[:batch_size], y) + train_supervised.ns3l_loss(
             logits_u, train_supervised.ns3l_negatives(logits_u, 0.04))
 
     def vat(ns3l):
         x, y = batch()
-        logits = model(x)
-        kl = train_vat.vat_loss(model, x, logits, 6.0)[0]
+        logits = net(x)
+        kl = train_vat.vat_loss(net, x, logits, 6.0)[0]
         loss = F.cross_entropy(logits[:batch_size], y) + 0.3 * kl[batch_size:].mean()
         if ns3l:
             logits_u = logits[batch_size:]
@@ -252,8 +245,8 @@ def measure_inprocess(repeats, depth, width, threads, batch_size=50):
 
     def pi(ns3l):
         x, y = batch()
-        logits = model(x)
-        target = train_pi.target_pass(model, x)
+        logits = net(x)
+        target = train_pi.target_pass(net, x)
         logits_u = logits[batch_size:]
         loss = F.cross_entropy(logits[:batch_size], y) + 20 * train_pi.consistency_loss(logits_u, target[batch_size:])
         if ns3l:
@@ -263,10 +256,11 @@ def measure_inprocess(repeats, depth, width, threads, batch_size=50):
     def mixmatch(ns3l):  # K = 2 views of the unlabeled half, label guess, mixup, interleaved forward
         x, y = batch()
         x_l, views = x[:batch_size], [x[batch_size:], x[batch_size:].flip(3)]
-        guessed = train_mixmatch.guess_labels(model, views, 0.5)
+        guessed = train_mixmatch.guess_labels(net, views, 0.5)
         targets = torch.cat([F.one_hot(y, 10).float(), guessed, guessed])
         mixed_inputs, mixed_targets, _, _ = train_mixmatch.mixup(torch.cat([x_l] + views), targets, 0.75)
-        logits = torch.cat(train_mixmatch.interleaved_forward(model, list(mixed_inputs.split(batch_size))))
+        logits = torch.cat(train_mixmatch.interleaved_forward(net, list(mixed_inputs.split(batch_size)),
+                                                              memory_format=memory_format))
         loss_xe, loss_l2u = train_mixmatch.mixmatch_losses(logits[:batch_size], mixed_targets[:batch_size],
                                                            logits[batch_size:], mixed_targets[batch_size:])
         loss = loss_xe + 75 * loss_l2u
@@ -274,9 +268,30 @@ def measure_inprocess(repeats, depth, width, threads, batch_size=50):
             loss = loss + train_mixmatch.ns3l_loss(logits, train_mixmatch.ns3l_negatives(mixed_targets, 0.05))
         return loss
 
-    variants = {"PL": (pl, False), "PL+NS3L": (pl, True), "NS3L": (ns3l_only, None), "VAT": (vat, False),
-                "VAT+NS3L": (vat, True), "Pi": (pi, False), "Pi+NS3L": (pi, True), "MixMatch": (mixmatch, False),
-                "MixMatch+NS3L": (mixmatch, True)}
+    return {"PL": (pl, False), "PL+NS3L": (pl, True), "NS3L": (ns3l_only, None), "VAT": (vat, False),
+            "VAT+NS3L": (vat, True), "Pi": (pi, False), "Pi+NS3L": (pi, True), "MixMatch": (mixmatch, False),
+            "MixMatch+NS3L": (mixmatch, True)}
+
+
+def measure_inprocess(repeats, depth, width, threads, batch_size=50, compiled=False, memory_format=None):
+    """Step-by-step alternation inside one process (no start-up, no cross-run drift): the training step of each
+    script rebuilt from the script's own functions (train_supervised / train_vat / train_pi / train_mixmatch), on
+    the same WRN and the same 32x32x3 batches. Returns {label: median step seconds} and the per-pair medians of
+    per-iteration ratios. ``compiled``: every pass through torch.compile(model) (the --compile path). A diagnostic
+    for the subprocess numbers, which a loaded machine makes noisy."""
+    import torch
+    sys.path.insert(0, ROOT)
+    import train_supervised
+    import wrn
+    memory_format = memory_format or torch.contiguous_format
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = wrn.WideResNet(10, depth, width, 3, bn_momentum=0.01).to(memory_format=memory_format)
+    net = torch.compile(model, dynamic=False) if compiled else model
+    optimizer = torch.optim.Adam(model.parameters(), lr=6e-4)
+    x_all = torch.rand(4 * batch_size, 3, 32, 32) * 2 - 1
+    y_all = torch.randint(0, 10, (4 * batch_size,))
+    variants = step_functions(net, batch_size, x_all, y_all, memory_format)
 
     def timed(fn, flag):
         start = time.perf_counter()
@@ -292,7 +307,7 @@ def measure_inprocess(repeats, depth, width, threads, batch_size=50):
         train_supervised.ns3l_loss(logits_u, train_supervised.ns3l_negatives(logits_u, 0.04)).backward()
         return time.perf_counter() - start
 
-    for fn, flag in variants.values():  # warm-up
+    for fn, flag in variants.values():  # warm-up (and, compiled, every graph's compilation)
         timed(fn, flag)
     times = {label: [] for label in variants}
     times["NS3L-loss-only"] = []
@@ -305,6 +320,82 @@ def measure_inprocess(repeats, depth, width, threads, batch_size=50):
             times[label].append(timed(fn, flag))
         times["NS3L-loss-only"].append(statistics.median(loss_only() for _ in range(5)))
     return {label: statistics.median(t) for label, t in times.items()}, times
+
+
+# Images through the network per step at the paper's batch sizes: Protocol A 100 labeled + 100 unlabeled (Oliver et
+# al.), MixMatch 64 labeled + 2 views x 64 unlabeled (official FLAGS.batch 64, nu 2).
+PAPER_BATCH = {"PL": 100, "NS3L": 100, "VAT": 100, "Pi": 100, "MixMatch": 64}
+IMAGES_PER_STEP = {"PL": 200, "NS3L": 200, "VAT": 200, "Pi": 200, "MixMatch": 192}
+
+
+def measure_compile(repeats, depth, width, threads, methods=("PL", "VAT", "Pi", "MixMatch"),
+                    formats=("contiguous", "channels_last"), batch_sizes=None):
+    """Compiled vs eager and channels_last vs contiguous, in-process and alternated: for each method, one training
+    step (the scripts' own loss functions, forward + backward + Adam) in each (memory format, eager / compiled)
+    combination on its own copy of one WRN, every combination once per iteration in a fresh random order.
+    Returns {method: {"format/mode": {"median_s", "images_per_second", "compile_s"}}} and per-iteration ratios
+    against eager contiguous. Compile time (the first call of each compiled step) is reported, not timed."""
+    import copy
+
+    import torch
+    sys.path.insert(0, ROOT)
+    import wrn
+    torch.set_num_threads(threads)
+    batch_sizes = batch_sizes or PAPER_BATCH
+    results, ratios = {}, {}
+    for method in methods:
+        batch_size = batch_sizes[method]
+        torch.manual_seed(0)
+        base = wrn.WideResNet(10, depth, width, 3, bn_momentum=0.01, conv_bias=method == "MixMatch")
+        x_all = torch.rand(4 * batch_size, 3, 32, 32) * 2 - 1
+        y_all = torch.randint(0, 10, (4 * batch_size,))
+        combos = {}
+        for fmt in formats:
+            memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+            for mode in ("eager", "compiled"):
+                model = copy.deepcopy(base).to(memory_format=memory_format)
+                net = torch.compile(model, dynamic=False) if mode == "compiled" else model
+                fn, flag = step_functions(net, batch_size, x_all, y_all, memory_format)[method]
+                combos[f"{fmt}/{mode}"] = (fn, flag, model, torch.optim.Adam(model.parameters(), lr=6e-4))
+
+        def timed(label):
+            fn, flag, _, optimizer = combos[label]
+            start = time.perf_counter()
+            loss = fn(flag)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return time.perf_counter() - start
+
+        first = {label: timed(label) for label in combos}  # compiles; then one more warm-up call each
+        for label in combos:
+            timed(label)
+        times = {label: [] for label in combos}
+        order = list(combos)
+        shuffler = np.random.RandomState(1)
+        for _ in range(repeats):
+            shuffler.shuffle(order)
+            for label in order:
+                times[label].append(timed(label))
+        results[method] = {label: {"median_s": statistics.median(t),
+                                   "images_per_second": IMAGES_PER_STEP[method] / statistics.median(t),
+                                   "first_call_s": first[label]} for label, t in times.items()}
+        reference = times[f"{formats[0]}/eager"]
+        ratios[method] = {label: statistics.median(r / s for r, s in zip(reference, t)) for label, t in times.items()}
+        print(format_compile({method: results[method]}, {method: ratios[method]}, depth, width), flush=True)
+    return results, ratios
+
+
+def format_compile(results, ratios, depth, width):
+    lines = []
+    for method, combos in results.items():
+        reference = next(iter(combos))
+        lines.append(f"{method} step, WRN-{depth}-{width}, {IMAGES_PER_STEP[method]} images per step (speed-up: median "
+                     f"of per-iteration ratios to {reference}):")
+        for label, r in combos.items():
+            lines.append(f"  {label:24s} {1e3 * r['median_s']:8.0f} ms  {r['images_per_second']:7.1f} images/s  "
+                         f"x{ratios[method][label]:.2f}  (first call {r['first_call_s']:.1f} s)")
+    return "\n".join(lines)
 
 
 def format_inprocess(medians, times):
@@ -373,7 +464,14 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS / torch threads of every run")
     parser.add_argument("--batch-repeats", type=int, default=30, help="alternations for the batch share")
     parser.add_argument("--only", nargs="+", default=None,
-                        choices=["pseudo-label", "vat", "pi", "mixmatch", "others", "batch", "inprocess"])
+                        choices=["pseudo-label", "vat", "pi", "mixmatch", "others", "batch", "inprocess", "compile"])
+    parser.add_argument("--compile", action="store_true",
+                        help="the script groups and the in-process steps run compiled (--compile), channels_last")
+    parser.add_argument("--compile-methods", nargs="+", default=["PL", "VAT", "Pi", "MixMatch"],
+                        choices=sorted(PAPER_BATCH), help="methods of the compile group")
+    parser.add_argument("--compile-depth", type=int, default=28, help="WRN depth of the compile group")
+    parser.add_argument("--compile-width", type=int, default=2, help="WRN width of the compile group")
+    parser.add_argument("--compile-repeats", type=int, default=5, help="alternations of the compile group")
     parser.add_argument("--workdir", default=None, help="where the npz and the runs go (default: a temp dir)")
     parser.add_argument("--json", default=None, help="also write the raw measurements here")
     parser.add_argument("--dry-run", action="store_true")
@@ -381,15 +479,16 @@ def main(argv=None):
     if min(args.rounds, args.steps, args.threads, args.batch_repeats) < 1:
         parser.error("--rounds, --steps, --threads and --batch-repeats must be >= 1")
     selected = set(args.only or ["pseudo-label", "vat", "pi", "mixmatch", "others", "batch", "inprocess"])
+    # the compile group (WRN-28-2 at the paper's batch sizes, compiles every step) runs only when asked for
     if args.dry_run:
         workdir = args.workdir or "<workdir>"
         for group, commands in groups(os.path.join(workdir, "speed_synthetic.npz"), args.steps, args.depth,
-                                      args.width).items():
+                                      args.width, args.compile).items():
             if group in selected:
                 for label, command in commands.items():
                     print(f"[{group}] {label}: python {' '.join(command)}")
         return 0
-    script_groups = selected - {"batch", "inprocess"}
+    script_groups = selected - {"batch", "inprocess", "compile"}
     workdir = args.workdir or (tempfile.mkdtemp(prefix="ns3l_speed_") if script_groups else None)
     if workdir:
         os.makedirs(workdir, exist_ok=True)
@@ -402,16 +501,26 @@ def main(argv=None):
         batch = measure_batch_share(args.batch_repeats, args.depth, args.width, args.threads)
     inprocess = None
     if "inprocess" in selected:
-        inprocess = measure_inprocess(args.batch_repeats, args.depth, args.width, args.threads)
+        import torch
+        inprocess = measure_inprocess(args.batch_repeats, args.depth, args.width, args.threads, compiled=args.compile,
+                                      memory_format=torch.channels_last if args.compile else None)
         print(format_inprocess(*inprocess), flush=True)
-    results = {} if not script_groups else measure_scripts(selected, args.rounds, args.steps, args.depth, args.width, args.threads, workdir)
+    compiled = None
+    if "compile" in selected:
+        compiled = measure_compile(args.compile_repeats, args.compile_depth, args.compile_width, args.threads,
+                                   args.compile_methods)
+    results = {} if not script_groups else measure_scripts(selected, args.rounds, args.steps, args.depth, args.width,
+                                                           args.threads, workdir, args.compile)
     text = format_report(results, batch, (load_start, os.getloadavg()[0]))
     if inprocess is not None:
         text += "\n" + format_inprocess(*inprocess)
+    if compiled is not None:
+        text += "\n" + format_compile(*compiled, args.compile_depth, args.compile_width)
     print("\n" + text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"results": results, "batch": batch, "inprocess": inprocess and inprocess[0], "args": vars(args)},
+            json.dump({"results": results, "batch": batch, "inprocess": inprocess and inprocess[0],
+                       "compile": compiled, "args": vars(args)},
                       f, indent=2)
     return 0
 

@@ -304,3 +304,91 @@ def test_run_only_keeps_the_given_order(tmp_path, capsys):
                      "--runs-dir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [l.split("--run-name ")[1] for l in lines] == ["pi__seed4", "supervised__seed4"]
+
+
+# --------------------------------------------------------------------------------------- speed.py compile group
+def test_speed_compile_group_measures_every_combination_with_the_scripts_losses():
+    """The compiled / eager x channels_last / contiguous alternation runs the scripts' own steps (here the VAT step,
+    whose r search differentiates the input, and MixMatch's interleave) and reports ratios to eager contiguous."""
+    results, ratios = speed.measure_compile(1, 10, 1, 1, methods=("VAT", "MixMatch"), batch_sizes={"VAT": 4, "MixMatch": 4})
+    for method in ("VAT", "MixMatch"):
+        assert set(results[method]) == {"contiguous/eager", "contiguous/compiled", "channels_last/eager",
+                                        "channels_last/compiled"}
+        assert ratios[method]["contiguous/eager"] == 1.0
+        for r in results[method].values():
+            assert r["median_s"] > 0 and r["images_per_second"] == pytest.approx(
+                speed.IMAGES_PER_STEP[method] / r["median_s"])
+    text = speed.format_compile(results, ratios, 10, 1)
+    assert "MixMatch step, WRN-10-1, 192 images per step" in text and "channels_last/compiled" in text
+
+
+def test_speed_groups_pass_compile_to_the_wrn_scripts(tmp_path):
+    groups = speed.groups(str(tmp_path / "d.npz"), 5, 10, 1, compiled=True)
+    for group in ("pseudo-label", "vat", "pi", "mixmatch"):
+        assert all("--compile" in argv for argv in groups[group].values())
+
+
+# ------------------------------------------------------------------------------------------------- gpu_check.py
+import gpu_check  # noqa: E402
+
+
+def test_gpu_check_runs_every_script_on_the_cpu_and_prints_its_table(tmp_path, capsys):
+    """The whole check with --device cpu: every training script's row passes (finite errors, a checkpoint, and for a
+    WRN script the bit-exact resume under --torch-deterministic), one table."""
+    code = gpu_check.main(["--device", "cpu", "--steps", "2", "--resume-steps", "2", "--depth", "10", "--width", "1",
+                           "--no-compile", "--threads", "1", "--workdir", str(tmp_path), "--json", str(tmp_path / "r.json"),
+                           "--scripts", "train_supervised.py", "train_mixmatch.py", "train_fmnist_ablation.py",
+                           "train_xc.py", "train_imagenet_mel.py"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["script"], r["variant"]) for r in rows] == [
+        ("train_supervised.py", "eager"), ("train_supervised.py", "resume 1+1"), ("train_mixmatch.py", "eager"),
+        ("train_mixmatch.py", "resume 1+1"), ("train_fmnist_ablation.py", "default"), ("train_xc.py", "default"),
+        ("train_imagenet_mel.py", "default")]
+    assert all(not r["problems"] for r in rows)
+    assert all(r["steps_per_second"] > 0 and r["images_per_second"] > 0 for r in rows if "resume" not in r["variant"])
+    mixmatch = next(r for r in rows if r["script"] == "train_mixmatch.py")
+    assert mixmatch["images_per_second"] == pytest.approx(mixmatch["steps_per_second"] * 64 * 3)
+    assert "| script | data | variant | steps/s | images/s | compiled / eager | peak GPU memory | compile time | check |" in out
+    assert "7 of 7 rows pass" in out
+
+
+def test_gpu_check_reports_a_failing_run_and_a_resume_that_differs(tmp_path):
+    problems = gpu_check.check_run({"exit": 1}, "Traceback\nValueError: boom\n", str(tmp_path), ["final_test_error"])
+    assert problems == ["exit 1: ValueError: boom"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"final_test_error": float("nan")}))
+    problems = gpu_check.check_run({"exit": 0}, "step 2 loss nan", str(run), ["final_test_error"])
+    assert len(problems) == 3  # non-finite error, nan loss, no checkpoint
+    import torch
+    for name, value in (("a", 1.0), ("b", 1.0 + 1e-7)):
+        (tmp_path / name).mkdir()
+        torch.save({"model": {"w": torch.tensor([value])}}, tmp_path / name / "checkpoint.pt")
+    assert "model.w differs" in gpu_check.same_weights(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert gpu_check.same_weights(str(tmp_path / "a"), str(tmp_path / "a")) is None
+    table = gpu_check.format_table([{"script": "s.py", "data": "d", "variant": "compiled", "steps_per_second": 2.0,
+                                     "images_per_second": 400.0, "peak_gib": 1.5, "compile_seconds": 30.0, "problems": []},
+                                    {"script": "s.py", "data": "d", "variant": "eager", "steps_per_second": 1.0,
+                                     "images_per_second": 200.0, "peak_gib": None, "compile_seconds": None,
+                                     "problems": ["exit 1: x"]}])
+    assert "| s.py | d | compiled | 2.00 | 400 | 2.00x | 1.50 GiB | 30.0 s | pass |" in table
+    assert "FAIL: exit 1: x" in table
+
+
+def test_gpu_check_refuses_cuda_without_a_gpu_and_a_missing_fmnist(tmp_path, capsys):
+    if not __import__("torch").cuda.is_available():
+        assert gpu_check.main(["--workdir", str(tmp_path)]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert gpu_check.main(["--device", "cpu", "--fmnist", str(tmp_path / "none"), "--workdir", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_profile_prints_top_operators_and_syncs(capsys):
+    import profile_steps as profile_tool
+    assert profile_tool.main(["train_pi.py", "--steps", "2", "--depth", "10", "--width", "1", "--rows", "5",
+                              "--threads", "1", "--", "--no-cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "Self CPU" in out and "aten::" in out
+    assert "host-device synchronisations over 2 steps" in out
