@@ -1,24 +1,34 @@
-"""Training speed as ratios measured side by side: NS3L overhead per method, NS3L alone vs VAT, and the share of a
-training step spent producing the batch.
+"""Training speed as ratios measured side by side: NS3L overhead per method, NS3L alone vs VAT, the share of a
+training step spent producing the batch, and torch.compile / memory format per method.
 
-    python benchmark/speed.py                      # everything, 2 rounds (~20 min on a loaded 2-core CPU)
+    python benchmark/speed.py                      # everything but the compile group, 2 rounds (~20 min, 2-core CPU)
     python benchmark/speed.py --rounds 3 --steps 60 --depth 10 --width 2
     python benchmark/speed.py --only batch         # just the in-process batch-production share
+    python benchmark/speed.py --only compile       # compiled vs eager x channels_last vs contiguous, WRN-28-2
+    python benchmark/speed.py --compile --only inprocess pseudo-label vat pi mixmatch   # the targets, compiled
     python benchmark/speed.py --dry-run            # print the commands
 
 Method. Every command of a group runs on the same synthetic 32x32x3 data set (an .npz written once, so every
 script sees identical images) and the same WRN, one process at a time with OMP_NUM_THREADS=--threads, and the
 commands of a group are alternated (A, B, C, A, B, C, ...) so that load drift on a shared machine hits all of them
-alike. Each run's ``steps_per_second`` comes from its summary.json (training steps only; evaluation, start-up and
-data loading excluded). A ratio is computed within each round and the median over rounds is reported, with the
-range. Overhead of X over Y = time per step of X / time per step of Y - 1 = sps(Y) / sps(X) - 1.
+alike. Each run's ``steps_per_second`` comes from its summary.json (training steps only; evaluation, start-up, data
+loading and, with --compile, the compiling first step excluded). A ratio is computed within each round and the median
+over rounds is reported, with the range. Overhead of X over Y = time per step of X / time per step of Y - 1 =
+sps(Y) / sps(X) - 1.
 
 The batch-production share is measured in this process: ``common``'s gather (BatchSampler + index into the uint8
 images) -> normalise -> augment of a 50 labeled + 50 unlabeled batch, against a full NS3L training step of the
 same WRN on the same batch (batch production included), alternated ``--batch-repeats`` times; share = median batch
 time / median step time.
 
-Targets (issue 9): NS3L overhead <= 3 %, NS3L alone >= 2x the steps/s of VAT, batch production < 5 % of a step.
+The compile group (``--only compile``) times one training step of each method (the scripts' own loss functions,
+forward + backward + Adam) at the paper's batch sizes (Protocol A 50 + 50, MixMatch 64 + 2 x 64) on WRN-28-2 in
+four combinations, each on its own copy of the same weights: contiguous / channels_last x eager / torch.compile,
+all four once per iteration in a fresh random order, and reports images/s and the median per-iteration speed-up
+over eager contiguous. The first call of each compiled step (compilation) is reported apart.
+
+Targets (issues 9 and 15): NS3L overhead <= 3 %, NS3L alone >= 2x the steps/s of VAT, batch production < 5 % of a
+step; the MixMatch step with --compile and the faster memory format >= 1.25x the images/s of both off (CPU).
 """
 import argparse
 import json
@@ -322,10 +332,10 @@ def measure_inprocess(repeats, depth, width, threads, batch_size=50, compiled=Fa
     return {label: statistics.median(t) for label, t in times.items()}, times
 
 
-# Images through the network per step at the paper's batch sizes: Protocol A 100 labeled + 100 unlabeled (Oliver et
-# al.), MixMatch 64 labeled + 2 views x 64 unlabeled (official FLAGS.batch 64, nu 2).
-PAPER_BATCH = {"PL": 100, "NS3L": 100, "VAT": 100, "Pi": 100, "MixMatch": 64}
-IMAGES_PER_STEP = {"PL": 200, "NS3L": 200, "VAT": 200, "Pi": 200, "MixMatch": 192}
+# Images per step at the paper's batch sizes: Protocol A 50 labeled + 50 unlabeled (Oliver et al., the scripts'
+# defaults with an unlabeled term), MixMatch 64 labeled + 2 views x 64 unlabeled (official FLAGS.batch 64, nu 2).
+PAPER_BATCH = {"PL": 50, "NS3L": 50, "VAT": 50, "Pi": 50, "MixMatch": 64}
+IMAGES_PER_STEP = {"PL": 100, "NS3L": 100, "VAT": 100, "Pi": 100, "MixMatch": 192}
 
 
 def measure_compile(repeats, depth, width, threads, methods=("PL", "VAT", "Pi", "MixMatch"),

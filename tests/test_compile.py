@@ -235,3 +235,39 @@ def test_resume_can_switch_compile_off(tmp_path):
     assert "compile:" not in second.stdout
     args = json.loads((tmp_path / "r" / "summary.json").read_text())["args"]
     assert args["compile"] is False
+
+
+# ------------------------------------------------------------------------------------------- train_imagenet_mel.py
+def test_compiled_densenet_cam_losses_match_eager():
+    """The ImageNet script's one pass (logits and the feature map for the CAMs) and eq. 4's losses, compiled."""
+    import train_imagenet_mel as mel
+    args = argparse.Namespace(arch="densenet121", growth_rate=8, block_config="2,2", num_init_features=16)
+    torch.manual_seed(0)
+    eager = mel.build_model(args, 4)
+    compiled_model = copy.deepcopy(eager)
+    net = common.compile_model(compiled_model, argparse.Namespace(compile=True), torch.device("cpu"))
+    x, targets = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 3, -1, -1, -1, -1])
+    totals = []
+    for module, model in ((eager, eager), (net, compiled_model)):
+        logits, features = module(x)
+        losses = mel.compute_losses(logits, features, model.classifier.weight, targets, 0.8, 2.0, 0.01, "prob", True, 1)
+        losses["total"].backward()
+        totals.append({k: v.detach() for k, v in losses.items()})
+    assert_same(totals[0], totals[1])
+    assert_same(grads(eager), grads(compiled_model), rtol=1e-3, atol=1e-5)
+    assert_same(buffers(eager), buffers(compiled_model))
+
+
+def test_compiled_imagenet_run_end_to_end(tmp_path):
+    from test_imagenet_mel import TINY_NET, make_image_folder
+    folder = make_image_folder(tmp_path / "images")
+    result = run_script("train_imagenet_mel.py", "--data-dir", folder, "--num-labeled", "16", "--num-unlabeled", "-1",
+                        "--batch-size", "8", "--total-steps", "3", "--eval-every", "3", "--log-every", "1",
+                        "--runs-dir", tmp_path / "runs", "--run-name", "c", "--compile", "--no-cuda", *TINY_NET)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("compile: the first step took") == 1
+    summary = json.loads((tmp_path / "runs" / "c" / "summary.json").read_text())
+    assert summary["compile_seconds"] > 0 and summary["steps_per_second"] > 0
+    assert math.isfinite(summary["final_test_error"]) and math.isfinite(summary["final_test_loss"])
+    assert not any(k.startswith("_orig_mod") for k in torch.load(tmp_path / "runs" / "c" / "checkpoint.pt",
+                                                                  weights_only=True)["model"])

@@ -388,7 +388,16 @@ def test_end_to_end_single_process_resume_and_no_overwrite(image_folder, tmp_pat
     assert changed.returncode != 0 and "mel_weight" in changed.stderr
 
 
-def test_init_from_another_run_loads_its_weights(image_folder, tmp_path):
+def refused(argv, capsys):
+    """(exit code, stderr) of main(argv) in this process: the refusals happen before any training, so they need no
+    subprocess of their own."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        mel.main([str(a) for a in argv])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_init_from_another_run_loads_its_weights(image_folder, tmp_path, capsys):
     runs = tmp_path / "runs"
     common = ["--data-dir", image_folder, "--num-labeled", "16", "--num-unlabeled", "-1", "--batch-size", "16",
               "--eval-every", "4", "--runs-dir", str(runs), *TINY_NET]
@@ -435,11 +444,12 @@ def test_init_from_another_run_loads_its_weights(image_folder, tmp_path):
                                        (runs / "extending", [], "not the finished model"),
                                        (tmp_path / "nowhere", [], "no checkpoint.pt"),
                                        (runs / "broken", [], "corrupt or unreadable")):
-        bad = run_script([*common, "--total-steps", "2", "--run-name", "bad", "--init-from", str(source_dir), *extra])
-        assert bad.returncode != 0 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+        code, err = refused([*common, "--total-steps", "2", "--run-name", "bad", "--init-from", str(source_dir), *extra],
+                            capsys)
+        assert code != 0 and message in err and len(err.strip().splitlines()) == 1, err
         assert not (runs / "bad").exists()
-    resume_broken = run_script([*common, "--total-steps", "2", "--resume", str(runs / "broken")])
-    assert resume_broken.returncode != 0 and "corrupt or unreadable" in resume_broken.stderr
+    code, err = refused([*common, "--total-steps", "2", "--resume", str(runs / "broken")], capsys)
+    assert code != 0 and "corrupt or unreadable" in err
     assert (runs / "broken" / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # nothing on disk touched
 
 
