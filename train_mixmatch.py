@@ -46,8 +46,8 @@ data,utils}.py, runs/table*.sh; line numbers in docs/fidelity.md):
 Where this PyTorch port differs (all small): the post-step weight decay and EMA are unordered in the TF graph (here
 decay, then EMA); PyTorch's Adam puts epsilon outside the bias correction (TF: inside); the labeled subset is a
 class-balanced draw by seed (official: its own sampler; STL-10 official folds); the ramp is counted in steps, not
-images; on CUDA the training passes run under bf16 autocast by default (the official code is fp32 throughout;
---no-bf16 restores exact fp32, TF32 off), evaluation is always exact fp32.
+images; on CUDA the training passes run under bf16 autocast and torch.compile by default (the official code is fp32
+throughout; --no-bf16 restores exact fp32, TF32 off; --no-compile runs eager), evaluation is always exact fp32.
 """
 import contextlib
 import copy
@@ -315,7 +315,7 @@ def main():
         checkpoint = common.load_checkpoint(args.resume, SCRIPT)
         args = common.resume_args(args, checkpoint, sys.argv[1:])
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    amp, memory_format = common.precision(args, device)  # bf16 autocast and channels_last: on for CUDA by default
+    amp, memory_format = common.precision(args, device)  # bf16 autocast on CUDA; the faster format (channels_last)
     common.seed_everything(args.seed, args.torch_deterministic)
 
     # Data: every failure here is one line and happens before anything is written.

@@ -160,7 +160,7 @@ def main():
         checkpoint = common.load_checkpoint(args.resume, SCRIPT)
         args = common.resume_args(args, checkpoint, sys.argv[1:])
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    amp, memory_format = common.precision(args, device)  # bf16 autocast and channels_last: on for CUDA by default
+    amp, memory_format = common.precision(args, device)  # bf16 autocast on CUDA; the faster format (channels_last)
     common.seed_everything(args.seed, args.torch_deterministic)
 
     # Data: every failure here is one line and happens before anything is written.

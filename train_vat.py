@@ -24,6 +24,8 @@ Deviations and choices (also in the README):
   (Oliver et al. reuse the clean logits, logit_p = logit); with --no-bf16 on CUDA the whole run is exact fp32 (TF32
   off). The probe pass draws its own augmentation (as in Oliver et al.), so g is the gradient of the KL between two
   augmented views, not a Hessian-vector product of one view; at xi = 1e-6 the probe is near fp32 rounding anyway.
+  That is also why --compile (default on CUDA) finds the same r_adv as eager (per-sample cosine > 0.999,
+  tests/test_compile.py): the two views differ at first order, far above the rounding of two compiled graphs.
 - Loss direction KL(p(x + r_adv) || p(x)) as in Oliver et al.'s code (lib/hparams.py:64 forward_kl on (student,
   teacher)) and the PyTorch port (lib/algs/vat.py:40); --vat-kl miyato gives Miyato et al.'s KL(p(x) || p(x + r_adv)).
 - NS3L reuses the clean training pass (paper Algorithm 1); the authors' released function uses an extra pass with
@@ -255,7 +257,7 @@ def main():
         checkpoint = common.load_checkpoint(args.resume, SCRIPT)
         args = common.resume_args(args, checkpoint, sys.argv[1:])
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    amp, memory_format = common.precision(args, device)  # bf16 autocast and channels_last: on for CUDA by default
+    amp, memory_format = common.precision(args, device)  # bf16 autocast on CUDA; the faster format (channels_last)
     common.seed_everything(args.seed, args.torch_deterministic)
 
     # Data: every failure here is one line and happens before anything is written.

@@ -3,6 +3,8 @@ resume, a learning check on real data (digits), and bad input."""
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -172,10 +174,22 @@ def _assert_one_line_failure(result):
     (["--unlabeled-batch-size", "0"], "--unlabeled-batch-size"),
     (["--ns3l-weight", "nan"], "--ns3l-weight"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, flags, message):
-    result = run_script(SCRIPT, *TINY, "--runs-dir", tmp_path / "runs", *flags)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, flags, message, monkeypatch, capsys):
+    """In this process (main() as the command line runs it; the failures come before any training); the subprocess
+    test below checks the same contract through a real command line."""
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *TINY, "--runs-dir", str(tmp_path / "runs"), *flags])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        ts.main()
+    result = subprocess.CompletedProcess([], exit_info.value.code, "", capsys.readouterr().err)
     assert message in _assert_one_line_failure(result)
     assert not os.path.exists(tmp_path / "runs") or not os.listdir(tmp_path / "runs")
+
+
+def test_bad_input_on_the_command_line_is_one_line_and_writes_nothing(tmp_path):
+    result = run_script(SCRIPT, *TINY, "--runs-dir", tmp_path / "runs", "--dataset", "cifar10", "--data-dir", "nowhere")
+    assert "--download" in _assert_one_line_failure(result)
+    assert not os.path.exists(tmp_path / "runs")
 
 
 def test_existing_run_and_corrupt_checkpoint_lose_nothing(tmp_path):
