@@ -563,7 +563,10 @@ def compile_model(model, args, device):
     enabled = device.type == "cuda" if args.compile is None else args.compile
     if not enabled:
         return model
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)  # passes x shapes
+    config = torch._dynamo.config  # room for every pass variant x shape (named recompile_limit in newer PyTorch)
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 16))
     return torch.compile(model, dynamic=False)
 
 
