@@ -176,8 +176,9 @@ def other_rows(fmnist_flags, npz, args, workdir, device_flags):
               *device_flags]
     folder = make_image_folder(os.path.join(workdir, "images"))
     # DenseNet-121 at 64 px on a GPU; a tiny DenseNet on the CPU, where this only checks the logic
-    densenet = ["--arch", "densenet121"] if args.device == "cuda" else \
-        ["--arch", "densenet121", "--block-config", "2,2", "--growth-rate", "8", "--num-init-features", "16"]
+    densenet = ["--arch", "densenet121", "--num-workers", "2"] if args.device == "cuda" else \
+        ["--arch", "densenet121", "--block-config", "2,2", "--growth-rate", "8", "--num-init-features", "16",
+         "--num-workers", "0"]
     compile_flag = ["--compile"] if args.compile else ["--no-compile"]
     jobs = [  # script, data label, flags, summary keys that must be finite, images per step, writes a checkpoint
         ("train_fmnist_ablation.py", "synthetic", ["--dataset", npz, "--num-labeled", "200", "--num-valid", "0"],
@@ -186,7 +187,7 @@ def other_rows(fmnist_flags, npz, args, workdir, device_flags):
          ["final_test_error"], lambda a: a["batch_size"], True),
         ("train_imagenet_mel.py", "image folder", ["--data-dir", folder, "--num-labeled", "32", "--num-unlabeled", "-1",
                                                    "--batch-size", "32", "--crop-size", "64", "--resize-size", "72",
-                                                   "--num-workers", "2", *densenet, *compile_flag],
+                                                   *densenet, *compile_flag],
          ["final_test_error"], lambda a: a["batch_size"], True),
     ]
     if fmnist_flags:

@@ -308,10 +308,10 @@ def test_run_only_keeps_the_given_order(tmp_path, capsys):
 
 # --------------------------------------------------------------------------------------- speed.py compile group
 def test_speed_compile_group_measures_every_combination_with_the_scripts_losses():
-    """The compiled / eager x channels_last / contiguous alternation runs the scripts' own steps (here MixMatch's:
-    label guess, interleaved chunks) and reports images/s and ratios to eager contiguous."""
-    results, ratios = speed.measure_compile(1, 10, 1, 1, methods=("MixMatch",), batch_sizes={"MixMatch": 4})
-    for method in ("MixMatch",):
+    """The compiled / eager x channels_last / contiguous alternation runs the scripts' own steps (here Pseudo-Label's;
+    every pass kind compiles correctly: tests/test_compile.py) and reports images/s and ratios to eager contiguous."""
+    results, ratios = speed.measure_compile(1, 10, 1, 1, methods=("PL",), batch_sizes={"PL": 4})
+    for method in ("PL",):
         assert set(results[method]) == {"contiguous/eager", "contiguous/compiled", "channels_last/eager",
                                         "channels_last/compiled"}
         assert ratios[method]["contiguous/eager"] == 1.0
@@ -319,7 +319,7 @@ def test_speed_compile_group_measures_every_combination_with_the_scripts_losses(
             assert r["median_s"] > 0 and r["images_per_second"] == pytest.approx(
                 speed.IMAGES_PER_STEP[method] / r["median_s"])
     text = speed.format_compile(results, ratios, 10, 1)
-    assert "MixMatch step, WRN-10-1, 192 images per step" in text and "channels_last/compiled" in text
+    assert "PL step, WRN-10-1, 100 images per step" in text and "channels_last/compiled" in text
 
 
 def test_speed_groups_pass_compile_to_the_wrn_scripts(tmp_path):

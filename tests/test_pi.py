@@ -176,17 +176,26 @@ def test_bad_flag_values_rejected(flags, capsys):
     assert len(err) == 1 and "error:" in err[0]
 
 
-def test_bad_inputs_exit_with_one_line_and_write_nothing(tmp_path):
+def run_main(monkeypatch, capsys, *args):
+    """main() in this process as the command line runs it: (exit code, stderr). For failures before any training."""
+    monkeypatch.setattr(sys, "argv", ["train_pi.py", *map(str, args)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train_pi.main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_bad_inputs_exit_with_one_line_and_write_nothing(tmp_path, monkeypatch, capsys):
     runs = tmp_path / "runs"
-    missing = run(*TINY, "--runs-dir", runs, "--num-labeled", "100000")  # impossible split: data error
-    assert missing.returncode != 0 and len(missing.stderr.strip().splitlines()) == 1 and not runs.exists()
+    code, err = run_main(monkeypatch, capsys, *TINY, "--runs-dir", runs, "--num-labeled", "100000")  # impossible split
+    assert code != 0 and len(err.strip().splitlines()) == 1 and not runs.exists()
     existing = runs / "taken"
     existing.mkdir(parents=True)
     (existing / "keep.txt").write_text("mine")
-    clash = run(*TINY, "--runs-dir", runs, "--run-name", "taken")
-    assert clash.returncode != 0 and len(clash.stderr.strip().splitlines()) == 1
+    code, err = run_main(monkeypatch, capsys, *TINY, "--runs-dir", runs, "--run-name", "taken")
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "already exists" in err
     assert os.listdir(existing) == ["keep.txt"]
     (existing / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    corrupt = run("--resume", existing)
+    corrupt = run("--resume", existing)  # this one through a real command line
     assert corrupt.returncode != 0 and len(corrupt.stderr.strip().splitlines()) == 1 and "corrupt" in corrupt.stderr
     assert sorted(os.listdir(existing)) == ["checkpoint.pt", "keep.txt"]

@@ -454,7 +454,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, method, data):
     assert steps("part") == steps("full") == [0, 10, 20, 30]
 
 
-def test_resume_bad_input_is_one_line_and_loses_nothing(tmp_path):
+def test_resume_bad_input_is_one_line_and_loses_nothing(tmp_path, capsys):
     flags = ["--dataset", "planted", "--num-classes", "20", "--num-features", "4", "--eval-size", "50",
              "--batch-size", "16", "--total-steps", "5", "--pca-dim", "3", "--run-name", "done"]
     run(flags, tmp_path)
@@ -462,8 +462,11 @@ def test_resume_bad_input_is_one_line_and_loses_nothing(tmp_path):
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     for argv, message in ((["--resume", str(run_dir)], "already finished 5 steps"),
                           (["--resume", str(tmp_path / "nowhere")], "no checkpoint.pt")):
-        result = run(argv, tmp_path, check=False)
-        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:  # in this process: the refusal comes before any work
+            xc.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and len(err.strip().splitlines()) == 1 and message in err
     (run_dir / "checkpoint.pt").write_bytes(before["checkpoint.pt"][:500])
     result = run(["--resume", str(run_dir), "--total-steps", "9"], tmp_path, check=False)
     assert result.returncode == 1 and "corrupt" in result.stderr and len(result.stderr.strip().splitlines()) == 1
