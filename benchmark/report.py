@@ -113,7 +113,7 @@ def curve_means(runs_dir, groups, tag):
 
 def plot_curves(runs_dir, groups, path, tag="eval/test_error", labels=None, order=None):
     """One line per configuration: the mean over its seeds of ``tag``, in ``order`` (then the rest). matplotlib when
-    installed (requirements.txt), else a plain Pillow drawing, so a missing plotting library never loses the figure."""
+    installed (benchmark/requirements.txt), else a plain Pillow drawing, so a missing plotting library never loses the figure."""
     order = [n for n in (order or []) if n in groups] + [n for n in groups if n not in (order or [])]
     labels, means = labels or {}, curve_means(runs_dir, {n: groups[n] for n in order}, tag)
     try:
