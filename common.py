@@ -567,6 +567,10 @@ def compile_model(model, args, device):
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(config, name):
             setattr(config, name, max(getattr(config, name), 16))
+    # Guard on the attributes of the model's modules (wrn.BatchNorm2d.update_stats, training): the default from
+    # PyTorch 2.5 on; on 2.4 a flipped module attribute could otherwise go unseen and run the wrong graph.
+    if hasattr(config, "inline_inbuilt_nn_modules"):
+        config.inline_inbuilt_nn_modules = True
     return torch.compile(model, dynamic=False)
 
 
@@ -615,7 +619,7 @@ class TrainClock:
         self._lap_seconds += now - self._started
         self.seconds += now - self._started
         self._started = now
-        sps = self._lap_steps / self._lap_seconds if self._lap_seconds > 0 else float("nan")
+        sps = self._lap_steps / self._lap_seconds if self._lap_steps and self._lap_seconds > 0 else float("nan")
         self._lap_seconds, self._lap_steps = 0.0, 0
         return sps
 
@@ -688,6 +692,10 @@ def resume_args(args, checkpoint, argv, overrides=("total_steps", "cuda", "compi
             setattr(saved, name, value)
         print(f"--resume {args.resume}: arguments of an older version, kept with their old meaning "
               f"({', '.join(f'{k}={v}' for k, v in sorted(legacy.items()))})")
+    if "compile" not in vars(saved) and saved.channels_last is None:  # saved before channels_last was the CPU default
+        saved.channels_last = bool(saved.cuda and torch.cuda.is_available())  # it meant: on for CUDA, off on the CPU
+        print(f"--resume {args.resume}: a run from before --compile keeps its memory format "
+              f"(channels_last={saved.channels_last})")
     for name, value in vars(args).items():  # flags added later still need a value
         if name not in vars(saved):
             setattr(saved, name, value)

@@ -689,12 +689,14 @@ def main(argv=None):
             if is_main:
                 for name, value in zip(list(losses) + ["labeled_share"], values):
                     writer.add_scalar(("charts/" if name == "labeled_share" else "losses/") + name, value, step + 1)
-                sps = timed_steps / max(train_time, 1e-9)
+                sps = timed_steps / train_time if timed_steps and train_time > 0 else float("nan")  # nan: only compiling
                 writer.add_scalar("charts/learning_rate", lr_at(step), step + 1)
-                writer.add_scalar("charts/SPS", sps, step + 1)
+                if sps == sps:
+                    writer.add_scalar("charts/SPS", sps, step + 1)
+                eta = (total_steps - step - 1) / sps if sps > 0 else float("nan")
                 print(f"step {step + 1}/{total_steps} loss {values[0]:.4f} (ce {values[1]:.4f} mel {values[2]:.4f} "
                       f"nbel {values[3]:.4f} loc {values[4]:.4f}) labeled {values[5]:.2f} lr {lr_at(step):.4g} "
-                      f"SPS {sps:.2f} ETA {(total_steps - step - 1) / max(sps, 1e-9) / 60:.1f} min", flush=True)
+                      f"SPS {sps:.2f} ETA {eta / 60:.1f} min", flush=True)
         # EVAL and checkpoint.
         if (step + 1) % eval_every == 0 or step + 1 == total_steps:
             metrics = run_evaluation(step + 1)

@@ -206,7 +206,7 @@ def mixup(inputs, targets, alpha):
     """Official MixMode 'xxy.yxy': one shuffle of all rows, lambda ~ Beta(alpha, alpha) per row and
     lambda' = max(lambda, 1 - lambda), so each mixed row stays closer to its own input (MixMatch eq. 8-11)."""
     alpha = torch.tensor(float(alpha), device=inputs.device)  # drawn on the device: no host-device copy per step
-    lam = torch.distributions.Beta(alpha, alpha).sample((len(inputs),))
+    lam = torch.distributions.Beta(alpha, alpha, validate_args=False).sample((len(inputs),))  # no checks: no syncs
     lam = torch.maximum(lam, 1.0 - lam)
     perm = torch.randperm(len(inputs), device=inputs.device)
     lam_x = lam.view(-1, *([1] * (inputs.dim() - 1)))

@@ -18,8 +18,8 @@ Then train_fmnist_ablation.py (small CNN), train_xc.py (planted data) and train_
 generated image folder) once each with the same checks, and with ``--fmnist`` every script again on Fashion-MNIST.
 
 Every run is a child process (``--child``) that runs the script with runpy and reports its peak GPU memory. It needs
-only the PyTorch already installed (2.4 or newer: torch.compile, torch._foreach_lerp_) plus torchvision and
-tensorboard, which the scripts import. Exit status 0 when every row passes.
+only the PyTorch already installed (2.4 or newer: torch.compile guarding module attributes, torch._foreach_lerp_) plus
+torchvision and tensorboard, which the scripts import. Exit status 0 when every row passes.
 """
 import argparse
 import json
@@ -41,6 +41,7 @@ WRN_SCRIPTS = {  # script -> (flags, images drawn per step given its batch flags
     "train_pi.py": (["--ns3l"], lambda a: a["batch_size"] + a["unlabeled_batch_size"]),
     "train_mixmatch.py": (["--ns3l"], lambda a: a["batch_size"] * (1 + a["k_augment"])),
 }
+OTHER_SCRIPTS = ["train_fmnist_ablation.py", "train_xc.py", "train_imagenet_mel.py"]
 CHECKPOINT_KEYS = ("model", "ema_model")
 
 
@@ -168,13 +169,13 @@ def wrn_rows(script, data_flags, label, args, workdir, device_flags):
     return rows
 
 
-def other_rows(fmnist_flags, npz, args, workdir, device_flags):
-    """train_fmnist_ablation.py, train_xc.py, train_imagenet_mel.py: one run each with the checks."""
+def other_rows(fmnist_flags, npz, args, workdir, device_flags, selected):
+    """train_fmnist_ablation.py, train_xc.py, train_imagenet_mel.py (those in ``selected``): one run each."""
     runs = os.path.join(workdir, "runs")
     steps = args.steps
     common = ["--total-steps", steps, "--eval-every", steps, "--log-every", max(1, steps // 4), "--runs-dir", runs,
               *device_flags]
-    folder = make_image_folder(os.path.join(workdir, "images"))
+    folder = make_image_folder(os.path.join(workdir, "images")) if "train_imagenet_mel.py" in selected else None
     # DenseNet-121 at 64 px on a GPU; a tiny DenseNet on the CPU, where this only checks the logic
     densenet = ["--arch", "densenet121", "--num-workers", "2"] if args.device == "cuda" else \
         ["--arch", "densenet121", "--block-config", "2,2", "--growth-rate", "8", "--num-init-features", "16",
@@ -195,6 +196,8 @@ def other_rows(fmnist_flags, npz, args, workdir, device_flags):
                      ["final_test_error"], lambda a: a["batch_size"] + a["unlabeled_batch_size"], False))
     rows = []
     for script, label, flags, keys, images_per_step, writes_checkpoint in jobs:
+        if script not in selected:
+            continue
         name = f"{label.replace(' ', '_')}_{script[:-3]}"
         argv = [*flags, *common, "--run-name", name]
         report, output = run_child(script, argv, workdir, name, args.device, args.threads, args.timeout)
@@ -207,7 +210,20 @@ def other_rows(fmnist_flags, npz, args, workdir, device_flags):
                      "images_per_second": sps * images if sps and images else None,
                      "peak_gib": report.get("peak_bytes") / 2**30 if report.get("peak_bytes") else None,
                      "compile_seconds": summary.get("compile_seconds"), "problems": problems})
+        print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     return rows
+
+
+def idx_to_npz(folder, workdir):
+    """A folder of the four idx files (Debian's dataset-fashion-mnist layout, .gz or not) as an .npz every script
+    reads, so the check uses exactly the files given."""
+    import numpy as np
+    sys.path.insert(0, ROOT)
+    import common
+    x_train, y_train, x_test, y_test = common._load_idx_folder(folder)
+    path = os.path.join(workdir, "fashion_mnist.npz")
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
 
 
 def make_image_folder(root, classes=4, per_class=24, size=80):
@@ -269,7 +285,8 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=2)
     parser.add_argument("--fmnist", default=None, metavar="DIR_OR_NPZ",
                         help="Fashion-MNIST: a folder of the idx .gz files (Debian dataset-fashion-mnist) or an .npz")
-    parser.add_argument("--scripts", nargs="+", default=None, help="only these scripts (file names)")
+    parser.add_argument("--scripts", nargs="+", default=None, choices=list(WRN_SCRIPTS) + OTHER_SCRIPTS,
+                        help="only these scripts")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per run with --device cpu")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per child run")
     parser.add_argument("--workdir", default=None, help="runs and data go here (default: a temp dir)")
@@ -288,16 +305,19 @@ def main(argv=None):
         if not os.path.exists(args.fmnist):
             print(f"gpu_check: error: --fmnist {args.fmnist} does not exist", file=sys.stderr)
             return 2
-        fmnist_flags = ["--dataset", args.fmnist] if args.fmnist.endswith(".npz") else \
-            ["--dataset", "fashion_mnist", "--data-dir", args.fmnist]
     workdir = args.workdir or tempfile.mkdtemp(prefix="ns3l_gpu_check_")
     os.makedirs(workdir, exist_ok=True)
+    if args.fmnist:
+        try:
+            fmnist_flags = ["--dataset", args.fmnist if args.fmnist.endswith(".npz") else idx_to_npz(args.fmnist, workdir)]
+        except Exception as error:  # a folder without the four idx files, or unreadable ones
+            print(f"gpu_check: error: --fmnist {args.fmnist}: {error}", file=sys.stderr)
+            return 2
     npz = make_npz(os.path.join(workdir, "synthetic32.npz"), num_train=2000, num_test=500)
     device_flags = ["--cuda"] if args.device == "cuda" else ["--no-cuda"]
     started = time.perf_counter()
     print(f"gpu_check: {environment(args.device)}; work dir {workdir}", flush=True)
-    selected = set(args.scripts or list(WRN_SCRIPTS) + ["train_fmnist_ablation.py", "train_xc.py",
-                                                        "train_imagenet_mel.py"])
+    selected = set(args.scripts or list(WRN_SCRIPTS) + OTHER_SCRIPTS)
     rows = []
     data_sets = [("synthetic", ["--dataset", npz, "--num-labeled", "250", "--num-valid", "200"])]
     if fmnist_flags:
@@ -305,12 +325,10 @@ def main(argv=None):
     for label, data_flags in data_sets:
         for script in WRN_SCRIPTS:
             if script in selected:
-                rows += wrn_rows(script, data_flags, label, args, workdir, device_flags)
-                print(format_table(rows[-1:]).splitlines()[-1], flush=True)
-    others = [s for s in ("train_fmnist_ablation.py", "train_xc.py", "train_imagenet_mel.py") if s in selected]
-    if others:
-        extra = other_rows(fmnist_flags, npz, args, workdir, device_flags)
-        rows += [r for r in extra if r["script"] in others]
+                new = wrn_rows(script, data_flags, label, args, workdir, device_flags)
+                print("\n".join(format_table(new).splitlines()[2:]), flush=True)
+                rows += new
+    rows += other_rows(fmnist_flags, npz, args, workdir, device_flags, selected)
     print(f"\n{environment(args.device)}; {time.perf_counter() - started:.0f} s in all; WRN-{args.depth}-{args.width}, "
           f"{args.steps} steps per speed run\n")
     print(format_table(rows))

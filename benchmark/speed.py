@@ -222,6 +222,7 @@ def step_functions(net, batch_size, x_all, y_all, memory_format=None):
     import train_pi
     import train_supervised
     import train_vat
+    memory_format = memory_format or torch.contiguous_format
 
     def batch():
         idx = torch.randperm(len(x_all))[: 2 * batch_size]
@@ -343,7 +344,7 @@ def measure_compile(repeats, depth, width, threads, methods=("PL", "VAT", "Pi", 
     """Compiled vs eager and channels_last vs contiguous, in-process and alternated: for each method, one training
     step (the scripts' own loss functions, forward + backward + Adam) in each (memory format, eager / compiled)
     combination on its own copy of one WRN, every combination once per iteration in a fresh random order.
-    Returns {method: {"format/mode": {"median_s", "images_per_second", "compile_s"}}} and per-iteration ratios
+    Returns {method: {"format/mode": {"median_s", "images_per_second", "first_call_s"}}} and per-iteration ratios
     against eager contiguous. Compile time (the first call of each compiled step) is reported, not timed."""
     import copy
 

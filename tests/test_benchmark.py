@@ -404,3 +404,30 @@ def test_gpu_check_knows_every_wrn_script_and_its_images_per_step():
         module = importlib.import_module(script[:-3])
         args = module.parse_args([*flags, "--dataset", "synthetic", "--compile", "--torch-deterministic"])
         assert images_per_step(vars(args)) == expected[script], script
+
+
+def test_gpu_check_reads_an_idx_folder_as_given_and_rejects_unknown_scripts(tmp_path, capsys):
+    """--fmnist DIR: the four idx files of that folder become the .npz every script reads (not whatever copy a
+    loader would find elsewhere); a folder without them is one line and exit 2; a script name it does not know is an
+    argparse error, so a typo cannot give an empty, passing table."""
+    import gzip
+
+    import numpy as np
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (12, 28, 28), dtype=np.uint8),
+              "train-labels-idx1-ubyte": np.arange(12, dtype=np.uint8) % 10,
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, (5, 28, 28), dtype=np.uint8),
+              "t10k-labels-idx1-ubyte": np.arange(5, dtype=np.uint8)}
+    for name, array in arrays.items():
+        header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+        with gzip.open(folder / (name + ".gz"), "wb") as f:
+            f.write(header + array.tobytes())
+    npz = np.load(gpu_check.idx_to_npz(str(folder), str(tmp_path)))
+    assert npz["x_train"].reshape(12, 28, 28).tolist() == arrays["train-images-idx3-ubyte"].tolist()
+    assert npz["y_test"].tolist() == list(range(5))
+    assert gpu_check.main(["--device", "cpu", "--fmnist", str(tmp_path), "--workdir", str(tmp_path / "w")]) == 2
+    assert "not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--device", "cpu", "--scripts", "train_vat"])

@@ -271,3 +271,30 @@ def test_compiled_imagenet_run_end_to_end(tmp_path):
     assert math.isfinite(summary["final_test_error"]) and math.isfinite(summary["final_test_loss"])
     assert not any(k.startswith("_orig_mod") for k in torch.load(tmp_path / "runs" / "c" / "checkpoint.pt",
                                                                   weights_only=True)["model"])
+
+
+def test_a_lap_holding_only_the_compiling_step_has_no_sps(monkeypatch):
+    fake = FakeTime()
+    monkeypatch.setattr(common.time, "perf_counter", fake)
+    clock = common.TrainClock(torch.device("cpu"))
+    clock.start()
+    fake.now += 20.0
+    clock.step(compiled=True)
+    assert math.isnan(clock.lap())  # not 0.0: nothing was timed in this lap
+    fake.now += 1.0
+    clock.step(compiled=True)
+    assert clock.lap() == 1.0
+
+
+def test_a_run_saved_before_compile_existed_keeps_its_memory_format(capsys):
+    """Before this change an unset --channels-last meant channels_last on CUDA only; such a run resumed on the CPU
+    stays contiguous (bit-exact resume), while a run saved now keeps the new default."""
+    import train_pi
+    saved = vars(train_pi.parse_args(["--dataset", "synthetic", "--no-cuda"]))
+    old = {k: v for k, v in saved.items() if k != "compile"}
+    checkpoint = {"args": old, "step": 5}
+    args = train_pi.parse_args(["--dataset", "synthetic", "--resume", "somewhere"])
+    resumed = common.resume_args(args, checkpoint, ["--resume", "somewhere"])
+    assert resumed.channels_last is False and "keeps its memory format" in capsys.readouterr().out
+    resumed = common.resume_args(args, {"args": saved, "step": 5}, ["--resume", "somewhere"])
+    assert resumed.channels_last is None
