@@ -692,7 +692,7 @@ def resume_args(args, checkpoint, argv, overrides=("total_steps", "cuda", "compi
             setattr(saved, name, value)
         print(f"--resume {args.resume}: arguments of an older version, kept with their old meaning "
               f"({', '.join(f'{k}={v}' for k, v in sorted(legacy.items()))})")
-    if "compile" not in vars(saved) and saved.channels_last is None:  # saved before channels_last was the CPU default
+    if legacy and "compile" not in vars(saved) and saved.channels_last is None:  # before channels_last on the CPU
         saved.channels_last = bool(saved.cuda and torch.cuda.is_available())  # it meant: on for CUDA, off on the CPU
         print(f"--resume {args.resume}: a run from before --compile keeps its memory format "
               f"(channels_last={saved.channels_last})")
