@@ -569,7 +569,7 @@ def compile_model(model, args, device):
             setattr(config, name, max(getattr(config, name), 16))
     # Guard on the attributes of the model's modules (wrn.BatchNorm2d.update_stats, training): the default from
     # PyTorch 2.5 on; on 2.4 a flipped module attribute could otherwise go unseen and run the wrong graph.
-    if hasattr(config, "inline_inbuilt_nn_modules"):
+    if torch.__version__ < "2.5":  # TorchVersion compares as a version; the flag is deprecated (always on) later
         config.inline_inbuilt_nn_modules = True
     return torch.compile(model, dynamic=False)
 
