@@ -42,6 +42,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import bookkeeping
+
 import common
 
 SCRIPT = "train_fmnist_ablation"
@@ -50,7 +52,7 @@ NN_EXCLUDED = {"nn-exclude": 1, "nn-exclude-4": 4}  # how many nearest classes e
 
 
 def parse_args(argv=None):
-    parser = common.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = bookkeeping.ArgumentParser(description=__doc__.split("\n")[0])
     g = parser.add_argument_group("experiment")
     g.add_argument("--seed", type=int, default=1, help="seed of the run; also picks the labeled subset")
     g.add_argument("--runs-dir", default="runs", help="where run directories are created")
@@ -188,7 +190,7 @@ def select_negatives(rule, num_negatives, num_classes, *, logits=None, threshold
 def main():
     args = parse_args()
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    common.seed_everything(args.seed, args.torch_deterministic)
+    bookkeeping.seed_everything(args.seed, args.torch_deterministic)
 
     # Data: every failure here is one line and happens before anything is written.
     try:
@@ -196,20 +198,20 @@ def main():
         split = common.make_ssl_split(data.y_train, data.num_classes, args.num_labeled, args.num_valid, args.seed,
                                       data.num_labelable, include_labeled=False)
     except common.DataError as error:
-        common.fail(str(error))
+        bookkeeping.fail(str(error))
     if args.negatives not in ("supervised", "threshold") and \
             args.num_negatives > max_negatives(args.negatives, data.num_classes):
-        common.fail(f"--num-negatives {args.num_negatives} is too many for --negatives {args.negatives} with "
+        bookkeeping.fail(f"--num-negatives {args.num_negatives} is too many for --negatives {args.negatives} with "
                     f"{data.num_classes} classes (at most {max_negatives(args.negatives, data.num_classes)})")
     if args.negatives != "supervised" and (len(split.unlabeled) == 0 or (data.y_train[split.unlabeled] < 0).any()):
-        common.fail("the unlabeled images need hidden labels (oracle rule, wrong-negative diagnostics)")
+        bookkeeping.fail("the unlabeled images need hidden labels (oracle rule, wrong-negative diagnostics)")
     steps_per_epoch = math.ceil(args.num_labeled / args.batch_size) if args.epoch_unit == "labeled" else \
         math.ceil(len(split.unlabeled) / args.unlabeled_batch_size)
     args.total_steps = args.total_steps or args.epochs * steps_per_epoch
     args.eval_every = args.eval_every or 10 * steps_per_epoch
     normalize = common.Normalizer("scale")  # x / 127.5 - 1
 
-    run_dir, writer = common.open_run(args, SCRIPT, split)
+    run_dir, writer = bookkeeping.open_run(args, SCRIPT, split)
 
     # NEGATIVE PREPROCESSING: pixel-space nearest labeled example of every class, once, for the nn-* rules.
     unlabeled_idx = split.unlabeled.to(device)
@@ -303,12 +305,12 @@ def main():
         # EVAL: test error (and validation error when a validation split exists)
         if done % args.eval_every == 0 or done == args.total_steps:
             train_time += time.perf_counter() - tick
-            test_error = common.error_rate(model, data.x_test, data.y_test, normalize)
+            test_error = bookkeeping.error_rate(model, data.x_test, data.y_test, normalize)
             writer.add_scalar("eval/test_error", test_error, done)
             message = f"eval step {done}: test error {test_error:.2f}%"
             if len(split.valid):
                 valid_idx = split.valid.to(device)
-                valid_error = common.error_rate(model, data.x_train[valid_idx], data.y_train[valid_idx], normalize)
+                valid_error = bookkeeping.error_rate(model, data.x_train[valid_idx], data.y_train[valid_idx], normalize)
                 if best_valid is None or valid_error < best_valid:
                     best_valid, test_at_best = valid_error, test_error
                 writer.add_scalar("eval/valid_error", valid_error, done)
@@ -327,7 +329,7 @@ def main():
                if totals["rows"] > 0 else None,  # % of unlabeled images whose negatives contained the true class
                "negatives_per_sample": (totals["negatives"] / totals["rows"]).item() if totals["rows"] > 0 else None,
                "nn_preprocess_seconds": nn_seconds, **nn_stats, "args": vars(args)}
-    common.write_json(os.path.join(run_dir, "summary.json"), summary)
+    bookkeeping.write_json(os.path.join(run_dir, "summary.json"), summary)
     writer.add_hparams({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
                        {"hparam/final_test_error": test_error}, run_name=".")
     writer.close()

@@ -46,7 +46,8 @@ import torchvision
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.transforms import v2 as transforms
 
-import common
+import bookkeeping
+
 
 SCRIPT = "imagenet_mel"
 RECIPES = {
@@ -66,7 +67,7 @@ MUST_MATCH_ON_RESUME = ("data_dir", "seed", "num_labeled", "num_unlabeled", "num
 
 
 def parse_args(argv=None):
-    parser = common.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bookkeeping.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = parser.add_argument_group("experiment")
     g.add_argument("--recipe", choices=sorted(RECIPES), default="paper",
                    help="the defaults of the flags marked 'recipe' below: 'paper' = the run behind the authors' table, "
@@ -397,13 +398,13 @@ def load_image_folders(data_dir, crop_size, resize_size, augmentation="authors")
     for split in ("train", "val"):
         path = os.path.join(data_dir, split)
         if not os.path.isdir(path):
-            common.fail(f"{path} is not a directory (--data-dir needs ImageNet-style train/ and val/ folders)")
+            bookkeeping.fail(f"{path} is not a directory (--data-dir needs ImageNet-style train/ and val/ folders)")
         try:
             folders[split] = torchvision.datasets.ImageFolder(path, transform=train_tf if split == "train" else eval_tf)
         except (FileNotFoundError, RuntimeError) as error:
-            common.fail(f"{path}: {error}".replace("\n", " "))
+            bookkeeping.fail(f"{path}: {error}".replace("\n", " "))
     if folders["train"].classes != folders["val"].classes:
-        common.fail(f"train/ and val/ in {data_dir} have different class folders")
+        bookkeeping.fail(f"train/ and val/ in {data_dir} have different class folders")
     train_eval = copy.copy(folders["train"])
     train_eval.transform = eval_tf
     return folders["train"], train_eval, folders["val"]
@@ -447,7 +448,7 @@ def evaluate(model, dataset, batch_size, num_workers, device, channels_last, ran
     for images, targets in loader:
         images = images.to(device, non_blocking=True, memory_format=torch.channels_last if channels_last else torch.preserve_format)
         targets = targets.to(device, non_blocking=True)
-        with common.exact_fp32(device.type):
+        with bookkeeping.exact_fp32(device.type):
             logits = model(images)[0].float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         totals += torch.stack([torch.tensor(len(targets), device=device), (top5[:, 0] == targets).sum(),
@@ -473,8 +474,8 @@ def average_buffers(module, world_size):
 
 def read_checkpoint(run_dir, flag):
     """(checkpoint, its saved args) of RUN_DIR/checkpoint.pt as written by this script; a missing, corrupt or foreign
-    file is one line and exit 1 (common.load_checkpoint)."""
-    checkpoint = common.load_checkpoint(run_dir, "train_imagenet_mel.py", flag)
+    file is one line and exit 1 (bookkeeping.load_checkpoint)."""
+    checkpoint = bookkeeping.load_checkpoint(run_dir, "train_imagenet_mel.py", flag)
     return checkpoint, checkpoint["args"]
 
 
@@ -483,19 +484,19 @@ def check_init_source(init_from, init_checkpoint, model_shapes, labeled_idx):
     warm start would carry labels of this run's unlabeled or validation images). One line and exit 1 otherwise."""
     summary_path = os.path.join(init_from, "summary.json")
     if not os.path.isfile(summary_path):  # checkpoint.pt of a run still going
-        common.fail(f"--init-from {init_from} has not finished (no summary.json); wait for it or --resume it")
+        bookkeeping.fail(f"--init-from {init_from} has not finished (no summary.json); wait for it or --resume it")
     with open(summary_path) as f:
         if json.load(f).get("steps") != init_checkpoint["step"]:  # a finished run being extended by --resume
-            common.fail(f"--init-from {init_from}: its checkpoint is not the finished model (a --resume is extending it)")
+            bookkeeping.fail(f"--init-from {init_from}: its checkpoint is not the finished model (a --resume is extending it)")
     source_shapes = {k: tuple(v.shape) for k, v in init_checkpoint["model"].items()}
     different = sorted(k for k in source_shapes.keys() | model_shapes.keys() if source_shapes.get(k) != model_shapes.get(k))
     if different:
-        common.fail(f"--init-from {init_from} has another network ({len(different)} tensors differ, e.g. "
+        bookkeeping.fail(f"--init-from {init_from} has another network ({len(different)} tensors differ, e.g. "
              f"{different[0]}: {source_shapes.get(different[0])} there, {model_shapes.get(different[0])} here)")
     split_path = os.path.join(init_from, "split.npz")
     leaked = np.setdiff1d(np.load(split_path)["labeled"], labeled_idx) if os.path.isfile(split_path) else None
     if leaked is None or leaked.size:
-        common.fail(f"--init-from {init_from}: " + ("no split.npz" if leaked is None else
+        bookkeeping.fail(f"--init-from {init_from}: " + ("no split.npz" if leaked is None else
              f"{leaked.size} of its labeled train/ images are not labeled in this run; their labels would leak"))
 
 
@@ -511,7 +512,7 @@ def main(argv=None):
     if world_size > 1:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     if args.batch_size % world_size:
-        common.fail(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes")
+        bookkeeping.fail(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes")
     is_main = rank == 0
     mixed = use_cuda and args.bf16 and torch.cuda.is_bf16_supported()
 
@@ -526,9 +527,9 @@ def main(argv=None):
         labeled_idx, unlabeled_idx, valid_idx = make_split(train_folder.targets, num_classes, args.num_labeled,
                                                            args.num_unlabeled, args.num_valid, args.seed)
     except ValueError as error:
-        common.fail(f"{error}")
+        bookkeeping.fail(f"{error}")
     if args.labeled_ratio < 1 and len(unlabeled_idx) == 0:
-        common.fail(f"no images of train/ are left for the unlabeled pool (--labeled-ratio {args.labeled_ratio} < 1)")
+        bookkeeping.fail(f"no images of train/ are left for the unlabeled pool (--labeled-ratio {args.labeled_ratio} < 1)")
     steps_per_epoch = math.ceil((len(labeled_idx) + len(unlabeled_idx)) / args.batch_size)
     total_steps = args.total_steps or args.epochs * steps_per_epoch
     eval_every = args.eval_every or steps_per_epoch
@@ -550,10 +551,10 @@ def main(argv=None):
         checkpoint, saved = read_checkpoint(run_dir, "--resume")
         mismatched = [k for k in MUST_MATCH_ON_RESUME if saved.get(k) != getattr(args, k)]
         if mismatched:
-            common.fail(f"--resume needs the run's own settings; these differ: {', '.join(mismatched)}")
+            bookkeeping.fail(f"--resume needs the run's own settings; these differ: {', '.join(mismatched)}")
         saved_split = np.load(os.path.join(run_dir, "split.npz"))
         if not (np.array_equal(saved_split["labeled"], labeled_idx) and np.array_equal(saved_split["unlabeled"], unlabeled_idx)):
-            common.fail(f"train/ in {args.data_dir} no longer gives the split saved in {run_dir}")
+            bookkeeping.fail(f"train/ in {args.data_dir} no longer gives the split saved in {run_dir}")
     else:
         dataset_name = os.path.basename(os.path.normpath(args.data_dir))
         run_dir = [os.path.join(args.runs_dir, args.run_name or f"{dataset_name}__{SCRIPT}__{args.seed}__{int(time.time())}")]
@@ -566,12 +567,12 @@ def main(argv=None):
                 failed[0] = f"run directory {run_dir} already exists: choose another --run-name, or continue it with --resume {run_dir}"
             else:
                 os.makedirs(run_dir)
-                common.write_json(os.path.join(run_dir, "args.json"), vars(args) | {"world_size": world_size})
+                bookkeeping.write_json(os.path.join(run_dir, "args.json"), vars(args) | {"world_size": world_size})
                 np.savez(os.path.join(run_dir, "split.npz"), labeled=labeled_idx, unlabeled=unlabeled_idx, valid=valid_idx)
         if world_size > 1:
             dist.broadcast_object_list(failed, src=0)
         if failed[0]:
-            common.fail(failed[0])
+            bookkeeping.fail(failed[0])
     writer = SummaryWriter(run_dir) if is_main else None
     if is_main:
         table = "\n".join(f"|{k}|{v}|" for k, v in sorted(vars(args).items()))
@@ -608,7 +609,7 @@ def main(argv=None):
             print(f"resumed {run_dir} at step {start_step}", flush=True)
     if world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None)
-    train_model = common.compile_model(model, args, device)  # compiled around DDP, as PyTorch's DDP notes advise
+    train_model = bookkeeping.compile_model(model, args, device)  # compiled around DDP, as PyTorch's DDP notes advise
     compiled = train_model is not model
 
     sampler = LabeledRatioBatchSampler(labeled_idx, unlabeled_idx, args.batch_size, args.labeled_ratio, args.seed,
@@ -639,7 +640,7 @@ def main(argv=None):
             print(f"step {step}: test top-1 error {metrics['test']['top1_error']:.2f}% top-5 "
                   f"{metrics['test']['top5_error']:.2f}%" + (f", valid top-1 {metrics['valid']['top1_error']:.2f}%"
                                                               if "valid" in metrics else ""), flush=True)
-            common.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
+            bookkeeping.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
                 "script": "train_imagenet_mel.py", "model": core.state_dict(), "optimizer": optimizer.state_dict(),
                 "step": step, "args": vars(args), "best": json.dumps(best), "torch_rng": torch.get_rng_state()})
         return metrics
@@ -685,7 +686,7 @@ def main(argv=None):
             running.zero_()
             steps_since_log = 0
             if not all(math.isfinite(v) for v in values):
-                common.fail(f"non-finite loss at step {step + 1}: {values}")
+                bookkeeping.fail(f"non-finite loss at step {step + 1}: {values}")
             if is_main:
                 for name, value in zip(list(losses) + ["labeled_share"], values):
                     writer.add_scalar(("charts/" if name == "labeled_share" else "losses/") + name, value, step + 1)
@@ -724,7 +725,7 @@ def main(argv=None):
                    "world_size": world_size, "max_param_diff_across_ranks": max_rank_diff,
                    "num_labeled": len(labeled_idx), "num_unlabeled": len(unlabeled_idx), "num_valid": len(valid_idx),
                    "num_test": len(val_folder), "args": vars(args)}
-        common.write_json(os.path.join(run_dir, "summary.json"), summary)
+        bookkeeping.write_json(os.path.join(run_dir, "summary.json"), summary)
         writer.add_hparams({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
                            {"hparam/test_top1_error": summary["final_test_error"],
                             "hparam/test_top5_error": summary["final_test_top5_error"]}, run_name=".")

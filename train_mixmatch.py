@@ -60,6 +60,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import bookkeeping
+
 import common
 import wrn
 
@@ -83,13 +85,13 @@ PROTOCOL_B = {
 
 
 def parse_args(argv=None):
-    parser = common.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = bookkeeping.ArgumentParser(description=__doc__.split("\n")[0])
     g = parser.add_argument_group("experiment")
     g.add_argument("--seed", type=int, default=1, help="seed of the run; also picks the labeled subset")
     g.add_argument("--runs-dir", default="runs", help="where run directories are created")
     g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__<script>__<seed>__<time>)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
-    common.add_device_args(g)
+    bookkeeping.add_device_args(g)
     g.add_argument("--eval-every", type=int, default=1024, help="steps between evaluations (official: 64 kimg)")
     g.add_argument("--log-every", type=int, default=100, help="steps between logged scalars")
     g = parser.add_argument_group("data")
@@ -312,11 +314,11 @@ def main():
     args = parse_args()
     checkpoint = None
     if args.resume:
-        checkpoint = common.load_checkpoint(args.resume, SCRIPT)
-        args = common.resume_args(args, checkpoint, sys.argv[1:])
+        checkpoint = bookkeeping.load_checkpoint(args.resume, SCRIPT)
+        args = bookkeeping.resume_args(args, checkpoint, sys.argv[1:])
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    amp, memory_format = common.precision(args, device)  # bf16 autocast on CUDA; the faster format (channels_last)
-    common.seed_everything(args.seed, args.torch_deterministic)
+    amp, memory_format = bookkeeping.precision(args, device)  # bf16 autocast on CUDA; the faster format (channels_last)
+    bookkeeping.seed_everything(args.seed, args.torch_deterministic)
 
     # Data: every failure here is one line and happens before anything is written.
     try:
@@ -326,16 +328,16 @@ def main():
         split = common.make_ssl_split(data.y_train, data.num_classes, args.num_labeled, args.num_valid, args.seed,
                                       data.num_labelable, include_labeled=args.include_labeled)
     except common.DataError as error:
-        common.fail(str(error))
+        bookkeeping.fail(str(error))
     if args.threshold is None:
         args.threshold = 0.5 / data.num_classes  # 0.05 for 10 classes (NS3L 4.4); / 10 on CIFAR-100, as in Protocol A
     flip = common.DATASETS[data.name]["flip"]  # CIFAR / STL-10 flip, SVHN / digits / MNIST do not
     shift = args.shift if args.shift is not None else max(1, round(data.image_size / 8))  # 4 at 32 px, 12 at 96 px
     if shift >= data.image_size:
-        common.fail(f"--shift {shift} must be smaller than the image size {data.image_size} (reflect padding)")
+        bookkeeping.fail(f"--shift {shift} must be smaller than the image size {data.image_size} (reflect padding)")
     normalize = common.Normalizer("scale")  # official: x * 2 / 255 - 1, no whitening
 
-    run_dir, writer = common.open_run(args, SCRIPT, split, checkpoint)  # new run dir, or the resumed one
+    run_dir, writer = bookkeeping.open_run(args, SCRIPT, split, checkpoint)  # new run dir, or the resumed one
 
     model = make_model(data.num_classes, args, data.channels).to(device, memory_format=memory_format)
     ema_model = copy.deepcopy(model).requires_grad_(False)  # TF EMA shadows start at the initial values
@@ -343,16 +345,16 @@ def main():
     labeled_batches = common.BatchSampler(split.labeled.to(device), args.batch_size)
     unlabeled_batches = common.BatchSampler(split.unlabeled.to(device), args.batch_size)
     start_step, best_valid, test_at_best, evaluations = 0, float("inf"), float("nan"), []
-    clock = common.TrainClock(device)
+    clock = bookkeeping.TrainClock(device)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         ema_model.load_state_dict(checkpoint["ema_model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         labeled_batches.load_state_dict(checkpoint["labeled_sampler"])
         unlabeled_batches.load_state_dict(checkpoint["unlabeled_sampler"])
-        common.set_rng_state(checkpoint["rng"])
+        bookkeeping.set_rng_state(checkpoint["rng"])
         start_step, best_valid, test_at_best = checkpoint["step"], checkpoint["best_valid"], checkpoint["test_at_best"]
-        clock = common.TrainClock(device, checkpoint["train_time"], checkpoint.get("timed_steps", start_step))
+        clock = bookkeeping.TrainClock(device, checkpoint["train_time"], checkpoint.get("timed_steps", start_step))
         if "evaluations" in checkpoint:
             evaluations = [tuple(e) for e in checkpoint["evaluations"]]
         else:  # an older checkpoint kept only the errors, one per --eval-every steps, the last one at its step
@@ -368,7 +370,7 @@ def main():
         sums[name] = sums.get(name, 0.0) + value.detach().float()
 
     valid_error = test_error = raw_test_error = float("nan")
-    net = common.compile_model(model, args, device)  # the training passes; evaluation and checkpoints use model
+    net = bookkeeping.compile_model(model, args, device)  # the training passes; evaluation and checkpoints use model
     model.train()
     last_log_step = start_step
     clock.start()
@@ -430,11 +432,11 @@ def main():
         if done % args.eval_every == 0 or done == args.total_steps:
             clock.pause()
             valid_x, valid_y = data.x_train[split.valid.to(device)], data.y_train[split.valid.to(device)]
-            # fp32 evaluation (common.error_rate), as the official graph (float32 placeholders, mixmatch.py:54)
-            valid_error = common.error_rate(ema_model, valid_x, valid_y, normalize, memory_format=memory_format) \
+            # fp32 evaluation (bookkeeping.error_rate), as the official graph (float32 placeholders, mixmatch.py:54)
+            valid_error = bookkeeping.error_rate(ema_model, valid_x, valid_y, normalize, memory_format=memory_format) \
                 if len(valid_x) else float("nan")
-            test_error = common.error_rate(ema_model, data.x_test, data.y_test, normalize, memory_format=memory_format)
-            raw_test_error = common.error_rate(model, data.x_test, data.y_test, normalize, memory_format=memory_format)
+            test_error = bookkeeping.error_rate(ema_model, data.x_test, data.y_test, normalize, memory_format=memory_format)
+            raw_test_error = bookkeeping.error_rate(model, data.x_test, data.y_test, normalize, memory_format=memory_format)
             evaluations.append((done, test_error))
             test_errors = grid_test_errors(evaluations, args.eval_every, args.total_steps)
             median20 = statistics.median(test_errors[-20:])
@@ -447,11 +449,11 @@ def main():
             writer.add_scalar("eval/median_last20_test_error", median20, done)
             print(f"eval step {done}: EMA valid error {valid_error:.2f}% test error {test_error:.2f}% (raw model "
                   f"{raw_test_error:.2f}%), median of last {min(20, len(test_errors))}: {median20:.2f}%", flush=True)
-            common.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
+            bookkeeping.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
                 "script": SCRIPT, "args": vars(args), "step": done, "model": model.state_dict(),
                 "ema_model": ema_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "labeled_sampler": labeled_batches.state_dict(), "unlabeled_sampler": unlabeled_batches.state_dict(),
-                "rng": common.rng_state(), "best_valid": best_valid, "test_at_best": test_at_best,
+                "rng": bookkeeping.rng_state(), "best_valid": best_valid, "test_at_best": test_at_best,
                 "train_time": clock.seconds, "timed_steps": clock.steps, "evaluations": evaluations})
             clock.start()
 
@@ -463,7 +465,7 @@ def main():
                "final_test_error": test_error, "final_test_error_raw": raw_test_error,
                "best_valid_error": best_valid if best_valid != float("inf") else float("nan"),
                "test_error_at_best_valid": test_at_best, "train_seconds": clock.seconds, "args": vars(args)}
-    common.write_json(os.path.join(run_dir, "summary.json"), summary)
+    bookkeeping.write_json(os.path.join(run_dir, "summary.json"), summary)
     writer.add_hparams({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
                        {"hparam/median_last20_test_error": median20, "hparam/test_error_at_best_valid": test_at_best},
                        run_name=".")

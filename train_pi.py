@@ -34,6 +34,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import bookkeeping
+
 import common
 import wrn
 
@@ -41,13 +43,13 @@ SCRIPT = "train_pi"
 
 
 def parse_args(argv=None):
-    parser = common.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = bookkeeping.ArgumentParser(description=__doc__.split("\n")[0])
     g = parser.add_argument_group("experiment")
     g.add_argument("--seed", type=int, default=1, help="seed of the run; also picks the labeled subset")
     g.add_argument("--runs-dir", default="runs", help="where run directories are created")
     g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__<script>__<seed>__<time>)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
-    common.add_device_args(g)
+    bookkeeping.add_device_args(g)
     g.add_argument("--eval-every", type=int, default=5000, help="steps between evaluations and checkpoints")
     g.add_argument("--log-every", type=int, default=100, help="steps between logged scalars")
     g = parser.add_argument_group("data")
@@ -157,11 +159,11 @@ def main():
     args = parse_args()
     checkpoint = None
     if args.resume:
-        checkpoint = common.load_checkpoint(args.resume, SCRIPT)
-        args = common.resume_args(args, checkpoint, sys.argv[1:])
+        checkpoint = bookkeeping.load_checkpoint(args.resume, SCRIPT)
+        args = bookkeeping.resume_args(args, checkpoint, sys.argv[1:])
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    amp, memory_format = common.precision(args, device)  # bf16 autocast on CUDA; the faster format (channels_last)
-    common.seed_everything(args.seed, args.torch_deterministic)
+    amp, memory_format = bookkeeping.precision(args, device)  # bf16 autocast on CUDA; the faster format (channels_last)
+    bookkeeping.seed_everything(args.seed, args.torch_deterministic)
 
     # Data: every failure here is one line and happens before anything is written.
     try:
@@ -172,13 +174,13 @@ def main():
         split = common.make_ssl_split(data.y_train, data.num_classes, args.num_labeled, args.num_valid, args.seed,
                                       data.num_labelable, include_labeled=args.include_labeled)
     except common.DataError as error:
-        common.fail(str(error))
+        bookkeeping.fail(str(error))
     if args.threshold is None:
         args.threshold = 0.4 / data.num_classes  # T = 0.04 for 10 classes, divided by 10 for CIFAR-100 (section 4.4)
     flip, shift, noise_std = common.augmentation_defaults(args.dataset)
     normalize = common.make_normalizer(data)
 
-    run_dir, writer = common.open_run(args, SCRIPT, split, checkpoint)  # new run dir, or the resumed one
+    run_dir, writer = bookkeeping.open_run(args, SCRIPT, split, checkpoint)  # new run dir, or the resumed one
 
     model = wrn.WideResNet(data.num_classes, args.depth, args.width, data.channels,
                            bn_momentum=args.bn_momentum).to(device, memory_format=memory_format)
@@ -186,15 +188,15 @@ def main():
     labeled_batches = common.BatchSampler(split.labeled.to(device), args.batch_size)
     unlabeled_batches = common.BatchSampler(split.unlabeled.to(device), args.unlabeled_batch_size)
     start_step, best_valid, test_at_best = 0, float("inf"), float("nan")
-    clock = common.TrainClock(device)  # training time and steps, without evaluation (and compilation)
+    clock = bookkeeping.TrainClock(device)  # training time and steps, without evaluation (and compilation)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         labeled_batches.load_state_dict(checkpoint["labeled_sampler"])
         unlabeled_batches.load_state_dict(checkpoint["unlabeled_sampler"])
-        common.set_rng_state(checkpoint["rng"])
+        bookkeeping.set_rng_state(checkpoint["rng"])
         start_step, best_valid, test_at_best = checkpoint["step"], checkpoint["best_valid"], checkpoint["test_at_best"]
-        clock = common.TrainClock(device, checkpoint["train_time"], checkpoint.get("timed_steps", start_step))
+        clock = bookkeeping.TrainClock(device, checkpoint["train_time"], checkpoint.get("timed_steps", start_step))
         print(f"resumed {run_dir} at step {start_step}")
 
     def view(images):  # normalised uint8 images -> one stochastic view (fresh flip / shift / noise per sample)
@@ -205,7 +207,7 @@ def main():
         sums[name] = sums.get(name, 0.0) + value.detach().float()
 
     valid_error = test_error = float("nan")
-    net = common.compile_model(model, args, device)  # the training passes; evaluation and checkpoints use model
+    net = bookkeeping.compile_model(model, args, device)  # the training passes; evaluation and checkpoints use model
     model.train()
     last_log_step = start_step
     clock.start()
@@ -248,22 +250,22 @@ def main():
         done = step + 1
         # LOGGING: means since the last log; SPS over training time only
         if done % args.log_every == 0 or done == args.total_steps:
-            common.log_interval(writer, sums, done, done - last_log_step, clock.lap(), lr, ramp, args.total_steps)
+            bookkeeping.log_interval(writer, sums, done, done - last_log_step, clock.lap(), lr, ramp, args.total_steps)
             sums, last_log_step = {}, done
         # EVAL: validation and test error; test error at the best validation error is the reported number
         if done % args.eval_every == 0 or done == args.total_steps:
             clock.pause()
-            valid_error, test_error, best_valid, test_at_best = common.evaluate_and_log(
+            valid_error, test_error, best_valid, test_at_best = bookkeeping.evaluate_and_log(
                 writer, done, model, data, split, normalize, memory_format, best_valid, test_at_best)
-            common.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
+            bookkeeping.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
                 "script": SCRIPT, "args": vars(args), "step": done, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "labeled_sampler": labeled_batches.state_dict(),
-                "unlabeled_sampler": unlabeled_batches.state_dict(), "rng": common.rng_state(),
+                "unlabeled_sampler": unlabeled_batches.state_dict(), "rng": bookkeeping.rng_state(),
                 "best_valid": best_valid, "test_at_best": test_at_best,
                 "train_time": clock.seconds, "timed_steps": clock.steps})
             clock.start()
 
-    common.finish_run(writer, run_dir, args, args.total_steps - start_step, clock, valid_error, test_error, best_valid,
+    bookkeeping.finish_run(writer, run_dir, args, args.total_steps - start_step, clock, valid_error, test_error, best_valid,
                       test_at_best)
 
 

@@ -43,6 +43,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import bookkeeping
+
 import common
 import wrn
 
@@ -54,13 +56,13 @@ VAT_EPS = {"cifar10": 6.0, "cifar100": 6.0, "svhn": 1.0, "digits": 1.0}
 
 
 def parse_args(argv=None):
-    parser = common.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = bookkeeping.ArgumentParser(description=__doc__.split("\n")[0])
     g = parser.add_argument_group("experiment")
     g.add_argument("--seed", type=int, default=1, help="seed of the run; also picks the labeled subset")
     g.add_argument("--runs-dir", default="runs", help="where run directories are created")
     g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__<script>__<seed>__<time>)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
-    common.add_device_args(g, exact_fp32="Evaluation and VAT's r search always run in exact fp32")
+    bookkeeping.add_device_args(g, exact_fp32="Evaluation and VAT's r search always run in exact fp32")
     g.add_argument("--eval-every", type=int, default=5000, help="steps between evaluations and checkpoints")
     g.add_argument("--log-every", type=int, default=100, help="steps between logged scalars")
     g = parser.add_argument_group("data")
@@ -172,13 +174,13 @@ def adversarial_perturbation(model, x, clean_logits, eps=6.0, xi=1e-6, iteration
 
     ``x`` is the batch before augmentation: as in Oliver et al., where augmentation runs inside the network, d is added
     to the raw (normalised) image and every pass draws fresh augmentation (``augment``, identity when None).
-    ``clean_logits`` are p(x). Runs in exact fp32 (autocast and TF32 off, common.exact_fp32) with batch statistics
+    ``clean_logits`` are p(x). Runs in exact fp32 (autocast and TF32 off, bookkeeping.exact_fp32) with batch statistics
     that do not update the BatchNorm running statistics, and leaves no gradient on the parameters (autograd.grad
     w.r.t. d only). The result carries no gradient."""
     augment = augment or (lambda t: t)
     x = x.detach().float()
     clean_logits = clean_logits.detach().float()
-    with wrn.no_bn_update(model), common.exact_fp32(x.device.type):
+    with wrn.no_bn_update(model), bookkeeping.exact_fp32(x.device.type):
         d = torch.randn_like(x)
         for _ in range(iterations):
             d = (xi * l2_normalize(d)).requires_grad_()
@@ -202,7 +204,7 @@ def vat_loss(model, x, logits, eps, xi=1e-6, iterations=1, autocast=None, augmen
     saw; when given, the r search recomputes p(x) on it in exact fp32 (used when the clean pass ran under bf16, whose
     logits are too coarse for the xi = 1e-6 probe), so the search and the loss see the same view."""
     if clean_input is not None:
-        with torch.no_grad(), wrn.no_bn_update(model), common.exact_fp32(clean_input.device.type):
+        with torch.no_grad(), wrn.no_bn_update(model), bookkeeping.exact_fp32(clean_input.device.type):
             search_logits = model(clean_input.float())
     else:
         search_logits = logits
@@ -254,11 +256,11 @@ def main():
     args = parse_args()
     checkpoint = None
     if args.resume:
-        checkpoint = common.load_checkpoint(args.resume, SCRIPT)
-        args = common.resume_args(args, checkpoint, sys.argv[1:])
+        checkpoint = bookkeeping.load_checkpoint(args.resume, SCRIPT)
+        args = bookkeeping.resume_args(args, checkpoint, sys.argv[1:])
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    amp, memory_format = common.precision(args, device)  # bf16 autocast on CUDA; the faster format (channels_last)
-    common.seed_everything(args.seed, args.torch_deterministic)
+    amp, memory_format = bookkeeping.precision(args, device)  # bf16 autocast on CUDA; the faster format (channels_last)
+    bookkeeping.seed_everything(args.seed, args.torch_deterministic)
 
     # Data: every failure here is one line and happens before anything is written.
     try:
@@ -269,13 +271,13 @@ def main():
         split = common.make_ssl_split(data.y_train, data.num_classes, args.num_labeled, args.num_valid, args.seed,
                                       data.num_labelable, include_labeled=args.include_labeled)
     except common.DataError as error:
-        common.fail(str(error))
+        bookkeeping.fail(str(error))
     if args.threshold is None:
         args.threshold = 0.4 / data.num_classes  # T = 0.04 for 10 classes, divided by 10 for CIFAR-100 (section 4.4)
     flip, shift, noise_std = common.augmentation_defaults(args.dataset)
     normalize = common.make_normalizer(data)
 
-    run_dir, writer = common.open_run(args, SCRIPT, split, checkpoint)  # new run dir, or the resumed one
+    run_dir, writer = bookkeeping.open_run(args, SCRIPT, split, checkpoint)  # new run dir, or the resumed one
 
     model = wrn.WideResNet(data.num_classes, args.depth, args.width, data.channels,
                            bn_momentum=args.bn_momentum).to(device, memory_format=memory_format)
@@ -283,15 +285,15 @@ def main():
     labeled_batches = common.BatchSampler(split.labeled.to(device), args.batch_size)
     unlabeled_batches = common.BatchSampler(split.unlabeled.to(device), args.unlabeled_batch_size)
     start_step, best_valid, test_at_best = 0, float("inf"), float("nan")
-    clock = common.TrainClock(device)  # training time and steps, without evaluation (and compilation)
+    clock = bookkeeping.TrainClock(device)  # training time and steps, without evaluation (and compilation)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         labeled_batches.load_state_dict(checkpoint["labeled_sampler"])
         unlabeled_batches.load_state_dict(checkpoint["unlabeled_sampler"])
-        common.set_rng_state(checkpoint["rng"])
+        bookkeeping.set_rng_state(checkpoint["rng"])
         start_step, best_valid, test_at_best = checkpoint["step"], checkpoint["best_valid"], checkpoint["test_at_best"]
-        clock = common.TrainClock(device, checkpoint["train_time"], checkpoint.get("timed_steps", start_step))
+        clock = bookkeeping.TrainClock(device, checkpoint["train_time"], checkpoint.get("timed_steps", start_step))
         print(f"resumed {run_dir} at step {start_step}")
 
     def augment(x):  # fresh flip / translation / noise per sample and per pass, as inside Oliver et al.'s network
@@ -302,7 +304,7 @@ def main():
         sums[name] = sums.get(name, 0.0) + value.detach().float()
 
     valid_error = test_error = float("nan")
-    net = common.compile_model(model, args, device)  # the training passes; evaluation and checkpoints use model
+    net = bookkeeping.compile_model(model, args, device)  # the training passes; evaluation and checkpoints use model
     model.train()
     last_log_step = start_step
     clock.start()
@@ -361,22 +363,22 @@ def main():
         done = step + 1
         # LOGGING: means since the last log; SPS over training time only
         if done % args.log_every == 0 or done == args.total_steps:
-            common.log_interval(writer, sums, done, done - last_log_step, clock.lap(), lr, ramp, args.total_steps)
+            bookkeeping.log_interval(writer, sums, done, done - last_log_step, clock.lap(), lr, ramp, args.total_steps)
             sums, last_log_step = {}, done
         # EVAL: validation and test error; test error at the best validation error is the reported number
         if done % args.eval_every == 0 or done == args.total_steps:
             clock.pause()
-            valid_error, test_error, best_valid, test_at_best = common.evaluate_and_log(
+            valid_error, test_error, best_valid, test_at_best = bookkeeping.evaluate_and_log(
                 writer, done, model, data, split, normalize, memory_format, best_valid, test_at_best)
-            common.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
+            bookkeeping.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
                 "script": SCRIPT, "args": vars(args), "step": done, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "labeled_sampler": labeled_batches.state_dict(),
-                "unlabeled_sampler": unlabeled_batches.state_dict(), "rng": common.rng_state(),
+                "unlabeled_sampler": unlabeled_batches.state_dict(), "rng": bookkeeping.rng_state(),
                 "best_valid": best_valid, "test_at_best": test_at_best,
                 "train_time": clock.seconds, "timed_steps": clock.steps})
             clock.start()
 
-    common.finish_run(writer, run_dir, args, args.total_steps - start_step, clock, valid_error, test_error, best_valid,
+    bookkeeping.finish_run(writer, run_dir, args, args.total_steps - start_step, clock, valid_error, test_error, best_valid,
                       test_at_best)
 
 

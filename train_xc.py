@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 
+import bookkeeping
+
 import common
 from xc_tree import ProbabilisticTree, fit_tree
 
@@ -49,7 +51,7 @@ AUTHORS_SPLIT_SEED = 36528475  # binarize-labels.py:68 (their validation / test 
 
 
 def parse_args(argv=None):
-    parser = common.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bookkeeping.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = parser.add_argument_group("experiment")
     g.add_argument("--seed", type=int, default=1, help="seed of the training run (batches, negatives, init)")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the planted problem and of the held-out split, so different --seed train on the same data (file data: 0 is the authors' split)")
@@ -299,32 +301,32 @@ def load_dataset(args):
     for name, value in (("--dataset", args.dataset), ("--labels", args.labels), ("--test-data", args.test_data),
                         ("--test-labels", args.test_labels)):
         if value is not None and not Path(value).is_file():
-            common.fail(f"{name} {value}: file not found (--dataset takes 'planted', an .npz, or XC text files)")
+            bookkeeping.fail(f"{name} {value}: file not found (--dataset takes 'planted', an .npz, or XC text files)")
     if path.suffix == ".npz":
         try:
             with np.load(path) as data:
                 x_train, y_train, x_test, y_test = (data[key] for key in ("x_train", "y_train", "x_test", "y_test"))
         except (KeyError, ValueError, OSError) as error:
-            common.fail(f"{path}: not an .npz with x_train, y_train, x_test, y_test ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
+            bookkeeping.fail(f"{path}: not an .npz with x_train, y_train, x_test, y_test ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
         x_train, x_test = x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)
     else:
         if args.test_data is None:
-            common.fail("a text-format --dataset needs --test-data (the held-out file in the same format)")
+            bookkeeping.fail("a text-format --dataset needs --test-data (the held-out file in the same format)")
         if (args.labels is None) != (args.test_labels is None):
-            common.fail("--labels and --test-labels go together (feature file + label file for each split)")
+            bookkeeping.fail("--labels and --test-labels go together (feature file + label file for each split)")
         try:
             x_train, y_train = read_file_pair(args, args.dataset, args.labels)
             x_test, y_test = read_file_pair(args, args.test_data, args.test_labels)
         except (common.DataError, UnicodeDecodeError) as error:
-            common.fail(str(error) if isinstance(error, common.DataError) else f"{path}: not a text file")
+            bookkeeping.fail(str(error) if isinstance(error, common.DataError) else f"{path}: not a text file")
         if x_test.shape[1] != x_train.shape[1]:
-            common.fail(f"{args.test_data}: K = {x_test.shape[1]} differs from the training file's K = {x_train.shape[1]}")
+            bookkeeping.fail(f"{args.test_data}: K = {x_test.shape[1]} differs from the training file's K = {x_train.shape[1]}")
     if len(x_train) != len(y_train) or len(x_test) != len(y_test) or x_train.shape[1] != x_test.shape[1]:
-        common.fail(f"{path}: inconsistent shapes x_train {x_train.shape}, y_train {y_train.shape}, x_test {x_test.shape}, y_test {y_test.shape}")
+        bookkeeping.fail(f"{path}: inconsistent shapes x_train {x_train.shape}, y_train {y_train.shape}, x_test {x_test.shape}, y_test {y_test.shape}")
     y_train, y_test, keep, num_classes = reindex_by_frequency(np.asarray(y_train).astype(np.int64), np.asarray(y_test).astype(np.int64))
     x_test = x_test[keep]
     if num_classes < 2 or len(y_test) < 2:
-        common.fail(f"{path}: need at least 2 labels and 2 held-out points with labels seen in training")
+        bookkeeping.fail(f"{path}: need at least 2 labels and 2 held-out points with labels seen in training")
     valid, test = heldout_split(len(y_test), args.data_seed)
     to_tensor = lambda idx: (torch.as_tensor(x_test[idx], dtype=torch.float32), torch.as_tensor(y_test[idx]))
     # The authors evaluate the whole test split and subsample only validation (their evaluation scripts).
@@ -336,9 +338,9 @@ def load_tree(path, num_classes, num_features):
     try:
         tree = ProbabilisticTree.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as error:  # missing, truncated, not a tree: one line
-        common.fail(f"cannot read the auxiliary tree {path} ({type(error).__name__})")
+        bookkeeping.fail(f"cannot read the auxiliary tree {path} ({type(error).__name__})")
     if tree.num_classes != num_classes or tree.mean.shape[0] != num_features:
-        common.fail(f"the auxiliary tree {path} is for C = {tree.num_classes}, K = {tree.mean.shape[0]}; the data "
+        bookkeeping.fail(f"the auxiliary tree {path} is for C = {tree.num_classes}, K = {tree.mean.shape[0]}; the data "
                     f"have C = {num_classes}, K = {num_features}")
     return tree
 
@@ -348,10 +350,10 @@ def main(argv=None):
     args = parse_args(argv)
     checkpoint = None
     if args.resume:
-        checkpoint = common.load_checkpoint(args.resume, "train_xc.py")
-        args = common.resume_args(args, checkpoint, argv, overrides=("total_steps", "time_budget", "cuda"), legacy=False)
+        checkpoint = bookkeeping.load_checkpoint(args.resume, "train_xc.py")
+        args = bookkeeping.resume_args(args, checkpoint, argv, overrides=("total_steps", "time_budget", "cuda"), legacy=False)
         if args.time_budget > 0 and checkpoint["train_seconds"] + checkpoint["aux_fit_seconds"] >= args.time_budget:
-            common.fail(f"--resume {args.resume}: the run already used its --time-budget of {args.time_budget:g} s; "
+            bookkeeping.fail(f"--resume {args.resume}: the run already used its --time-budget of {args.time_budget:g} s; "
                         f"pass a larger one to extend it")
     torch.sparse.check_sparse_tensor_invariants.disable()  # explicit opt-out (silences a warning per Adagrad step)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
@@ -360,7 +362,7 @@ def main(argv=None):
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     dataset_name, x_train, y_train, heldout, num_classes, planted = load_dataset(args)
     if planted is None and args.sampling == "epochs" and args.batch_size > len(y_train):
-        common.fail(f"--batch-size {args.batch_size} exceeds the {len(y_train)} training points (--sampling epochs)")
+        bookkeeping.fail(f"--batch-size {args.batch_size} exceeds the {len(y_train)} training points (--sampling epochs)")
     needs_tree = args.method in ("adversarial", "nce")
     tree = None
     if checkpoint is not None and needs_tree:  # the resumed run reuses its own fitted tree
@@ -369,12 +371,12 @@ def main(argv=None):
         tree = load_tree(args.aux_model, num_classes, x_train.shape[1])
 
     if checkpoint is None:
-        run_dir = Path(common.create_run_dir(args.runs_dir, args.run_name or f"{dataset_name}__xc__{args.seed}__{int(time.time())}"))
-        common.write_json(str(run_dir / "args.json"), vars(args))
+        run_dir = Path(bookkeeping.create_run_dir(args.runs_dir, args.run_name or f"{dataset_name}__xc__{args.seed}__{int(time.time())}"))
+        bookkeeping.write_json(str(run_dir / "args.json"), vars(args))
     else:
         run_dir = Path(args.resume)
     writer = SummaryWriter(str(run_dir), purge_step=None if checkpoint is None else checkpoint["step"] + 1)
-    writer.add_text("hyperparameters", common.hparams_table(args))
+    writer.add_text("hyperparameters", bookkeeping.hparams_table(args))
 
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -398,7 +400,7 @@ def main(argv=None):
         else:
             print(f"auxiliary tree: reused {args.resume or args.aux_model} (fitted in {tree.fit_seconds:.1f} s, counted on the time axis)")
         if checkpoint is None:  # the run directory always holds its tree, so --resume never needs --aux-model's file
-            common.save_checkpoint(str(run_dir / "aux_tree.pt"), tree.state_dict())
+            bookkeeping.save_checkpoint(str(run_dir / "aux_tree.pt"), tree.state_dict())
         tree = tree.to(device)
         time_offset = tree.fit_seconds
     correction = {"adversarial": lambda xb: tree.log_prob_all(tree.whiten(xb)),  # eq. 5
@@ -453,15 +455,15 @@ def main(argv=None):
         raw = f", raw {row['test_raw_log_likelihood']:.3f} / {row['test_raw_accuracy']:.1f} %" if "test_raw_accuracy" in row else ""
         print(f"eval step {step} ({elapsed:.1f} s): test log-likelihood {row['test_log_likelihood']:.3f}, "
               f"accuracy {row['test_accuracy']:.2f} %, P@5 {row['test_precision_at_5']:.2f} %{raw}")
-        common.save_checkpoint(str(run_dir / "checkpoint.pt"), {
+        bookkeeping.save_checkpoint(str(run_dir / "checkpoint.pt"), {
             "script": "train_xc.py", "args": vars(args), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "step": step, "train_seconds": elapsed - time_offset, "aux_fit_seconds": time_offset, "run_start": run_start,
-            "history": history, "best": best, "order": order.cpu(), "position": position, "rng": common.rng_state()})
+            "history": history, "best": best, "order": order.cpu(), "position": position, "rng": bookkeeping.rng_state()})
 
     if checkpoint is None:
         run_evaluation(0, time_offset)
     else:
-        common.set_rng_state(checkpoint["rng"])  # last: everything above that draws random numbers is set up again
+        bookkeeping.set_rng_state(checkpoint["rng"])  # last: everything above that draws random numbers is set up again
     last_eval_seconds = time_offset + train_seconds
     segment_start = clock()
     while step < args.total_steps:
@@ -530,7 +532,7 @@ def main(argv=None):
                "best_valid_error": best["valid_error"], "test_error_at_best_valid": best["test_error"],
                **{f"final_{key}": value for key, value in final.items() if key not in ("step", "seconds")}, **bayes,
                "args": vars(args)}
-    common.write_json(str(run_dir / "summary.json"), summary)
+    bookkeeping.write_json(str(run_dir / "summary.json"), summary)
     writer.add_hparams({key: value for key, value in vars(args).items() if isinstance(value, (int, float, str))},
                        {f"hparam/{key}": summary[key] for key in ("final_test_log_likelihood", "final_test_error")},
                        run_name=".")

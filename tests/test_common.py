@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+import bookkeeping
+
 import common
 
 
@@ -248,7 +250,7 @@ def test_open_run_new_resumed_and_existing(tmp_path, capsys):
     import argparse
     split = common.make_ssl_split(torch.arange(100) % 10, 10, 20, 10, seed=0)
     args = argparse.Namespace(dataset="digits", seed=3, runs_dir=str(tmp_path), run_name=None, resume=None, lr=0.1)
-    run_dir, writer = common.open_run(args, "sup", split)
+    run_dir, writer = bookkeeping.open_run(args, "sup", split)
     for step in (5, 7):  # a crashed leg logged step 7 after its checkpoint at step 5
         writer.add_scalar("x", float(step), step)
     writer.close()
@@ -260,7 +262,7 @@ def test_open_run_new_resumed_and_existing(tmp_path, capsys):
     # A resumed run reopens its own directory and writes nothing new there but events.
     before = sorted(os.listdir(run_dir))
     args.resume = run_dir
-    resumed_dir, writer = common.open_run(args, "sup", split, {"step": 5})
+    resumed_dir, writer = bookkeeping.open_run(args, "sup", split, {"step": 5})
     writer.add_scalar("x", 6.0, 6)
     writer.close()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -271,6 +273,6 @@ def test_open_run_new_resumed_and_existing(tmp_path, capsys):
     # The same --run-name again: one line, exit 1, the existing run untouched.
     args.resume, args.run_name = None, name
     with pytest.raises(SystemExit) as exit_info:
-        common.open_run(args, "sup", split)
+        bookkeeping.open_run(args, "sup", split)
     assert exit_info.value.code == 1 and "already exists" in capsys.readouterr().err
     assert json.load(open(os.path.join(run_dir, "args.json")))["lr"] == 0.1

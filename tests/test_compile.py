@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_script
+import bookkeeping
 import common
 import train_mixmatch
 import train_pi
@@ -23,11 +24,11 @@ TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 def pair(seed=0, conv_bias=False):
-    """An eager WRN-10-1 and a compiled copy with identical weights (as common.compile_model builds it)."""
+    """An eager WRN-10-1 and a compiled copy with identical weights (as bookkeeping.compile_model builds it)."""
     torch.manual_seed(seed)
     eager = wrn.WideResNet(10, 10, 1, 3, conv_bias=conv_bias, bn_momentum=0.1)
     compiled_model = copy.deepcopy(eager)
-    net = common.compile_model(compiled_model, argparse.Namespace(compile=True), torch.device("cpu"))
+    net = bookkeeping.compile_model(compiled_model, argparse.Namespace(compile=True), torch.device("cpu"))
     return eager, compiled_model, net
 
 
@@ -48,9 +49,9 @@ def assert_same(a, b, **tol):
 def test_compile_model_is_opt_in_on_cpu_and_shares_weights():
     model = wrn.WideResNet(10, 10, 1, 3)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert common.compile_model(model, argparse.Namespace(compile=None), cpu) is model  # default off on the CPU
-    assert common.compile_model(model, argparse.Namespace(compile=False), cuda) is model
-    net = common.compile_model(model, argparse.Namespace(compile=True), cpu)
+    assert bookkeeping.compile_model(model, argparse.Namespace(compile=None), cpu) is model  # default off on the CPU
+    assert bookkeeping.compile_model(model, argparse.Namespace(compile=False), cuda) is model
+    net = bookkeeping.compile_model(model, argparse.Namespace(compile=True), cpu)
     assert net is not model and net._orig_mod is model
     assert [p.data_ptr() for p in net.parameters()] == [p.data_ptr() for p in model.parameters()]
     assert list(model.state_dict()) == list(wrn.WideResNet(10, 10, 1, 3).state_dict())  # no "_orig_mod." prefix
@@ -148,8 +149,8 @@ def test_train_clock_sps_is_steps_over_training_time_across_evaluations(monkeypa
     The scripts' old loop restarted the interval's timer at an evaluation but not its step count, and logged 2.5 at
     step 5 (5 steps over the 2 s since the evaluation)."""
     fake = FakeTime()
-    monkeypatch.setattr(common.time, "perf_counter", fake)
-    clock = common.TrainClock(torch.device("cpu"))
+    monkeypatch.setattr(bookkeeping.time, "perf_counter", fake)
+    clock = bookkeeping.TrainClock(torch.device("cpu"))
     clock.start()
     logged = []
     for done in range(1, 11):
@@ -167,8 +168,8 @@ def test_train_clock_sps_is_steps_over_training_time_across_evaluations(monkeypa
 
 def test_train_clock_leaves_the_compiling_step_out(monkeypatch, capsys):
     fake = FakeTime()
-    monkeypatch.setattr(common.time, "perf_counter", fake)
-    clock = common.TrainClock(torch.device("cpu"), seconds=4.0, steps=8)  # a resumed leg: 8 steps in 4 s so far
+    monkeypatch.setattr(bookkeeping.time, "perf_counter", fake)
+    clock = bookkeeping.TrainClock(torch.device("cpu"), seconds=4.0, steps=8)  # a resumed leg: 8 steps in 4 s so far
     clock.start()
     fake.now += 30.0  # the compiling step
     clock.step(compiled=True)
@@ -245,7 +246,7 @@ def test_compiled_densenet_cam_losses_match_eager():
     torch.manual_seed(0)
     eager = mel.build_model(args, 4)
     compiled_model = copy.deepcopy(eager)
-    net = common.compile_model(compiled_model, argparse.Namespace(compile=True), torch.device("cpu"))
+    net = bookkeeping.compile_model(compiled_model, argparse.Namespace(compile=True), torch.device("cpu"))
     x, targets = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 3, -1, -1, -1, -1])
     totals = []
     for module, model in ((eager, eager), (net, compiled_model)):
@@ -275,8 +276,8 @@ def test_compiled_imagenet_run_end_to_end(tmp_path):
 
 def test_a_lap_holding_only_the_compiling_step_has_no_sps(monkeypatch):
     fake = FakeTime()
-    monkeypatch.setattr(common.time, "perf_counter", fake)
-    clock = common.TrainClock(torch.device("cpu"))
+    monkeypatch.setattr(bookkeeping.time, "perf_counter", fake)
+    clock = bookkeeping.TrainClock(torch.device("cpu"))
     clock.start()
     fake.now += 20.0
     clock.step(compiled=True)
@@ -294,7 +295,7 @@ def test_a_run_saved_before_compile_existed_keeps_its_memory_format(capsys):
     old = {k: v for k, v in saved.items() if k != "compile"}
     checkpoint = {"args": old, "step": 5}
     args = train_pi.parse_args(["--dataset", "synthetic", "--resume", "somewhere"])
-    resumed = common.resume_args(args, checkpoint, ["--resume", "somewhere"])
+    resumed = bookkeeping.resume_args(args, checkpoint, ["--resume", "somewhere"])
     assert resumed.channels_last is False and "keeps its memory format" in capsys.readouterr().out
-    resumed = common.resume_args(args, {"args": saved, "step": 5}, ["--resume", "somewhere"])
+    resumed = bookkeeping.resume_args(args, {"args": saved, "step": 5}, ["--resume", "somewhere"])
     assert resumed.channels_last is None

@@ -15,6 +15,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import bookkeeping  # noqa: E402
 import common  # noqa: E402
 import train_mixmatch  # noqa: E402
 import train_pi  # noqa: E402
@@ -118,14 +119,14 @@ def test_exact_fp32_switches_autocast_and_tf32_off_and_restores_them():
     matmul.fp32_precision, conv.fp32_precision = "tf32", "tf32"  # as a user who allows TF32 everywhere
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            with common.exact_fp32("cuda"), common.exact_fp32("cpu"):
+            with bookkeeping.exact_fp32("cuda"), bookkeeping.exact_fp32("cpu"):
                 assert not torch.is_autocast_enabled("cpu")
                 assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
                 assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
             assert torch.is_autocast_enabled("cpu")
             assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
         with pytest.raises(ZeroDivisionError):  # restored on the way out of an exception too
-            with common.exact_fp32("cuda"):
+            with bookkeeping.exact_fp32("cuda"):
                 1 / 0
         assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
     finally:
@@ -138,11 +139,11 @@ def test_no_bf16_on_cuda_means_exact_fp32_for_the_run(monkeypatch):
     monkeypatch.setattr(torch, "autocast", lambda *a, **k: ("autocast", a, k))  # no CUDA here: only the decision
     try:
         args = train_vat.parse_args(["--no-bf16"])
-        amp, memory_format = common.precision(args, torch.device("cuda"))
+        amp, memory_format = bookkeeping.precision(args, torch.device("cuda"))
         assert amp[2]["enabled"] is False and memory_format == torch.channels_last
         assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
         matmul.fp32_precision, conv.fp32_precision = before
-        amp, _ = common.precision(train_vat.parse_args([]), torch.device("cuda"))
+        amp, _ = bookkeeping.precision(train_vat.parse_args([]), torch.device("cuda"))
         assert amp[2]["enabled"] is True and (matmul.fp32_precision, conv.fp32_precision) == before
     finally:
         matmul.fp32_precision, conv.fp32_precision = before
@@ -228,7 +229,7 @@ def test_bf16_channels_last_end_to_end_with_fp32_evaluation(name, monkeypatch, t
 def test_cpu_defaults_are_fp32_in_the_measured_faster_format(monkeypatch, tmp_path, spy):
     """CPU defaults: no autocast, fp32, and the memory format benchmark/speed.py measured faster on the CPU
     (channels_last, docs/benchmarks.md); --no-channels-last gives contiguous tensors."""
-    assert common.FASTER_FORMAT["cpu"] is True
+    assert bookkeeping.FASTER_FORMAT["cpu"] is True
     run_main(train_pi, monkeypatch, tmp_path, "--total-steps", "1", "--eval-every", "1")
     assert spy and all(not r["autocast"] and r["out_dtype"] == torch.float32 and r["channels_last"] for r in spy)
     spy.clear()
@@ -241,7 +242,7 @@ def test_torch_deterministic_turns_on_deterministic_algorithms(monkeypatch, tmp_
     run_main(train_pi, monkeypatch, tmp_path, "--total-steps", "1", "--eval-every", "1", "--torch-deterministic")
     assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
     assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") in (":4096:8", ":16:8")
-    common.seed_everything(0, False)
+    bookkeeping.seed_everything(0, False)
     assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
 
 
@@ -308,7 +309,7 @@ def test_mixmatch_median_uses_grid_evaluations_only():
 
 def test_mixmatch_extended_run_drops_the_old_final_evaluation(monkeypatch, tmp_path, spy):
     calls = []  # every evaluation gets its own error, so the median shows which evaluations entered it
-    monkeypatch.setattr(common, "error_rate", lambda *a, **k: calls.append(1) or float(len(calls)) ** 2)
+    monkeypatch.setattr(bookkeeping, "error_rate", lambda *a, **k: calls.append(1) or float(len(calls)) ** 2)
     flags = ["--batch-size", "8", "--eval-every", "2"]
     run_main(train_mixmatch, monkeypatch, tmp_path, *flags, "--total-steps", "5", name="extended")
     monkeypatch.setattr(sys, "argv", [train_mixmatch.__file__, "--resume", str(tmp_path / "extended"),

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import bookkeeping  # noqa: E402
 import common  # noqa: E402
 import train_xc as xc  # noqa: E402
 import xc_tree  # noqa: E402
@@ -84,7 +85,7 @@ def test_fitted_tree_beats_uniform_and_saves_round_trip(small_tree, tmp_path):
     tree, planted, x, y = small_tree
     z = tree.whiten(x)
     assert tree.log_prob(z, y).mean() > -math.log(37) + 1.5  # far better than the uniform p_n
-    common.save_checkpoint(str(tmp_path / "tree.pt"), tree.state_dict())
+    bookkeeping.save_checkpoint(str(tmp_path / "tree.pt"), tree.state_dict())
     loaded = xc_tree.ProbabilisticTree.from_state_dict(torch.load(tmp_path / "tree.pt", weights_only=True))
     assert torch.equal(loaded.log_prob_all(loaded.whiten(x[:50])), tree.log_prob_all(z[:50]))
     assert loaded.fit_seconds == pytest.approx(tree.fit_seconds)

@@ -1,0 +1,378 @@
+"""A run's bookkeeping, the same for every training script: the one-line error contract, the device flags and
+their resolution (precision, memory format, torch.compile, seeds and determinism), the training clock, run
+directories, checkpoints and --resume, RNG state, the error rate of a model and TensorBoard / summary.json writing.
+No algorithm and no evaluation rule lives here: each script states the number it reports."""
+import argparse
+import contextlib
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, '<prog>: error: <message>' on stderr and exit 2, without the usage block
+    (the full usage is one --help away), and whose --help shows every default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def fail(message, code=1):
+    """Print one clear line on stderr and exit non-zero (bad input never produces a traceback). Under torchrun every
+    rank meets the same error; only rank 0 prints it."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{os.path.basename(sys.argv[0]) or 'error'}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def add_device_args(group, exact_fp32="Evaluation always runs in exact fp32"):
+    """The device flags every WRN script shares: --cuda, --torch-deterministic, --bf16, --channels-last, --compile
+    (resolved by precision(), compile_model() and seed_everything())."""
+    group.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
+    group.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
+                       help="deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, no "
+                            "benchmark): bit-reproducible on the same machine and software, slower on GPU")
+    group.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                       help="bf16 autocast for training forward passes (default: on for CUDA, off on CPU; --bf16 forces "
+                            f"it on the CPU too). {exact_fp32}")
+    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="channels_last memory format (default: the faster format of the device, FASTER_FORMAT: "
+                            "channels_last on CUDA and on the CPU)")
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the model for the training passes (default: on for CUDA, off on the CPU, "
+                            "where compiling takes about a minute); the first step, which compiles, is timed apart and "
+                            "left out of SPS. Evaluation and checkpoints use the uncompiled module")
+
+
+# The memory format of a device when --channels-last is not given: the faster one, measured on the training step
+# (docs/benchmarks.md, "Memory format"). CPU: the WRN-28-2 forward + backward is 11-17 % faster in channels_last
+# (2-core AVX2, oneDNN). CUDA: channels_last is what cuDNN's tensor-core convolutions want under bf16 autocast.
+FASTER_FORMAT = {"cuda": True, "cpu": True}
+
+
+def compile_model(model, args, device):
+    """The module the training passes call: torch.compile(model) with --compile (default on CUDA), else the model.
+
+    The compiled module shares its parameters and buffers with ``model``, so the optimiser, the EMA, evaluation
+    (which calls ``model`` itself, eagerly) and ``model.state_dict()`` see one set of weights and checkpoints hold
+    no compiler wrapper. Every variant of a pass (training mode, BatchNorm updates on or off via wrn.no_bn_update,
+    autocast on or off, an input that needs a gradient) is a guard on the compiled code: each gets its own graph
+    the first time it runs, i.e. within the first training step. ``dynamic=False``: every batch shape of a run is
+    fixed, so static shapes give the fastest kernels."""
+    enabled = device.type == "cuda" if args.compile is None else args.compile
+    if not enabled:
+        return model
+    config = torch._dynamo.config  # room for every pass variant x shape (named recompile_limit in newer PyTorch)
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 16))
+    # Guard on the attributes of the model's modules (wrn.BatchNorm2d.update_stats, training): the default from
+    # PyTorch 2.5 on; on 2.4 a flipped module attribute could otherwise go unseen and run the wrong graph.
+    if torch.__version__ < "2.5":  # TorchVersion compares as a version; the flag is deprecated (always on) later
+        config.inline_inbuilt_nn_modules = True
+    return torch.compile(model, dynamic=False)
+
+
+class TrainClock:
+    """Training time and steps per second of a run, across --resume legs.
+
+    ``start()`` / ``pause()`` bracket training (evaluation and checkpoints are outside); ``step()`` counts a timed step,
+    except the first step of a leg whose model is compiled: its time (compilation included) is printed once as
+    compile_seconds and left out of both the time and the step count, so SPS and ETA are the compiled speed. ``lap()`` gives the steps per second since the previous lap over training time only: its step
+    count and its time run over the same steps, also when an evaluation falls inside the interval. CUDA is
+    synchronised only at these calls, never per step."""
+
+    def __init__(self, device, seconds=0.0, steps=0):
+        self.device, self.seconds, self.steps = device, float(seconds), int(steps)  # totals, checkpointed
+        self.compile_seconds = None
+        self._lap_seconds, self._lap_steps, self._started = 0.0, 0, None
+
+    def _now(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def start(self):
+        self._started = self._now()
+
+    def pause(self):
+        elapsed = self._now() - self._started
+        self.seconds += elapsed
+        self._lap_seconds += elapsed
+        self._started = None
+
+    def step(self, compiled=False):
+        """One training step done. ``compiled``: the model is compiled, so the first step of this leg compiled it;
+        that step's time is printed once (compile_seconds) and left out of the time and the step count."""
+        if compiled and self.compile_seconds is None:
+            self.compile_seconds = self._now() - self._started
+            print(f"compile: the first step took {self.compile_seconds:.1f} s with compilation (not in SPS)", flush=True)
+            self._started = self._now()
+            return
+        self.steps += 1
+        self._lap_steps += 1
+
+    def lap(self):
+        """Steps per second since the previous lap (training time only); starts the next lap."""
+        now = self._now()
+        self._lap_seconds += now - self._started
+        self.seconds += now - self._started
+        self._started = now
+        sps = self._lap_steps / self._lap_seconds if self._lap_steps and self._lap_seconds > 0 else float("nan")
+        self._lap_seconds, self._lap_steps = 0.0, 0
+        return sps
+
+    def steps_per_second(self):
+        return self.steps / self.seconds if self.seconds > 0 and self.steps else None
+
+
+def create_run_dir(runs_dir, run_name):
+    """Make a fresh run directory; an existing one is never reused or overwritten."""
+    run_dir = os.path.join(runs_dir, run_name)
+    if os.path.exists(run_dir):
+        fail(f"run directory {run_dir} already exists: choose another --run-name, or continue it with --resume {run_dir}")
+    os.makedirs(run_dir)
+    return run_dir
+
+
+def open_run(args, script, split, checkpoint=None):
+    """(run_dir, TensorBoard writer). A new run gets runs/<dataset>__<script>__<seed>__<unix time> (or --run-name),
+    its args.json and split.json; a resumed run reopens args.resume and purges the events logged after its
+    checkpoint's step (a crashed leg's; those at the step itself were written before the checkpoint was saved)."""
+    from torch.utils.tensorboard import SummaryWriter  # here: the data helpers above must not need tensorboard
+    if checkpoint is None:
+        run_name = args.run_name or f"{os.path.basename(args.dataset)}__{script}__{args.seed}__{int(time.time())}"
+        run_dir = create_run_dir(args.runs_dir, run_name)
+        write_json(os.path.join(run_dir, "args.json"), vars(args))
+        split.save(os.path.join(run_dir, "split.json"))
+    else:
+        run_dir = args.resume
+    writer = SummaryWriter(run_dir, purge_step=None if checkpoint is None else checkpoint["step"] + 1)
+    writer.add_text("hyperparameters", hparams_table(args))
+    return run_dir, writer
+
+
+def write_json(path, obj):
+    """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, state):
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(run_dir, script, flag="--resume"):
+    """Read RUN_DIR/checkpoint.pt written by ``script``; any problem is one line and exit 1, nothing is touched."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        fail(f"{flag} {run_dir}: no checkpoint.pt in that directory")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, pickle garbage, wrong types: all mean "corrupt"
+        fail(f"{flag} {run_dir}: checkpoint.pt is corrupt or unreadable ({type(error).__name__})")
+    if not isinstance(checkpoint, dict) or checkpoint.get("script") != script or not isinstance(checkpoint.get("args"), dict):
+        fail(f"{flag} {run_dir}: checkpoint.pt was not written by {script}")
+    return checkpoint
+
+
+def resume_args(args, checkpoint, argv, overrides=("total_steps", "cuda", "compile"), legacy=True):
+    """The resumed run keeps its saved arguments; only the ``overrides`` given on this command line (--total-steps
+    to extend a run, the device flags --cuda and --compile) replace them. ``legacy``: give the arguments of a WRN-script run saved before
+    the fidelity review their old meaning (legacy_args)."""
+    saved = argparse.Namespace(**checkpoint["args"])
+    if legacy and "channels_last" not in vars(saved):  # a run started before these flags existed keeps the meaning it had
+        legacy = legacy_args(vars(saved))
+        for name, value in legacy.items():
+            setattr(saved, name, value)
+        print(f"--resume {args.resume}: arguments of an older version, kept with their old meaning "
+              f"({', '.join(f'{k}={v}' for k, v in sorted(legacy.items()))})")
+    if legacy and "compile" not in vars(saved) and saved.channels_last is None:  # before channels_last on the CPU
+        saved.channels_last = bool(saved.cuda and torch.cuda.is_available())  # it meant: on for CUDA, off on the CPU
+        print(f"--resume {args.resume}: a run from before --compile keeps its memory format "
+              f"(channels_last={saved.channels_last})")
+    for name, value in vars(args).items():  # flags added later still need a value
+        if name not in vars(saved):
+            setattr(saved, name, value)
+    for name in overrides:
+        flags = ["--" + name.replace("_", "-")] + (["--no-" + name] if name in ("cuda", "compile") else [])
+        if any(a == flag or a.startswith(flag + "=") for a in argv for flag in flags):
+            setattr(saved, name, getattr(args, name))
+    saved.resume = args.resume
+    if checkpoint["step"] >= saved.total_steps:
+        fail(f"--resume {args.resume}: the run already finished {checkpoint['step']} steps; pass --total-steps "
+             f"larger than that to extend it")
+    return saved
+
+
+def legacy_args(saved):
+    """What the arguments added with the fidelity review meant before they existed: the labeled images were in the
+    unlabeled stream unless --exclude-labeled, VAT's loss was KL(p(x) || p(x + r_adv)), and bf16 / channels_last
+    applied to CUDA only."""
+    legacy = {"channels_last": None}
+    if "exclude_labeled" in saved:
+        legacy["include_labeled"] = not saved["exclude_labeled"]
+    if "vat_eps" in saved:
+        legacy["vat_kl"] = "miyato"
+    if saved.get("bf16") is True:
+        legacy["bf16"] = None
+    return legacy
+
+
+def rng_state():
+    """Every RNG a run touches, in a form torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    return {"python": list(random.getstate()[1]), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_pos": int(np_state[2]), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed, deterministic):
+    """Seed every RNG. ``deterministic``: cuDNN's deterministic kernels with benchmarking off, and
+    torch.use_deterministic_algorithms(True), so any op without a deterministic kernel raises instead of silently
+    varying (with the cuBLAS workspace setting it needs on CUDA). With it, a run repeats bit for bit on the same
+    machine, software and device; without it (the default), cuDNN benchmarks its kernels and runs differ slightly."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call (CUDA docs)
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def precision(args, device):
+    """(autocast context, memory format) of a run. ``--bf16`` left unset means on for CUDA, off for the CPU (bf16 is
+    slower than fp32 on CPUs without AVX-512 BF16); ``--channels-last`` left unset takes the device's faster format
+    (FASTER_FORMAT). Set explicitly, both apply on either device, so the CPU test suite runs the CUDA code paths.
+    ``--no-bf16`` on CUDA means the original code's arithmetic: fp32 with TF32 off for the whole run (PyTorch lets
+    cuDNN convolutions use TF32 by default on Ampere / Hopper; TF 1, which the original code ran on, had no TF32)."""
+    use_bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
+    channels_last = FASTER_FORMAT.get(device.type, False) if args.channels_last is None else args.channels_last
+    if not use_bf16 and device.type == "cuda":
+        set_tf32("ieee", "ieee")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    return autocast, (torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def set_tf32(matmul, conv):
+    """Set the fp32 precision of cuBLAS matmuls and cuDNN convolutions ('ieee' = exact fp32, 'tf32'; 'none' = PyTorch's
+    default) and return the previous pair. PyTorch >= 2.9 API (mixing it with reads of the legacy allow_tf32 flags
+    raises in PyTorch, so nothing here reads those); older versions use the allow_tf32 flags."""
+    backends = torch.backends
+    if hasattr(backends.cuda.matmul, "fp32_precision") and hasattr(getattr(backends.cudnn, "conv", None),
+                                                                   "fp32_precision"):
+        previous = (backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision)
+        backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision = matmul, conv
+        return previous
+    previous = tuple("tf32" if flag else "ieee" for flag in (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32))
+    backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = matmul == "tf32", conv != "ieee"
+    return previous
+
+
+@contextlib.contextmanager
+def exact_fp32(device_type):
+    """Plain fp32 arithmetic inside: autocast off, and TF32 off for cuDNN convolutions and cuBLAS matmuls (PyTorch lets
+    cuDNN convolutions use TF32 by default on Ampere / Hopper, a 10-bit mantissa). Used for VAT's r search (xi = 1e-6
+    vanishes at lower precision) and for evaluation (Oliver et al. and the MixMatch code evaluate in fp32)."""
+    previous = set_tf32("ieee", "ieee") if device_type == "cuda" else None  # TF32 is a CUDA matter only
+    try:
+        with torch.autocast(device_type, enabled=False):
+            yield
+    finally:
+        if previous is not None:
+            set_tf32(*previous)
+
+
+@torch.inference_mode()
+def error_rate(model, images, labels, normalize, batch_size=1000, memory_format=torch.contiguous_format):
+    """Test error in percent of ``model`` (eval mode, running BN statistics) on uint8 images held on the device, in
+    exact fp32 whatever autocast the caller runs under (exact_fp32)."""
+    if len(images) == 0:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    wrong = torch.zeros((), device=images.device)
+    with exact_fp32(images.device.type):
+        for i in range(0, len(images), batch_size):
+            x = normalize(images[i: i + batch_size]).contiguous(memory_format=memory_format)
+            logits = model(x)
+            wrong += (logits.argmax(1) != labels[i: i + batch_size]).sum()
+    model.train(was_training)
+    return 100.0 * wrong.item() / len(images)
+
+
+def log_interval(writer, sums, step, steps_in_interval, sps, lr, ramp, total_steps):
+    """Protocol A logging: the interval means of the summed scalars, learning rate, ramp and SPS (``sps``: training
+    steps per second from TrainClock.lap) to TensorBoard, and one printed line with the ETA."""
+    means = dict(zip(sums, (torch.stack(list(sums.values())) / steps_in_interval).tolist()))  # one device sync
+    for name, mean in means.items():
+        writer.add_scalar(name, mean, step)
+    writer.add_scalar("charts/learning_rate", lr, step)
+    writer.add_scalar("charts/unlabeled_weight_ramp", ramp, step)
+    if sps == sps:  # nan when the interval held only the compiling step
+        writer.add_scalar("charts/SPS", sps, step)
+    eta = (total_steps - step) / sps if sps > 0 else float("nan")
+    print(f"step {step}/{total_steps} loss {means['losses/total']:.4f} "
+          f"lr {lr:.2e} SPS {sps:.1f} ETA {eta / 60:.1f} min", flush=True)
+
+
+def evaluate_and_log(writer, step, model, data, split, normalize, memory_format, best_valid, test_at_best):
+    """Protocol A evaluation (fp32, error_rate): validation and test error, the test error at the best validation error
+    so far (the reported number; the first evaluation always sets it), three eval/ scalars and one printed line.
+    Returns (valid_error, test_error, best_valid, test_at_best)."""
+    valid = split.valid.to(data.x_train.device)
+    valid_error = error_rate(model, data.x_train[valid], data.y_train[valid], normalize, memory_format=memory_format)
+    test_error = error_rate(model, data.x_test, data.y_test, normalize, memory_format=memory_format)
+    if valid_error < best_valid or best_valid != best_valid:
+        best_valid, test_at_best = valid_error, test_error
+    writer.add_scalar("eval/valid_error", valid_error, step)
+    writer.add_scalar("eval/test_error", test_error, step)
+    writer.add_scalar("eval/test_error_at_best_valid", test_at_best, step)
+    print(f"eval step {step}: valid error {valid_error:.2f}% test error {test_error:.2f}% "
+          f"(test at best valid {test_at_best:.2f}%)", flush=True)
+    return valid_error, test_error, best_valid, test_at_best
+
+
+def finish_run(writer, run_dir, args, steps_run, clock, valid_error, test_error, best_valid, test_at_best):
+    """Protocol A end of run: summary.json (STYLE.md keys; steps_per_second over training time only, from the
+    TrainClock), the hparams entry in TensorBoard, one printed line."""
+    summary = {"steps": args.total_steps, "steps_per_second": clock.steps_per_second(),
+               "compile_seconds": clock.compile_seconds, "final_valid_error": valid_error,
+               "final_test_error": test_error, "best_valid_error": best_valid, "test_error_at_best_valid": test_at_best,
+               "train_seconds": clock.seconds, "args": vars(args)}
+    write_json(os.path.join(run_dir, "summary.json"), summary)
+    writer.add_hparams({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
+                       {"hparam/test_error_at_best_valid": test_at_best, "hparam/best_valid_error": best_valid},
+                       run_name=".")
+    writer.close()
+    print(f"done: {steps_run} steps, test error at best valid {test_at_best:.2f}% (best valid {best_valid:.2f}%), "
+          f"final test {test_error:.2f}%, {summary['steps_per_second'] or 0:.1f} steps/s -> {run_dir}")
+    return summary
+
+
+def hparams_table(args):
+    """Markdown table of the arguments for TensorBoard's text tab."""
+    return "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in sorted(vars(args).items()))
