@@ -265,8 +265,8 @@ def main():
                 "train_time": clock.seconds, "timed_steps": clock.steps})
             clock.start()
 
-    bookkeeping.finish_run(writer, run_dir, args, args.total_steps - start_step, clock, valid_error, test_error, best_valid,
-                      test_at_best)
+    bookkeeping.finish_run(writer, run_dir, args, args.total_steps - start_step, clock, valid_error, test_error,
+                           best_valid, test_at_best)
 
 
 if __name__ == "__main__":

@@ -284,6 +284,16 @@ def step_functions(net, batch_size, x_all, y_all, memory_format=None):
             "MixMatch+NS3L": (mixmatch, True)}
 
 
+def timed_step(fn, flag, optimizer):
+    """Seconds of one training step: the loss of ``fn(flag)``, its backward and the optimiser step."""
+    start = time.perf_counter()
+    loss = fn(flag)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return time.perf_counter() - start
+
+
 def measure_inprocess(repeats, depth, width, threads, batch_size=50, compiled=False, memory_format=None):
     """Step-by-step alternation inside one process (no start-up, no cross-run drift): the training step of each
     script rebuilt from the script's own functions (train_supervised / train_vat / train_pi / train_mixmatch), on
@@ -305,12 +315,7 @@ def measure_inprocess(repeats, depth, width, threads, batch_size=50, compiled=Fa
     variants = step_functions(net, batch_size, x_all, y_all, memory_format)
 
     def timed(fn, flag):
-        start = time.perf_counter()
-        loss = fn(flag)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return time.perf_counter() - start
+        return timed_step(fn, flag, optimizer)
 
     def loss_only():  # the NS3L work alone: negatives + loss + its backward on the unlabeled logits of a batch
         logits_u = torch.randn(batch_size, 10, requires_grad=True)
@@ -371,12 +376,7 @@ def measure_compile(repeats, depth, width, threads, methods=("PL", "VAT", "Pi", 
 
         def timed(label):
             fn, flag, _, optimizer = combos[label]
-            start = time.perf_counter()
-            loss = fn(flag)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            return time.perf_counter() - start
+            return timed_step(fn, flag, optimizer)
 
         first = {label: timed(label) for label in combos}  # compiles; then one more warm-up call each
         for label in combos:
