@@ -115,7 +115,9 @@ class TrainClock:
         that step's time is printed once (compile_seconds) and left out of the time and the step count."""
         if compiled and self.compile_seconds is None:
             self.compile_seconds = self._now() - self._started
-            print(f"compile: the first step took {self.compile_seconds:.1f} s with compilation (not in SPS)", flush=True)
+            if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, once
+                print(f"compile: the first step took {self.compile_seconds:.1f} s with compilation (not in SPS)",
+                      flush=True)
             self._started = self._now()
             return
         self.steps += 1

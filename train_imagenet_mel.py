@@ -646,10 +646,11 @@ def main(argv=None):
         return metrics
 
     model.train()
-    train_time, steps_done, timed_steps, steps_since_log, metrics, compile_seconds = 0.0, 0, 0, 0, None, None
+    steps_done, steps_since_log, metrics = 0, 0, None
     running = torch.zeros(6, device=device)  # summed loss components and labeled share since the last log
+    clock = bookkeeping.TrainClock(device)  # this leg's training time; the compiling first step is kept apart
+    clock.start()
     for step in range(start_step, total_steps):
-        tick = time.time()
         # ALGO LOGIC: a batch with labeled and unlabeled slots, one forward, eq. 4, one SGD step.
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
@@ -665,15 +666,7 @@ def main(argv=None):
         losses["total"].backward()
         optimizer.step()
         running += torch.stack([v.detach() for v in losses.values()] + [(targets >= 0).float().mean()])
-        if use_cuda:
-            torch.cuda.synchronize()
-        if compiled and step == start_step:  # this step compiled the model: reported apart, not in SPS
-            compile_seconds = time.time() - tick
-            if is_main:
-                print(f"compile: the first step took {compile_seconds:.1f} s with compilation (not in SPS)", flush=True)
-        else:
-            train_time += time.time() - tick
-            timed_steps += 1
+        clock.step(compiled=compiled)
         steps_done += 1
         steps_since_log += 1
 
@@ -690,7 +683,7 @@ def main(argv=None):
             if is_main:
                 for name, value in zip(list(losses) + ["labeled_share"], values):
                     writer.add_scalar(("charts/" if name == "labeled_share" else "losses/") + name, value, step + 1)
-                sps = timed_steps / train_time if timed_steps and train_time > 0 else float("nan")  # nan: only compiling
+                sps = clock.lap()  # steps per second since the last log; nan when it held only the compiling step
                 writer.add_scalar("charts/learning_rate", lr_at(step), step + 1)
                 if sps == sps:
                     writer.add_scalar("charts/SPS", sps, step + 1)
@@ -700,7 +693,9 @@ def main(argv=None):
                       f"SPS {sps:.2f} ETA {eta / 60:.1f} min", flush=True)
         # EVAL and checkpoint.
         if (step + 1) % eval_every == 0 or step + 1 == total_steps:
+            clock.pause()
             metrics = run_evaluation(step + 1)
+            clock.start()
     if metrics is None:  # resumed a finished run: evaluate the loaded weights
         metrics = run_evaluation(total_steps)
 
@@ -716,8 +711,7 @@ def main(argv=None):
         max_rank_diff = diff.item()
     if is_main:
         summary = {"steps": total_steps, "steps_this_run": steps_done,
-                   "steps_per_second": timed_steps / train_time if train_time > 0 else None,
-                   "compile_seconds": compile_seconds,
+                   "steps_per_second": clock.steps_per_second(), "compile_seconds": clock.compile_seconds,
                    "final_test_error": metrics["test"]["top1_error"], "final_test_top5_error": metrics["test"]["top5_error"],
                    "final_test_loss": metrics["test"]["loss"],
                    "final_valid_error": metrics["valid"]["top1_error"] if "valid" in metrics else None,
