@@ -136,6 +136,11 @@ class TrainClock:
     def steps_per_second(self):
         return self.steps / self.seconds if self.seconds > 0 and self.steps else None
 
+    def summary(self):
+        """The clock's summary.json keys: steps_per_second over training time only, compile_seconds, train_seconds."""
+        return {"steps_per_second": self.steps_per_second(), "compile_seconds": self.compile_seconds,
+                "train_seconds": self.seconds}
+
 
 def create_run_dir(runs_dir, run_name):
     """Make a fresh run directory; an existing one is never reused or overwritten."""
@@ -146,16 +151,19 @@ def create_run_dir(runs_dir, run_name):
     return run_dir
 
 
-def open_run(args, script, split, checkpoint=None):
+def open_run(args, script, split=None, checkpoint=None, dataset_name=None):
     """(run_dir, TensorBoard writer). A new run gets runs/<dataset>__<script>__<seed>__<unix time> (or --run-name),
-    its args.json and split.json; a resumed run reopens args.resume and purges the events logged after its
-    checkpoint's step (a crashed leg's; those at the step itself were written before the checkpoint was saved)."""
+    its args.json and split.json (when the script has a ``split``); a resumed run reopens args.resume and purges the
+    events logged after its checkpoint's step (a crashed leg's; those at the step itself were written before the
+    checkpoint was saved). ``dataset_name``: the name in the run directory (default: --dataset's file name)."""
     from torch.utils.tensorboard import SummaryWriter  # here: the data helpers above must not need tensorboard
     if checkpoint is None:
-        run_name = args.run_name or f"{os.path.basename(args.dataset)}__{script}__{args.seed}__{int(time.time())}"
+        dataset_name = dataset_name or os.path.basename(args.dataset)
+        run_name = args.run_name or f"{dataset_name}__{script}__{args.seed}__{int(time.time())}"
         run_dir = create_run_dir(args.runs_dir, run_name)
         write_json(os.path.join(run_dir, "args.json"), vars(args))
-        split.save(os.path.join(run_dir, "split.json"))
+        if split is not None:
+            split.save(os.path.join(run_dir, "split.json"))
     else:
         run_dir = args.resume
     writer = SummaryWriter(run_dir, purge_step=None if checkpoint is None else checkpoint["step"] + 1)
@@ -326,52 +334,34 @@ def error_rate(model, images, labels, normalize, batch_size=1000, memory_format=
     return 100.0 * wrong.item() / len(images)
 
 
-def log_interval(writer, sums, step, steps_in_interval, sps, lr, ramp, total_steps):
-    """Protocol A logging: the interval means of the summed scalars, learning rate, ramp and SPS (``sps``: training
-    steps per second from TrainClock.lap) to TensorBoard, and one printed line with the ETA."""
-    means = dict(zip(sums, (torch.stack(list(sums.values())) / steps_in_interval).tolist()))  # one device sync
-    for name, mean in means.items():
-        writer.add_scalar(name, mean, step)
-    writer.add_scalar("charts/learning_rate", lr, step)
-    writer.add_scalar("charts/unlabeled_weight_ramp", ramp, step)
-    if sps == sps:  # nan when the interval held only the compiling step
-        writer.add_scalar("charts/SPS", sps, step)
-    eta = (total_steps - step) / sps if sps > 0 else float("nan")
-    print(f"step {step}/{total_steps} loss {means['losses/total']:.4f} "
-          f"lr {lr:.2e} SPS {sps:.1f} ETA {eta / 60:.1f} min", flush=True)
+def interval_means(sums, steps):
+    """{tag: mean over the log interval} of scalars summed on the device since the last log: one device sync."""
+    return dict(zip(sums, (torch.stack(list(sums.values())) / steps).tolist())) if sums else {}
 
 
-def evaluate_and_log(writer, step, model, data, split, normalize, memory_format, best_valid, test_at_best):
-    """Protocol A evaluation (fp32, error_rate): validation and test error, the test error at the best validation error
-    so far (the reported number; the first evaluation always sets it), three eval/ scalars and one printed line.
-    Returns (valid_error, test_error, best_valid, test_at_best)."""
-    valid = split.valid.to(data.x_train.device)
-    valid_error = error_rate(model, data.x_train[valid], data.y_train[valid], normalize, memory_format=memory_format)
-    test_error = error_rate(model, data.x_test, data.y_test, normalize, memory_format=memory_format)
-    if valid_error < best_valid or best_valid != best_valid:
-        best_valid, test_at_best = valid_error, test_error
-    writer.add_scalar("eval/valid_error", valid_error, step)
-    writer.add_scalar("eval/test_error", test_error, step)
-    writer.add_scalar("eval/test_error_at_best_valid", test_at_best, step)
-    print(f"eval step {step}: valid error {valid_error:.2f}% test error {test_error:.2f}% "
-          f"(test at best valid {test_at_best:.2f}%)", flush=True)
-    return valid_error, test_error, best_valid, test_at_best
+def write_scalars(writer, step, scalars, walltime=None):
+    """One TensorBoard point per {tag: value}; a nan value is skipped (the SPS of an interval that held only the
+    compiling step, a validation error without a validation set)."""
+    for tag, value in scalars.items():
+        if value == value:
+            writer.add_scalar(tag, value, step, walltime=walltime)
 
 
-def finish_run(writer, run_dir, args, steps_run, clock, valid_error, test_error, best_valid, test_at_best):
-    """Protocol A end of run: summary.json (STYLE.md keys; steps_per_second over training time only, from the
-    TrainClock), the hparams entry in TensorBoard, one printed line."""
-    summary = {"steps": args.total_steps, "steps_per_second": clock.steps_per_second(),
-               "compile_seconds": clock.compile_seconds, "final_valid_error": valid_error,
-               "final_test_error": test_error, "best_valid_error": best_valid, "test_error_at_best_valid": test_at_best,
-               "train_seconds": clock.seconds, "args": vars(args)}
+def progress_line(step, total_steps, sps, **values):
+    """The line a log prints: the step, the given values, training steps per second and the ETA at that speed."""
+    eta = (total_steps - step) / sps if sps > 0 else float("nan")  # nan SPS: nan ETA
+    shown = " ".join(f"{name} {value:.4g}" for name, value in values.items())
+    return f"step {step}/{total_steps} {shown} SPS {sps:.2f} ETA {eta / 60:.1f} min"
+
+
+def write_summary(writer, run_dir, summary, args, reported):
+    """summary.json (``summary`` plus the run's args) and TensorBoard's hparams entry holding the ``reported``
+    metrics (keys of ``summary``); closes the writer."""
+    summary = {**summary, "args": vars(args)}
     write_json(os.path.join(run_dir, "summary.json"), summary)
     writer.add_hparams({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
-                       {"hparam/test_error_at_best_valid": test_at_best, "hparam/best_valid_error": best_valid},
-                       run_name=".")
+                       {f"hparam/{key}": summary[key] for key in reported if summary[key] is not None}, run_name=".")
     writer.close()
-    print(f"done: {steps_run} steps, test error at best valid {test_at_best:.2f}% (best valid {best_valid:.2f}%), "
-          f"final test {test_error:.2f}%, {summary['steps_per_second'] or 0:.1f} steps/s -> {run_dir}")
     return summary
 
 

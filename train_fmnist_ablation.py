@@ -253,8 +253,9 @@ def main():
               "rows": torch.zeros((), device=device), "rows_hit": torch.zeros((), device=device)}
 
     valid_error, test_error, best_valid, test_at_best = None, float("nan"), None, None
-    train_time, tick, last_log_step = 0.0, time.perf_counter(), 0
+    clock, last_log_step = bookkeeping.TrainClock(device), 0  # training time and steps, without evaluation
     model.train()
+    clock.start()
     for step in range(args.total_steps):
         # ALGO LOGIC: one forward pass over [labeled; unlabeled], cross-entropy + lambda_1 * NS3L
         labeled = next(labeled_batches)
@@ -286,53 +287,43 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        clock.step()
 
         done = step + 1
         # LOGGING: means since the last log; SPS over training time only
         if done % args.log_every == 0 or done == args.total_steps:
-            now = time.perf_counter()
-            train_time += now - tick
-            sps = (done - last_log_step) / max(now - tick, 1e-9)
-            for name, total in sums.items():
-                writer.add_scalar(name, total.item() / (done - last_log_step), done)
-            writer.add_scalar("charts/learning_rate", args.lr, done)
-            writer.add_scalar("charts/SPS", sps, done)
-            eta = (args.total_steps - done) / max(sps, 1e-9)
-            print(f"step {done}/{args.total_steps} (epoch {done / steps_per_epoch:.1f}) loss "
-                  f"{sums['losses/total'].item() / (done - last_log_step):.4f} SPS {sps:.1f} ETA {eta / 60:.1f} min",
-                  flush=True)
-            sums, last_log_step, tick = {}, done, time.perf_counter()
-        # EVAL: test error (and validation error when a validation split exists)
+            sps = clock.lap()
+            means = bookkeeping.interval_means(sums, done - last_log_step)
+            bookkeeping.write_scalars(writer, done, means | {"charts/learning_rate": args.lr, "charts/SPS": sps})
+            print(bookkeeping.progress_line(done, args.total_steps, sps, epoch=done / steps_per_epoch,
+                                            loss=means["losses/total"]), flush=True)
+            sums, last_log_step = {}, done
+        # EVAL: the paper's table reports the final test error; the validation split, when there is one, is logged
         if done % args.eval_every == 0 or done == args.total_steps:
-            train_time += time.perf_counter() - tick
+            clock.pause()
             test_error = bookkeeping.error_rate(model, data.x_test, data.y_test, normalize)
-            writer.add_scalar("eval/test_error", test_error, done)
             message = f"eval step {done}: test error {test_error:.2f}%"
             if len(split.valid):
                 valid_idx = split.valid.to(device)
                 valid_error = bookkeeping.error_rate(model, data.x_train[valid_idx], data.y_train[valid_idx], normalize)
                 if best_valid is None or valid_error < best_valid:
                     best_valid, test_at_best = valid_error, test_error
-                writer.add_scalar("eval/valid_error", valid_error, done)
                 message += f", valid error {valid_error:.2f}%"
+            bookkeeping.write_scalars(writer, done, {"eval/test_error": test_error, "eval/valid_error":
+                                                     float("nan") if valid_error is None else valid_error})
             print(message, flush=True)
-            tick = time.perf_counter()
+            clock.start()
 
     wrong_share = (100.0 * totals["wrong"] / totals["negatives"]).item() if totals["negatives"] > 0 else None
-    summary = {"steps": args.total_steps, "epochs": args.total_steps / steps_per_epoch,
-               "steps_per_second": args.total_steps / train_time if train_time else None,
-               "train_seconds": train_time, "final_test_error": test_error, "final_valid_error": valid_error,
-               "best_valid_error": best_valid, "test_error_at_best_valid": test_at_best,
-               "negatives": args.negatives,
-               "wrong_negative_share": wrong_share,  # % of chosen negative labels that were the true class
-               "rows_with_wrong_negative": (100.0 * totals["rows_hit"] / totals["rows"]).item()
-               if totals["rows"] > 0 else None,  # % of unlabeled images whose negatives contained the true class
-               "negatives_per_sample": (totals["negatives"] / totals["rows"]).item() if totals["rows"] > 0 else None,
-               "nn_preprocess_seconds": nn_seconds, **nn_stats, "args": vars(args)}
-    bookkeeping.write_json(os.path.join(run_dir, "summary.json"), summary)
-    writer.add_hparams({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
-                       {"hparam/final_test_error": test_error}, run_name=".")
-    writer.close()
+    summary = bookkeeping.write_summary(writer, run_dir, {
+        "steps": args.total_steps, "epochs": args.total_steps / steps_per_epoch, **clock.summary(),
+        "final_test_error": test_error, "final_valid_error": valid_error, "best_valid_error": best_valid,
+        "test_error_at_best_valid": test_at_best, "negatives": args.negatives,
+        "wrong_negative_share": wrong_share,  # % of chosen negative labels that were the true class
+        "rows_with_wrong_negative": (100.0 * totals["rows_hit"] / totals["rows"]).item()
+        if totals["rows"] > 0 else None,  # % of unlabeled images whose negatives contained the true class
+        "negatives_per_sample": (totals["negatives"] / totals["rows"]).item() if totals["rows"] > 0 else None,
+        "nn_preprocess_seconds": nn_seconds, **nn_stats}, args, reported=("final_test_error",))
     share = f"{wrong_share:.2f}%" if wrong_share is not None else "n/a"
     print(f"done: {args.negatives} {args.total_steps} steps, final test error {test_error:.2f}%, wrong negatives "
           f"{share}, {summary['steps_per_second'] or 0:.1f} steps/s -> {run_dir}")

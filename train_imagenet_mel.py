@@ -575,8 +575,7 @@ def main(argv=None):
             bookkeeping.fail(failed[0])
     writer = SummaryWriter(run_dir) if is_main else None
     if is_main:
-        table = "\n".join(f"|{k}|{v}|" for k, v in sorted(vars(args).items()))
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table + f"\n|world_size|{world_size}|")
+        writer.add_text("hyperparameters", bookkeeping.hparams_table(args) + f"\n|world_size|{world_size}|")
         print(f"{run_dir}: {num_classes} classes, {len(labeled_idx)} labeled / {len(unlabeled_idx)} unlabeled / "
               f"{len(valid_idx)} valid / {len(val_folder)} test images, {steps_per_epoch} steps per epoch, "
               f"{total_steps} steps, {world_size} process(es) on {device}", flush=True)
@@ -633,10 +632,8 @@ def main(argv=None):
             if best["valid"] is None or metrics["valid"]["top1_error"] < best["valid"]:
                 best.update(valid=metrics["valid"]["top1_error"], test_at_best_valid=metrics["test"]["top1_error"])
         if is_main:
-            for split, values in metrics.items():
-                prefix = "eval/" if split == "test" else "eval/valid_"
-                for key, value in values.items():
-                    writer.add_scalar(prefix + key, value, step)
+            bookkeeping.write_scalars(writer, step, {("eval/" if split == "test" else "eval/valid_") + key: value
+                                                     for split, values in metrics.items() for key, value in values.items()})
             print(f"step {step}: test top-1 error {metrics['test']['top1_error']:.2f}% top-5 "
                   f"{metrics['test']['top5_error']:.2f}%" + (f", valid top-1 {metrics['valid']['top1_error']:.2f}%"
                                                               if "valid" in metrics else ""), flush=True)
@@ -681,16 +678,14 @@ def main(argv=None):
             if not all(math.isfinite(v) for v in values):
                 bookkeeping.fail(f"non-finite loss at step {step + 1}: {values}")
             if is_main:
-                for name, value in zip(list(losses) + ["labeled_share"], values):
-                    writer.add_scalar(("charts/" if name == "labeled_share" else "losses/") + name, value, step + 1)
                 sps = clock.lap()  # steps per second since the last log; nan when it held only the compiling step
-                writer.add_scalar("charts/learning_rate", lr_at(step), step + 1)
-                if sps == sps:
-                    writer.add_scalar("charts/SPS", sps, step + 1)
-                eta = (total_steps - step - 1) / sps if sps > 0 else float("nan")
-                print(f"step {step + 1}/{total_steps} loss {values[0]:.4f} (ce {values[1]:.4f} mel {values[2]:.4f} "
-                      f"nbel {values[3]:.4f} loc {values[4]:.4f}) labeled {values[5]:.2f} lr {lr_at(step):.4g} "
-                      f"SPS {sps:.2f} ETA {eta / 60:.1f} min", flush=True)
+                bookkeeping.write_scalars(writer, step + 1, {
+                    **{("charts/" if name == "labeled_share" else "losses/") + name: value
+                       for name, value in zip(list(losses) + ["labeled_share"], values)},
+                    "charts/learning_rate": lr_at(step), "charts/SPS": sps})
+                print(bookkeeping.progress_line(step + 1, total_steps, sps, loss=values[0], ce=values[1], mel=values[2],
+                                                nbel=values[3], loc=values[4], labeled=values[5], lr=lr_at(step)),
+                      flush=True)
         # EVAL and checkpoint.
         if (step + 1) % eval_every == 0 or step + 1 == total_steps:
             clock.pause()
@@ -710,20 +705,15 @@ def main(argv=None):
         dist.all_reduce(diff, op=dist.ReduceOp.MAX)
         max_rank_diff = diff.item()
     if is_main:
-        summary = {"steps": total_steps, "steps_this_run": steps_done,
-                   "steps_per_second": clock.steps_per_second(), "compile_seconds": clock.compile_seconds,
-                   "final_test_error": metrics["test"]["top1_error"], "final_test_top5_error": metrics["test"]["top5_error"],
-                   "final_test_loss": metrics["test"]["loss"],
-                   "final_valid_error": metrics["valid"]["top1_error"] if "valid" in metrics else None,
-                   "best_valid_error": best["valid"], "test_error_at_best_valid": best["test_at_best_valid"],
-                   "world_size": world_size, "max_param_diff_across_ranks": max_rank_diff,
-                   "num_labeled": len(labeled_idx), "num_unlabeled": len(unlabeled_idx), "num_valid": len(valid_idx),
-                   "num_test": len(val_folder), "args": vars(args)}
-        bookkeeping.write_json(os.path.join(run_dir, "summary.json"), summary)
-        writer.add_hparams({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
-                           {"hparam/test_top1_error": summary["final_test_error"],
-                            "hparam/test_top5_error": summary["final_test_top5_error"]}, run_name=".")
-        writer.close()
+        summary = bookkeeping.write_summary(writer, run_dir, {
+            "steps": total_steps, "steps_this_run": steps_done, **clock.summary(),
+            "final_test_error": metrics["test"]["top1_error"], "final_test_top5_error": metrics["test"]["top5_error"],
+            "final_test_loss": metrics["test"]["loss"],
+            "final_valid_error": metrics["valid"]["top1_error"] if "valid" in metrics else None,
+            "best_valid_error": best["valid"], "test_error_at_best_valid": best["test_at_best_valid"],
+            "world_size": world_size, "max_param_diff_across_ranks": max_rank_diff,
+            "num_labeled": len(labeled_idx), "num_unlabeled": len(unlabeled_idx), "num_valid": len(valid_idx),
+            "num_test": len(val_folder)}, args, reported=("final_test_error", "final_test_top5_error"))
         print(f"done: {total_steps} steps, {summary['steps_per_second'] or 0:.2f} steps/s, test top-1 error "
               f"{summary['final_test_error']:.2f}% top-5 {summary['final_test_top5_error']:.2f}%, "
               f"ranks max |diff| {max_rank_diff}", flush=True)

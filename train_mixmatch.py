@@ -417,16 +417,11 @@ def main():
         # LOGGING: means since the last log; SPS over training time only
         if done % args.log_every == 0 or done == args.total_steps:
             sps = clock.lap()
-            means = dict(zip(sums, (torch.stack(list(sums.values())) / (done - last_log_step)).tolist()))  # one sync
-            for name, mean in means.items():
-                writer.add_scalar(name, mean, done)
-            writer.add_scalar("charts/learning_rate", args.lr, done)
-            writer.add_scalar("charts/lambda_u", lambda_u, done)
-            if sps == sps:  # nan when the interval held only the compiling step
-                writer.add_scalar("charts/SPS", sps, done)
-            eta = (args.total_steps - done) / sps if sps > 0 else float("nan")
-            print(f"step {done}/{args.total_steps} loss {means['losses/total']:.4f} "
-                  f"lambda_u {lambda_u:.2f} SPS {sps:.1f} ETA {eta / 60:.1f} min", flush=True)
+            means = bookkeeping.interval_means(sums, done - last_log_step)
+            bookkeeping.write_scalars(writer, done, means | {"charts/learning_rate": args.lr, "charts/lambda_u": lambda_u,
+                                                             "charts/SPS": sps})
+            print(bookkeeping.progress_line(done, args.total_steps, sps, loss=means["losses/total"], lambda_u=lambda_u),
+                  flush=True)
             sums, last_log_step = {}, done
         # EVAL: the EMA model (official classify_op); the reported number is the median of the last 20 test errors
         if done % args.eval_every == 0 or done == args.total_steps:
@@ -442,11 +437,9 @@ def main():
             median20 = statistics.median(test_errors[-20:])
             if valid_error < best_valid:
                 best_valid, test_at_best = valid_error, test_error
-            writer.add_scalar("eval/valid_error", valid_error, done)
-            writer.add_scalar("eval/test_error", test_error, done)
-            writer.add_scalar("eval/test_error_raw", raw_test_error, done)
-            writer.add_scalar("eval/test_error_at_best_valid", test_at_best, done)
-            writer.add_scalar("eval/median_last20_test_error", median20, done)
+            bookkeeping.write_scalars(writer, done, {
+                "eval/valid_error": valid_error, "eval/test_error": test_error, "eval/test_error_raw": raw_test_error,
+                "eval/test_error_at_best_valid": test_at_best, "eval/median_last20_test_error": median20})
             print(f"eval step {done}: EMA valid error {valid_error:.2f}% test error {test_error:.2f}% (raw model "
                   f"{raw_test_error:.2f}%), median of last {min(20, len(test_errors))}: {median20:.2f}%", flush=True)
             bookkeeping.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
@@ -459,17 +452,11 @@ def main():
 
     test_errors = grid_test_errors(evaluations, args.eval_every, args.total_steps)
     median20 = statistics.median(test_errors[-20:]) if test_errors else float("nan")
-    summary = {"steps": args.total_steps, "steps_per_second": clock.steps_per_second(),
-               "compile_seconds": clock.compile_seconds,
-               "median_last20_test_error": median20, "final_valid_error": valid_error,
-               "final_test_error": test_error, "final_test_error_raw": raw_test_error,
-               "best_valid_error": best_valid if best_valid != float("inf") else float("nan"),
-               "test_error_at_best_valid": test_at_best, "train_seconds": clock.seconds, "args": vars(args)}
-    bookkeeping.write_json(os.path.join(run_dir, "summary.json"), summary)
-    writer.add_hparams({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
-                       {"hparam/median_last20_test_error": median20, "hparam/test_error_at_best_valid": test_at_best},
-                       run_name=".")
-    writer.close()
+    summary = bookkeeping.write_summary(writer, run_dir, {
+        "steps": args.total_steps, **clock.summary(), "median_last20_test_error": median20,
+        "final_valid_error": valid_error, "final_test_error": test_error, "final_test_error_raw": raw_test_error,
+        "best_valid_error": best_valid if best_valid != float("inf") else float("nan"),
+        "test_error_at_best_valid": test_at_best}, args, reported=("median_last20_test_error", "test_error_at_best_valid"))
     print(f"done: {args.total_steps - start_step} steps, median of the last 20 EMA test errors {median20:.2f}% "
           f"(final {test_error:.2f}%), {summary['steps_per_second'] or 0:.1f} steps/s -> {run_dir}")
 

@@ -147,6 +147,15 @@ def ns3l_loss(logits, negatives):
     return -log_keep.clamp_min(math.log(1e-8)).mean()
 
 
+def hidden_label_stats(y_hidden, negatives):
+    """Diagnostics from the hidden labels of the unlabeled batch, which never enter a loss (-1 = no label, skipped):
+    NS3L's negatives per image and the rate at which an image's true class was among its negatives."""
+    known = y_hidden >= 0
+    hit = negatives.gather(1, y_hidden.clamp_min(0)[:, None]).squeeze(1) & known
+    return {"charts/ns3l_negatives_per_sample": negatives.sum(1).float().mean(),
+            "charts/ns3l_false_negative_rate": hit.sum() / known.sum().clamp_min(1)}
+
+
 def rampup(step, rampup_steps):
     """Oliver et al.'s sigmoid-shaped ramp exp(-5 (1 - t)^2), t = step / rampup_steps, 1 after the ramp."""
     if rampup_steps == 0 or step >= rampup_steps:
@@ -206,6 +215,7 @@ def main():
     def accumulate(name, value):
         sums[name] = sums.get(name, 0.0) + value.detach().float()
 
+    valid_x, valid_y = data.x_train[split.valid.to(device)], data.y_train[split.valid.to(device)]
     valid_error = test_error = float("nan")
     net = bookkeeping.compile_model(model, args, device)  # the training passes; evaluation and checkpoints use model
     model.train()
@@ -218,7 +228,7 @@ def main():
             group["lr"] = lr
         ramp = rampup(step, args.rampup_steps)
         labeled_idx, unlabeled_idx = next(labeled_batches), next(unlabeled_batches)
-        y, y_hidden = data.y_train[labeled_idx], data.y_train[unlabeled_idx]  # y_hidden: diagnostics only
+        y = data.y_train[labeled_idx]
         images = normalize(data.x_train[torch.cat([labeled_idx, unlabeled_idx])])
         # Two stochastic passes of the same images: each draws its own augmentation, as Oliver et al.'s augmentation
         # inside every forward pass does. The first updates BN statistics and is trained; the second is the target.
@@ -236,27 +246,37 @@ def main():
             negatives = ns3l_negatives(logits_u, args.threshold)
             loss_ns3l = ns3l_loss(logits_u, negatives)
             loss = loss + args.ns3l_weight * ramp * loss_ns3l
-            known = y_hidden >= 0
-            hit = negatives.gather(1, y_hidden.clamp_min(0)[:, None]).squeeze(1) & known
             accumulate("losses/ns3l", loss_ns3l)
-            accumulate("charts/ns3l_negatives_per_sample", negatives.sum(1).float().mean())
-            accumulate("charts/ns3l_false_negative_rate", hit.sum() / known.sum().clamp_min(1))
         accumulate("losses/total", loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         clock.step(compiled=net is not model)  # a compiled leg's first step compiles: timed apart
+        if args.ns3l:  # DIAGNOSTICS, outside the algorithm: what the unlabeled batch's hidden labels say
+            for name, value in hidden_label_stats(data.y_train[unlabeled_idx], negatives).items():
+                accumulate(name, value)
 
         done = step + 1
         # LOGGING: means since the last log; SPS over training time only
         if done % args.log_every == 0 or done == args.total_steps:
-            bookkeeping.log_interval(writer, sums, done, done - last_log_step, clock.lap(), lr, ramp, args.total_steps)
+            sps = clock.lap()
+            means = bookkeeping.interval_means(sums, done - last_log_step)
+            bookkeeping.write_scalars(writer, done, means | {"charts/learning_rate": lr, "charts/unlabeled_weight_ramp": ramp,
+                                                             "charts/SPS": sps})
+            print(bookkeeping.progress_line(done, args.total_steps, sps, loss=means["losses/total"], lr=lr), flush=True)
             sums, last_log_step = {}, done
-        # EVAL: validation and test error; test error at the best validation error is the reported number
+        # EVAL (Protocol A, Oliver et al. 2018 section 4.1): the reported number is the test error at the lowest
+        # validation error so far (the first evaluation sets it)
         if done % args.eval_every == 0 or done == args.total_steps:
             clock.pause()
-            valid_error, test_error, best_valid, test_at_best = bookkeeping.evaluate_and_log(
-                writer, done, model, data, split, normalize, memory_format, best_valid, test_at_best)
+            valid_error = bookkeeping.error_rate(model, valid_x, valid_y, normalize, memory_format=memory_format)
+            test_error = bookkeeping.error_rate(model, data.x_test, data.y_test, normalize, memory_format=memory_format)
+            if valid_error < best_valid:
+                best_valid, test_at_best = valid_error, test_error
+            bookkeeping.write_scalars(writer, done, {"eval/valid_error": valid_error, "eval/test_error": test_error,
+                                                     "eval/test_error_at_best_valid": test_at_best})
+            print(f"eval step {done}: valid error {valid_error:.2f}% test error {test_error:.2f}% "
+                  f"(test at best valid {test_at_best:.2f}%)", flush=True)
             bookkeeping.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
                 "script": SCRIPT, "args": vars(args), "step": done, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "labeled_sampler": labeled_batches.state_dict(),
@@ -265,8 +285,12 @@ def main():
                 "train_time": clock.seconds, "timed_steps": clock.steps})
             clock.start()
 
-    bookkeeping.finish_run(writer, run_dir, args, args.total_steps - start_step, clock, valid_error, test_error,
-                           best_valid, test_at_best)
+    summary = bookkeeping.write_summary(writer, run_dir, {
+        "steps": args.total_steps, **clock.summary(), "final_valid_error": valid_error, "final_test_error": test_error,
+        "best_valid_error": best_valid, "test_error_at_best_valid": test_at_best}, args,
+        reported=("test_error_at_best_valid", "best_valid_error"))
+    print(f"done: {args.total_steps - start_step} steps, test error at best valid {test_at_best:.2f}% (best valid "
+          f"{best_valid:.2f}%), final test {test_error:.2f}%, {summary['steps_per_second'] or 0:.1f} steps/s -> {run_dir}")
 
 
 if __name__ == "__main__":

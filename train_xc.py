@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.tensorboard import SummaryWriter
 
 import bookkeeping
 
@@ -370,13 +369,8 @@ def main(argv=None):
     elif needs_tree and args.aux_model is not None:
         tree = load_tree(args.aux_model, num_classes, x_train.shape[1])
 
-    if checkpoint is None:
-        run_dir = Path(bookkeeping.create_run_dir(args.runs_dir, args.run_name or f"{dataset_name}__xc__{args.seed}__{int(time.time())}"))
-        bookkeeping.write_json(str(run_dir / "args.json"), vars(args))
-    else:
-        run_dir = Path(args.resume)
-    writer = SummaryWriter(str(run_dir), purge_step=None if checkpoint is None else checkpoint["step"] + 1)
-    writer.add_text("hyperparameters", bookkeeping.hparams_table(args))
+    run_dir, writer = bookkeeping.open_run(args, "xc", checkpoint=checkpoint, dataset_name=dataset_name)
+    run_dir = Path(run_dir)
 
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -507,12 +501,11 @@ def main(argv=None):
         if step % args.log_every == 0 or step == args.total_steps or out_of_time:
             walltime = run_start + elapsed
             steps_per_second = step / max(elapsed - time_offset, 1e-9)
-            writer.add_scalar("losses/loss", loss.item(), step, walltime=walltime)
-            writer.add_scalar("charts/learning_rate", args.lr, step, walltime=walltime)
-            writer.add_scalar("charts/SPS", steps_per_second, step, walltime=walltime)
-            writer.add_scalar("charts/elapsed_seconds", elapsed, step, walltime=walltime)
-            eta = (args.total_steps - step) / steps_per_second
-            print(f"step {step}/{args.total_steps}  loss {loss.item():.4f}  SPS {steps_per_second:.1f}  ETA {eta:.0f} s")
+            loss_value = loss.item()
+            bookkeeping.write_scalars(writer, step, {"losses/loss": loss_value, "charts/learning_rate": args.lr,
+                                                     "charts/SPS": steps_per_second, "charts/elapsed_seconds": elapsed},
+                                      walltime=walltime)
+            print(bookkeeping.progress_line(step, args.total_steps, steps_per_second, loss=loss_value), flush=True)
         # EVAL (its time is excluded from the training clock)
         if (step % args.eval_every == 0 or step == args.total_steps or out_of_time
                 or (args.eval_every_seconds > 0 and elapsed - last_eval_seconds >= args.eval_every_seconds)):
@@ -530,13 +523,9 @@ def main(argv=None):
                "aux_fit_seconds": time_offset, "total_seconds": time_offset + train_seconds,
                "final_valid_error": 100 - final["valid_accuracy"], "final_test_error": 100 - final["test_accuracy"],
                "best_valid_error": best["valid_error"], "test_error_at_best_valid": best["test_error"],
-               **{f"final_{key}": value for key, value in final.items() if key not in ("step", "seconds")}, **bayes,
-               "args": vars(args)}
-    bookkeeping.write_json(str(run_dir / "summary.json"), summary)
-    writer.add_hparams({key: value for key, value in vars(args).items() if isinstance(value, (int, float, str))},
-                       {f"hparam/{key}": summary[key] for key in ("final_test_log_likelihood", "final_test_error")},
-                       run_name=".")
-    writer.close()
+               **{f"final_{key}": value for key, value in final.items() if key not in ("step", "seconds")}, **bayes}
+    bookkeeping.write_summary(writer, str(run_dir), summary, args,
+                              reported=("final_test_log_likelihood", "final_test_error"))
     print(f"done: {step} steps in {train_seconds:.1f} s (+ {time_offset:.1f} s tree fit), test log-likelihood "
           f"{final['test_log_likelihood']:.3f}, accuracy {final['test_accuracy']:.2f} %, P@5 {final['test_precision_at_5']:.2f} %; {run_dir}")
 

@@ -159,6 +159,19 @@ def test_vat_target_carries_no_gradient():
 
 
 # --------------------------------------------------------------------------------------------------- defaults
+def test_hidden_label_stats_by_hand():
+    """3 unlabeled rows, hidden labels 0, 2 and -1 (no label). Negatives: row 0 {0, 1} (its true class: a false
+    negative), row 1 {1}, row 2 {0, 1, 2}: 2 negatives per row, 1 false negative among the 2 labeled rows. Pseudo-label
+    mask on rows 0 and 1 with targets 0 and 1: mask rate 2/3, 1 right of the 2 confident labeled rows."""
+    y_hidden = torch.tensor([0, 2, -1])
+    negatives = torch.tensor([[True, True, False], [False, True, False], [True, True, True]])
+    stats = train_vat.hidden_label_stats(y_hidden, negatives, torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0, 1, 2]))
+    expected = {"charts/ns3l_negatives_per_sample": 2.0, "charts/ns3l_false_negative_rate": 0.5,
+                "charts/pl_mask_rate": 2 / 3, "charts/pl_accuracy": 0.5}
+    assert {k: round(v.item(), 6) for k, v in stats.items()} == {k: round(v, 6) for k, v in expected.items()}
+    assert train_vat.hidden_label_stats(y_hidden) == {}  # neither NS3L nor Pseudo-Label on
+
+
 def test_paper_defaults():
     vat = train_vat.parse_args(["--dataset", "cifar10"])
     assert (vat.lr, vat.vat_weight, vat.vat_eps, vat.vat_xi, vat.vat_iterations) == (3e-3, 0.3, 6.0, 1e-6, 1)
