@@ -90,46 +90,46 @@ def parse_args(argv=None):
                    help="torch.compile the training forward and backward (default: on for CUDA, off on the CPU); the "
                         "first step, which compiles, is timed apart and left out of SPS; evaluation and checkpoints "
                         "use the uncompiled module")
-    g.add_argument("--log-every", type=int, default=100, help="steps between scalar logs")
-    g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations; 0 = once per epoch")
+    g.add_argument("--log-every", type=bookkeeping.positive_int, default=100, help="steps between scalar logs")
+    g.add_argument("--eval-every", type=bookkeeping.nonnegative_int, default=0, help="steps between evaluations; 0 = once per epoch")
     g = parser.add_argument_group("data")
     g.add_argument("--data-dir", required=True, help="folder with ImageNet-style train/ and val/ class folders")
-    g.add_argument("--num-labeled", type=int, default=None, help="class-balanced labeled subset of train/ (recipe: 64000 / 50000)")
+    g.add_argument("--num-labeled", type=bookkeeping.nonnegative_int, default=None, help="class-balanced labeled subset of train/ (recipe: 64000 / 50000)")
     g.add_argument("--num-unlabeled", type=int, default=None,
                    help="unlabeled subset of train/, disjoint from the labeled one; -1 = all the rest (recipe: 192000 / 150000)")
-    g.add_argument("--num-valid", type=int, default=0,
+    g.add_argument("--num-valid", type=bookkeeping.nonnegative_int, default=0,
                    help="images of train/ held out for model selection; 0 = none, as in the note (val/ is the test set)")
-    g.add_argument("--labeled-ratio", type=float, default=None,
+    g.add_argument("--labeled-ratio", type=bookkeeping.unit_interval, default=None,
                    help="probability that a batch slot is labeled, R/T (recipe: 0.8 / 0.25)")
     g.add_argument("--pool-sampling", choices=("without", "with"), default=None,
                    help="batch slots take the next image of a seeded reshuffle of their pool, or a uniform draw with "
                         "replacement as the authors' WeightedBatchSampler (recipe: with)")
-    g.add_argument("--crop-size", type=int, default=224, help="training and centre-crop size (authors' 224)")
+    g.add_argument("--crop-size", type=bookkeeping.positive_int, default=224, help="training and centre-crop size (authors' 224)")
     g.add_argument("--resize-size", type=int, default=256,
                    help="resize before the crop, training ('authors' augmentation) and evaluation (authors' 256)")
     g.add_argument("--augmentation", choices=("authors", "random-resized-crop"), default="authors",
                    help="'authors': Resize + RandomCrop + flip (their dataLoader.py:29-31); 'random-resized-crop': "
                         "torchvision's ImageNet recipe")
-    g.add_argument("--num-workers", type=int, default=8, help="DataLoader workers per process")
+    g.add_argument("--num-workers", type=bookkeeping.nonnegative_int, default=8, help="DataLoader workers per process")
     g = parser.add_argument_group("model")
     g.add_argument("--arch", default=None, choices=["densenet121", "densenet161", "densenet169", "densenet201"],
                    help="torchvision DenseNet, random init (recipe: densenet161)")
-    g.add_argument("--growth-rate", type=int, default=None, help="override the arch's growth rate (tiny test nets)")
+    g.add_argument("--growth-rate", type=bookkeeping.positive_int, default=None, help="override the arch's growth rate (tiny test nets)")
     g.add_argument("--block-config", default=None, help="override the arch's blocks, e.g. '2,2' (tiny test nets)")
-    g.add_argument("--num-init-features", type=int, default=None, help="override the arch's stem width")
+    g.add_argument("--num-init-features", type=bookkeeping.positive_int, default=None, help="override the arch's stem width")
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=None, help="epochs of labeled + unlabeled pool size (recipe: 130)")
-    g.add_argument("--total-steps", type=int, default=None,
+    g.add_argument("--epochs", type=bookkeeping.positive_int, default=None, help="epochs of labeled + unlabeled pool size (recipe: 130)")
+    g.add_argument("--total-steps", type=bookkeeping.positive_int, default=None,
                    help="override the number of steps (default: epochs x steps per epoch)")
-    g.add_argument("--batch-size", type=int, default=None, help="global batch, split over the DDP processes (recipe: 52 / 140)")
-    g.add_argument("--lr", type=float, default=0.1, help="authors' main.py:60")
-    g.add_argument("--lr-step-epochs", type=int, default=None, help="LR divided by 10 every this many epochs (recipe: 20 / 30)")
-    g.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum (authors' code)")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="authors' code")
+    g.add_argument("--batch-size", type=bookkeeping.positive_int, default=None, help="global batch, split over the DDP processes (recipe: 52 / 140)")
+    g.add_argument("--lr", type=bookkeeping.positive_float, default=0.1, help="authors' main.py:60")
+    g.add_argument("--lr-step-epochs", type=bookkeeping.positive_int, default=None, help="LR divided by 10 every this many epochs (recipe: 20 / 30)")
+    g.add_argument("--momentum", type=bookkeeping.ema_decay, default=0.9, help="Nesterov momentum (authors' code)")
+    g.add_argument("--weight-decay", type=bookkeeping.nonnegative_float, default=1e-4, help="authors' code")
     g = parser.add_argument_group("MEL / NBEL / locality")
-    g.add_argument("--mel-weight", type=float, default=None, help="alpha, eq. 4 (recipe: 0.8 / 1)")
-    g.add_argument("--nbel-weight", type=float, default=2.0, help="beta, eq. 4 (authors' ImageNet default 2)")
-    g.add_argument("--loc-weight", type=float, default=0.01, help="gamma, eq. 4 (authors' ImageNet default 0.01)")
+    g.add_argument("--mel-weight", type=bookkeeping.nonnegative_float, default=None, help="alpha, eq. 4 (recipe: 0.8 / 1)")
+    g.add_argument("--nbel-weight", type=bookkeeping.nonnegative_float, default=2.0, help="beta, eq. 4 (authors' ImageNet default 2)")
+    g.add_argument("--loc-weight", type=bookkeeping.nonnegative_float, default=0.01, help="gamma, eq. 4 (authors' ImageNet default 0.01)")
     g.add_argument("--loc-weighting", default=None, choices=["max", "prob"],
                    help="max: CAM of the most probable class (note §2.3, report line 123); prob: every class's penalty "
                         "weighted by its probability, with gradient (authors' train.py:99) (recipe: prob)")
@@ -141,28 +141,14 @@ def parse_args(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, value)
 
-    if not 0.0 <= args.labeled_ratio <= 1.0:
-        parser.error(f"--labeled-ratio must be in [0, 1], got {args.labeled_ratio}")
-    if args.num_labeled < 0 or args.num_valid < 0 or args.num_unlabeled < -1:
-        parser.error("--num-labeled and --num-valid must be >= 0 and --num-unlabeled >= -1")
+    if args.num_unlabeled < -1:
+        parser.error(f"--num-unlabeled must be >= -1 (-1 = every image not labeled or held out), got {args.num_unlabeled}")
     if args.labeled_ratio > 0 and args.num_labeled == 0:
         parser.error("--labeled-ratio > 0 needs --num-labeled > 0")
     if args.labeled_ratio < 1 and args.num_unlabeled == 0:
         parser.error("--labeled-ratio < 1 needs --num-unlabeled != 0")
-    for name in ("batch_size", "epochs", "lr_step_epochs", "crop_size", "log_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.total_steps is not None and args.total_steps < 1:
-        parser.error(f"--total-steps must be >= 1, got {args.total_steps}")
-    if args.eval_every < 0 or args.num_workers < 0:
-        parser.error("--eval-every and --num-workers must be >= 0")
     if args.resize_size < args.crop_size:
         parser.error(f"--resize-size ({args.resize_size}) must be >= --crop-size ({args.crop_size})")
-    if not (args.lr > 0 and math.isfinite(args.lr)) or not 0 <= args.momentum < 1 or args.weight_decay < 0:
-        parser.error("need --lr > 0, --momentum in [0, 1), --weight-decay >= 0")
-    for name in ("mel_weight", "nbel_weight", "loc_weight"):
-        if not (getattr(args, name) >= 0 and math.isfinite(getattr(args, name))):
-            parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(args, name)}")
     if args.block_config is not None:
         try:
             blocks = tuple(int(b) for b in args.block_config.split(","))
@@ -170,9 +156,6 @@ def parse_args(argv=None):
             blocks = ()
         if not blocks or min(blocks) < 1:
             parser.error(f"--block-config must be comma-separated integers >= 1, got {args.block_config!r}")
-    for name in ("growth_rate", "num_init_features"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
 
 

@@ -6,7 +6,7 @@ MixMatch: Berthelot et al. 2019. MixMatch + NS3L: Chen et al., "Negative Samplin
 
     python train_mixmatch.py --dataset cifar10 --num-labeled 250 --ns3l       # 307,200 steps, the NS3L paper's 300 epochs
     python train_mixmatch.py --dataset cifar10 --num-labeled 250 --total-steps 1048576   # the MixMatch paper's 2^20
-    python train_mixmatch.py --dataset digits --depth 10 --total-steps 2000 --eval-every 250 --rampup-steps 500 --ns3l
+    python train_mixmatch.py --dataset digits --ns3l      # a CPU run of a few minutes (digits defaults, --help)
 
 Point by point against the official code (google-research/mixmatch at 1011a1d; mixmatch.py, libml/{layers,models,
 data,utils}.py, runs/table*.sh; line numbers in docs/fidelity.md):
@@ -66,34 +66,55 @@ import common
 import wrn
 
 SCRIPT = "train_mixmatch"
-# Protocol B per data set: lambda_u (official runs/table5.sh:24, table6.sh:25, table2.sh:18, table1.sh:21; NS3L 4.4)
-# and the default split. num_valid: the official runs hold out 1 image (dataset suffix "-1", runs/table*.sh); the NS3L
-# paper's counts imply CIFAR 5,000 (section 4.1: 45,000 training images) and SVHN 7,325 (65,682 / 64,932 unlabeled at
-# 250 / 1,000 labels = 73,257 - 7,325 - labels; Oliver et al.'s code holds out 7,326). STL-10: 500, the official
-# code's other choice (libml/data_pair.py:43-46), as the paper gives none.
-# NS3L paper (workshop version, section 4.1): "we reduce training epochs to 300 epochs for both SVHN and CIFAR10"; an
-# official epoch is 64 kimg = 1,024 steps of 64 (libml/train.py:34, report_kimg), so 307,200 steps. The MixMatch
-# paper's 2^20 steps (mixmatch.py:146, train_kimg 1 << 16) stay the default elsewhere (STL-10: the NS3L paper trains
-# "significantly fewer epochs" without a number).
+# ------------------------------------------------------------------------------------------- defaults per data set
+# One row per --dataset: a flag left unset takes its row's value in resolve_defaults(), the one place defaults are
+# resolved. lambda_u: official runs/table5.sh:24, table6.sh:25, table2.sh:18, table1.sh:21 (NS3L 4.4). num_valid: the
+# official runs hold out 1 image (dataset suffix "-1", runs/table*.sh); the NS3L paper's counts imply CIFAR 5,000
+# (section 4.1: 45,000 training images) and SVHN 7,325 (65,682 / 64,932 unlabeled at 250 / 1,000 labels = 73,257 -
+# 7,325 - labels; Oliver et al.'s code holds out 7,326). STL-10: 500, the official code's other choice
+# (libml/data_pair.py:43-46), as the paper gives none; 4 WRN stages on STL-10 (--scales=4, runs/table2.sh:18).
+# Length: the NS3L paper (workshop version, section 4.1) "reduce[s] training epochs to 300 epochs for both SVHN and
+# CIFAR10"; an official epoch is 64 kimg = 1,024 steps of 64 (libml/train.py:34, report_kimg), so 307,200 steps. The
+# MixMatch paper's 2^20 steps (mixmatch.py:146, train_kimg 1 << 16) stay the default elsewhere (STL-10: the NS3L paper
+# trains "significantly fewer epochs" without a number). Evaluation every 64 kimg = 1,024 steps, ramp 1024 kimg =
+# 16,384 steps (warmup_kimg), WRN-28-2, BN decay 0.999 (libml/models.py:34) and EMA 0.999 (mixmatch.py:137). digits and synthetic
+# get a CPU run (this project's choice, a few minutes on two cores): WRN-10-2, 1,000 steps, BN momentum 0.01, EMA 0.99.
 NS3L_STEPS = 300 * 1024
-PROTOCOL_B = {
-    "cifar10": dict(lambda_u=75.0, num_labeled=250, num_valid=5000, total_steps=NS3L_STEPS),
-    "cifar100": dict(lambda_u=150.0, num_labeled=10000, num_valid=5000),
-    "svhn": dict(lambda_u=250.0, num_labeled=250, num_valid=7325, total_steps=NS3L_STEPS),
-    "stl10": dict(lambda_u=50.0, num_labeled=1000, num_valid=500),
+PAPER = dict(num_labeled=1000, num_valid=5000, total_steps=1 << 20, lambda_u=75.0, num_stages=3, eval_every=1024,
+             rampup_steps=16384, depth=28, bn_momentum=0.001, ema_decay=0.999)
+CPU = dict(total_steps=1000, eval_every=250, rampup_steps=250, depth=10, bn_momentum=0.01, ema_decay=0.99)
+DEFAULTS = {
+    "cifar10": PAPER | dict(num_labeled=250, total_steps=NS3L_STEPS),
+    "cifar100": PAPER | dict(num_labeled=10000, lambda_u=150.0),
+    "svhn": PAPER | dict(num_labeled=250, num_valid=7325, total_steps=NS3L_STEPS, lambda_u=250.0),
+    "stl10": PAPER | dict(num_labeled=1000, num_valid=500, lambda_u=50.0, num_stages=4),
+    "fashion_mnist": PAPER,
+    "mnist": PAPER | dict(num_labeled=100),
+    "npz": PAPER | dict(num_valid=1000),
+    "digits": PAPER | CPU | dict(num_labeled=100, num_valid=200),
+    "synthetic": PAPER | CPU | dict(num_labeled=40, num_valid=50),
 }
+SOURCES = {"cifar10, cifar100, svhn, stl10": "the official code's runs/table*.sh and the NS3L paper (section 4.1 "
+                                            "length, 4.4 weights; docs/fidelity.md, file and line)",
+           "fashion_mnist, mnist, npz": "the MixMatch paper's schedule; the split sizes are this project's",
+           "digits, synthetic": "a CPU run, this project's choice (a few minutes on two cores)",
+           "every data set": "alpha 0.75 (0.25 with --svhn-extra, runs/table7.sh), T = 0.5 / classes, lambda_1 2 (CIFAR-10: "
+                             "5 below 4,000 labels, 10 at 4,000): NS3L paper 4.4"}
+TABLE = "per --dataset, see the table below"
 
 
 def parse_args(argv=None):
-    parser = bookkeeping.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = bookkeeping.ArgumentParser(description=__doc__.split("\n")[0],
+                                        epilog=bookkeeping.defaults_epilog(DEFAULTS, SOURCES))
+    positive, nonnegative = bookkeeping.positive_int, bookkeeping.nonnegative_int
     g = parser.add_argument_group("experiment")
     g.add_argument("--seed", type=int, default=1, help="seed of the run; also picks the labeled subset")
     g.add_argument("--runs-dir", default="runs", help="where run directories are created")
     g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__<script>__<seed>__<time>)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     bookkeeping.add_device_args(g)
-    g.add_argument("--eval-every", type=int, default=1024, help="steps between evaluations (official: 64 kimg)")
-    g.add_argument("--log-every", type=int, default=100, help="steps between logged scalars")
+    g.add_argument("--eval-every", type=positive, help=f"steps between evaluations, official 64 kimg ({TABLE})")
+    g.add_argument("--log-every", type=positive, default=100, help="steps between logged scalars")
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="cifar10",
                    help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz (x_train, y_train, x_test, y_test)")
@@ -102,89 +123,64 @@ def parse_args(argv=None):
     g.add_argument("--svhn-extra", action="store_true",
                    help="SVHN + extra as the official runs/table7.sh: the 531k 'extra' images join train, the labeled "
                         "and validation images are drawn from train + extra, and --alpha defaults to 0.25")
-    g.add_argument("--num-labeled", type=int, default=None,
-                   help="labeled images (default: CIFAR-10 / SVHN 250, STL-10 1000, CIFAR-100 10000, else common.py's)")
-    g.add_argument("--num-valid", type=int, default=None,
-                   help="validation images (default: NS3L paper counts, CIFAR 5000, SVHN 7325; STL-10 500; official "
-                        "runs hold out 1)")
+    g.add_argument("--num-labeled", type=positive, help=f"labeled images ({TABLE})")
+    g.add_argument("--num-valid", type=nonnegative, help=f"validation images; the official runs hold out 1 ({TABLE})")
     g.add_argument("--include-labeled", action="store_true",
                    help="also put the labeled images in the unlabeled stream (official create_split.py does not)")
-    g.add_argument("--shift", type=int, default=None,
+    g.add_argument("--shift", type=nonnegative,
                    help="random-crop padding in px (official: 4 at 32 px, 12 on STL-10; default image size / 8)")
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--total-steps", type=int, default=None,
-                   help="training steps (default: CIFAR-10 and SVHN 307,200 = the NS3L paper's 300 epochs of 64 kimg; "
-                        "elsewhere 2^20 = the MixMatch paper's 2^16 kimg, which --total-steps 1048576 restores)")
-    g.add_argument("--batch-size", type=int, default=64, help="labeled images per step, = unlabeled (official 64)")
-    g.add_argument("--lr", type=float, default=0.002, help="Adam learning rate, constant (official)")
-    g.add_argument("--weight-decay", type=float, default=0.02,
+    g.add_argument("--total-steps", type=positive,
+                   help=f"training steps; --total-steps 1048576 is the MixMatch paper's 2^16 kimg ({TABLE})")
+    g.add_argument("--batch-size", type=positive, default=64, help="labeled images per step, = unlabeled (official 64)")
+    g.add_argument("--lr", type=bookkeeping.positive_float, default=0.002, help="Adam learning rate, constant (official)")
+    g.add_argument("--weight-decay", type=bookkeeping.nonnegative_float, default=0.02,
                    help="decoupled decay w <- w (1 - wd lr) on conv / dense kernels after each step (official wd)")
-    g.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights, used for evaluation (official)")
-    g.add_argument("--depth", type=int, default=28, help="WRN depth (6n + 4)")
-    g.add_argument("--width", type=int, default=2, help="WRN widening factor (official 32 filters = width 2)")
-    g.add_argument("--num-stages", type=int, default=None, help="WRN stages (default 3; STL-10 4, official --scales)")
-    g.add_argument("--bn-momentum", type=float, default=0.001,
-                   help="BatchNorm running-stat momentum (TF decay 0.999); use ~0.01 for runs of a few thousand steps")
+    g.add_argument("--ema-decay", type=bookkeeping.ema_decay, help=f"EMA of the weights, used for evaluation ({TABLE})")
+    g.add_argument("--depth", type=bookkeeping.wrn_depth, help=f"WRN depth, 6n + 4 ({TABLE})")
+    g.add_argument("--width", type=positive, default=2, help="WRN widening factor (official 32 filters = width 2)")
+    g.add_argument("--num-stages", type=positive, help=f"WRN stages, official --scales ({TABLE})")
+    g.add_argument("--bn-momentum", type=bookkeeping.momentum,
+                   help=f"BatchNorm running-stat momentum; 0.001 = TF's decay 0.999 ({TABLE})")
     g = parser.add_argument_group("mixmatch")
-    g.add_argument("--k-augment", type=int, default=2, help="augmentations per unlabeled image (official nu = 2)")
-    g.add_argument("--temperature", type=float, default=0.5, help="sharpening temperature T (official)")
-    g.add_argument("--alpha", type=float, default=None,
+    g.add_argument("--k-augment", type=positive, default=2, help="augmentations per unlabeled image (official nu = 2)")
+    g.add_argument("--temperature", type=bookkeeping.positive_float, default=0.5,
+                   help="sharpening temperature T (official)")
+    g.add_argument("--alpha", type=bookkeeping.positive_float,
                    help="Beta(alpha, alpha) of mixup (default 0.75, official --beta in runs/table*.sh; 0.25 with "
                         "--svhn-extra, runs/table7.sh)")
-    g.add_argument("--lambda-u", type=float, default=None,
-                   help="weight of the L2 loss (default 75 CIFAR-10, 250 SVHN, 50 STL-10, 150 CIFAR-100; else 75)")
-    g.add_argument("--rampup-steps", type=int, default=16384, help="linear ramp of lambda_u (official 1024 kimg)")
+    g.add_argument("--lambda-u", type=bookkeeping.nonnegative_float, help=f"weight of the L2 loss ({TABLE})")
+    g.add_argument("--rampup-steps", type=nonnegative, help=f"linear ramp of lambda_u, official 1024 kimg ({TABLE})")
     g = parser.add_argument_group("ns3l")
     g.add_argument("--ns3l", action="store_true", help="add the NS3L loss on X' and U' (NS3L paper section 4.3)")
-    g.add_argument("--ns3l-weight", type=float, default=None,
+    g.add_argument("--ns3l-weight", type=bookkeeping.nonnegative_float,
                    help="lambda_1 (NS3L 4.4: CIFAR-10 5 below 4000 labels, 10 at 4000; SVHN, STL-10 and others 2)")
-    g.add_argument("--threshold", type=float, default=None,
+    g.add_argument("--threshold", type=bookkeeping.open_unit,
                    help="T: mixed-target probabilities below it are negatives (default 0.5 / num_classes: 0.05 for 10 "
                         "classes, NS3L 4.4; divided by 10 for CIFAR-100 as the paper does for Protocol A)")
     args = parser.parse_args(argv)
-
-    for name in ("total_steps", "eval_every", "log_every", "k_augment"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("weight_decay", "rampup_steps", "lambda_u", "ns3l_weight", "shift"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.batch_size < max(2, args.k_augment + 1):
         parser.error(f"--batch-size must be >= 2 and >= --k-augment + 1 (one interleave group each), got {args.batch_size}")
-    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
-        parser.error(f"--threshold must be in (0, 1), got {args.threshold}")
-    if not 0.0 <= args.ema_decay < 1.0:
-        parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    for name in ("temperature", "alpha", "lr"):
-        if getattr(args, name) is not None and not getattr(args, name) > 0:
-            parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
-    if not 0.0 < args.bn_momentum <= 1.0:
-        parser.error(f"--bn-momentum must be in (0, 1], got {args.bn_momentum}")
-    if (args.depth - 4) % 6 != 0 or args.depth < 10 or args.width < 1:
-        parser.error(f"--depth must be 6n + 4 >= 10 and --width >= 1, got {args.depth} and {args.width}")
-    if args.num_stages is not None and args.num_stages < 1:
-        parser.error(f"--num-stages must be >= 1, got {args.num_stages}")
     try:
         key = common.dataset_key(args.dataset)
     except common.DataError as error:
         parser.error(str(error))
-    defaults = PROTOCOL_B.get(key, {})
-    if args.total_steps is None:
-        args.total_steps = defaults.get("total_steps", 1 << 20)
+    return resolve_defaults(args, key, common.DATASETS[key]["num_classes"])
+
+
+def resolve_defaults(args, key, num_classes, image_size=None):
+    """Every flag left unset: its data set's row of DEFAULTS, then the values that depend on other flags. Called again
+    once the data are loaded, when an .npz's number of classes (and so T) and the image size (and so the crop padding)
+    become known; a resumed run's saved arguments are all set already."""
+    bookkeeping.fill_defaults(args, DEFAULTS, key)
     if args.alpha is None:
         args.alpha = 0.25 if (key == "svhn" and args.svhn_extra) else 0.75
-    if args.threshold is None and common.DATASETS[key]["num_classes"]:  # an .npz gets its T once its classes are known
-        args.threshold = 0.5 / common.DATASETS[key]["num_classes"]  # 0.05 for 10 classes (NS3L 4.4), 0.005 for 100
-    if args.lambda_u is None:
-        args.lambda_u = defaults.get("lambda_u", 75.0)
-    if args.num_stages is None:
-        args.num_stages = 4 if key == "stl10" else 3
-    if args.num_labeled is None:
-        args.num_labeled = defaults.get("num_labeled", common.DATASETS[key]["num_labeled"])
-    if args.num_valid is None:
-        args.num_valid = defaults.get("num_valid", common.DATASETS[key]["num_valid"])
     if args.ns3l_weight is None:
         args.ns3l_weight = (10.0 if args.num_labeled >= 4000 else 5.0) if key == "cifar10" else 2.0
+    if args.threshold is None and num_classes:  # 0.05 for 10 classes (NS3L 4.4), 0.005 for 100
+        args.threshold = 0.5 / num_classes
+    if args.shift is None and image_size:  # the official pad of 4 at 32 px (CIFAR, SVHN), 12 at 96 px (STL-10)
+        args.shift = max(1, round(image_size / 8))
     return args
 
 
@@ -325,16 +321,15 @@ def main():
         data = common.load_dataset(args.dataset, args.data_dir, args.download, device, args.svhn_extra)
         if args.svhn_extra and data.name == "svhn":  # official svhn split: labels from train + extra (README.md:31)
             data.num_labelable = len(data.x_train)
+        args = resolve_defaults(args, data.name, data.num_classes, data.image_size)  # what needs the data: T, shift
         split = common.make_ssl_split(data.y_train, data.num_classes, args.num_labeled, args.num_valid, args.seed,
                                       data.num_labelable, include_labeled=args.include_labeled)
     except common.DataError as error:
         bookkeeping.fail(str(error))
-    if args.threshold is None:
-        args.threshold = 0.5 / data.num_classes  # 0.05 for 10 classes (NS3L 4.4); / 10 on CIFAR-100, as in Protocol A
-    flip = common.DATASETS[data.name]["flip"]  # CIFAR / STL-10 flip, SVHN / digits / MNIST do not
-    shift = args.shift if args.shift is not None else max(1, round(data.image_size / 8))  # 4 at 32 px, 12 at 96 px
+    flip, shift = common.DATASETS[data.name]["flip"], args.shift  # CIFAR / STL-10 flip, SVHN / digits / MNIST do not
     if shift >= data.image_size:
         bookkeeping.fail(f"--shift {shift} must be smaller than the image size {data.image_size} (reflect padding)")
+    bookkeeping.warn_bn_momentum(args.bn_momentum, args.total_steps)
     normalize = common.Normalizer("scale")  # official: x * 2 / 255 - 1, no whitening
 
     run_dir, writer = bookkeeping.open_run(args, SCRIPT, split, checkpoint)  # new run dir, or the resumed one

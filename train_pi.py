@@ -13,7 +13,7 @@ probability on an unlabeled image is below T are its negatives, loss -log(1 - su
 
     python train_pi.py --dataset cifar10 --num-labeled 4000
     python train_pi.py --dataset cifar10 --num-labeled 4000 --ns3l
-    python train_pi.py --dataset digits --depth 10 --total-steps 2000 --eval-every 500 --ns3l
+    python train_pi.py --dataset digits --ns3l      # a CPU run of a few minutes (digits defaults, --help)
 
 Deviations and choices (also in docs/pi.md):
 - Losses are means over their own rows (labeled cross-entropy over the labeled rows, consistency over the unlabeled
@@ -41,80 +41,105 @@ import wrn
 
 SCRIPT = "train_pi"
 
+# ------------------------------------------------------------------------------------------- defaults per data set
+# One row per --dataset: a flag left unset takes its row's value in resolve_defaults(), the one place defaults are
+# resolved. The paper's data sets: 200k steps, LR decay at 130k, ramp-up 50k (NS3L paper 4.1, the shortening of
+# Oliver et al.'s train_model.py:53-55), WRN-28-2, BN momentum 0.001 (TF 1's default decay 0.999 in Oliver et
+# al.'s lib/networks.py:98-103), evaluation every 5k steps, and section 4.1's splits (CIFAR-10 4,000 labels, SVHN 1,000,
+# CIFAR-100 10,000; validation 5,000 / 7,325 as Oliver et al.'s build_label_map.py). digits and synthetic get a CPU
+# run (this project's choice, a few minutes on two cores): WRN-10-2, 2,000 steps, BN momentum 0.01.
+PAPER = dict(num_labeled=4000, num_valid=5000, total_steps=200_000, lr_decay_step=130_000, rampup_steps=50_000,
+             eval_every=5000, depth=28, bn_momentum=0.001)
+CPU = dict(total_steps=2000, lr_decay_step=1500, rampup_steps=500, eval_every=500, depth=10, bn_momentum=0.01)
+DEFAULTS = {
+    "cifar10": PAPER,
+    "cifar100": PAPER | dict(num_labeled=10_000),
+    "svhn": PAPER | dict(num_labeled=1000, num_valid=7325),
+    "stl10": PAPER | dict(num_labeled=1000, num_valid=1000),
+    "fashion_mnist": PAPER | dict(num_labeled=1000),
+    "mnist": PAPER | dict(num_labeled=100),
+    "npz": PAPER | dict(num_labeled=1000, num_valid=1000),
+    "digits": CPU | dict(num_labeled=100, num_valid=200),
+    "synthetic": CPU | dict(num_labeled=40, num_valid=50),
+}
+SOURCES = {"cifar10, cifar100, svhn": "NS3L paper section 4.1 / Oliver et al. 2018 (docs/fidelity.md, file and line)",
+           "stl10, fashion_mnist, mnist, npz": "the paper's schedule; the split sizes are this project's",
+           "digits, synthetic": "a CPU run, this project's choice (a few minutes on two cores)",
+           "every data set": "lr 3e-4 (6e-4 with --ns3l), Pi weight 20, batch 50 + 50, T = 0.4 / classes: NS3L "
+                             "paper 4.4, Oliver et al. Table 5"}
+TABLE = "per --dataset, see the table below"
+
 
 def parse_args(argv=None):
-    parser = bookkeeping.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = bookkeeping.ArgumentParser(description=__doc__.split("\n")[0],
+                                        epilog=bookkeeping.defaults_epilog(DEFAULTS, SOURCES))
     g = parser.add_argument_group("experiment")
     g.add_argument("--seed", type=int, default=1, help="seed of the run; also picks the labeled subset")
     g.add_argument("--runs-dir", default="runs", help="where run directories are created")
     g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__<script>__<seed>__<time>)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     bookkeeping.add_device_args(g)
-    g.add_argument("--eval-every", type=int, default=5000, help="steps between evaluations and checkpoints")
-    g.add_argument("--log-every", type=int, default=100, help="steps between logged scalars")
+    g.add_argument("--eval-every", type=bookkeeping.positive_int, help=f"steps between evaluations and checkpoints "
+                                                                       f"({TABLE})")
+    g.add_argument("--log-every", type=bookkeeping.positive_int, default=100, help="steps between logged scalars")
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="cifar10",
                    help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz (x_train, y_train, x_test, y_test)")
     g.add_argument("--data-dir", default="data", help="torchvision data root")
     g.add_argument("--download", action="store_true", help="let torchvision download the data set")
     g.add_argument("--svhn-extra", action="store_true", help="SVHN: add the 531k 'extra' images to the unlabeled stream")
-    g.add_argument("--num-labeled", type=int, default=None,
-                   help="labeled images (default: the paper's, CIFAR-10 4000 / SVHN 1000 / CIFAR-100 10000)")
-    g.add_argument("--num-valid", type=int, default=None, help="validation images held out of train (CIFAR 5000, SVHN 7325)")
+    g.add_argument("--num-labeled", type=bookkeeping.positive_int, help=f"labeled images ({TABLE})")
+    g.add_argument("--num-valid", type=bookkeeping.positive_int,
+                   help=f"validation images held out of train; the reported test error is taken at the best "
+                        f"validation error ({TABLE})")
     g.add_argument("--include-labeled", action="store_true",
                    help="also put the labeled images in the unlabeled stream, as Oliver et al.'s TF data provider does "
                         "(default: disjoint sets, as the NS3L paper counts them and the PyTorch port builds them)")
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--total-steps", type=int, default=200_000, help="NS3L paper section 4.1")
-    g.add_argument("--batch-size", type=int, default=50, help="labeled images per step (Oliver et al.: 50 + 50)")
-    g.add_argument("--unlabeled-batch-size", type=int, default=None, help="unlabeled images per step (= --batch-size)")
-    g.add_argument("--lr", type=float, default=None,
+    g.add_argument("--total-steps", type=bookkeeping.positive_int, help=f"training steps ({TABLE})")
+    g.add_argument("--batch-size", type=bookkeeping.positive_int, default=50,
+                   help="labeled images per step (Oliver et al.: 50 + 50)")
+    g.add_argument("--unlabeled-batch-size", type=bookkeeping.positive_int,
+                   help="unlabeled images per step (default: = --batch-size)")
+    g.add_argument("--lr", type=bookkeeping.positive_float,
                    help="Adam learning rate (default: 3e-4 Pi-model, Oliver et al. Table 5; 6e-4 with --ns3l, NS3L "
                         "paper 4.4)")
-    g.add_argument("--lr-decay-step", type=int, default=130_000, help="step of the LR decay (NS3L paper 4.1)")
-    g.add_argument("--lr-decay-factor", type=float, default=0.2, help="LR multiplier at --lr-decay-step (Oliver et al.)")
-    g.add_argument("--rampup-steps", type=int, default=50_000,
-                   help="exp(-5(1-t)^2) ramp of the unlabeled weights (NS3L paper 4.1: 50k)")
-    g.add_argument("--depth", type=int, default=28, help="WRN depth (6n + 4)")
-    g.add_argument("--width", type=int, default=2, help="WRN widening factor")
-    g.add_argument("--bn-momentum", type=float, default=0.001,
-                   help="BatchNorm running-stat momentum (TF decay 0.999); use ~0.01 for runs of a few thousand steps")
+    g.add_argument("--lr-decay-step", type=bookkeeping.nonnegative_int, help=f"step of the LR decay ({TABLE})")
+    g.add_argument("--lr-decay-factor", type=bookkeeping.nonnegative_float, default=0.2,
+                   help="LR multiplier at --lr-decay-step (Oliver et al.)")
+    g.add_argument("--rampup-steps", type=bookkeeping.nonnegative_int,
+                   help=f"exp(-5(1-t)^2) ramp of the unlabeled weights ({TABLE})")
+    g.add_argument("--depth", type=bookkeeping.wrn_depth, help=f"WRN depth, 6n + 4 ({TABLE})")
+    g.add_argument("--width", type=bookkeeping.positive_int, default=2, help="WRN widening factor")
+    g.add_argument("--bn-momentum", type=bookkeeping.momentum,
+                   help=f"BatchNorm running-stat momentum; 0.001 = TF's decay 0.999 ({TABLE})")
     g = parser.add_argument_group("pi-model")
-    g.add_argument("--pi-weight", type=float, default=20.0,
+    g.add_argument("--pi-weight", type=bookkeeping.nonnegative_float, default=20.0,
                    help="maximum consistency weight, reached after the ramp-up (Oliver et al. Table 5: 20)")
     g = parser.add_argument_group("ns3l")
     g.add_argument("--ns3l", action="store_true", help="add the NS3L loss (paper Algorithm 1)")
-    g.add_argument("--ns3l-weight", type=float, default=1.0, help="lambda_1 (NS3L paper 4.4: 1, also for Pi + NS3L)")
-    g.add_argument("--threshold", type=float, default=None,
+    g.add_argument("--ns3l-weight", type=bookkeeping.nonnegative_float, default=1.0, help="lambda_1 (NS3L paper 4.4: 1, also for Pi + NS3L)")
+    g.add_argument("--threshold", type=bookkeeping.open_unit,
                    help="T: classes below it are negatives (default 0.4 / num_classes: 0.04 for 10, 0.004 for 100)")
     args = parser.parse_args(argv)
-
-    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
-        parser.error(f"--threshold must be in (0, 1), got {args.threshold}")
-    for name in ("total_steps", "batch_size", "eval_every", "log_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.unlabeled_batch_size is not None and args.unlabeled_batch_size < 1:
-        parser.error(f"--unlabeled-batch-size must be >= 1, got {args.unlabeled_batch_size}")
-    for name in ("pi_weight", "ns3l_weight", "rampup_steps", "lr_decay_step"):
-        if not getattr(args, name) >= 0:  # also rejects nan
-            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if not 0.0 < args.bn_momentum <= 1.0:
-        parser.error(f"--bn-momentum must be in (0, 1], got {args.bn_momentum}")
-    if args.lr is not None and not args.lr > 0:
-        parser.error(f"--lr must be > 0, got {args.lr}")
-    if (args.depth - 4) % 6 != 0 or args.depth < 10 or args.width < 1:
-        parser.error(f"--depth must be 6n + 4 >= 10 and --width >= 1, got {args.depth} and {args.width}")
     try:
-        common.dataset_key(args.dataset)
+        key = common.dataset_key(args.dataset)
     except common.DataError as error:
         parser.error(str(error))
+    return resolve_defaults(args, key, common.DATASETS[key]["num_classes"])
+
+
+def resolve_defaults(args, key, num_classes):
+    """Every flag left unset: its data set's row of DEFAULTS, then the values that depend on the method. Called again
+    once the data are loaded, when an .npz's number of classes (and so T) becomes known; a resumed run's saved
+    arguments are all set already."""
+    bookkeeping.fill_defaults(args, DEFAULTS, key)
     if args.unlabeled_batch_size is None:
         args.unlabeled_batch_size = args.batch_size
-    if args.num_valid is not None and args.num_valid < 1:
-        parser.error("--num-valid must be >= 1: the reported test error is taken at the best validation error")
     if args.lr is None:  # Oliver et al. Table 5 (Pi-model 3e-4); NS3L paper 4.4 (NS3L and Pi + NS3L 6e-4)
         args.lr = 6e-4 if args.ns3l else 3e-4
+    if args.threshold is None and num_classes:  # T = 0.04 for 10 classes, divided by 10 for CIFAR-100 (section 4.4)
+        args.threshold = 0.4 / num_classes
     return args
 
 
@@ -177,15 +202,12 @@ def main():
     # Data: every failure here is one line and happens before anything is written.
     try:
         data = common.load_dataset(args.dataset, args.data_dir, args.download, device, args.svhn_extra)
-        info = common.DATASETS[data.name]
-        args.num_labeled = info["num_labeled"] if args.num_labeled is None else args.num_labeled
-        args.num_valid = info["num_valid"] if args.num_valid is None else args.num_valid
+        args = resolve_defaults(args, data.name, data.num_classes)  # an .npz's T, now that its classes are known
         split = common.make_ssl_split(data.y_train, data.num_classes, args.num_labeled, args.num_valid, args.seed,
                                       data.num_labelable, include_labeled=args.include_labeled)
     except common.DataError as error:
         bookkeeping.fail(str(error))
-    if args.threshold is None:
-        args.threshold = 0.4 / data.num_classes  # T = 0.04 for 10 classes, divided by 10 for CIFAR-100 (section 4.4)
+    bookkeeping.warn_bn_momentum(args.bn_momentum, args.total_steps)
     flip, shift, noise_std = common.augmentation_defaults(args.dataset)
     normalize = common.make_normalizer(data)
 

@@ -10,7 +10,7 @@ code (--vat-kl miyato: KL(p(x) || p(x + r_adv)), Miyato et al.'s).
 VAT + NS3L (paper section 4.3): L = L_supervised + lambda_2 L_VAT + lambda_1 L_NS3L.
 
     python train_vat.py --dataset cifar10 --num-labeled 4000 --ns3l
-    python train_vat.py --dataset digits --depth 10 --total-steps 2000 --eval-every 500 --ns3l
+    python train_vat.py --dataset digits --ns3l      # a CPU run of a few minutes (digits defaults, --help)
 
 Deviations and choices (also in the README):
 - As in Oliver et al.'s code, the perturbation is found for the whole [labeled; unlabeled] batch in one pass (so the
@@ -49,108 +49,130 @@ import common
 import wrn
 
 SCRIPT = "train_vat"
-# eps is an L2 norm over the whole image, so it depends on the preprocessing and the image size.
-#   CIFAR (GCN + ZCA): 6.0 and SVHN ([-1, 1]): 1.0, Oliver et al. Table 5. digits (8x8, [-1, 1]): 1.0, about 0.3x the
-#   median distance from an image to its nearest image of another class (3.4); every other [-1, 1] set: SVHN's 1.0.
-VAT_EPS = {"cifar10": 6.0, "cifar100": 6.0, "svhn": 1.0, "digits": 1.0}
+
+# ------------------------------------------------------------------------------------------- defaults per data set
+# One row per --dataset: a flag left unset takes its row's value in resolve_defaults(), the one place defaults are
+# resolved. The paper's data sets: 200k steps, LR decay at 130k, ramp-up 50k (NS3L paper 4.1, the shortening of
+# Oliver et al.'s train_model.py:53-55), WRN-28-2, BN momentum 0.001 (TF 1's default decay 0.999 in Oliver et
+# al.'s lib/networks.py:98-103), evaluation every 5k steps, and section 4.1's splits (CIFAR-10 4,000 labels, SVHN 1,000,
+# CIFAR-100 10,000; validation 5,000 / 7,325 as Oliver et al.'s build_label_map.py). digits and synthetic get a CPU
+# run (this project's choice, a few minutes on two cores): WRN-10-2, 2,000 steps, BN momentum 0.01.
+# VAT's eps is an L2 norm over the whole image, so it depends on the preprocessing and the image size: CIFAR (GCN +
+# ZCA) 6.0 and SVHN ([-1, 1]) 1.0, Oliver et al. Table 5 (lib/hparams.py:39, :86); digits (8x8, [-1, 1]) 1.0, about 0.3x
+# the median distance from an image to its nearest image of another class (3.4); every other [-1, 1] set SVHN's 1.0.
+PAPER = dict(num_labeled=4000, num_valid=5000, total_steps=200_000, lr_decay_step=130_000, rampup_steps=50_000,
+             eval_every=5000, depth=28, bn_momentum=0.001, vat_eps=1.0)
+CPU = dict(total_steps=2000, lr_decay_step=1500, rampup_steps=500, eval_every=500, depth=10, bn_momentum=0.01)
+DEFAULTS = {
+    "cifar10": PAPER | dict(vat_eps=6.0),
+    "cifar100": PAPER | dict(num_labeled=10_000, vat_eps=6.0),
+    "svhn": PAPER | dict(num_labeled=1000, num_valid=7325),
+    "stl10": PAPER | dict(num_labeled=1000, num_valid=1000),
+    "fashion_mnist": PAPER | dict(num_labeled=1000),
+    "mnist": PAPER | dict(num_labeled=100),
+    "npz": PAPER | dict(num_labeled=1000, num_valid=1000),
+    "digits": CPU | dict(num_labeled=100, num_valid=200, vat_eps=1.0),
+    "synthetic": CPU | dict(num_labeled=40, num_valid=50, vat_eps=1.0),
+}
+SOURCES = {"cifar10, cifar100, svhn": "NS3L paper section 4.1 / Oliver et al. 2018 (docs/fidelity.md, file and line)",
+           "stl10, fashion_mnist, mnist, npz": "the paper's schedule; the split sizes are this project's",
+           "digits, synthetic": "a CPU run, this project's choice (a few minutes on two cores)",
+           "every data set": "lr 3e-3 (6e-4 with --ns3l), VAT weight 0.3, batch 50 + 50, T = 0.4 / classes; with "
+                             "--ns3l on CIFAR-100 lr 3e-3 and VAT weight 0.6: NS3L paper 4.4, Oliver et al. Table 5"}
+TABLE = "per --dataset, see the table below"
 
 
 def parse_args(argv=None):
-    parser = bookkeeping.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = bookkeeping.ArgumentParser(description=__doc__.split("\n")[0],
+                                        epilog=bookkeeping.defaults_epilog(DEFAULTS, SOURCES))
     g = parser.add_argument_group("experiment")
     g.add_argument("--seed", type=int, default=1, help="seed of the run; also picks the labeled subset")
     g.add_argument("--runs-dir", default="runs", help="where run directories are created")
     g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__<script>__<seed>__<time>)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     bookkeeping.add_device_args(g, exact_fp32="Evaluation and VAT's r search always run in exact fp32")
-    g.add_argument("--eval-every", type=int, default=5000, help="steps between evaluations and checkpoints")
-    g.add_argument("--log-every", type=int, default=100, help="steps between logged scalars")
+    g.add_argument("--eval-every", type=bookkeeping.positive_int, help=f"steps between evaluations and checkpoints "
+                                                                       f"({TABLE})")
+    g.add_argument("--log-every", type=bookkeeping.positive_int, default=100, help="steps between logged scalars")
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="cifar10",
                    help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz (x_train, y_train, x_test, y_test)")
     g.add_argument("--data-dir", default="data", help="torchvision data root")
     g.add_argument("--download", action="store_true", help="let torchvision download the data set")
     g.add_argument("--svhn-extra", action="store_true", help="SVHN: add the 531k 'extra' images to the unlabeled stream")
-    g.add_argument("--num-labeled", type=int, default=None,
-                   help="labeled images (default: the paper's, CIFAR-10 4000 / SVHN 1000 / CIFAR-100 10000)")
-    g.add_argument("--num-valid", type=int, default=None, help="validation images held out of train (CIFAR 5000, SVHN 7325)")
+    g.add_argument("--num-labeled", type=bookkeeping.positive_int, help=f"labeled images ({TABLE})")
+    g.add_argument("--num-valid", type=bookkeeping.positive_int,
+                   help=f"validation images held out of train; the reported test error is taken at the best "
+                        f"validation error ({TABLE})")
     g.add_argument("--include-labeled", action="store_true",
                    help="also put the labeled images in the unlabeled stream, as Oliver et al.'s TF data provider does "
                         "(default: disjoint sets, as the NS3L paper counts them and the PyTorch port builds them)")
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--total-steps", type=int, default=200_000, help="NS3L paper section 4.1")
-    g.add_argument("--batch-size", type=int, default=50, help="labeled images per step (Oliver et al.: 50 + 50)")
-    g.add_argument("--unlabeled-batch-size", type=int, default=None, help="unlabeled images per step (= --batch-size)")
-    g.add_argument("--lr", type=float, default=None,
+    g.add_argument("--total-steps", type=bookkeeping.positive_int, help=f"training steps ({TABLE})")
+    g.add_argument("--batch-size", type=bookkeeping.positive_int, default=50,
+                   help="labeled images per step (Oliver et al.: 50 + 50)")
+    g.add_argument("--unlabeled-batch-size", type=bookkeeping.positive_int,
+                   help="unlabeled images per step (default: = --batch-size)")
+    g.add_argument("--lr", type=bookkeeping.positive_float,
                    help="Adam learning rate (default: 3e-3 for VAT, VAT + EntMin and VAT + PL, Oliver et al. Table 5; "
                         "6e-4 with --ns3l, NS3L paper 4.4; 3e-3 with --ns3l on CIFAR-100, NS3L paper 4.4)")
-    g.add_argument("--lr-decay-step", type=int, default=130_000, help="step of the LR decay (NS3L paper 4.1)")
-    g.add_argument("--lr-decay-factor", type=float, default=0.2, help="LR multiplier at --lr-decay-step (Oliver et al.)")
-    g.add_argument("--rampup-steps", type=int, default=50_000, help="exp(-5(1-t)^2) ramp of the unlabeled weights")
-    g.add_argument("--depth", type=int, default=28, help="WRN depth (6n + 4)")
-    g.add_argument("--width", type=int, default=2, help="WRN widening factor")
-    g.add_argument("--bn-momentum", type=float, default=0.001,
-                   help="BatchNorm running-stat momentum (TF decay 0.999); use ~0.01 for runs of a few thousand steps")
+    g.add_argument("--lr-decay-step", type=bookkeeping.nonnegative_int, help=f"step of the LR decay ({TABLE})")
+    g.add_argument("--lr-decay-factor", type=bookkeeping.nonnegative_float, default=0.2,
+                   help="LR multiplier at --lr-decay-step (Oliver et al.)")
+    g.add_argument("--rampup-steps", type=bookkeeping.nonnegative_int,
+                   help=f"exp(-5(1-t)^2) ramp of the unlabeled weights ({TABLE})")
+    g.add_argument("--depth", type=bookkeeping.wrn_depth, help=f"WRN depth, 6n + 4 ({TABLE})")
+    g.add_argument("--width", type=bookkeeping.positive_int, default=2, help="WRN widening factor")
+    g.add_argument("--bn-momentum", type=bookkeeping.momentum,
+                   help=f"BatchNorm running-stat momentum; 0.001 = TF's decay 0.999 ({TABLE})")
     g = parser.add_argument_group("vat")
-    g.add_argument("--vat-weight", type=float, default=None,
+    g.add_argument("--vat-weight", type=bookkeeping.nonnegative_float,
                    help="lambda_2, ramped (default 0.3, Oliver et al. Table 5 / NS3L paper 4.4; 0.6 with --ns3l on "
                         "CIFAR-100, NS3L paper 4.4)")
-    g.add_argument("--vat-eps", type=float, default=None,
-                   help="L2 norm of r_adv per image (default: CIFAR 6.0, SVHN 1.0, Oliver et al. Table 5; digits and "
-                        "other [-1, 1] data 1.0, see VAT_EPS)")
-    g.add_argument("--vat-xi", type=float, default=1e-6, help="norm of the probe d (Oliver et al. / VAT code)")
-    g.add_argument("--vat-iterations", type=int, default=1, help="power iterations (Oliver et al.: 1)")
+    g.add_argument("--vat-eps", type=bookkeeping.positive_float, help=f"L2 norm of r_adv per image ({TABLE})")
+    g.add_argument("--vat-xi", type=bookkeeping.positive_float, default=1e-6,
+                   help="norm of the probe d (Oliver et al. / VAT code)")
+    g.add_argument("--vat-iterations", type=bookkeeping.positive_int, default=1, help="power iterations (Oliver et al.: 1)")
     g.add_argument("--vat-kl", choices=("oliver", "miyato"), default="oliver",
                    help="loss direction: 'oliver' KL(p(x + r_adv) || p(x)), Oliver et al.'s forward_kl (their weight 0.3 "
                         "was tuned for it); 'miyato' KL(p(x) || p(x + r_adv)), Miyato et al.'s")
     g = parser.add_argument_group("entropy minimisation / pseudo-label")
     g.add_argument("--entmin", action="store_true", help="VAT + EntMin (Oliver et al.)")
-    g.add_argument("--entmin-weight", type=float, default=0.1, help="entropy weight, not ramped (Oliver et al.)")
+    g.add_argument("--entmin-weight", type=bookkeeping.nonnegative_float, default=0.1,
+                   help="entropy weight, not ramped (Oliver et al.)")
     g.add_argument("--pseudo-label", action="store_true", help="VAT + Pseudo-Label (NS3L paper Table 2)")
-    g.add_argument("--pl-threshold", type=float, default=0.95, help="confidence for a pseudo-label (Oliver et al.)")
-    g.add_argument("--pl-weight", type=float, default=1.0,
+    g.add_argument("--pl-threshold", type=bookkeeping.open_unit, default=0.95,
+                   help="confidence for a pseudo-label (Oliver et al.)")
+    g.add_argument("--pl-weight", type=bookkeeping.nonnegative_float, default=1.0,
                    help="Pseudo-Label weight (Oliver et al.'s PL alone; the NS3L paper does not give its VAT + PL values)")
     g = parser.add_argument_group("ns3l")
     g.add_argument("--ns3l", action="store_true", help="VAT + NS3L (paper section 4.3)")
-    g.add_argument("--ns3l-weight", type=float, default=0.3, help="lambda_1 with VAT (NS3L paper 4.4: 0.3)")
-    g.add_argument("--threshold", type=float, default=None,
+    g.add_argument("--ns3l-weight", type=bookkeeping.nonnegative_float, default=0.3,
+                   help="lambda_1 with VAT (NS3L paper 4.4: 0.3)")
+    g.add_argument("--threshold", type=bookkeeping.open_unit,
                    help="T: classes below it are negatives (default 0.4 / num_classes: 0.04 for 10, 0.004 for 100)")
     args = parser.parse_args(argv)
-
-    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
-        parser.error(f"--threshold must be in (0, 1), got {args.threshold}")
-    if not 0.0 < args.pl_threshold < 1.0:
-        parser.error(f"--pl-threshold must be in (0, 1), got {args.pl_threshold}")
-    for name in ("total_steps", "batch_size", "eval_every", "log_every", "vat_iterations"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("vat_eps", "vat_xi", "lr"):
-        if getattr(args, name) is not None and not getattr(args, name) > 0:
-            parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    for name in ("vat_weight", "ns3l_weight", "pl_weight", "entmin_weight", "rampup_steps", "lr_decay_step"):
-        if getattr(args, name) is not None and not getattr(args, name) >= 0:  # also rejects nan
-            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if not 0.0 < args.bn_momentum <= 1.0:
-        parser.error(f"--bn-momentum must be in (0, 1], got {args.bn_momentum}")
-    if (args.depth - 4) % 6 != 0 or args.depth < 10 or args.width < 1:
-        parser.error(f"--depth must be 6n + 4 >= 10 and --width >= 1, got {args.depth} and {args.width}")
     try:
         key = common.dataset_key(args.dataset)
     except common.DataError as error:
         parser.error(str(error))
+    return resolve_defaults(args, key, common.DATASETS[key]["num_classes"])
+
+
+def resolve_defaults(args, key, num_classes):
+    """Every flag left unset: its data set's row of DEFAULTS, then the values that depend on the method. Called again
+    once the data are loaded, when an .npz's number of classes (and so T) becomes known; a resumed run's saved
+    arguments are all set already."""
+    bookkeeping.fill_defaults(args, DEFAULTS, key)
     if args.unlabeled_batch_size is None:
         args.unlabeled_batch_size = args.batch_size
-    if args.num_valid is not None and args.num_valid < 1:
-        parser.error("--num-valid must be >= 1: the reported test error is taken at the best validation error")
-    if args.unlabeled_batch_size < 1:
-        parser.error(f"--unlabeled-batch-size must be >= 1, got {args.unlabeled_batch_size}")
     cifar100_ns3l = args.ns3l and key == "cifar100"  # the paper's one data-set-specific VAT + NS3L setting
     if args.lr is None:
         args.lr = 6e-4 if args.ns3l and not cifar100_ns3l else 3e-3
     if args.vat_weight is None:
         args.vat_weight = 0.6 if cifar100_ns3l else 0.3
-    if args.vat_eps is None:
-        args.vat_eps = VAT_EPS.get(key, 1.0)
+    if args.threshold is None and num_classes:  # T = 0.04 for 10 classes, divided by 10 for CIFAR-100 (section 4.4)
+        args.threshold = 0.4 / num_classes
     return args
 
 
@@ -281,15 +303,12 @@ def main():
     # Data: every failure here is one line and happens before anything is written.
     try:
         data = common.load_dataset(args.dataset, args.data_dir, args.download, device, args.svhn_extra)
-        info = common.DATASETS[data.name]
-        args.num_labeled = info["num_labeled"] if args.num_labeled is None else args.num_labeled
-        args.num_valid = info["num_valid"] if args.num_valid is None else args.num_valid
+        args = resolve_defaults(args, data.name, data.num_classes)  # an .npz's T, now that its classes are known
         split = common.make_ssl_split(data.y_train, data.num_classes, args.num_labeled, args.num_valid, args.seed,
                                       data.num_labelable, include_labeled=args.include_labeled)
     except common.DataError as error:
         bookkeeping.fail(str(error))
-    if args.threshold is None:
-        args.threshold = 0.4 / data.num_classes  # T = 0.04 for 10 classes, divided by 10 for CIFAR-100 (section 4.4)
+    bookkeeping.warn_bn_momentum(args.bn_momentum, args.total_steps)
     flip, shift, noise_std = common.augmentation_defaults(args.dataset)
     normalize = common.make_normalizer(data)
 

@@ -59,27 +59,27 @@ def parse_args(argv=None):
     g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__xc__<seed>__<unix time>)")
     g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
     g.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=True, help="torch.backends.cudnn.deterministic")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    g.add_argument("--threads", type=bookkeeping.nonnegative_int, default=0, help="torch CPU threads (0 = torch's default)")
     g.add_argument("--clock", default="wall", choices=("wall", "process"), help="clock of the time axis and --time-budget: wall (the paper's) or this process's CPU time, which a shared machine's load does not inflate")
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="planted", help="'planted' (this project's planted-hierarchy benchmark, see PlantedHierarchy), an .npz with x_train, y_train, x_test, y_test, or a training file in the Extreme Classification Repository text format")
     g.add_argument("--labels", default=None, help="label matrix of --dataset ('N C' header, 'l:1 ...' lines) when --dataset is a feature matrix ('N K' header, dense rows or 'f:v' tokens): the authors' XML-CNN pair trn_ft_mat_dense.txt + trn_lbl_mat.txt, or the repository's trn_X_Xf.txt + trn_X_Y.txt")
     g.add_argument("--test-data", default=None, help="held-out file in the same format as --dataset (required with a text --dataset); split 20%% validation / 80%% test with the authors' seed (binarize-labels.py:68-72)")
     g.add_argument("--test-labels", default=None, help="label matrix of --test-data (with --labels)")
-    g.add_argument("--num-classes", type=int, default=2 ** 14, help="planted: number of labels C (docs/xc.md uses 2^10..2^17)")
-    g.add_argument("--num-features", type=int, default=32, help="planted: feature dimension K")
-    g.add_argument("--planted-train-size", type=int, default=None, help="planted: size of the fixed sample the tree and the label counts are fitted on (default 16 x C); the main model sees fresh samples every step")
-    g.add_argument("--eval-size", type=int, default=2000, help="points of the fixed held-out sample per split: validation always; test only for planted (file data: the whole test split, as the authors evaluate it, unless --test-size)")
-    g.add_argument("--test-size", type=int, default=None, help="file data: cap the test split at this many points (default: all of it)")
+    g.add_argument("--num-classes", type=bookkeeping.positive_int, default=2 ** 14, help="planted: number of labels C (docs/xc.md uses 2^10..2^17)")
+    g.add_argument("--num-features", type=bookkeeping.positive_int, default=32, help="planted: feature dimension K")
+    g.add_argument("--planted-train-size", type=bookkeeping.positive_int, default=None, help="planted: size of the fixed sample the tree and the label counts are fitted on (default 16 x C); the main model sees fresh samples every step")
+    g.add_argument("--eval-size", type=bookkeeping.positive_int, default=2000, help="points of the fixed held-out sample per split: validation always; test only for planted (file data: the whole test split, as the authors evaluate it, unless --test-size)")
+    g.add_argument("--test-size", type=bookkeeping.positive_int, default=None, help="file data: cap the test split at this many points (default: all of it)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--method", default="adversarial", choices=METHODS, help="negative sampling scheme (paper Section 5 baselines)")
-    g.add_argument("--total-steps", type=int, default=3000, help="training steps (3000 at C = 2^12: docs/xc.md)")
-    g.add_argument("--time-budget", type=float, default=0.0, help="stop when tree fit + training time (evaluation excluded) exceeds this many seconds; 0 = no limit")
-    g.add_argument("--batch-size", type=int, default=1000, help="positives per step (authors' saved run)")
-    g.add_argument("--num-negatives", type=int, default=10, help="negatives per positive (authors' saved run)")
+    g.add_argument("--total-steps", type=bookkeeping.positive_int, default=3000, help="training steps (3000 at C = 2^12: docs/xc.md)")
+    g.add_argument("--time-budget", type=bookkeeping.nonnegative_float, default=0.0, help="stop when tree fit + training time (evaluation excluded) exceeds this many seconds; 0 = no limit")
+    g.add_argument("--batch-size", type=bookkeeping.positive_int, default=1000, help="positives per step (authors' saved run)")
+    g.add_argument("--num-negatives", type=bookkeeping.positive_int, default=10, help="negatives per positive (authors' saved run)")
     g.add_argument("--table1-column", choices=("amazon", "wikipedia"), default="amazon", help="which column of the paper's Table 1 gives the default --lr / --reg per method (they differ for uniform and NCE)")
-    g.add_argument("--lr", type=float, default=None, help="Adagrad learning rate (default per method: paper Table 1, --table1-column; softmax Appendix A.2)")
-    g.add_argument("--reg", type=float, default=None, help="lambda of eq. 6 (default per method as for --lr)")
+    g.add_argument("--lr", type=bookkeeping.positive_float, default=None, help="Adagrad learning rate (default per method: paper Table 1, --table1-column; softmax Appendix A.2)")
+    g.add_argument("--reg", type=bookkeeping.nonnegative_float, default=None, help="lambda of eq. 6 (default per method as for --lr)")
     g.add_argument("--init", choices=("glorot", "zero"), default="glorot",
                    help="start of w and b: the authors' Glorot-uniform (supervised_model.py:23-30: w ~ U(+-sqrt(6 / (C + K))), "
                         "b ~ U(+-sqrt(3 / C)), near zero) or exact zeros (then NCE's b starts at -log C, so labels it never "
@@ -93,34 +93,19 @@ def parse_args(argv=None):
                         "keeps --init's. Other methods keep --init's start (initialize_to_inverse_aux defaults to off, abstract_main_model.py:499)")
     g = parser.add_argument_group("auxiliary tree")
     g.add_argument("--aux-model", default=None, help="reuse a tree saved by an earlier run (aux_tree.pt) instead of fitting one")
-    g.add_argument("--pca-dim", type=int, default=16, help="k, whitened PCA dimension of the tree (paper Section 5), after standardising every feature (the authors' pca.ipynb)")
+    g.add_argument("--pca-dim", type=bookkeeping.positive_int, default=16, help="k, whitened PCA dimension of the tree (paper Section 5), after standardising every feature (the authors' pca.ipynb)")
     g.add_argument("--tree-split", choices=("halves", "packed"), default="halves", help="labels of a node: two equal halves (paper Section 3; the authors' initial split, fit_aux_model.jl:161-162), or fill the left child first (this project's earlier layout)")
-    g.add_argument("--tree-reg", type=float, default=0.1, help="lambda_n (paper Section 5); the node prior is (lambda_n / 2) x (real labels under the node) x ||(w, b)||^2, as the authors' fit_aux_model.jl:128,134,294-298")
-    g.add_argument("--tree-newton-steps", type=int, default=4, help="Newton steps per node between two re-splits")
-    g.add_argument("--tree-max-rounds", type=int, default=4, help="cap on re-split rounds per level (the paper re-splits until no label changes side)")
+    g.add_argument("--tree-reg", type=bookkeeping.nonnegative_float, default=0.1, help="lambda_n (paper Section 5); the node prior is (lambda_n / 2) x (real labels under the node) x ||(w, b)||^2, as the authors' fit_aux_model.jl:128,134,294-298")
+    g.add_argument("--tree-newton-steps", type=bookkeeping.positive_int, default=4, help="Newton steps per node between two re-splits")
+    g.add_argument("--tree-max-rounds", type=bookkeeping.positive_int, default=4, help="cap on re-split rounds per level (the paper re-splits until no label changes side)")
     g = parser.add_argument_group("cadence")
-    g.add_argument("--eval-every", type=int, default=500, help="evaluate every N steps (and at the end)")
-    g.add_argument("--eval-every-seconds", type=float, default=0.0, help="also evaluate every X seconds of training time; 0 = off")
-    g.add_argument("--log-every", type=int, default=100, help="log training scalars every N steps")
+    g.add_argument("--eval-every", type=bookkeeping.positive_int, default=500, help="evaluate every N steps (and at the end)")
+    g.add_argument("--eval-every-seconds", type=bookkeeping.nonnegative_float, default=0.0, help="also evaluate every X seconds of training time; 0 = off")
+    g.add_argument("--log-every", type=bookkeeping.positive_int, default=100, help="log training scalars every N steps")
     args = parser.parse_args(argv)
 
-    positive = ["num_classes", "num_features", "eval_size", "test_size", "total_steps", "batch_size", "num_negatives", "pca_dim",
-                "tree_newton_steps", "tree_max_rounds", "eval_every", "log_every"]
-    for name in positive:
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.dataset == "planted" and args.num_classes < 2:
         parser.error(f"--num-classes must be >= 2, got {args.num_classes}")
-    if args.planted_train_size is not None and args.planted_train_size < 1:
-        parser.error(f"--planted-train-size must be >= 1, got {args.planted_train_size}")
-    for name in ["lr", "reg", "tree_reg"]:
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value >= 0 and (name != "lr" or value > 0)):
-            parser.error(f"--{name.replace('_', '-')} must be a finite {'positive' if name == 'lr' else 'non-negative'} number, got {value}")
-    if args.threads < 0:
-        parser.error(f"--threads must be >= 0, got {args.threads}")
-    if args.time_budget < 0 or args.eval_every_seconds < 0:
-        parser.error("--time-budget and --eval-every-seconds must be >= 0")
     default_lr, default_reg = PAPER_DEFAULTS[args.table1_column][args.method]
     args.lr = default_lr if args.lr is None else args.lr
     args.reg = default_reg if args.reg is None else args.reg

@@ -356,8 +356,9 @@ def test_mixmatch_threshold_of_an_npz_follows_its_classes(monkeypatch, tmp_path,
 
 def test_protocol_a_validation_sizes():
     """NS3L paper 4.1: CIFAR 45,000 / 5,000 and SVHN 65,932 / 7,325 (Oliver et al.'s code holds out 7,326)."""
-    assert (common.DATASETS["cifar10"]["num_valid"], common.DATASETS["svhn"]["num_valid"]) == (5000, 7325)
-    assert common.DATASETS["cifar100"]["num_valid"] == 5000
+    for module in (train_supervised, train_vat, train_pi, train_mixmatch):
+        valid = {d: module.parse_args(["--dataset", d]).num_valid for d in ("cifar10", "svhn", "cifar100")}
+        assert valid == {"cifar10": 5000, "svhn": 7325, "cifar100": 5000}, module.__name__
 
 
 def test_fidelity_doc_points_at_the_lines_it_names():
