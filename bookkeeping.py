@@ -2,6 +2,7 @@
 their resolution (precision, memory format, torch.compile, seeds and determinism), the training clock, run
 directories, checkpoints and --resume, RNG state, the error rate of a model and TensorBoard / summary.json writing.
 No algorithm and no evaluation rule lives here: each script states the number it reports."""
+
 import argparse
 import contextlib
 import json
@@ -49,19 +50,35 @@ def add_device_args(group, exact_fp32="Evaluation always runs in exact fp32"):
     """The device flags every WRN script shares: --cuda, --torch-deterministic, --bf16, --channels-last, --compile
     (resolved by precision(), compile_model() and seed_everything())."""
     group.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
-    group.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
-                       help="deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, no "
-                            "benchmark): bit-reproducible on the same machine and software, slower on GPU")
-    group.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                       help="bf16 autocast for training forward passes (default: on for CUDA, off on CPU; --bf16 forces "
-                            f"it on the CPU too). {exact_fp32}")
-    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                       help="channels_last memory format (default: the faster format of the device, FASTER_FORMAT: "
-                            "channels_last on CUDA and on the CPU)")
-    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                       help="torch.compile the model for the training passes (default: on for CUDA, off on the CPU, "
-                            "where compiling takes about a minute); the first step, which compiles, is timed apart and "
-                            "left out of SPS. Evaluation and checkpoints use the uncompiled module")
+    group.add_argument(
+        "--torch-deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, no "
+        "benchmark): bit-reproducible on the same machine and software, slower on GPU",
+    )
+    group.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast for training forward passes (default: on for CUDA, off on CPU; --bf16 forces "
+        f"it on the CPU too). {exact_fp32}",
+    )
+    group.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last memory format (default: the faster format of the device, FASTER_FORMAT: "
+        "channels_last on CUDA and on the CPU)",
+    )
+    group.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the model for the training passes (default: on for CUDA, off on the CPU, "
+        "where compiling takes about a minute); the first step, which compiles, is timed apart and "
+        "left out of SPS. Evaluation and checkpoints use the uncompiled module",
+    )
 
 
 # The memory format of a device when --channels-last is not given: the faster one, measured on the training step
@@ -98,9 +115,10 @@ class TrainClock:
 
     ``start()`` / ``pause()`` bracket training (evaluation and checkpoints are outside); ``step()`` counts a timed step,
     except the first step of a leg whose model is compiled: its time (compilation included) is printed once as
-    compile_seconds and left out of both the time and the step count, so SPS and ETA are the compiled speed. ``lap()`` gives the steps per second since the previous lap over training time only: its step
-    count and its time run over the same steps, also when an evaluation falls inside the interval. CUDA is
-    synchronised only at these calls, never per step."""
+    compile_seconds and left out of both the time and the step count, so SPS and ETA are the compiled speed. ``lap()``
+    gives the steps per second since the previous lap over training time only: its step count and its time run over the
+    same steps, also when an evaluation falls inside the interval. CUDA is synchronised only at these calls, never per
+    step."""
 
     def __init__(self, device, seconds=0.0, steps=0):
         self.device, self.seconds, self.steps = device, float(seconds), int(steps)  # totals, checkpointed
@@ -127,8 +145,10 @@ class TrainClock:
         if compiled and self.compile_seconds is None:
             self.compile_seconds = self._now() - self._started
             if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, once
-                print(f"compile: the first step took {self.compile_seconds:.1f} s with compilation (not in SPS)",
-                      flush=True)
+                print(
+                    f"compile: the first step took {self.compile_seconds:.1f} s with compilation (not in SPS)",
+                    flush=True,
+                )
             self._started = self._now()
             return
         self.steps += 1
@@ -149,15 +169,20 @@ class TrainClock:
 
     def summary(self):
         """The clock's summary.json keys: steps_per_second over training time only, compile_seconds, train_seconds."""
-        return {"steps_per_second": self.steps_per_second(), "compile_seconds": self.compile_seconds,
-                "train_seconds": self.seconds}
+        return {
+            "steps_per_second": self.steps_per_second(),
+            "compile_seconds": self.compile_seconds,
+            "train_seconds": self.seconds,
+        }
 
 
 def create_run_dir(runs_dir, run_name):
     """Make a fresh run directory; an existing one is never reused or overwritten."""
     run_dir = os.path.join(runs_dir, run_name)
     if os.path.exists(run_dir):
-        fail(f"run directory {run_dir} already exists: choose another --run-name, or continue it with --resume {run_dir}")
+        fail(
+            f"run directory {run_dir} already exists: choose another --run-name, or continue it with --resume {run_dir}"
+        )
     os.makedirs(run_dir)
     return run_dir
 
@@ -168,6 +193,7 @@ def open_run(args, script, split=None, checkpoint=None, dataset_name=None):
     events logged after its checkpoint's step (a crashed leg's; those at the step itself were written before the
     checkpoint was saved). ``dataset_name``: the name in the run directory (default: --dataset's file name)."""
     from torch.utils.tensorboard import SummaryWriter  # here: the data helpers above must not need tensorboard
+
     if checkpoint is None:
         dataset_name = dataset_name or os.path.basename(args.dataset)
         run_name = args.run_name or f"{dataset_name}__{script}__{args.seed}__{int(time.time())}"
@@ -205,26 +231,36 @@ def load_checkpoint(run_dir, script, flag="--resume"):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, pickle garbage, wrong types: all mean "corrupt"
         fail(f"{flag} {run_dir}: checkpoint.pt is corrupt or unreadable ({type(error).__name__})")
-    if not isinstance(checkpoint, dict) or checkpoint.get("script") != script or not isinstance(checkpoint.get("args"), dict):
+    if (
+        not isinstance(checkpoint, dict)
+        or checkpoint.get("script") != script
+        or not isinstance(checkpoint.get("args"), dict)
+    ):
         fail(f"{flag} {run_dir}: checkpoint.pt was not written by {script}")
     return checkpoint
 
 
 def resume_args(args, checkpoint, argv, overrides=("total_steps", "cuda", "compile"), legacy=True):
     """The resumed run keeps its saved arguments; only the ``overrides`` given on this command line (--total-steps
-    to extend a run, the device flags --cuda and --compile) replace them. ``legacy``: give the arguments of a WRN-script run saved before
-    the fidelity review their old meaning (legacy_args)."""
+    to extend a run, the device flags --cuda and --compile) replace them. ``legacy``: give the arguments of a
+    WRN-script run saved before the fidelity review their old meaning (legacy_args)."""
     saved = argparse.Namespace(**checkpoint["args"])
-    if legacy and "channels_last" not in vars(saved):  # a run started before these flags existed keeps the meaning it had
+    if legacy and "channels_last" not in vars(
+        saved
+    ):  # a run started before these flags existed keeps the meaning it had
         legacy = legacy_args(vars(saved))
         for name, value in legacy.items():
             setattr(saved, name, value)
-        print(f"--resume {args.resume}: arguments of an older version, kept with their old meaning "
-              f"({', '.join(f'{k}={v}' for k, v in sorted(legacy.items()))})")
+        print(
+            f"--resume {args.resume}: arguments of an older version, kept with their old meaning "
+            f"({', '.join(f'{k}={v}' for k, v in sorted(legacy.items()))})"
+        )
     if legacy and "compile" not in vars(saved) and saved.channels_last is None:  # before channels_last on the CPU
         saved.channels_last = bool(saved.cuda and torch.cuda.is_available())  # it meant: on for CUDA, off on the CPU
-        print(f"--resume {args.resume}: a run from before --compile keeps its memory format "
-              f"(channels_last={saved.channels_last})")
+        print(
+            f"--resume {args.resume}: a run from before --compile keeps its memory format "
+            f"(channels_last={saved.channels_last})"
+        )
     for name, value in vars(args).items():  # flags added later still need a value
         if name not in vars(saved):
             setattr(saved, name, value)
@@ -234,8 +270,10 @@ def resume_args(args, checkpoint, argv, overrides=("total_steps", "cuda", "compi
             setattr(saved, name, getattr(args, name))
     saved.resume = args.resume
     if checkpoint["step"] >= saved.total_steps:
-        fail(f"--resume {args.resume}: the run already finished {checkpoint['step']} steps; pass --total-steps "
-             f"larger than that to extend it")
+        fail(
+            f"--resume {args.resume}: the run already finished {checkpoint['step']} steps; pass --total-steps "
+            f"larger than that to extend it"
+        )
     return saved
 
 
@@ -256,9 +294,13 @@ def legacy_args(saved):
 def rng_state():
     """Every RNG a run touches, in a form torch.load(weights_only=True) accepts."""
     np_state = np.random.get_state()
-    return {"python": list(random.getstate()[1]), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-            "numpy_pos": int(np_state[2]), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "python": list(random.getstate()[1]),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def set_rng_state(state):
@@ -303,12 +345,15 @@ def set_tf32(matmul, conv):
     default) and return the previous pair. PyTorch >= 2.9 API (mixing it with reads of the legacy allow_tf32 flags
     raises in PyTorch, so nothing here reads those); older versions use the allow_tf32 flags."""
     backends = torch.backends
-    if hasattr(backends.cuda.matmul, "fp32_precision") and hasattr(getattr(backends.cudnn, "conv", None),
-                                                                   "fp32_precision"):
+    if hasattr(backends.cuda.matmul, "fp32_precision") and hasattr(
+        getattr(backends.cudnn, "conv", None), "fp32_precision"
+    ):
         previous = (backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision)
         backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision = matmul, conv
         return previous
-    previous = tuple("tf32" if flag else "ieee" for flag in (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32))
+    previous = tuple(
+        "tf32" if flag else "ieee" for flag in (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32)
+    )
     backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = matmul == "tf32", conv != "ieee"
     return previous
 
@@ -338,9 +383,9 @@ def error_rate(model, images, labels, normalize, batch_size=1000, memory_format=
     wrong = torch.zeros((), device=images.device)
     with exact_fp32(images.device.type):
         for i in range(0, len(images), batch_size):
-            x = normalize(images[i: i + batch_size]).contiguous(memory_format=memory_format)
+            x = normalize(images[i : i + batch_size]).contiguous(memory_format=memory_format)
             logits = model(x)
-            wrong += (logits.argmax(1) != labels[i: i + batch_size]).sum()
+            wrong += (logits.argmax(1) != labels[i : i + batch_size]).sum()
     model.train(was_training)
     return 100.0 * wrong.item() / len(images)
 
@@ -370,8 +415,11 @@ def write_summary(writer, run_dir, summary, args, reported):
     metrics (keys of ``summary``); closes the writer."""
     summary = {**summary, "args": vars(args)}
     write_json(os.path.join(run_dir, "summary.json"), summary)
-    writer.add_hparams({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
-                       {f"hparam/{key}": summary[key] for key in reported if summary[key] is not None}, run_name=".")
+    writer.add_hparams(
+        {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
+        {f"hparam/{key}": summary[key] for key in reported if summary[key] is not None},
+        run_name=".",
+    )
     writer.close()
     return summary
 
@@ -392,6 +440,7 @@ def _number(cast, test, rule):
         if not test(value):  # nan fails every comparison, so it never passes
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
+
     parse.__name__ = rule  # what --help and argparse's messages call the type
     return parse
 
@@ -420,13 +469,18 @@ def defaults_epilog(table, sources):
     row comes from (``sources``: {dataset: source})."""
     names = list(dict.fromkeys(name for row in table.values() for name in row))
     cells = [["--dataset"] + ["--" + name.replace("_", "-") for name in names]]
-    cells += [[key] + [f"{row[name]:g}" if isinstance(row.get(name), float) else str(row.get(name, "-"))
-                       for name in names] for key, row in table.items()]
+    cells += [
+        [key] + [f"{row[name]:g}" if isinstance(row.get(name), float) else str(row.get(name, "-")) for name in names]
+        for key, row in table.items()
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in cells]
-    return ("defaults per --dataset (a flag given on the command line wins; 'npz' = a path to an .npz file):\n"
-            + "\n".join(lines) + "\n\nwhere they come from:\n"
-            + "\n".join(f"  {key}: {source}" for key, source in sources.items()))
+    return (
+        "defaults per --dataset (a flag given on the command line wins; 'npz' = a path to an .npz file):\n"
+        + "\n".join(lines)
+        + "\n\nwhere they come from:\n"
+        + "\n".join(f"  {key}: {source}" for key, source in sources.items())
+    )
 
 
 def warn_bn_momentum(bn_momentum, total_steps):
@@ -435,6 +489,9 @@ def warn_bn_momentum(bn_momentum, total_steps):
     of the run (measured: a 200-step run at 0.001 evaluated at 92 % error, at 0.1 at 34 %)."""
     if bn_momentum * total_steps < 10:
         suggested = min(0.1, float(f"{20 / total_steps:.0e}"))
-        print(f"warning: --bn-momentum {bn_momentum:g} averages BatchNorm statistics over ~{1 / bn_momentum:.0f} steps, "
-              f"more than a tenth of --total-steps {total_steps}: evaluation will see stale statistics; for a run "
-              f"this short pass --bn-momentum {suggested:g}", flush=True)
+        print(
+            f"warning: --bn-momentum {bn_momentum:g} averages BatchNorm statistics over ~{1 / bn_momentum:.0f} steps, "
+            f"more than a tenth of --total-steps {total_steps}: evaluation will see stale statistics; for a run "
+            f"this short pass --bn-momentum {suggested:g}",
+            flush=True,
+        )

@@ -2,9 +2,10 @@
 augmentation on the device. Nothing here is an algorithm, and nothing here keeps a run's books (bookkeeping.py does).
 
 Images are held on the device as uint8 tensors (N, C, H, W) for their whole life. A training batch is gathered by
-index, normalised (GCN + ZCA for CIFAR, [-1, 1] otherwise, as Oliver et al.'s build_tfrecords.py) and augmented on the device with
-per-sample randomness drawn from the global torch RNG, so a seeded run is reproducible and resumable.
+index, normalised (GCN + ZCA for CIFAR, [-1, 1] otherwise, as Oliver et al.'s build_tfrecords.py) and augmented on the
+device with per-sample randomness drawn from the global torch RNG, so a seeded run is reproducible and resumable.
 """
+
 import gzip
 import json
 import os
@@ -41,7 +42,9 @@ def dataset_key(name):
     if name.endswith(".npz"):
         return "npz"
     if name not in DATASETS or name == "npz":
-        raise DataError(f"unknown data set {name!r}: choose one of {', '.join(DATASET_NAMES)} or a path to an .npz file")
+        raise DataError(
+            f"unknown data set {name!r}: choose one of {', '.join(DATASET_NAMES)} or a path to an .npz file"
+        )
     return name
 
 
@@ -95,7 +98,7 @@ def read_idx(path):
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte idx file")
     ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if array.size != int(np.prod(shape)):
         raise DataError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {array.size}")
@@ -104,13 +107,19 @@ def read_idx(path):
 
 def _load_idx_folder(folder):
     """Fashion-MNIST / MNIST from a folder of the four standard idx files (e.g. Debian's dataset-fashion-mnist)."""
+
     def pick(stem):
         for name in (stem + ".gz", stem):
             if os.path.exists(os.path.join(folder, name)):
                 return os.path.join(folder, name)
         raise DataError(f"{os.path.join(folder, stem)}[.gz] not found")
-    return (read_idx(pick("train-images-idx3-ubyte")), read_idx(pick("train-labels-idx1-ubyte")),
-            read_idx(pick("t10k-images-idx3-ubyte")), read_idx(pick("t10k-labels-idx1-ubyte")))
+
+    return (
+        read_idx(pick("train-images-idx3-ubyte")),
+        read_idx(pick("train-labels-idx1-ubyte")),
+        read_idx(pick("t10k-images-idx3-ubyte")),
+        read_idx(pick("t10k-labels-idx1-ubyte")),
+    )
 
 
 def _torchvision(name, data_dir, download):
@@ -121,8 +130,10 @@ def _torchvision(name, data_dir, download):
         try:
             return cls(data_dir, download=download, **kwargs)
         except RuntimeError as error:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
-            raise DataError(f"{name} not found (or corrupted) under {data_dir!r}: pass --download on a machine with "
-                            f"internet, or --data-dir pointing to the torchvision layout ({error})") from None
+            raise DataError(
+                f"{name} not found (or corrupted) under {data_dir!r}: pass --download on a machine with "
+                f"internet, or --data-dir pointing to the torchvision layout ({error})"
+            ) from None
 
     extra_x = extra_y = None
     if name in ("cifar10", "cifar100"):
@@ -138,8 +149,14 @@ def _torchvision(name, data_dir, download):
     if name == "stl10":
         train, test = get(tvd.STL10, split="train"), get(tvd.STL10, split="test")
         unlabeled = get(tvd.STL10, split="unlabeled")
-        return (train.data, np.array(train.labels), test.data, np.array(test.labels),
-                unlabeled.data, np.full(len(unlabeled.data), -1))
+        return (
+            train.data,
+            np.array(train.labels),
+            test.data,
+            np.array(test.labels),
+            unlabeled.data,
+            np.full(len(unlabeled.data), -1),
+        )
     cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
     train, test = get(cls, train=True), get(cls, train=False)
     return train.data.numpy(), train.targets.numpy(), test.data.numpy(), test.targets.numpy(), None, None
@@ -148,6 +165,7 @@ def _torchvision(name, data_dir, download):
 def _digits():
     """scikit-learn's bundled 8x8 digits (1,797 images, 0..16 -> 0..255), fixed 1,300 / 497 train / test split."""
     from sklearn.datasets import load_digits
+
     digits = load_digits()
     images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
     order = np.random.RandomState(0).permutation(len(images))  # fixed for every run: the split never moves
@@ -165,6 +183,7 @@ def _synthetic(num_classes=10, per_class=50, test_per_class=20, size=16):
         labels = np.repeat(np.arange(num_classes), n)
         images = prototypes[labels] + rng.normal(0, 40, size=(len(labels), 3, size, size))
         return np.clip(images, 0, 255).astype(np.uint8), labels
+
     x_train, y_train = draw(per_class)
     x_test, y_test = draw(test_per_class)
     return x_train, y_train, x_test, y_test
@@ -195,8 +214,12 @@ def load_dataset(name, data_dir="data", download=False, device="cpu", svhn_extra
         x_train, y_train, x_test, y_test = _digits()
     elif key == "synthetic":
         x_train, y_train, x_test, y_test = _synthetic()
-    elif key == "fashion_mnist" and not download and not os.path.isdir(os.path.join(data_dir, "FashionMNIST")) \
-            and os.path.isdir(DEBIAN_FASHION_MNIST):
+    elif (
+        key == "fashion_mnist"
+        and not download
+        and not os.path.isdir(os.path.join(data_dir, "FashionMNIST"))
+        and os.path.isdir(DEBIAN_FASHION_MNIST)
+    ):
         x_train, y_train, x_test, y_test = _load_idx_folder(DEBIAN_FASHION_MNIST)
     else:
         tv_name = "svhn_extra" if (key == "svhn" and svhn_extra) else key
@@ -207,14 +230,17 @@ def load_dataset(name, data_dir="data", download=False, device="cpu", svhn_extra
     if len(x_train) != len(y_train) or len(x_test) != len(y_test):
         raise DataError(f"{name}: images and labels differ in length")
     if x_train.shape[1:] != x_test.shape[1:]:
-        raise DataError(f"{name}: train images {tuple(x_train.shape[1:])} and test images {tuple(x_test.shape[1:])} differ")
+        raise DataError(
+            f"{name}: train images {tuple(x_train.shape[1:])} and test images {tuple(x_test.shape[1:])} differ"
+        )
     num_labelable = len(x_train)
     if extra_x is not None:
         x_train = torch.cat([x_train, _nchw(extra_x)])
         y_train = torch.cat([y_train, torch.as_tensor(np.asarray(extra_y), dtype=torch.int64)])
     num_classes = DATASETS[key]["num_classes"] or num_classes
-    return Dataset(key, x_train.to(device), y_train.to(device),
-                   x_test.to(device), y_test.to(device), num_classes, num_labelable)
+    return Dataset(
+        key, x_train.to(device), y_train.to(device), x_test.to(device), y_test.to(device), num_classes, num_labelable
+    )
 
 
 # ------------------------------------------------------------------------------ extreme classification text files
@@ -222,14 +248,19 @@ def load_dataset(name, data_dir="data", download=False, device="cpu", svhn_extra
 # binarize-labels.py:29 of mandt-lab/adversarial-negative-sampling) and marks points without a label with -1.
 # Problems raise DataError with one line that names the file and the line.
 
+
 def _xc_header(handle, path, names):
     line = handle.readline()
     tokens = line.split()
     if len(tokens) != len(names) or not all(token.isdigit() for token in tokens):
-        raise DataError(f"{path}: line 1 must be '{' '.join(names)}' ({len(names)} whole numbers), got {line.strip()[:60]!r}")
+        raise DataError(
+            f"{path}: line 1 must be '{' '.join(names)}' ({len(names)} whole numbers), got {line.strip()[:60]!r}"
+        )
     sizes = [int(token) for token in tokens]
-    if "K" in names and sizes[0] * sizes[names.index("K")] > 2 ** 36:  # float32: 256 GiB
-        raise DataError(f"{path}: line 1 asks for a {sizes[0]} x {sizes[names.index('K')]} dense feature matrix (over 256 GiB)")
+    if "K" in names and sizes[0] * sizes[names.index("K")] > 2**36:  # float32: 256 GiB
+        raise DataError(
+            f"{path}: line 1 asks for a {sizes[0]} x {sizes[names.index('K')]} dense feature matrix (over 256 GiB)"
+        )
     return sizes
 
 
@@ -274,9 +305,13 @@ def read_xc_repository(path):
                 try:
                     ids = [int(token) for token in tokens[0].split(",") if token]
                 except ValueError:
-                    raise DataError(f"{path}: line {lineno}: labels must be 'l1,l2,...', got {tokens[0][:40]!r}") from None
+                    raise DataError(
+                        f"{path}: line {lineno}: labels must be 'l1,l2,...', got {tokens[0][:40]!r}"
+                    ) from None
                 if ids and not all(0 <= i < num_labels for i in ids):
-                    raise DataError(f"{path}: line {lineno}: a label id is outside 0..{num_labels - 1} (line 1's header)")
+                    raise DataError(
+                        f"{path}: line {lineno}: a label id is outside 0..{num_labels - 1} (line 1's header)"
+                    )
                 labels[lineno - 2] = min(ids, default=-1)
                 tokens = tokens[1:]
             _xc_sparse([t for t in tokens if t], features[lineno - 2], path, lineno, num_features, "feature")
@@ -354,11 +389,14 @@ def make_ssl_split(labels, num_classes, num_labeled, num_valid, seed, num_labela
     n = len(labels)
     num_labelable = n if num_labelable is None else num_labelable
     if num_valid < 0 or num_labeled < num_classes:
-        raise DataError(f"need num_valid >= 0 and at least one label per class ({num_classes}), got "
-                        f"num_valid={num_valid}, num_labeled={num_labeled}")
+        raise DataError(
+            f"need num_valid >= 0 and at least one label per class ({num_classes}), got "
+            f"num_valid={num_valid}, num_labeled={num_labeled}"
+        )
     if num_valid + num_labeled > num_labelable:
-        raise DataError(f"num_labeled ({num_labeled}) + num_valid ({num_valid}) exceed the {num_labelable} "
-                        f"labeled training images")
+        raise DataError(
+            f"num_labeled ({num_labeled}) + num_valid ({num_valid}) exceed the {num_labelable} labeled training images"
+        )
     fixed = torch.Generator().manual_seed(0)
     order = torch.randperm(num_labelable, generator=fixed)
     valid, rest = order[:num_valid], order[num_valid:]
@@ -370,8 +408,10 @@ def make_ssl_split(labels, num_classes, num_labeled, num_valid, seed, num_labela
     for c in range(num_classes):
         candidates = rest[labels[rest] == c]
         if len(candidates) < per_class[c]:
-            raise DataError(f"class {c} has {len(candidates)} training images outside validation, "
-                            f"{int(per_class[c])} labels requested")
+            raise DataError(
+                f"class {c} has {len(candidates)} training images outside validation, "
+                f"{int(per_class[c])} labels requested"
+            )
         labeled.append(candidates[: per_class[c]])
     labeled = torch.cat(labeled).sort().values
     in_valid = torch.zeros(n, dtype=torch.bool)
@@ -396,9 +436,9 @@ class BatchSampler:
     def __next__(self):
         while len(self.order) - self.position < self.batch_size:
             perm = torch.randperm(len(self.indices), device=self.indices.device)
-            self.order = torch.cat([self.order[self.position:], self.indices[perm]])
+            self.order = torch.cat([self.order[self.position :], self.indices[perm]])
             self.position = 0
-        batch = self.order[self.position: self.position + self.batch_size]
+        batch = self.order[self.position : self.position + self.batch_size]
         self.position += self.batch_size
         return batch
 
@@ -429,21 +469,27 @@ def fit_zca(images, identity_scale=0.1, eps=1e-10):
     mean = flat.mean(dim=0)
     centred = flat - mean
     covariance = centred.T @ centred / (len(flat) - 1)
-    eigenvalues, eigenvectors = torch.linalg.eigh(covariance + identity_scale * torch.eye(len(covariance),
-                                                                                           dtype=torch.float64, device=flat.device))
+    eigenvalues, eigenvectors = torch.linalg.eigh(
+        covariance + identity_scale * torch.eye(len(covariance), dtype=torch.float64, device=flat.device)
+    )
     matrix = eigenvectors @ torch.diag(1.0 / torch.sqrt(eigenvalues.clamp_min(0) + eps)) @ eigenvectors.T
     return mean.float(), matrix.float()
 
 
 class Normalizer:
     """uint8 batch -> float batch. 'zca': GCN (scale 55) + ZCA fit once on all training images (Oliver et al.
-    lib/dataset_utils.py:409-472, CIFAR); 'scale': x / 127.5 - 1, i.e. [-1, 1] (SVHN and everything else, and all of Protocol B)."""
+    lib/dataset_utils.py:409-472, CIFAR); 'scale': x / 127.5 - 1, i.e. [-1, 1] (SVHN and everything else, and all of
+    Protocol B)."""
 
     def __init__(self, kind, fit_images=None, chunk=5000):
         self.kind = kind
         if kind == "zca":
-            fit = torch.cat([global_contrast_normalize(fit_images[i: i + chunk].double())
-                             for i in range(0, len(fit_images), chunk)])
+            fit = torch.cat(
+                [
+                    global_contrast_normalize(fit_images[i : i + chunk].double())
+                    for i in range(0, len(fit_images), chunk)
+                ]
+            )
             self.mean, self.matrix = fit_zca(fit)
 
     def __call__(self, x):

@@ -33,9 +33,9 @@ Choices the paper does not state (the defaults):
   (the paper's "validation error" is the test error at the end of training); --num-valid N holds one out.
 - No --resume: a run takes one to two minutes on a CPU core.
 """
+
 import argparse
 import math
-import os
 import time
 
 import torch
@@ -43,7 +43,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bookkeeping
-
 import common
 
 SCRIPT = "train_fmnist_ablation"
@@ -58,35 +57,89 @@ def parse_args(argv=None):
     g.add_argument("--runs-dir", default="runs", help="where run directories are created")
     g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__<script>__<seed>__<time>)")
     g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
-    g.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
-                   help="deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, no benchmark): "
-                        "bit-reproducible on the same machine and software, slower on GPU")
-    g.add_argument("--eval-every", type=bookkeeping.positive_int, default=None, help="steps between test evaluations (default: 10 epochs)")
+    g.add_argument(
+        "--torch-deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, no benchmark): "
+        "bit-reproducible on the same machine and software, slower on GPU",
+    )
+    g.add_argument(
+        "--eval-every",
+        type=bookkeeping.positive_int,
+        default=None,
+        help="steps between test evaluations (default: 10 epochs)",
+    )
     g.add_argument("--log-every", type=bookkeeping.positive_int, default=100, help="steps between logged scalars")
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="fashion_mnist",
-                   help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz (x_train, y_train, x_test, y_test)")
+    g.add_argument(
+        "--dataset",
+        default="fashion_mnist",
+        help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz (x_train, y_train, x_test, y_test)",
+    )
     g.add_argument("--data-dir", default="data", help="torchvision data root (else Debian's dataset-fashion-mnist)")
     g.add_argument("--download", action="store_true", help="let torchvision download the data set")
-    g.add_argument("--num-labeled", type=bookkeeping.positive_int, default=2000, help="labeled images (paper Table 5: 2,000)")
-    g.add_argument("--num-valid", type=bookkeeping.nonnegative_int, default=0, help="validation images held out of train (paper: none)")
+    g.add_argument(
+        "--num-labeled", type=bookkeeping.positive_int, default=2000, help="labeled images (paper Table 5: 2,000)"
+    )
+    g.add_argument(
+        "--num-valid",
+        type=bookkeeping.nonnegative_int,
+        default=0,
+        help="validation images held out of train (paper: none)",
+    )
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=bookkeeping.positive_int, default=50, help="epochs of --epoch-unit (paper Table 5: 50)")
-    g.add_argument("--epoch-unit", choices=("labeled", "unlabeled"), default="labeled",
-                   help="what an epoch passes over, which the paper does not define: 'labeled' (the 2,000 labeled images; "
-                        "2,000 steps for 50 epochs) or 'unlabeled' (the 58,000 unlabeled images; 29x the steps)")
-    g.add_argument("--total-steps", type=bookkeeping.positive_int, default=None, help="overrides --epochs: optimiser steps")
-    g.add_argument("--batch-size", type=bookkeeping.positive_int, default=50, help="labeled images per step (Oliver et al.: 50)")
-    g.add_argument("--unlabeled-batch-size", type=bookkeeping.positive_int, default=50, help="unlabeled images per step (Oliver et al.: 50)")
-    g.add_argument("--lr", type=bookkeeping.positive_float, default=1e-3, help="Adam learning rate (framework default; paper: not given)")
-    g.add_argument("--hidden", type=bookkeeping.positive_int, default=128, help="width of the CNN's hidden linear layer")
+    g.add_argument(
+        "--epochs", type=bookkeeping.positive_int, default=50, help="epochs of --epoch-unit (paper Table 5: 50)"
+    )
+    g.add_argument(
+        "--epoch-unit",
+        choices=("labeled", "unlabeled"),
+        default="labeled",
+        help="what an epoch passes over, which the paper does not define: 'labeled' (the 2,000 labeled images; "
+        "2,000 steps for 50 epochs) or 'unlabeled' (the 58,000 unlabeled images; 29x the steps)",
+    )
+    g.add_argument(
+        "--total-steps", type=bookkeeping.positive_int, default=None, help="overrides --epochs: optimiser steps"
+    )
+    g.add_argument(
+        "--batch-size", type=bookkeeping.positive_int, default=50, help="labeled images per step (Oliver et al.: 50)"
+    )
+    g.add_argument(
+        "--unlabeled-batch-size",
+        type=bookkeeping.positive_int,
+        default=50,
+        help="unlabeled images per step (Oliver et al.: 50)",
+    )
+    g.add_argument(
+        "--lr",
+        type=bookkeeping.positive_float,
+        default=1e-3,
+        help="Adam learning rate (framework default; paper: not given)",
+    )
+    g.add_argument(
+        "--hidden", type=bookkeeping.positive_int, default=128, help="width of the CNN's hidden linear layer"
+    )
     g = parser.add_argument_group("ns3l")
     g.add_argument("--negatives", choices=RULES, default="threshold", help="how negative labels are chosen (row)")
-    g.add_argument("--num-negatives", type=bookkeeping.positive_int, default=1,
-                   help="P: negatives per unlabeled image (uniform, nn-*, oracle; ignored by threshold/supervised)")
-    g.add_argument("--threshold", type=bookkeeping.open_unit, default=0.03, help="T for --negatives threshold (Table 5: 0.03, 0.05)")
-    g.add_argument("--ns3l-weight", type=bookkeeping.nonnegative_float, default=1.0, help="lambda_1 (paper section 4.1.3: 1)")
-    g.add_argument("--nn-chunk", type=bookkeeping.positive_int, default=4096, help="unlabeled images per nearest-neighbour block")
+    g.add_argument(
+        "--num-negatives",
+        type=bookkeeping.positive_int,
+        default=1,
+        help="P: negatives per unlabeled image (uniform, nn-*, oracle; ignored by threshold/supervised)",
+    )
+    g.add_argument(
+        "--threshold",
+        type=bookkeeping.open_unit,
+        default=0.03,
+        help="T for --negatives threshold (Table 5: 0.03, 0.05)",
+    )
+    g.add_argument(
+        "--ns3l-weight", type=bookkeeping.nonnegative_float, default=1.0, help="lambda_1 (paper section 4.1.3: 1)"
+    )
+    g.add_argument(
+        "--nn-chunk", type=bookkeeping.positive_int, default=4096, help="unlabeled images per nearest-neighbour block"
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -99,7 +152,8 @@ def parse_args(argv=None):
 def max_negatives(rule, num_classes):
     """The largest P a rule can draw without repeating a class (the pool it draws from)."""
     return {"uniform": num_classes, "nn-furthest": num_classes, "oracle": num_classes - 1}.get(
-        rule, num_classes - NN_EXCLUDED.get(rule, 0))
+        rule, num_classes - NN_EXCLUDED.get(rule, 0)
+    )
 
 
 class SmallCNN(nn.Module):
@@ -108,8 +162,12 @@ class SmallCNN(nn.Module):
     def __init__(self, num_classes, in_channels=1, image_size=28, hidden=128):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 16, 5, stride=2, padding=2), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten())
+            nn.Conv2d(in_channels, 16, 5, stride=2, padding=2),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
         with torch.no_grad():
             flat = self.features(torch.zeros(1, in_channels, image_size, image_size)).shape[1]
         self.head = nn.Sequential(nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
@@ -133,7 +191,7 @@ def class_distances(unlabeled, labeled, labeled_y, num_classes, chunk=4096):
     labeled_sq = (labeled * labeled).sum(1)
     out = []
     for start in range(0, len(unlabeled), chunk):
-        block = unlabeled[start: start + chunk]
+        block = unlabeled[start : start + chunk]
         squared = (block * block).sum(1, keepdim=True) - 2.0 * block @ labeled.T + labeled_sq  # (B, N_l)
         per_class = torch.full((len(block), num_classes), float("inf"), device=block.device)
         per_class.scatter_reduce_(1, labeled_y.expand(len(block), -1), squared, reduce="amin")
@@ -149,15 +207,25 @@ def draw_from(allowed, num_negatives, generator=None):
     return torch.zeros_like(allowed).scatter_(1, chosen, True)
 
 
-def select_negatives(rule, num_negatives, num_classes, *, logits=None, threshold=None, class_rank=None,
-                     hidden_labels=None, generator=None):
+def select_negatives(
+    rule,
+    num_negatives,
+    num_classes,
+    *,
+    logits=None,
+    threshold=None,
+    class_rank=None,
+    hidden_labels=None,
+    generator=None,
+):
     """Negative labels (bool (B, K)) of one unlabeled batch under ``rule``.
     class_rank: (B, K) classes sorted by distance of their nearest labeled example, nearest first (nn-* rules);
     hidden_labels: the true classes (oracle only); logits: this batch's predictions (threshold only, detached)."""
     if rule == "threshold":
         return torch.softmax(logits.detach().float(), dim=1) < threshold
-    batch = len(class_rank) if class_rank is not None else len(hidden_labels) if hidden_labels is not None \
-        else len(logits)
+    batch = (
+        len(class_rank) if class_rank is not None else len(hidden_labels) if hidden_labels is not None else len(logits)
+    )
     device = (class_rank if class_rank is not None else hidden_labels if hidden_labels is not None else logits).device
     allowed = torch.ones(batch, num_classes, dtype=torch.bool, device=device)
     if rule == "uniform":
@@ -167,7 +235,7 @@ def select_negatives(rule, num_negatives, num_classes, *, logits=None, threshold
     elif rule in NN_EXCLUDED:
         allowed.scatter_(1, class_rank[:, : NN_EXCLUDED[rule]], False)
     elif rule == "nn-furthest":
-        return torch.zeros_like(allowed).scatter_(1, class_rank[:, num_classes - num_negatives:], True)
+        return torch.zeros_like(allowed).scatter_(1, class_rank[:, num_classes - num_negatives :], True)
     else:
         raise ValueError(f"no negatives for rule {rule!r}")
     return draw_from(allowed, num_negatives, generator)
@@ -181,18 +249,31 @@ def main():
     # Data: every failure here is one line and happens before anything is written.
     try:
         data = common.load_dataset(args.dataset, args.data_dir, args.download, device)
-        split = common.make_ssl_split(data.y_train, data.num_classes, args.num_labeled, args.num_valid, args.seed,
-                                      data.num_labelable, include_labeled=False)
+        split = common.make_ssl_split(
+            data.y_train,
+            data.num_classes,
+            args.num_labeled,
+            args.num_valid,
+            args.seed,
+            data.num_labelable,
+            include_labeled=False,
+        )
     except common.DataError as error:
         bookkeeping.fail(str(error))
-    if args.negatives not in ("supervised", "threshold") and \
-            args.num_negatives > max_negatives(args.negatives, data.num_classes):
-        bookkeeping.fail(f"--num-negatives {args.num_negatives} is too many for --negatives {args.negatives} with "
-                    f"{data.num_classes} classes (at most {max_negatives(args.negatives, data.num_classes)})")
+    if args.negatives not in ("supervised", "threshold") and args.num_negatives > max_negatives(
+        args.negatives, data.num_classes
+    ):
+        bookkeeping.fail(
+            f"--num-negatives {args.num_negatives} is too many for --negatives {args.negatives} with "
+            f"{data.num_classes} classes (at most {max_negatives(args.negatives, data.num_classes)})"
+        )
     if args.negatives != "supervised" and (len(split.unlabeled) == 0 or (data.y_train[split.unlabeled] < 0).any()):
         bookkeeping.fail("the unlabeled images need hidden labels (oracle rule, wrong-negative diagnostics)")
-    steps_per_epoch = math.ceil(args.num_labeled / args.batch_size) if args.epoch_unit == "labeled" else \
-        math.ceil(len(split.unlabeled) / args.unlabeled_batch_size)
+    steps_per_epoch = (
+        math.ceil(args.num_labeled / args.batch_size)
+        if args.epoch_unit == "labeled"
+        else math.ceil(len(split.unlabeled) / args.unlabeled_batch_size)
+    )
     args.total_steps = args.total_steps or args.epochs * steps_per_epoch
     args.eval_every = args.eval_every or 10 * steps_per_epoch
     normalize = common.Normalizer("scale")  # x / 127.5 - 1
@@ -207,21 +288,31 @@ def main():
         tick = time.perf_counter()
         labeled_idx = split.labeled.to(device)
         flat_l = data.x_train[labeled_idx].flatten(1).float()
-        distances = class_distances(data.x_train[unlabeled_idx].flatten(1).float(), flat_l,
-                                    data.y_train[labeled_idx], data.num_classes, args.nn_chunk)
+        distances = class_distances(
+            data.x_train[unlabeled_idx].flatten(1).float(),
+            flat_l,
+            data.y_train[labeled_idx],
+            data.num_classes,
+            args.nn_chunk,
+        )
         rank_of = distances.argsort(dim=1)
         if device.type == "cuda":
             torch.cuda.synchronize()
         nn_seconds = time.perf_counter() - tick
         hidden = data.y_train[unlabeled_idx]
         nearest = rank_of[:, :4]
-        nn_stats = {"nn_1nn_accuracy": 100.0 * (nearest[:, 0] == hidden).float().mean().item(),
-                    "nn_true_in_4_nearest": 100.0 * (nearest == hidden[:, None]).any(1).float().mean().item(),
-                    "nn_true_is_furthest": 100.0 * (rank_of[:, -1] == hidden).float().mean().item()}
-        print(f"nearest-neighbour preprocessing: {len(unlabeled_idx)} x {len(labeled_idx)} distances in "
-              f"{nn_seconds:.2f} s; 1-NN accuracy {nn_stats['nn_1nn_accuracy']:.2f}%, true class among the 4 "
-              f"nearest {nn_stats['nn_true_in_4_nearest']:.2f}%, true class furthest {nn_stats['nn_true_is_furthest']:.2f}%",
-              flush=True)
+        nn_stats = {
+            "nn_1nn_accuracy": 100.0 * (nearest[:, 0] == hidden).float().mean().item(),
+            "nn_true_in_4_nearest": 100.0 * (nearest == hidden[:, None]).any(1).float().mean().item(),
+            "nn_true_is_furthest": 100.0 * (rank_of[:, -1] == hidden).float().mean().item(),
+        }
+        print(
+            f"nearest-neighbour preprocessing: {len(unlabeled_idx)} x {len(labeled_idx)} distances in "
+            f"{nn_seconds:.2f} s; 1-NN accuracy {nn_stats['nn_1nn_accuracy']:.2f}%, true class among the 4 "
+            f"nearest {nn_stats['nn_true_in_4_nearest']:.2f}%, true class furthest "
+            f"{nn_stats['nn_true_is_furthest']:.2f}%",
+            flush=True,
+        )
         writer.add_scalar("charts/nn_preprocess_seconds", nn_seconds, 0)
     position = torch.full((len(data.x_train),), -1, dtype=torch.long, device=device)
     position[unlabeled_idx] = torch.arange(len(unlabeled_idx), device=device)  # x_train index -> unlabeled row
@@ -233,10 +324,16 @@ def main():
     uses_unlabeled = args.negatives != "supervised"
 
     sums = {}  # running sums of logged scalars, kept on the device
+
     def accumulate(name, value):
         sums[name] = sums.get(name, 0.0) + value.detach().float()
-    totals = {"negatives": torch.zeros((), device=device), "wrong": torch.zeros((), device=device),
-              "rows": torch.zeros((), device=device), "rows_hit": torch.zeros((), device=device)}
+
+    totals = {
+        "negatives": torch.zeros((), device=device),
+        "wrong": torch.zeros((), device=device),
+        "rows": torch.zeros((), device=device),
+        "rows_hit": torch.zeros((), device=device),
+    }
 
     valid_error, test_error, best_valid, test_at_best = None, float("nan"), None, None
     clock, last_log_step = bookkeeping.TrainClock(device), 0  # training time and steps, without evaluation
@@ -250,15 +347,21 @@ def main():
             unlabeled = next(unlabeled_batches)
             x = torch.cat([x, normalize(data.x_train[unlabeled])])
         logits = model(x)
-        logits_l, logits_u = logits[: len(y)], logits[len(y):]
+        logits_l, logits_u = logits[: len(y)], logits[len(y) :]
         loss_sup = F.cross_entropy(logits_l, y)
         loss = loss_sup
         accumulate("losses/supervised", loss_sup)
         if uses_unlabeled:
             hidden = data.y_train[unlabeled]  # hidden labels: the oracle rule and diagnostics only
             negatives = select_negatives(
-                args.negatives, args.num_negatives, data.num_classes, logits=logits_u, threshold=args.threshold,
-                class_rank=rank_of[position[unlabeled]] if rank_of is not None else None, hidden_labels=hidden)
+                args.negatives,
+                args.num_negatives,
+                data.num_classes,
+                logits=logits_u,
+                threshold=args.threshold,
+                class_rank=rank_of[position[unlabeled]] if rank_of is not None else None,
+                hidden_labels=hidden,
+            )
             loss_ns3l = ns3l_loss(logits_u, negatives)
             loss = loss + args.ns3l_weight * loss_ns3l
             hit = negatives.gather(1, hidden[:, None]).squeeze(1)  # the true class was chosen as a negative
@@ -281,8 +384,12 @@ def main():
             sps = clock.lap()
             means = bookkeeping.interval_means(sums, done - last_log_step)
             bookkeeping.write_scalars(writer, done, means | {"charts/learning_rate": args.lr, "charts/SPS": sps})
-            print(bookkeeping.progress_line(done, args.total_steps, sps, epoch=done / steps_per_epoch,
-                                            loss=means["losses/total"]), flush=True)
+            print(
+                bookkeeping.progress_line(
+                    done, args.total_steps, sps, epoch=done / steps_per_epoch, loss=means["losses/total"]
+                ),
+                flush=True,
+            )
             sums, last_log_step = {}, done
         # EVAL: the paper's table reports the final test error; the validation split, when there is one, is logged
         if done % args.eval_every == 0 or done == args.total_steps:
@@ -295,24 +402,46 @@ def main():
                 if best_valid is None or valid_error < best_valid:
                     best_valid, test_at_best = valid_error, test_error
                 message += f", valid error {valid_error:.2f}%"
-            bookkeeping.write_scalars(writer, done, {"eval/test_error": test_error, "eval/valid_error":
-                                                     float("nan") if valid_error is None else valid_error})
+            bookkeeping.write_scalars(
+                writer,
+                done,
+                {
+                    "eval/test_error": test_error,
+                    "eval/valid_error": float("nan") if valid_error is None else valid_error,
+                },
+            )
             print(message, flush=True)
             clock.start()
 
     wrong_share = (100.0 * totals["wrong"] / totals["negatives"]).item() if totals["negatives"] > 0 else None
-    summary = bookkeeping.write_summary(writer, run_dir, {
-        "steps": args.total_steps, "epochs": args.total_steps / steps_per_epoch, **clock.summary(),
-        "final_test_error": test_error, "final_valid_error": valid_error, "best_valid_error": best_valid,
-        "test_error_at_best_valid": test_at_best, "negatives": args.negatives,
-        "wrong_negative_share": wrong_share,  # % of chosen negative labels that were the true class
-        "rows_with_wrong_negative": (100.0 * totals["rows_hit"] / totals["rows"]).item()
-        if totals["rows"] > 0 else None,  # % of unlabeled images whose negatives contained the true class
-        "negatives_per_sample": (totals["negatives"] / totals["rows"]).item() if totals["rows"] > 0 else None,
-        "nn_preprocess_seconds": nn_seconds, **nn_stats}, args, reported=("final_test_error",))
+    summary = bookkeeping.write_summary(
+        writer,
+        run_dir,
+        {
+            "steps": args.total_steps,
+            "epochs": args.total_steps / steps_per_epoch,
+            **clock.summary(),
+            "final_test_error": test_error,
+            "final_valid_error": valid_error,
+            "best_valid_error": best_valid,
+            "test_error_at_best_valid": test_at_best,
+            "negatives": args.negatives,
+            "wrong_negative_share": wrong_share,  # % of chosen negative labels that were the true class
+            "rows_with_wrong_negative": (100.0 * totals["rows_hit"] / totals["rows"]).item()
+            if totals["rows"] > 0
+            else None,  # % of unlabeled images whose negatives contained the true class
+            "negatives_per_sample": (totals["negatives"] / totals["rows"]).item() if totals["rows"] > 0 else None,
+            "nn_preprocess_seconds": nn_seconds,
+            **nn_stats,
+        },
+        args,
+        reported=("final_test_error",),
+    )
     share = f"{wrong_share:.2f}%" if wrong_share is not None else "n/a"
-    print(f"done: {args.negatives} {args.total_steps} steps, final test error {test_error:.2f}%, wrong negatives "
-          f"{share}, {summary['steps_per_second'] or 0:.1f} steps/s -> {run_dir}")
+    print(
+        f"done: {args.negatives} {args.total_steps} steps, final test error {test_error:.2f}%, wrong negatives "
+        f"{share}, {summary['steps_per_second'] or 0:.1f} steps/s -> {run_dir}"
+    )
 
 
 if __name__ == "__main__":

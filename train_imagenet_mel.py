@@ -1,8 +1,9 @@
 """Semi-supervised ImageNet with MEL, NBEL and CAM locality (Bansal & Zepeda) — single GPU or torchrun DDP.
 
-Follows Bansal & Zepeda's note "Semi-Supervised Learning" (eqs. 1-4) and their code (ankanbansal/semi-supervised-learning). A class-balanced labeled
-subset and a disjoint unlabeled subset are drawn by the seed from an ImageNet-style `train/` folder; `val/` is the test
-set. Every batch slot is labeled with probability `--labeled-ratio`. The loss on a batch of T images is
+Follows Bansal & Zepeda's note "Semi-Supervised Learning" (eqs. 1-4) and their code
+(ankanbansal/semi-supervised-learning). A class-balanced labeled subset and a disjoint unlabeled subset are drawn by
+the seed from an ImageNet-style `train/` folder; `val/` is the test set. Every batch slot is labeled with probability
+`--labeled-ratio`. The loss on a batch of T images is
 
     L = CE(labeled rows) + alpha * MEL + beta * NBEL + gamma * Loc                                         (eq. 4)
     MEL  = 1/T sum_t H(q_t)                                                                                 (eq. 1)
@@ -29,6 +30,7 @@ weight decay 1e-4 (main.py:60, :113-114). The note (an earlier draft) says 64k /
     python train_imagenet_mel.py --data-dir /data/imagenet
     torchrun --standalone --nproc_per_node 8 train_imagenet_mel.py --data-dir /data/imagenet --recipe code
 """
+
 import argparse
 import copy
 import json
@@ -48,8 +50,8 @@ from torchvision.transforms import v2 as transforms
 
 import bookkeeping
 
-
 SCRIPT = "imagenet_mel"
+# fmt: off
 RECIPES = {
     "paper": {"arch": "densenet161", "batch_size": 52, "epochs": 130, "lr_step_epochs": 20, "num_labeled": 64000,
               "num_unlabeled": 192000, "labeled_ratio": 0.8, "mel_weight": 0.8, "loc_weighting": "prob",
@@ -58,91 +60,221 @@ RECIPES = {
              "num_unlabeled": 150000, "labeled_ratio": 0.25, "mel_weight": 1.0, "loc_weighting": "prob",
              "nbel_on_mean_logits": True, "pool_sampling": "with"},
 }
+# fmt: on
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Arguments that define the experiment; a resumed run must be started with the same values.
-MUST_MATCH_ON_RESUME = ("data_dir", "seed", "num_labeled", "num_unlabeled", "num_valid", "labeled_ratio", "batch_size",
-                        "lr", "momentum", "weight_decay", "lr_step_epochs", "arch", "growth_rate", "block_config",
-                        "num_init_features", "crop_size", "resize_size", "mel_weight", "nbel_weight", "loc_weight",
-                        "loc_weighting", "nbel_on_mean_logits", "pool_sampling")
+MUST_MATCH_ON_RESUME = (
+    "data_dir",
+    "seed",
+    "num_labeled",
+    "num_unlabeled",
+    "num_valid",
+    "labeled_ratio",
+    "batch_size",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "lr_step_epochs",
+    "arch",
+    "growth_rate",
+    "block_config",
+    "num_init_features",
+    "crop_size",
+    "resize_size",
+    "mel_weight",
+    "nbel_weight",
+    "loc_weight",
+    "loc_weighting",
+    "nbel_on_mean_logits",
+    "pool_sampling",
+)
 
 
 def parse_args(argv=None):
     parser = bookkeeping.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = parser.add_argument_group("experiment")
-    g.add_argument("--recipe", choices=sorted(RECIPES), default="paper",
-                   help="the defaults of the flags marked 'recipe' below: 'paper' = the run behind the authors' table, "
-                        "'code' = their main.py (module docstring)")
+    g.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default="paper",
+        help="the defaults of the flags marked 'recipe' below: 'paper' = the run behind the authors' table, "
+        "'code' = their main.py (module docstring)",
+    )
     g.add_argument("--seed", type=int, default=1, help="seeds the split, the batch schedule and the model init")
     g.add_argument("--runs-dir", default="runs", help="parent of the run directory")
     g.add_argument("--run-name", default=None, help="default: <dataset>__imagenet_mel__<seed>__<unix time>")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its checkpoint.pt")
-    g.add_argument("--init-from", default=None, metavar="RUN_DIR",
-                   help="start from the model weights of the finished run RUN_DIR (the note's '+MEL+NBEL initialised "
-                        "from the MEL model'); optimizer, LR schedule and step count start fresh; ignored with --resume")
+    g.add_argument(
+        "--init-from",
+        default=None,
+        metavar="RUN_DIR",
+        help="start from the model weights of the finished run RUN_DIR (the note's '+MEL+NBEL initialised "
+        "from the MEL model'); optimizer, LR schedule and step count start fresh; ignored with --resume",
+    )
     g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA if available")
-    g.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
-                   help="cuDNN deterministic kernels with benchmarking off (default off: cudnn.benchmark, as the "
-                        "authors' main.py:106). Not torch.use_deterministic_algorithms: DenseNet's adaptive pooling "
-                        "has no deterministic CUDA backward, and DataLoader workers still vary with their count")
-    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast + channels_last on CUDA (ignored on CPU)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the training forward and backward (default: on for CUDA, off on the CPU); the "
-                        "first step, which compiles, is timed apart and left out of SPS; evaluation and checkpoints "
-                        "use the uncompiled module")
+    g.add_argument(
+        "--torch-deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="cuDNN deterministic kernels with benchmarking off (default off: cudnn.benchmark, as the "
+        "authors' main.py:106). Not torch.use_deterministic_algorithms: DenseNet's adaptive pooling "
+        "has no deterministic CUDA backward, and DataLoader workers still vary with their count",
+    )
+    g.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bf16 autocast + channels_last on CUDA (ignored on CPU)",
+    )
+    g.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the training forward and backward (default: on for CUDA, off on the CPU); the "
+        "first step, which compiles, is timed apart and left out of SPS; evaluation and checkpoints "
+        "use the uncompiled module",
+    )
     g.add_argument("--log-every", type=bookkeeping.positive_int, default=100, help="steps between scalar logs")
-    g.add_argument("--eval-every", type=bookkeeping.nonnegative_int, default=0, help="steps between evaluations; 0 = once per epoch")
+    g.add_argument(
+        "--eval-every",
+        type=bookkeeping.nonnegative_int,
+        default=0,
+        help="steps between evaluations; 0 = once per epoch",
+    )
     g = parser.add_argument_group("data")
     g.add_argument("--data-dir", required=True, help="folder with ImageNet-style train/ and val/ class folders")
-    g.add_argument("--num-labeled", type=bookkeeping.nonnegative_int, default=None, help="class-balanced labeled subset of train/ (recipe: 64000 / 50000)")
-    g.add_argument("--num-unlabeled", type=int, default=None,
-                   help="unlabeled subset of train/, disjoint from the labeled one; -1 = all the rest (recipe: 192000 / 150000)")
-    g.add_argument("--num-valid", type=bookkeeping.nonnegative_int, default=0,
-                   help="images of train/ held out for model selection; 0 = none, as in the note (val/ is the test set)")
-    g.add_argument("--labeled-ratio", type=bookkeeping.unit_interval, default=None,
-                   help="probability that a batch slot is labeled, R/T (recipe: 0.8 / 0.25)")
-    g.add_argument("--pool-sampling", choices=("without", "with"), default=None,
-                   help="batch slots take the next image of a seeded reshuffle of their pool, or a uniform draw with "
-                        "replacement as the authors' WeightedBatchSampler (recipe: with)")
-    g.add_argument("--crop-size", type=bookkeeping.positive_int, default=224, help="training and centre-crop size (authors' 224)")
-    g.add_argument("--resize-size", type=int, default=256,
-                   help="resize before the crop, training ('authors' augmentation) and evaluation (authors' 256)")
-    g.add_argument("--augmentation", choices=("authors", "random-resized-crop"), default="authors",
-                   help="'authors': Resize + RandomCrop + flip (their dataLoader.py:29-31); 'random-resized-crop': "
-                        "torchvision's ImageNet recipe")
+    g.add_argument(
+        "--num-labeled",
+        type=bookkeeping.nonnegative_int,
+        default=None,
+        help="class-balanced labeled subset of train/ (recipe: 64000 / 50000)",
+    )
+    g.add_argument(
+        "--num-unlabeled",
+        type=int,
+        default=None,
+        help="unlabeled subset of train/, disjoint from the labeled one; -1 = all the rest (recipe: 192000 / 150000)",
+    )
+    g.add_argument(
+        "--num-valid",
+        type=bookkeeping.nonnegative_int,
+        default=0,
+        help="images of train/ held out for model selection; 0 = none, as in the note (val/ is the test set)",
+    )
+    g.add_argument(
+        "--labeled-ratio",
+        type=bookkeeping.unit_interval,
+        default=None,
+        help="probability that a batch slot is labeled, R/T (recipe: 0.8 / 0.25)",
+    )
+    g.add_argument(
+        "--pool-sampling",
+        choices=("without", "with"),
+        default=None,
+        help="batch slots take the next image of a seeded reshuffle of their pool, or a uniform draw with "
+        "replacement as the authors' WeightedBatchSampler (recipe: with)",
+    )
+    g.add_argument(
+        "--crop-size", type=bookkeeping.positive_int, default=224, help="training and centre-crop size (authors' 224)"
+    )
+    g.add_argument(
+        "--resize-size",
+        type=int,
+        default=256,
+        help="resize before the crop, training ('authors' augmentation) and evaluation (authors' 256)",
+    )
+    g.add_argument(
+        "--augmentation",
+        choices=("authors", "random-resized-crop"),
+        default="authors",
+        help="'authors': Resize + RandomCrop + flip (their dataLoader.py:29-31); 'random-resized-crop': "
+        "torchvision's ImageNet recipe",
+    )
     g.add_argument("--num-workers", type=bookkeeping.nonnegative_int, default=8, help="DataLoader workers per process")
     g = parser.add_argument_group("model")
-    g.add_argument("--arch", default=None, choices=["densenet121", "densenet161", "densenet169", "densenet201"],
-                   help="torchvision DenseNet, random init (recipe: densenet161)")
-    g.add_argument("--growth-rate", type=bookkeeping.positive_int, default=None, help="override the arch's growth rate (tiny test nets)")
+    g.add_argument(
+        "--arch",
+        default=None,
+        choices=["densenet121", "densenet161", "densenet169", "densenet201"],
+        help="torchvision DenseNet, random init (recipe: densenet161)",
+    )
+    g.add_argument(
+        "--growth-rate",
+        type=bookkeeping.positive_int,
+        default=None,
+        help="override the arch's growth rate (tiny test nets)",
+    )
     g.add_argument("--block-config", default=None, help="override the arch's blocks, e.g. '2,2' (tiny test nets)")
-    g.add_argument("--num-init-features", type=bookkeeping.positive_int, default=None, help="override the arch's stem width")
+    g.add_argument(
+        "--num-init-features", type=bookkeeping.positive_int, default=None, help="override the arch's stem width"
+    )
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=bookkeeping.positive_int, default=None, help="epochs of labeled + unlabeled pool size (recipe: 130)")
-    g.add_argument("--total-steps", type=bookkeeping.positive_int, default=None,
-                   help="override the number of steps (default: epochs x steps per epoch)")
-    g.add_argument("--batch-size", type=bookkeeping.positive_int, default=None, help="global batch, split over the DDP processes (recipe: 52 / 140)")
+    g.add_argument(
+        "--epochs",
+        type=bookkeeping.positive_int,
+        default=None,
+        help="epochs of labeled + unlabeled pool size (recipe: 130)",
+    )
+    g.add_argument(
+        "--total-steps",
+        type=bookkeeping.positive_int,
+        default=None,
+        help="override the number of steps (default: epochs x steps per epoch)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=bookkeeping.positive_int,
+        default=None,
+        help="global batch, split over the DDP processes (recipe: 52 / 140)",
+    )
     g.add_argument("--lr", type=bookkeeping.positive_float, default=0.1, help="authors' main.py:60")
-    g.add_argument("--lr-step-epochs", type=bookkeeping.positive_int, default=None, help="LR divided by 10 every this many epochs (recipe: 20 / 30)")
+    g.add_argument(
+        "--lr-step-epochs",
+        type=bookkeeping.positive_int,
+        default=None,
+        help="LR divided by 10 every this many epochs (recipe: 20 / 30)",
+    )
     g.add_argument("--momentum", type=bookkeeping.ema_decay, default=0.9, help="Nesterov momentum (authors' code)")
     g.add_argument("--weight-decay", type=bookkeeping.nonnegative_float, default=1e-4, help="authors' code")
     g = parser.add_argument_group("MEL / NBEL / locality")
-    g.add_argument("--mel-weight", type=bookkeeping.nonnegative_float, default=None, help="alpha, eq. 4 (recipe: 0.8 / 1)")
-    g.add_argument("--nbel-weight", type=bookkeeping.nonnegative_float, default=2.0, help="beta, eq. 4 (authors' ImageNet default 2)")
-    g.add_argument("--loc-weight", type=bookkeeping.nonnegative_float, default=0.01, help="gamma, eq. 4 (authors' ImageNet default 0.01)")
-    g.add_argument("--loc-weighting", default=None, choices=["max", "prob"],
-                   help="max: CAM of the most probable class (note §2.3, report line 123); prob: every class's penalty "
-                        "weighted by its probability, with gradient (authors' train.py:99) (recipe: prob)")
-    g.add_argument("--nbel-on-mean-logits", action=argparse.BooleanOptionalAction, default=None,
-                   help="NBEL as -H(softmax(mean logits)) like the authors' losses.py, instead of -H(mean softmax) "
-                        "(note eq. 2) (recipe: on)")
+    g.add_argument(
+        "--mel-weight", type=bookkeeping.nonnegative_float, default=None, help="alpha, eq. 4 (recipe: 0.8 / 1)"
+    )
+    g.add_argument(
+        "--nbel-weight",
+        type=bookkeeping.nonnegative_float,
+        default=2.0,
+        help="beta, eq. 4 (authors' ImageNet default 2)",
+    )
+    g.add_argument(
+        "--loc-weight",
+        type=bookkeeping.nonnegative_float,
+        default=0.01,
+        help="gamma, eq. 4 (authors' ImageNet default 0.01)",
+    )
+    g.add_argument(
+        "--loc-weighting",
+        default=None,
+        choices=["max", "prob"],
+        help="max: CAM of the most probable class (note §2.3, report line 123); prob: every class's penalty "
+        "weighted by its probability, with gradient (authors' train.py:99) (recipe: prob)",
+    )
+    g.add_argument(
+        "--nbel-on-mean-logits",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="NBEL as -H(softmax(mean logits)) like the authors' losses.py, instead of -H(mean softmax) "
+        "(note eq. 2) (recipe: on)",
+    )
     args = parser.parse_args(argv)
     for name, value in RECIPES[args.recipe].items():  # flags not given take the recipe's value
         if getattr(args, name) is None:
             setattr(args, name, value)
 
     if args.num_unlabeled < -1:
-        parser.error(f"--num-unlabeled must be >= -1 (-1 = every image not labeled or held out), got {args.num_unlabeled}")
+        parser.error(
+            f"--num-unlabeled must be >= -1 (-1 = every image not labeled or held out), got {args.num_unlabeled}"
+        )
     if args.labeled_ratio > 0 and args.num_labeled == 0:
         parser.error("--labeled-ratio > 0 needs --num-labeled > 0")
     if args.labeled_ratio < 1 and args.num_unlabeled == 0:
@@ -167,7 +299,8 @@ def mean_entropy_loss(logits):
 
 
 def negative_batch_entropy_loss(logits, on_mean_logits=False):
-    """NBEL, eq. 2: -H(mean over the rows of the softmax). on_mean_logits: -H(softmax(mean logits)), the authors' code."""
+    """NBEL, eq. 2: -H(mean over the rows of the softmax). on_mean_logits: -H(softmax(mean logits)), the authors'
+    code."""
     logits = logits.float()
     if on_mean_logits:
         mean_probs = F.softmax(logits.mean(dim=0), dim=0)
@@ -191,8 +324,8 @@ def locality_penalty(cams):
     row_sq, col_sq = cams.pow(2).sum(dim=-1), cams.pow(2).sum(dim=-2)  # (..., H), (..., W)
     total = 0
     for sq in (row_sq, col_sq):
-        total = total + _safe_sqrt(sq.cumsum(dim=-1)).sum(dim=-1)            # top-down / left-right
-        total = total + _safe_sqrt(sq.flip(-1).cumsum(dim=-1)).sum(dim=-1)   # bottom-up / right-left
+        total = total + _safe_sqrt(sq.cumsum(dim=-1)).sum(dim=-1)  # top-down / left-right
+        total = total + _safe_sqrt(sq.flip(-1).cumsum(dim=-1)).sum(dim=-1)  # bottom-up / right-left
     return total
 
 
@@ -234,8 +367,18 @@ class GatherWithGradient(torch.autograd.Function):
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
-def compute_losses(logits, features, classifier_weight, targets, mel_weight, nbel_weight, loc_weight,
-                   loc_weighting="max", nbel_on_mean_logits=False, world_size=1):
+def compute_losses(
+    logits,
+    features,
+    classifier_weight,
+    targets,
+    mel_weight,
+    nbel_weight,
+    loc_weight,
+    loc_weighting="max",
+    nbel_on_mean_logits=False,
+    world_size=1,
+):
     """Eq. 4 on this process's rows. Under DDP (world_size > 1) the losses are scaled so that DDP's gradient average
     equals the gradient of the same loss on the global batch: CE is normalised by the global labeled count, and NBEL
     sees the all-gathered logits (gather with gradient: every rank's loss depends on every row)."""
@@ -268,18 +411,22 @@ def make_split(targets, num_classes, num_labeled, num_unlabeled, num_valid, seed
     for c in range(num_classes):
         members = np.flatnonzero(targets == c)
         if per_class[c] > len(members):
-            raise ValueError(f"--num-labeled {num_labeled} needs {per_class[c]} labels in class {c}, "
-                             f"which has only {len(members)} images")
+            raise ValueError(
+                f"--num-labeled {num_labeled} needs {per_class[c]} labels in class {c}, "
+                f"which has only {len(members)} images"
+            )
         labeled.append(rng.choice(members, per_class[c], replace=False))
     labeled = np.sort(np.concatenate(labeled)).astype(np.int64)
     rest = rng.permutation(np.setdiff1d(np.arange(len(targets)), labeled))
     if num_unlabeled == -1:
         num_unlabeled = len(rest) - num_valid
     if num_valid + num_unlabeled > len(rest):
-        raise ValueError(f"--num-valid {num_valid} + --num-unlabeled {num_unlabeled} is more than the {len(rest)} "
-                         f"images of train/ left after the {num_labeled} labeled ones")
+        raise ValueError(
+            f"--num-valid {num_valid} + --num-unlabeled {num_unlabeled} is more than the {len(rest)} "
+            f"images of train/ left after the {num_labeled} labeled ones"
+        )
     valid = np.sort(rest[:num_valid]).astype(np.int64)
-    unlabeled = np.sort(rest[num_valid:num_valid + num_unlabeled]).astype(np.int64)
+    unlabeled = np.sort(rest[num_valid : num_valid + num_unlabeled]).astype(np.int64)
     return labeled, unlabeled, valid
 
 
@@ -294,8 +441,9 @@ class LabeledRatioBatchSampler:
     replacement=True: each slot draws uniformly from its pool instead (the authors' WeightedBatchSampler,
     dataLoader.py:111-122), seeded by (seed, step)."""
 
-    def __init__(self, labeled, unlabeled, batch_size, labeled_ratio, seed, rank=0, world_size=1, start_step=0,
-                 replacement=False):
+    def __init__(
+        self, labeled, unlabeled, batch_size, labeled_ratio, seed, rank=0, world_size=1, start_step=0, replacement=False
+    ):
         self.pools = (np.asarray(labeled, dtype=np.int64), np.asarray(unlabeled, dtype=np.int64))
         self.batch_size, self.labeled_ratio, self.seed, self.replacement = batch_size, labeled_ratio, seed, replacement
         self.rank, self.world_size, self.start_step = rank, world_size, start_step
@@ -311,9 +459,12 @@ class LabeledRatioBatchSampler:
         while count > 0:
             cycle, offset = divmod(position, len(pool))
             if self._orders.get(pool_id, (None,))[0] != cycle:
-                self._orders[pool_id] = (cycle, np.random.default_rng([self.seed, 2 + pool_id, cycle]).permutation(len(pool)))
+                self._orders[pool_id] = (
+                    cycle,
+                    np.random.default_rng([self.seed, 2 + pool_id, cycle]).permutation(len(pool)),
+                )
             n = min(count, len(pool) - offset)
-            out.append(pool[self._orders[pool_id][1][offset:offset + n]])
+            out.append(pool[self._orders[pool_id][1][offset : offset + n]])
             position, count = position + n, count - n
         return (np.concatenate(out) if out else np.zeros(0, np.int64)), position
 
@@ -326,8 +477,12 @@ class LabeledRatioBatchSampler:
             indices = np.empty(self.batch_size, np.int64)
             if self.replacement:
                 draw = np.random.default_rng([self.seed, 4, step])
-                indices[mask] = self.pools[0][draw.integers(len(self.pools[0]), size=int(mask.sum()))] if mask.any() else []
-                indices[~mask] = self.pools[1][draw.integers(len(self.pools[1]), size=int((~mask).sum()))] if (~mask).any() else []
+                indices[mask] = (
+                    self.pools[0][draw.integers(len(self.pools[0]), size=int(mask.sum()))] if mask.any() else []
+                )
+                indices[~mask] = (
+                    self.pools[1][draw.integers(len(self.pools[1]), size=int((~mask).sum()))] if (~mask).any() else []
+                )
             else:
                 indices[mask], labeled_pos = self._take(0, labeled_pos, int(mask.sum()))
                 indices[~mask], unlabeled_pos = self._take(1, unlabeled_pos, int((~mask).sum()))
@@ -361,16 +516,28 @@ def train_transform(augmentation, crop_size, resize_size):
         crop = [transforms.Resize(resize_size), transforms.RandomCrop(crop_size)]
     else:
         crop = [transforms.RandomResizedCrop(crop_size)]
-    return transforms.Compose(crop + [transforms.RandomHorizontalFlip(), transforms.ToImage(),
-                                      transforms.ToDtype(torch.float32, scale=True),
-                                      transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return transforms.Compose(
+        crop
+        + [
+            transforms.RandomHorizontalFlip(),
+            transforms.ToImage(),
+            transforms.ToDtype(torch.float32, scale=True),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 def eval_transform(crop_size, resize_size):
     """Resize(256) + CenterCrop(224), the authors' ValTransform (dataLoader.py:44-46)."""
-    return transforms.Compose([transforms.Resize(resize_size), transforms.CenterCrop(crop_size), transforms.ToImage(),
-                               transforms.ToDtype(torch.float32, scale=True),
-                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return transforms.Compose(
+        [
+            transforms.Resize(resize_size),
+            transforms.CenterCrop(crop_size),
+            transforms.ToImage(),
+            transforms.ToDtype(torch.float32, scale=True),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 def load_image_folders(data_dir, crop_size, resize_size, augmentation="authors"):
@@ -410,12 +577,18 @@ def build_model(args, num_classes):
     if args.growth_rate is None and args.block_config is None and args.num_init_features is None:
         densenet = getattr(torchvision.models, args.arch)(weights=None, num_classes=num_classes)
     else:  # tiny nets for tests: the arch's values unless overridden
-        defaults = {"densenet121": (32, (6, 12, 24, 16), 64), "densenet161": (48, (6, 12, 36, 24), 96),
-                    "densenet169": (32, (6, 12, 32, 32), 64), "densenet201": (32, (6, 12, 48, 32), 64)}[args.arch]
+        defaults = {
+            "densenet121": (32, (6, 12, 24, 16), 64),
+            "densenet161": (48, (6, 12, 36, 24), 96),
+            "densenet169": (32, (6, 12, 32, 32), 64),
+            "densenet201": (32, (6, 12, 48, 32), 64),
+        }[args.arch]
         densenet = torchvision.models.DenseNet(
             growth_rate=args.growth_rate or defaults[0],
             block_config=tuple(int(b) for b in args.block_config.split(",")) if args.block_config else defaults[1],
-            num_init_features=args.num_init_features or defaults[2], num_classes=num_classes)
+            num_init_features=args.num_init_features or defaults[2],
+            num_classes=num_classes,
+        )
     return DenseNetCAM(densenet)
 
 
@@ -425,24 +598,35 @@ def evaluate(model, dataset, batch_size, num_workers, device, channels_last, ran
     fp32 (autocast and TF32 off), as the authors' code evaluates."""
     model.eval()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
-    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        shard, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
+    )
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # count, top-1 correct, top-5 correct, CE sum
     for images, targets in loader:
-        images = images.to(device, non_blocking=True, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        images = images.to(
+            device, non_blocking=True, memory_format=torch.channels_last if channels_last else torch.preserve_format
+        )
         targets = targets.to(device, non_blocking=True)
         with bookkeeping.exact_fp32(device.type):
             logits = model(images)[0].float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        totals += torch.stack([torch.tensor(len(targets), device=device), (top5[:, 0] == targets).sum(),
-                               (top5 == targets[:, None]).any(dim=1).sum(),
-                               F.cross_entropy(logits, targets, reduction="sum")]).double()
+        totals += torch.stack(
+            [
+                torch.tensor(len(targets), device=device),
+                (top5[:, 0] == targets).sum(),
+                (top5 == targets[:, None]).any(dim=1).sum(),
+                F.cross_entropy(logits, targets, reduction="sum"),
+            ]
+        ).double()
     if world_size > 1:
         dist.all_reduce(totals)
     model.train()
     count = max(totals[0].item(), 1.0)
-    return {"top1_error": 100.0 * (1 - totals[1].item() / count), "top5_error": 100.0 * (1 - totals[2].item() / count),
-            "loss": totals[3].item() / count}
+    return {
+        "top1_error": 100.0 * (1 - totals[1].item() / count),
+        "top5_error": 100.0 * (1 - totals[2].item() / count),
+        "loss": totals[3].item() / count,
+    }
 
 
 def average_buffers(module, world_size):
@@ -470,17 +654,29 @@ def check_init_source(init_from, init_checkpoint, model_shapes, labeled_idx):
         bookkeeping.fail(f"--init-from {init_from} has not finished (no summary.json); wait for it or --resume it")
     with open(summary_path) as f:
         if json.load(f).get("steps") != init_checkpoint["step"]:  # a finished run being extended by --resume
-            bookkeeping.fail(f"--init-from {init_from}: its checkpoint is not the finished model (a --resume is extending it)")
+            bookkeeping.fail(
+                f"--init-from {init_from}: its checkpoint is not the finished model (a --resume is extending it)"
+            )
     source_shapes = {k: tuple(v.shape) for k, v in init_checkpoint["model"].items()}
-    different = sorted(k for k in source_shapes.keys() | model_shapes.keys() if source_shapes.get(k) != model_shapes.get(k))
+    different = sorted(
+        k for k in source_shapes.keys() | model_shapes.keys() if source_shapes.get(k) != model_shapes.get(k)
+    )
     if different:
-        bookkeeping.fail(f"--init-from {init_from} has another network ({len(different)} tensors differ, e.g. "
-             f"{different[0]}: {source_shapes.get(different[0])} there, {model_shapes.get(different[0])} here)")
+        bookkeeping.fail(
+            f"--init-from {init_from} has another network ({len(different)} tensors differ, e.g. "
+            f"{different[0]}: {source_shapes.get(different[0])} there, {model_shapes.get(different[0])} here)"
+        )
     split_path = os.path.join(init_from, "split.npz")
     leaked = np.setdiff1d(np.load(split_path)["labeled"], labeled_idx) if os.path.isfile(split_path) else None
     if leaked is None or leaked.size:
-        bookkeeping.fail(f"--init-from {init_from}: " + ("no split.npz" if leaked is None else
-             f"{leaked.size} of its labeled train/ images are not labeled in this run; their labels would leak"))
+        bookkeeping.fail(
+            f"--init-from {init_from}: "
+            + (
+                "no split.npz"
+                if leaked is None
+                else f"{leaked.size} of its labeled train/ images are not labeled in this run; their labels would leak"
+            )
+        )
 
 
 def main(argv=None):
@@ -503,16 +699,20 @@ def main(argv=None):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=mixed)
 
     # Data checks come before anything is written.
-    train_folder, train_eval_folder, val_folder = load_image_folders(args.data_dir, args.crop_size, args.resize_size,
-                                                                        args.augmentation)
+    train_folder, train_eval_folder, val_folder = load_image_folders(
+        args.data_dir, args.crop_size, args.resize_size, args.augmentation
+    )
     num_classes = len(train_folder.classes)
     try:
-        labeled_idx, unlabeled_idx, valid_idx = make_split(train_folder.targets, num_classes, args.num_labeled,
-                                                           args.num_unlabeled, args.num_valid, args.seed)
+        labeled_idx, unlabeled_idx, valid_idx = make_split(
+            train_folder.targets, num_classes, args.num_labeled, args.num_unlabeled, args.num_valid, args.seed
+        )
     except ValueError as error:
         bookkeeping.fail(f"{error}")
     if args.labeled_ratio < 1 and len(unlabeled_idx) == 0:
-        bookkeeping.fail(f"no images of train/ are left for the unlabeled pool (--labeled-ratio {args.labeled_ratio} < 1)")
+        bookkeeping.fail(
+            f"no images of train/ are left for the unlabeled pool (--labeled-ratio {args.labeled_ratio} < 1)"
+        )
     steps_per_epoch = math.ceil((len(labeled_idx) + len(unlabeled_idx)) / args.batch_size)
     total_steps = args.total_steps or args.epochs * steps_per_epoch
     eval_every = args.eval_every or steps_per_epoch
@@ -536,22 +736,32 @@ def main(argv=None):
         if mismatched:
             bookkeeping.fail(f"--resume needs the run's own settings; these differ: {', '.join(mismatched)}")
         saved_split = np.load(os.path.join(run_dir, "split.npz"))
-        if not (np.array_equal(saved_split["labeled"], labeled_idx) and np.array_equal(saved_split["unlabeled"], unlabeled_idx)):
+        if not (
+            np.array_equal(saved_split["labeled"], labeled_idx)
+            and np.array_equal(saved_split["unlabeled"], unlabeled_idx)
+        ):
             bookkeeping.fail(f"train/ in {args.data_dir} no longer gives the split saved in {run_dir}")
     else:
         dataset_name = os.path.basename(os.path.normpath(args.data_dir))
-        run_dir = [os.path.join(args.runs_dir, args.run_name or f"{dataset_name}__{SCRIPT}__{args.seed}__{int(time.time())}")]
+        run_dir = [
+            os.path.join(args.runs_dir, args.run_name or f"{dataset_name}__{SCRIPT}__{args.seed}__{int(time.time())}")
+        ]
         if world_size > 1:
             dist.broadcast_object_list(run_dir, src=0)
         run_dir = run_dir[0]
         failed = [None]
         if is_main:
             if os.path.exists(run_dir):
-                failed[0] = f"run directory {run_dir} already exists: choose another --run-name, or continue it with --resume {run_dir}"
+                failed[0] = (
+                    f"run directory {run_dir} already exists: choose another --run-name, or continue it with --resume "
+                    f"{run_dir}"
+                )
             else:
                 os.makedirs(run_dir)
                 bookkeeping.write_json(os.path.join(run_dir, "args.json"), vars(args) | {"world_size": world_size})
-                np.savez(os.path.join(run_dir, "split.npz"), labeled=labeled_idx, unlabeled=unlabeled_idx, valid=valid_idx)
+                np.savez(
+                    os.path.join(run_dir, "split.npz"), labeled=labeled_idx, unlabeled=unlabeled_idx, valid=valid_idx
+                )
         if world_size > 1:
             dist.broadcast_object_list(failed, src=0)
         if failed[0]:
@@ -559,9 +769,12 @@ def main(argv=None):
     writer = SummaryWriter(run_dir) if is_main else None
     if is_main:
         writer.add_text("hyperparameters", bookkeeping.hparams_table(args) + f"\n|world_size|{world_size}|")
-        print(f"{run_dir}: {num_classes} classes, {len(labeled_idx)} labeled / {len(unlabeled_idx)} unlabeled / "
-              f"{len(valid_idx)} valid / {len(val_folder)} test images, {steps_per_epoch} steps per epoch, "
-              f"{total_steps} steps, {world_size} process(es) on {device}", flush=True)
+        print(
+            f"{run_dir}: {num_classes} classes, {len(labeled_idx)} labeled / {len(unlabeled_idx)} unlabeled / "
+            f"{len(valid_idx)} valid / {len(val_folder)} test images, {steps_per_epoch} steps per epoch, "
+            f"{total_steps} steps, {world_size} process(es) on {device}",
+            flush=True,
+        )
 
     # Same seed on every rank: identical init (DDP also broadcasts rank 0's weights); augmentation differs per rank.
     random.seed(args.seed)
@@ -574,8 +787,9 @@ def main(argv=None):
     if mixed:
         model = model.to(memory_format=torch.channels_last)
     core = model
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=True,
-                                weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=True, weight_decay=args.weight_decay
+    )
     start_step, best = 0, {"valid": None, "test_at_best_valid": None}
     if init_weights is not None:
         core.load_state_dict(init_weights)
@@ -594,12 +808,25 @@ def main(argv=None):
     train_model = bookkeeping.compile_model(model, args, device)  # compiled around DDP, as PyTorch's DDP notes advise
     compiled = train_model is not model
 
-    sampler = LabeledRatioBatchSampler(labeled_idx, unlabeled_idx, args.batch_size, args.labeled_ratio, args.seed,
-                                       rank, world_size, start_step, replacement=args.pool_sampling == "with")
+    sampler = LabeledRatioBatchSampler(
+        labeled_idx,
+        unlabeled_idx,
+        args.batch_size,
+        args.labeled_ratio,
+        args.seed,
+        rank,
+        world_size,
+        start_step,
+        replacement=args.pool_sampling == "with",
+    )
     loader_generator = torch.Generator().manual_seed(args.seed * 1_000_003 + rank * 1_009 + start_step)
-    train_loader = torch.utils.data.DataLoader(SemiSupervisedView(train_folder), batch_sampler=sampler,
-                                               num_workers=args.num_workers, pin_memory=use_cuda,
-                                               generator=loader_generator)
+    train_loader = torch.utils.data.DataLoader(
+        SemiSupervisedView(train_folder),
+        batch_sampler=sampler,
+        num_workers=args.num_workers,
+        pin_memory=use_cuda,
+        generator=loader_generator,
+    )
     train_iter = iter(train_loader)
     eval_batch = args.batch_size // world_size
     valid_set = torch.utils.data.Subset(train_eval_folder, valid_idx.tolist())
@@ -615,14 +842,33 @@ def main(argv=None):
             if best["valid"] is None or metrics["valid"]["top1_error"] < best["valid"]:
                 best.update(valid=metrics["valid"]["top1_error"], test_at_best_valid=metrics["test"]["top1_error"])
         if is_main:
-            bookkeeping.write_scalars(writer, step, {("eval/" if split == "test" else "eval/valid_") + key: value
-                                                     for split, values in metrics.items() for key, value in values.items()})
-            print(f"step {step}: test top-1 error {metrics['test']['top1_error']:.2f}% top-5 "
-                  f"{metrics['test']['top5_error']:.2f}%" + (f", valid top-1 {metrics['valid']['top1_error']:.2f}%"
-                                                              if "valid" in metrics else ""), flush=True)
-            bookkeeping.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
-                "script": "train_imagenet_mel.py", "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "args": vars(args), "best": json.dumps(best), "torch_rng": torch.get_rng_state()})
+            bookkeeping.write_scalars(
+                writer,
+                step,
+                {
+                    ("eval/" if split == "test" else "eval/valid_") + key: value
+                    for split, values in metrics.items()
+                    for key, value in values.items()
+                },
+            )
+            print(
+                f"step {step}: test top-1 error {metrics['test']['top1_error']:.2f}% top-5 "
+                f"{metrics['test']['top5_error']:.2f}%"
+                + (f", valid top-1 {metrics['valid']['top1_error']:.2f}%" if "valid" in metrics else ""),
+                flush=True,
+            )
+            bookkeeping.save_checkpoint(
+                os.path.join(run_dir, "checkpoint.pt"),
+                {
+                    "script": "train_imagenet_mel.py",
+                    "model": core.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": step,
+                    "args": vars(args),
+                    "best": json.dumps(best),
+                    "torch_rng": torch.get_rng_state(),
+                },
+            )
         return metrics
 
     model.train()
@@ -635,13 +881,24 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         images, targets = next(train_iter)
-        images = images.to(device, non_blocking=True, memory_format=torch.channels_last if mixed else torch.preserve_format)
+        images = images.to(
+            device, non_blocking=True, memory_format=torch.channels_last if mixed else torch.preserve_format
+        )
         targets = targets.to(device, non_blocking=True)
         with autocast():
             logits, features = train_model(images)
-        losses = compute_losses(logits.float(), features.float(), core.classifier.weight, targets, args.mel_weight,
-                                args.nbel_weight, args.loc_weight, args.loc_weighting, args.nbel_on_mean_logits,
-                                world_size)
+        losses = compute_losses(
+            logits.float(),
+            features.float(),
+            core.classifier.weight,
+            targets,
+            args.mel_weight,
+            args.nbel_weight,
+            args.loc_weight,
+            args.loc_weighting,
+            args.nbel_on_mean_logits,
+            world_size,
+        )
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         optimizer.step()
@@ -662,13 +919,33 @@ def main(argv=None):
                 bookkeeping.fail(f"non-finite loss at step {step + 1}: {values}")
             if is_main:
                 sps = clock.lap()  # steps per second since the last log; nan when it held only the compiling step
-                bookkeeping.write_scalars(writer, step + 1, {
-                    **{("charts/" if name == "labeled_share" else "losses/") + name: value
-                       for name, value in zip(list(losses) + ["labeled_share"], values)},
-                    "charts/learning_rate": lr_at(step), "charts/SPS": sps})
-                print(bookkeeping.progress_line(step + 1, total_steps, sps, loss=values[0], ce=values[1], mel=values[2],
-                                                nbel=values[3], loc=values[4], labeled=values[5], lr=lr_at(step)),
-                      flush=True)
+                bookkeeping.write_scalars(
+                    writer,
+                    step + 1,
+                    {
+                        **{
+                            ("charts/" if name == "labeled_share" else "losses/") + name: value
+                            for name, value in zip(list(losses) + ["labeled_share"], values)
+                        },
+                        "charts/learning_rate": lr_at(step),
+                        "charts/SPS": sps,
+                    },
+                )
+                print(
+                    bookkeeping.progress_line(
+                        step + 1,
+                        total_steps,
+                        sps,
+                        loss=values[0],
+                        ce=values[1],
+                        mel=values[2],
+                        nbel=values[3],
+                        loc=values[4],
+                        labeled=values[5],
+                        lr=lr_at(step),
+                    ),
+                    flush=True,
+                )
         # EVAL and checkpoint.
         if (step + 1) % eval_every == 0 or step + 1 == total_steps:
             clock.pause()
@@ -688,18 +965,35 @@ def main(argv=None):
         dist.all_reduce(diff, op=dist.ReduceOp.MAX)
         max_rank_diff = diff.item()
     if is_main:
-        summary = bookkeeping.write_summary(writer, run_dir, {
-            "steps": total_steps, "steps_this_run": steps_done, **clock.summary(),
-            "final_test_error": metrics["test"]["top1_error"], "final_test_top5_error": metrics["test"]["top5_error"],
-            "final_test_loss": metrics["test"]["loss"],
-            "final_valid_error": metrics["valid"]["top1_error"] if "valid" in metrics else None,
-            "best_valid_error": best["valid"], "test_error_at_best_valid": best["test_at_best_valid"],
-            "world_size": world_size, "max_param_diff_across_ranks": max_rank_diff,
-            "num_labeled": len(labeled_idx), "num_unlabeled": len(unlabeled_idx), "num_valid": len(valid_idx),
-            "num_test": len(val_folder)}, args, reported=("final_test_error", "final_test_top5_error"))
-        print(f"done: {total_steps} steps, {summary['steps_per_second'] or 0:.2f} steps/s, test top-1 error "
-              f"{summary['final_test_error']:.2f}% top-5 {summary['final_test_top5_error']:.2f}%, "
-              f"ranks max |diff| {max_rank_diff}", flush=True)
+        summary = bookkeeping.write_summary(
+            writer,
+            run_dir,
+            {
+                "steps": total_steps,
+                "steps_this_run": steps_done,
+                **clock.summary(),
+                "final_test_error": metrics["test"]["top1_error"],
+                "final_test_top5_error": metrics["test"]["top5_error"],
+                "final_test_loss": metrics["test"]["loss"],
+                "final_valid_error": metrics["valid"]["top1_error"] if "valid" in metrics else None,
+                "best_valid_error": best["valid"],
+                "test_error_at_best_valid": best["test_at_best_valid"],
+                "world_size": world_size,
+                "max_param_diff_across_ranks": max_rank_diff,
+                "num_labeled": len(labeled_idx),
+                "num_unlabeled": len(unlabeled_idx),
+                "num_valid": len(valid_idx),
+                "num_test": len(val_folder),
+            },
+            args,
+            reported=("final_test_error", "final_test_top5_error"),
+        )
+        print(
+            f"done: {total_steps} steps, {summary['steps_per_second'] or 0:.2f} steps/s, test top-1 error "
+            f"{summary['final_test_error']:.2f}% top-5 {summary['final_test_top5_error']:.2f}%, "
+            f"ranks max |diff| {max_rank_diff}",
+            flush=True,
+        )
     if world_size > 1:
         dist.destroy_process_group()
 

@@ -2,9 +2,11 @@
 
 MixMatch: Berthelot et al. 2019. MixMatch + NS3L: Chen et al., "Negative Sampling in Semi-Supervised Learning"
 (ICML 2020) section 4.3 and Tables 3-5: every row of the mixed batches X' and U' gets as negatives the classes whose
-*mixed target* probability is below T = 0.5 / num_classes (0.05), and L = L_x + lambda_u L_u + lambda_1 L_NS3L on the mixed inputs' outputs.
+*mixed target* probability is below T = 0.5 / num_classes (0.05), and L = L_x + lambda_u L_u + lambda_1 L_NS3L on the
+mixed inputs' outputs.
 
-    python train_mixmatch.py --dataset cifar10 --num-labeled 250 --ns3l       # 307,200 steps, the NS3L paper's 300 epochs
+    python train_mixmatch.py --dataset cifar10 --num-labeled 250 --ns3l       # 307,200 steps, the NS3L paper's 300
+    epochs
     python train_mixmatch.py --dataset cifar10 --num-labeled 250 --total-steps 1048576   # the MixMatch paper's 2^20
     python train_mixmatch.py --dataset digits --ns3l      # a CPU run of a few minutes (digits defaults, --help)
 
@@ -49,6 +51,7 @@ class-balanced draw by seed (official: its own sampler; STL-10 official folds); 
 images; on CUDA the training passes run under bf16 autocast and torch.compile by default (the official code is fp32
 throughout; --no-bf16 restores exact fp32, TF32 off; --no-compile runs eager), evaluation is always exact fp32.
 """
+
 import contextlib
 import copy
 import math
@@ -61,7 +64,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bookkeeping
-
 import common
 import wrn
 
@@ -77,8 +79,11 @@ SCRIPT = "train_mixmatch"
 # CIFAR10"; an official epoch is 64 kimg = 1,024 steps of 64 (libml/train.py:34, report_kimg), so 307,200 steps. The
 # MixMatch paper's 2^20 steps (mixmatch.py:146, train_kimg 1 << 16) stay the default elsewhere (STL-10: the NS3L paper
 # trains "significantly fewer epochs" without a number). Evaluation every 64 kimg = 1,024 steps, ramp 1024 kimg =
-# 16,384 steps (warmup_kimg), WRN-28-2, BN decay 0.999 (libml/models.py:34) and EMA 0.999 (mixmatch.py:137). digits and synthetic
-# get a CPU run (this project's choice, a few minutes on two cores): WRN-10-2, 1,000 steps, BN momentum 0.01, EMA 0.99.
+# 16,384 steps (warmup_kimg), WRN-28-2, BN decay 0.999 (libml/models.py:34) and EMA 0.999 (mixmatch.py:137). digits and
+# synthetic get a CPU run (this project's choice, a few minutes on two cores): WRN-10-2, 1,000 steps, BN momentum 0.01,
+# EMA 0.99.
+# The tables, kept as tables by the formatter:
+# fmt: off
 NS3L_STEPS = 300 * 1024
 PAPER = dict(num_labeled=1000, num_valid=5000, total_steps=1 << 20, lambda_u=75.0, num_stages=3, eval_every=1024,
              rampup_steps=16384, depth=28, bn_momentum=0.001, ema_decay=0.999)
@@ -98,14 +103,16 @@ SOURCES = {"cifar10, cifar100, svhn, stl10": "the official code's runs/table*.sh
                                             "length, 4.4 weights; docs/fidelity.md, file and line)",
            "fashion_mnist, mnist, npz": "the MixMatch paper's schedule; the split sizes are this project's",
            "digits, synthetic": "a CPU run, this project's choice (a few minutes on two cores)",
-           "every data set": "alpha 0.75 (0.25 with --svhn-extra, runs/table7.sh), T = 0.5 / classes, lambda_1 2 (CIFAR-10: "
-                             "5 below 4,000 labels, 10 at 4,000): NS3L paper 4.4"}
+           "every data set": "alpha 0.75 (0.25 with --svhn-extra, runs/table7.sh), T = 0.5 / classes, lambda_1 2 "
+                             "(CIFAR-10: 5 below 4,000 labels, 10 at 4,000): NS3L paper 4.4"}
+# fmt: on
 TABLE = "per --dataset, see the table below"
 
 
 def parse_args(argv=None):
-    parser = bookkeeping.ArgumentParser(description=__doc__.split("\n")[0],
-                                        epilog=bookkeeping.defaults_epilog(DEFAULTS, SOURCES))
+    parser = bookkeeping.ArgumentParser(
+        description=__doc__.split("\n")[0], epilog=bookkeeping.defaults_epilog(DEFAULTS, SOURCES)
+    )
     positive, nonnegative = bookkeeping.positive_int, bookkeeping.nonnegative_int
     g = parser.add_argument_group("experiment")
     g.add_argument("--seed", type=int, default=1, help="seed of the run; also picks the labeled subset")
@@ -116,51 +123,87 @@ def parse_args(argv=None):
     g.add_argument("--eval-every", type=positive, help=f"steps between evaluations, official 64 kimg ({TABLE})")
     g.add_argument("--log-every", type=positive, default=100, help="steps between logged scalars")
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar10",
-                   help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz (x_train, y_train, x_test, y_test)")
+    g.add_argument(
+        "--dataset",
+        default="cifar10",
+        help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz (x_train, y_train, x_test, y_test)",
+    )
     g.add_argument("--data-dir", default="data", help="torchvision data root")
     g.add_argument("--download", action="store_true", help="let torchvision download the data set")
-    g.add_argument("--svhn-extra", action="store_true",
-                   help="SVHN + extra as the official runs/table7.sh: the 531k 'extra' images join train, the labeled "
-                        "and validation images are drawn from train + extra, and --alpha defaults to 0.25")
+    g.add_argument(
+        "--svhn-extra",
+        action="store_true",
+        help="SVHN + extra as the official runs/table7.sh: the 531k 'extra' images join train, the labeled "
+        "and validation images are drawn from train + extra, and --alpha defaults to 0.25",
+    )
     g.add_argument("--num-labeled", type=positive, help=f"labeled images ({TABLE})")
     g.add_argument("--num-valid", type=nonnegative, help=f"validation images; the official runs hold out 1 ({TABLE})")
-    g.add_argument("--include-labeled", action="store_true",
-                   help="also put the labeled images in the unlabeled stream (official create_split.py does not)")
-    g.add_argument("--shift", type=nonnegative,
-                   help="random-crop padding in px (official: 4 at 32 px, 12 on STL-10; default image size / 8)")
+    g.add_argument(
+        "--include-labeled",
+        action="store_true",
+        help="also put the labeled images in the unlabeled stream (official create_split.py does not)",
+    )
+    g.add_argument(
+        "--shift",
+        type=nonnegative,
+        help="random-crop padding in px (official: 4 at 32 px, 12 on STL-10; default image size / 8)",
+    )
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--total-steps", type=positive,
-                   help=f"training steps; --total-steps 1048576 is the MixMatch paper's 2^16 kimg ({TABLE})")
+    g.add_argument(
+        "--total-steps",
+        type=positive,
+        help=f"training steps; --total-steps 1048576 is the MixMatch paper's 2^16 kimg ({TABLE})",
+    )
     g.add_argument("--batch-size", type=positive, default=64, help="labeled images per step, = unlabeled (official 64)")
-    g.add_argument("--lr", type=bookkeeping.positive_float, default=0.002, help="Adam learning rate, constant (official)")
-    g.add_argument("--weight-decay", type=bookkeeping.nonnegative_float, default=0.02,
-                   help="decoupled decay w <- w (1 - wd lr) on conv / dense kernels after each step (official wd)")
+    g.add_argument(
+        "--lr", type=bookkeeping.positive_float, default=0.002, help="Adam learning rate, constant (official)"
+    )
+    g.add_argument(
+        "--weight-decay",
+        type=bookkeeping.nonnegative_float,
+        default=0.02,
+        help="decoupled decay w <- w (1 - wd lr) on conv / dense kernels after each step (official wd)",
+    )
     g.add_argument("--ema-decay", type=bookkeeping.ema_decay, help=f"EMA of the weights, used for evaluation ({TABLE})")
     g.add_argument("--depth", type=bookkeeping.wrn_depth, help=f"WRN depth, 6n + 4 ({TABLE})")
     g.add_argument("--width", type=positive, default=2, help="WRN widening factor (official 32 filters = width 2)")
     g.add_argument("--num-stages", type=positive, help=f"WRN stages, official --scales ({TABLE})")
-    g.add_argument("--bn-momentum", type=bookkeeping.momentum,
-                   help=f"BatchNorm running-stat momentum; 0.001 = TF's decay 0.999 ({TABLE})")
+    g.add_argument(
+        "--bn-momentum",
+        type=bookkeeping.momentum,
+        help=f"BatchNorm running-stat momentum; 0.001 = TF's decay 0.999 ({TABLE})",
+    )
     g = parser.add_argument_group("mixmatch")
     g.add_argument("--k-augment", type=positive, default=2, help="augmentations per unlabeled image (official nu = 2)")
-    g.add_argument("--temperature", type=bookkeeping.positive_float, default=0.5,
-                   help="sharpening temperature T (official)")
-    g.add_argument("--alpha", type=bookkeeping.positive_float,
-                   help="Beta(alpha, alpha) of mixup (default 0.75, official --beta in runs/table*.sh; 0.25 with "
-                        "--svhn-extra, runs/table7.sh)")
+    g.add_argument(
+        "--temperature", type=bookkeeping.positive_float, default=0.5, help="sharpening temperature T (official)"
+    )
+    g.add_argument(
+        "--alpha",
+        type=bookkeeping.positive_float,
+        help="Beta(alpha, alpha) of mixup (default 0.75, official --beta in runs/table*.sh; 0.25 with "
+        "--svhn-extra, runs/table7.sh)",
+    )
     g.add_argument("--lambda-u", type=bookkeeping.nonnegative_float, help=f"weight of the L2 loss ({TABLE})")
     g.add_argument("--rampup-steps", type=nonnegative, help=f"linear ramp of lambda_u, official 1024 kimg ({TABLE})")
     g = parser.add_argument_group("ns3l")
     g.add_argument("--ns3l", action="store_true", help="add the NS3L loss on X' and U' (NS3L paper section 4.3)")
-    g.add_argument("--ns3l-weight", type=bookkeeping.nonnegative_float,
-                   help="lambda_1 (NS3L 4.4: CIFAR-10 5 below 4000 labels, 10 at 4000; SVHN, STL-10 and others 2)")
-    g.add_argument("--threshold", type=bookkeeping.open_unit,
-                   help="T: mixed-target probabilities below it are negatives (default 0.5 / num_classes: 0.05 for 10 "
-                        "classes, NS3L 4.4; divided by 10 for CIFAR-100 as the paper does for Protocol A)")
+    g.add_argument(
+        "--ns3l-weight",
+        type=bookkeeping.nonnegative_float,
+        help="lambda_1 (NS3L 4.4: CIFAR-10 5 below 4000 labels, 10 at 4000; SVHN, STL-10 and others 2)",
+    )
+    g.add_argument(
+        "--threshold",
+        type=bookkeeping.open_unit,
+        help="T: mixed-target probabilities below it are negatives (default 0.5 / num_classes: 0.05 for 10 "
+        "classes, NS3L 4.4; divided by 10 for CIFAR-100 as the paper does for Protocol A)",
+    )
     args = parser.parse_args(argv)
     if args.batch_size < max(2, args.k_augment + 1):
-        parser.error(f"--batch-size must be >= 2 and >= --k-augment + 1 (one interleave group each), got {args.batch_size}")
+        parser.error(
+            f"--batch-size must be >= 2 and >= --k-augment + 1 (one interleave group each), got {args.batch_size}"
+        )
     try:
         key = common.dataset_key(args.dataset)
     except common.DataError as error:
@@ -229,7 +272,7 @@ def interleave(chunks, batch):
     unlabeled rows. It is its own inverse (used again to put the logits back in order)."""
     nu = len(chunks) - 1
     offsets = interleave_offsets(batch, nu)
-    parts = [[c[offsets[p]: offsets[p + 1]] for p in range(nu + 1)] for c in chunks]
+    parts = [[c[offsets[p] : offsets[p + 1]] for p in range(nu + 1)] for c in chunks]
     for i in range(1, nu + 1):
         parts[0][i], parts[i][i] = parts[i][i], parts[0][i]
     return [torch.cat(p) for p in parts]
@@ -298,8 +341,15 @@ def grid_test_errors(evaluations, eval_every, total_steps):
 
 def make_model(num_classes, args, channels):
     """Official ResNet classifier: WRN with conv biases; the dense kernel TF Glorot-normal (truncated) initialised."""
-    model = wrn.WideResNet(num_classes, args.depth, args.width, channels, num_stages=args.num_stages, conv_bias=True,
-                           bn_momentum=args.bn_momentum)
+    model = wrn.WideResNet(
+        num_classes,
+        args.depth,
+        args.width,
+        channels,
+        num_stages=args.num_stages,
+        conv_bias=True,
+        bn_momentum=args.bn_momentum,
+    )
     fan_in, fan_out = model.fc.in_features, model.fc.out_features
     std = math.sqrt(2.0 / (fan_in + fan_out)) / 0.87962566103423978  # TF's truncated-normal variance correction
     nn.init.trunc_normal_(model.fc.weight, 0.0, std, -2 * std, 2 * std)
@@ -322,8 +372,15 @@ def main():
         if args.svhn_extra and data.name == "svhn":  # official svhn split: labels from train + extra (README.md:31)
             data.num_labelable = len(data.x_train)
         args = resolve_defaults(args, data.name, data.num_classes, data.image_size)  # what needs the data: T, shift
-        split = common.make_ssl_split(data.y_train, data.num_classes, args.num_labeled, args.num_valid, args.seed,
-                                      data.num_labelable, include_labeled=args.include_labeled)
+        split = common.make_ssl_split(
+            data.y_train,
+            data.num_classes,
+            args.num_labeled,
+            args.num_valid,
+            args.seed,
+            data.num_labelable,
+            include_labeled=args.include_labeled,
+        )
     except common.DataError as error:
         bookkeeping.fail(str(error))
     flip, shift = common.DATASETS[data.name]["flip"], args.shift  # CIFAR / STL-10 flip, SVHN / digits / MNIST do not
@@ -361,6 +418,7 @@ def main():
         return common.augment(normalize(data.x_train[indices]), flip, shift).contiguous(memory_format=memory_format)
 
     sums = {}  # running sums of logged scalars, kept on the device so the loop never waits for the GPU
+
     def accumulate(name, value):
         sums[name] = sums.get(name, 0.0) + value.detach().float()
 
@@ -403,8 +461,10 @@ def main():
         accumulate("losses/xe", loss_xe)
         accumulate("losses/l2u", loss_l2u)
         accumulate("losses/total", loss)
-        accumulate("charts/guess_accuracy", ((guessed.argmax(1) == hidden) & (hidden >= 0)).sum()
-                   / (hidden >= 0).sum().clamp_min(1))
+        accumulate(
+            "charts/guess_accuracy",
+            ((guessed.argmax(1) == hidden) & (hidden >= 0)).sum() / (hidden >= 0).sum().clamp_min(1),
+        )
         accumulate("charts/guess_max_probability", guessed.max(1).values.mean())
         accumulate("charts/mixup_lambda", lam.mean())
 
@@ -413,47 +473,94 @@ def main():
         if done % args.log_every == 0 or done == args.total_steps:
             sps = clock.lap()
             means = bookkeeping.interval_means(sums, done - last_log_step)
-            bookkeeping.write_scalars(writer, done, means | {"charts/learning_rate": args.lr, "charts/lambda_u": lambda_u,
-                                                             "charts/SPS": sps})
-            print(bookkeeping.progress_line(done, args.total_steps, sps, loss=means["losses/total"], lambda_u=lambda_u),
-                  flush=True)
+            bookkeeping.write_scalars(
+                writer, done, means | {"charts/learning_rate": args.lr, "charts/lambda_u": lambda_u, "charts/SPS": sps}
+            )
+            print(
+                bookkeeping.progress_line(done, args.total_steps, sps, loss=means["losses/total"], lambda_u=lambda_u),
+                flush=True,
+            )
             sums, last_log_step = {}, done
         # EVAL: the EMA model (official classify_op); the reported number is the median of the last 20 test errors
         if done % args.eval_every == 0 or done == args.total_steps:
             clock.pause()
             valid_x, valid_y = data.x_train[split.valid.to(device)], data.y_train[split.valid.to(device)]
             # fp32 evaluation (bookkeeping.error_rate), as the official graph (float32 placeholders, mixmatch.py:54)
-            valid_error = bookkeeping.error_rate(ema_model, valid_x, valid_y, normalize, memory_format=memory_format) \
-                if len(valid_x) else float("nan")
-            test_error = bookkeeping.error_rate(ema_model, data.x_test, data.y_test, normalize, memory_format=memory_format)
-            raw_test_error = bookkeeping.error_rate(model, data.x_test, data.y_test, normalize, memory_format=memory_format)
+            valid_error = (
+                bookkeeping.error_rate(ema_model, valid_x, valid_y, normalize, memory_format=memory_format)
+                if len(valid_x)
+                else float("nan")
+            )
+            test_error = bookkeeping.error_rate(
+                ema_model, data.x_test, data.y_test, normalize, memory_format=memory_format
+            )
+            raw_test_error = bookkeeping.error_rate(
+                model, data.x_test, data.y_test, normalize, memory_format=memory_format
+            )
             evaluations.append((done, test_error))
             test_errors = grid_test_errors(evaluations, args.eval_every, args.total_steps)
             median20 = statistics.median(test_errors[-20:])
             if valid_error < best_valid:
                 best_valid, test_at_best = valid_error, test_error
-            bookkeeping.write_scalars(writer, done, {
-                "eval/valid_error": valid_error, "eval/test_error": test_error, "eval/test_error_raw": raw_test_error,
-                "eval/test_error_at_best_valid": test_at_best, "eval/median_last20_test_error": median20})
-            print(f"eval step {done}: EMA valid error {valid_error:.2f}% test error {test_error:.2f}% (raw model "
-                  f"{raw_test_error:.2f}%), median of last {min(20, len(test_errors))}: {median20:.2f}%", flush=True)
-            bookkeeping.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
-                "script": SCRIPT, "args": vars(args), "step": done, "model": model.state_dict(),
-                "ema_model": ema_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "labeled_sampler": labeled_batches.state_dict(), "unlabeled_sampler": unlabeled_batches.state_dict(),
-                "rng": bookkeeping.rng_state(), "best_valid": best_valid, "test_at_best": test_at_best,
-                "train_time": clock.seconds, "timed_steps": clock.steps, "evaluations": evaluations})
+            bookkeeping.write_scalars(
+                writer,
+                done,
+                {
+                    "eval/valid_error": valid_error,
+                    "eval/test_error": test_error,
+                    "eval/test_error_raw": raw_test_error,
+                    "eval/test_error_at_best_valid": test_at_best,
+                    "eval/median_last20_test_error": median20,
+                },
+            )
+            print(
+                f"eval step {done}: EMA valid error {valid_error:.2f}% test error {test_error:.2f}% (raw model "
+                f"{raw_test_error:.2f}%), median of last {min(20, len(test_errors))}: {median20:.2f}%",
+                flush=True,
+            )
+            bookkeeping.save_checkpoint(
+                os.path.join(run_dir, "checkpoint.pt"),
+                {
+                    "script": SCRIPT,
+                    "args": vars(args),
+                    "step": done,
+                    "model": model.state_dict(),
+                    "ema_model": ema_model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "labeled_sampler": labeled_batches.state_dict(),
+                    "unlabeled_sampler": unlabeled_batches.state_dict(),
+                    "rng": bookkeeping.rng_state(),
+                    "best_valid": best_valid,
+                    "test_at_best": test_at_best,
+                    "train_time": clock.seconds,
+                    "timed_steps": clock.steps,
+                    "evaluations": evaluations,
+                },
+            )
             clock.start()
 
     test_errors = grid_test_errors(evaluations, args.eval_every, args.total_steps)
     median20 = statistics.median(test_errors[-20:]) if test_errors else float("nan")
-    summary = bookkeeping.write_summary(writer, run_dir, {
-        "steps": args.total_steps, **clock.summary(), "median_last20_test_error": median20,
-        "final_valid_error": valid_error, "final_test_error": test_error, "final_test_error_raw": raw_test_error,
-        "best_valid_error": best_valid if best_valid != float("inf") else float("nan"),
-        "test_error_at_best_valid": test_at_best}, args, reported=("median_last20_test_error", "test_error_at_best_valid"))
-    print(f"done: {args.total_steps - start_step} steps, median of the last 20 EMA test errors {median20:.2f}% "
-          f"(final {test_error:.2f}%), {summary['steps_per_second'] or 0:.1f} steps/s -> {run_dir}")
+    summary = bookkeeping.write_summary(
+        writer,
+        run_dir,
+        {
+            "steps": args.total_steps,
+            **clock.summary(),
+            "median_last20_test_error": median20,
+            "final_valid_error": valid_error,
+            "final_test_error": test_error,
+            "final_test_error_raw": raw_test_error,
+            "best_valid_error": best_valid if best_valid != float("inf") else float("nan"),
+            "test_error_at_best_valid": test_at_best,
+        },
+        args,
+        reported=("median_last20_test_error", "test_error_at_best_valid"),
+    )
+    print(
+        f"done: {args.total_steps - start_step} steps, median of the last 20 EMA test errors {median20:.2f}% "
+        f"(final {test_error:.2f}%), {summary['steps_per_second'] or 0:.1f} steps/s -> {run_dir}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """Pi-model, plus NS3L as a flag (Protocol A).
 
 Pi-model (Laine & Aila 2017; Sajjadi et al. 2016) as run by Oliver et al. 2018 ("Realistic evaluation of deep SSL";
-brain-research/realistic-ssl-evaluation lib/ssl_framework.py:252-253, lib/ssl_utils.py:79-81) and by the NS3L paper (Chen et al., ICML 2020, Table 1 "Pi model" and "Pi + NS3L" columns, section 4):
-every step the batch [labeled; unlabeled] goes through the network twice with fresh augmentation and noise; the first
-pass is trained, the second is the target (no gradient, BatchNorm running statistics untouched), and the consistency
-loss is the mean squared error between the two softmaxes of each unlabeled image, averaged over classes. Its weight
-(20) is ramped by exp(-5 (1 - t)^2) over the first 50k of 200k steps; Adam at 3e-4, x0.2 at 130k; the test error is
-reported at the lowest validation error. NS3L (paper Algorithm 1, section 4.3): the classes whose detached predicted
-probability on an unlabeled image is below T are its negatives, loss -log(1 - sum of their probabilities); with
+brain-research/realistic-ssl-evaluation lib/ssl_framework.py:252-253, lib/ssl_utils.py:79-81) and by the NS3L paper
+(Chen et al., ICML 2020, Table 1 "Pi model" and "Pi + NS3L" columns, section 4): every step the batch [labeled;
+unlabeled] goes through the network twice with fresh augmentation and noise; the first pass is trained, the second is
+the target (no gradient, BatchNorm running statistics untouched), and the consistency loss is the mean squared error
+between the two softmaxes of each unlabeled image, averaged over classes. Its weight (20) is ramped by exp(-5 (1 -
+t)^2) over the first 50k of 200k steps; Adam at 3e-4, x0.2 at 130k; the test error is reported at the lowest validation
+error. NS3L (paper Algorithm 1, section 4.3): the classes whose detached predicted probability on an unlabeled image is
+below T are its negatives, loss -log(1 - sum of their probabilities); with
 --ns3l the NS3L-alone hyperparameters are used, "identical hyperparameters are used for Pi model + NS3L" (section
 4.4): LR 6e-4, lambda_1 = 1, T = 0.04 (0.004 for 100 classes).
 
@@ -27,6 +28,7 @@ Deviations and choices (also in docs/pi.md):
 - The PyTorch port (perrying/realistic-ssl-evaluation-pytorch lib/algs/pimodel.py:13-15) swaps the roles of the two
   passes (its second, non-BN-updating pass is trained); this script follows Oliver et al.'s TF code.
 """
+
 import math
 import os
 import sys
@@ -35,7 +37,6 @@ import torch
 import torch.nn.functional as F
 
 import bookkeeping
-
 import common
 import wrn
 
@@ -48,6 +49,8 @@ SCRIPT = "train_pi"
 # al.'s lib/networks.py:98-103), evaluation every 5k steps, and section 4.1's splits (CIFAR-10 4,000 labels, SVHN 1,000,
 # CIFAR-100 10,000; validation 5,000 / 7,325 as Oliver et al.'s build_label_map.py). digits and synthetic get a CPU
 # run (this project's choice, a few minutes on two cores): WRN-10-2, 2,000 steps, BN momentum 0.01.
+# The tables, kept as tables by the formatter:
+# fmt: off
 PAPER = dict(num_labeled=4000, num_valid=5000, total_steps=200_000, lr_decay_step=130_000, rampup_steps=50_000,
              eval_every=5000, depth=28, bn_momentum=0.001)
 CPU = dict(total_steps=2000, lr_decay_step=1500, rampup_steps=500, eval_every=500, depth=10, bn_momentum=0.01)
@@ -67,60 +70,105 @@ SOURCES = {"cifar10, cifar100, svhn": "NS3L paper section 4.1 / Oliver et al. 20
            "digits, synthetic": "a CPU run, this project's choice (a few minutes on two cores)",
            "every data set": "lr 3e-4 (6e-4 with --ns3l), Pi weight 20, batch 50 + 50, T = 0.4 / classes: NS3L "
                              "paper 4.4, Oliver et al. Table 5"}
+# fmt: on
 TABLE = "per --dataset, see the table below"
 
 
 def parse_args(argv=None):
-    parser = bookkeeping.ArgumentParser(description=__doc__.split("\n")[0],
-                                        epilog=bookkeeping.defaults_epilog(DEFAULTS, SOURCES))
+    parser = bookkeeping.ArgumentParser(
+        description=__doc__.split("\n")[0], epilog=bookkeeping.defaults_epilog(DEFAULTS, SOURCES)
+    )
     g = parser.add_argument_group("experiment")
     g.add_argument("--seed", type=int, default=1, help="seed of the run; also picks the labeled subset")
     g.add_argument("--runs-dir", default="runs", help="where run directories are created")
     g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__<script>__<seed>__<time>)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     bookkeeping.add_device_args(g)
-    g.add_argument("--eval-every", type=bookkeeping.positive_int, help=f"steps between evaluations and checkpoints "
-                                                                       f"({TABLE})")
+    g.add_argument(
+        "--eval-every", type=bookkeeping.positive_int, help=f"steps between evaluations and checkpoints ({TABLE})"
+    )
     g.add_argument("--log-every", type=bookkeeping.positive_int, default=100, help="steps between logged scalars")
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar10",
-                   help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz (x_train, y_train, x_test, y_test)")
+    g.add_argument(
+        "--dataset",
+        default="cifar10",
+        help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz (x_train, y_train, x_test, y_test)",
+    )
     g.add_argument("--data-dir", default="data", help="torchvision data root")
     g.add_argument("--download", action="store_true", help="let torchvision download the data set")
-    g.add_argument("--svhn-extra", action="store_true", help="SVHN: add the 531k 'extra' images to the unlabeled stream")
+    g.add_argument(
+        "--svhn-extra", action="store_true", help="SVHN: add the 531k 'extra' images to the unlabeled stream"
+    )
     g.add_argument("--num-labeled", type=bookkeeping.positive_int, help=f"labeled images ({TABLE})")
-    g.add_argument("--num-valid", type=bookkeeping.positive_int,
-                   help=f"validation images held out of train; the reported test error is taken at the best "
-                        f"validation error ({TABLE})")
-    g.add_argument("--include-labeled", action="store_true",
-                   help="also put the labeled images in the unlabeled stream, as Oliver et al.'s TF data provider does "
-                        "(default: disjoint sets, as the NS3L paper counts them and the PyTorch port builds them)")
+    g.add_argument(
+        "--num-valid",
+        type=bookkeeping.positive_int,
+        help=f"validation images held out of train; the reported test error is taken at the best "
+        f"validation error ({TABLE})",
+    )
+    g.add_argument(
+        "--include-labeled",
+        action="store_true",
+        help="also put the labeled images in the unlabeled stream, as Oliver et al.'s TF data provider does "
+        "(default: disjoint sets, as the NS3L paper counts them and the PyTorch port builds them)",
+    )
     g = parser.add_argument_group("optimisation")
     g.add_argument("--total-steps", type=bookkeeping.positive_int, help=f"training steps ({TABLE})")
-    g.add_argument("--batch-size", type=bookkeeping.positive_int, default=50,
-                   help="labeled images per step (Oliver et al.: 50 + 50)")
-    g.add_argument("--unlabeled-batch-size", type=bookkeeping.positive_int,
-                   help="unlabeled images per step (default: = --batch-size)")
-    g.add_argument("--lr", type=bookkeeping.positive_float,
-                   help="Adam learning rate (default: 3e-4 Pi-model, Oliver et al. Table 5; 6e-4 with --ns3l, NS3L "
-                        "paper 4.4)")
+    g.add_argument(
+        "--batch-size",
+        type=bookkeeping.positive_int,
+        default=50,
+        help="labeled images per step (Oliver et al.: 50 + 50)",
+    )
+    g.add_argument(
+        "--unlabeled-batch-size",
+        type=bookkeeping.positive_int,
+        help="unlabeled images per step (default: = --batch-size)",
+    )
+    g.add_argument(
+        "--lr",
+        type=bookkeeping.positive_float,
+        help="Adam learning rate (default: 3e-4 Pi-model, Oliver et al. Table 5; 6e-4 with --ns3l, NS3L paper 4.4)",
+    )
     g.add_argument("--lr-decay-step", type=bookkeeping.nonnegative_int, help=f"step of the LR decay ({TABLE})")
-    g.add_argument("--lr-decay-factor", type=bookkeeping.nonnegative_float, default=0.2,
-                   help="LR multiplier at --lr-decay-step (Oliver et al.)")
-    g.add_argument("--rampup-steps", type=bookkeeping.nonnegative_int,
-                   help=f"exp(-5(1-t)^2) ramp of the unlabeled weights ({TABLE})")
+    g.add_argument(
+        "--lr-decay-factor",
+        type=bookkeeping.nonnegative_float,
+        default=0.2,
+        help="LR multiplier at --lr-decay-step (Oliver et al.)",
+    )
+    g.add_argument(
+        "--rampup-steps",
+        type=bookkeeping.nonnegative_int,
+        help=f"exp(-5(1-t)^2) ramp of the unlabeled weights ({TABLE})",
+    )
     g.add_argument("--depth", type=bookkeeping.wrn_depth, help=f"WRN depth, 6n + 4 ({TABLE})")
     g.add_argument("--width", type=bookkeeping.positive_int, default=2, help="WRN widening factor")
-    g.add_argument("--bn-momentum", type=bookkeeping.momentum,
-                   help=f"BatchNorm running-stat momentum; 0.001 = TF's decay 0.999 ({TABLE})")
+    g.add_argument(
+        "--bn-momentum",
+        type=bookkeeping.momentum,
+        help=f"BatchNorm running-stat momentum; 0.001 = TF's decay 0.999 ({TABLE})",
+    )
     g = parser.add_argument_group("pi-model")
-    g.add_argument("--pi-weight", type=bookkeeping.nonnegative_float, default=20.0,
-                   help="maximum consistency weight, reached after the ramp-up (Oliver et al. Table 5: 20)")
+    g.add_argument(
+        "--pi-weight",
+        type=bookkeeping.nonnegative_float,
+        default=20.0,
+        help="maximum consistency weight, reached after the ramp-up (Oliver et al. Table 5: 20)",
+    )
     g = parser.add_argument_group("ns3l")
     g.add_argument("--ns3l", action="store_true", help="add the NS3L loss (paper Algorithm 1)")
-    g.add_argument("--ns3l-weight", type=bookkeeping.nonnegative_float, default=1.0, help="lambda_1 (NS3L paper 4.4: 1, also for Pi + NS3L)")
-    g.add_argument("--threshold", type=bookkeeping.open_unit,
-                   help="T: classes below it are negatives (default 0.4 / num_classes: 0.04 for 10, 0.004 for 100)")
+    g.add_argument(
+        "--ns3l-weight",
+        type=bookkeeping.nonnegative_float,
+        default=1.0,
+        help="lambda_1 (NS3L paper 4.4: 1, also for Pi + NS3L)",
+    )
+    g.add_argument(
+        "--threshold",
+        type=bookkeeping.open_unit,
+        help="T: classes below it are negatives (default 0.4 / num_classes: 0.04 for 10, 0.004 for 100)",
+    )
     args = parser.parse_args(argv)
     try:
         key = common.dataset_key(args.dataset)
@@ -177,8 +225,10 @@ def hidden_label_stats(y_hidden, negatives):
     NS3L's negatives per image and the rate at which an image's true class was among its negatives."""
     known = y_hidden >= 0
     hit = negatives.gather(1, y_hidden.clamp_min(0)[:, None]).squeeze(1) & known
-    return {"charts/ns3l_negatives_per_sample": negatives.sum(1).float().mean(),
-            "charts/ns3l_false_negative_rate": hit.sum() / known.sum().clamp_min(1)}
+    return {
+        "charts/ns3l_negatives_per_sample": negatives.sum(1).float().mean(),
+        "charts/ns3l_false_negative_rate": hit.sum() / known.sum().clamp_min(1),
+    }
 
 
 def rampup(step, rampup_steps):
@@ -203,8 +253,15 @@ def main():
     try:
         data = common.load_dataset(args.dataset, args.data_dir, args.download, device, args.svhn_extra)
         args = resolve_defaults(args, data.name, data.num_classes)  # an .npz's T, now that its classes are known
-        split = common.make_ssl_split(data.y_train, data.num_classes, args.num_labeled, args.num_valid, args.seed,
-                                      data.num_labelable, include_labeled=args.include_labeled)
+        split = common.make_ssl_split(
+            data.y_train,
+            data.num_classes,
+            args.num_labeled,
+            args.num_valid,
+            args.seed,
+            data.num_labelable,
+            include_labeled=args.include_labeled,
+        )
     except common.DataError as error:
         bookkeeping.fail(str(error))
     bookkeeping.warn_bn_momentum(args.bn_momentum, args.total_steps)
@@ -213,8 +270,9 @@ def main():
 
     run_dir, writer = bookkeeping.open_run(args, SCRIPT, split, checkpoint)  # new run dir, or the resumed one
 
-    model = wrn.WideResNet(data.num_classes, args.depth, args.width, data.channels,
-                           bn_momentum=args.bn_momentum).to(device, memory_format=memory_format)
+    model = wrn.WideResNet(data.num_classes, args.depth, args.width, data.channels, bn_momentum=args.bn_momentum).to(
+        device, memory_format=memory_format
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)  # default betas, no weight decay (Oliver et al.)
     labeled_batches = common.BatchSampler(split.labeled.to(device), args.batch_size)
     unlabeled_batches = common.BatchSampler(split.unlabeled.to(device), args.unlabeled_batch_size)
@@ -234,6 +292,7 @@ def main():
         return common.augment(images, flip, shift, noise_std).contiguous(memory_format=memory_format)
 
     sums = {}  # running sums of logged scalars, kept on the device so the loop never waits for the GPU
+
     def accumulate(name, value):
         sums[name] = sums.get(name, 0.0) + value.detach().float()
 
@@ -257,7 +316,7 @@ def main():
         with amp:
             logits = net(view(images)).float()
             target_logits = target_pass(net, view(images))
-        logits_l, logits_u, target_u = logits[: len(y)], logits[len(y):], target_logits[len(y):]
+        logits_l, logits_u, target_u = logits[: len(y)], logits[len(y) :], target_logits[len(y) :]
         loss_sup = F.cross_entropy(logits_l, y)
         loss_pi = consistency_loss(logits_u, target_u)
         loss = loss_sup + args.pi_weight * ramp * loss_pi
@@ -283,8 +342,11 @@ def main():
         if done % args.log_every == 0 or done == args.total_steps:
             sps = clock.lap()
             means = bookkeeping.interval_means(sums, done - last_log_step)
-            bookkeeping.write_scalars(writer, done, means | {"charts/learning_rate": lr, "charts/unlabeled_weight_ramp": ramp,
-                                                             "charts/SPS": sps})
+            bookkeeping.write_scalars(
+                writer,
+                done,
+                means | {"charts/learning_rate": lr, "charts/unlabeled_weight_ramp": ramp, "charts/SPS": sps},
+            )
             print(bookkeeping.progress_line(done, args.total_steps, sps, loss=means["losses/total"], lr=lr), flush=True)
             sums, last_log_step = {}, done
         # EVAL (Protocol A, Oliver et al. 2018 section 4.1): the reported number is the test error at the lowest
@@ -295,24 +357,57 @@ def main():
             test_error = bookkeeping.error_rate(model, data.x_test, data.y_test, normalize, memory_format=memory_format)
             if valid_error < best_valid:
                 best_valid, test_at_best = valid_error, test_error
-            bookkeeping.write_scalars(writer, done, {"eval/valid_error": valid_error, "eval/test_error": test_error,
-                                                     "eval/test_error_at_best_valid": test_at_best})
-            print(f"eval step {done}: valid error {valid_error:.2f}% test error {test_error:.2f}% "
-                  f"(test at best valid {test_at_best:.2f}%)", flush=True)
-            bookkeeping.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
-                "script": SCRIPT, "args": vars(args), "step": done, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "labeled_sampler": labeled_batches.state_dict(),
-                "unlabeled_sampler": unlabeled_batches.state_dict(), "rng": bookkeeping.rng_state(),
-                "best_valid": best_valid, "test_at_best": test_at_best,
-                "train_time": clock.seconds, "timed_steps": clock.steps})
+            bookkeeping.write_scalars(
+                writer,
+                done,
+                {
+                    "eval/valid_error": valid_error,
+                    "eval/test_error": test_error,
+                    "eval/test_error_at_best_valid": test_at_best,
+                },
+            )
+            print(
+                f"eval step {done}: valid error {valid_error:.2f}% test error {test_error:.2f}% "
+                f"(test at best valid {test_at_best:.2f}%)",
+                flush=True,
+            )
+            bookkeeping.save_checkpoint(
+                os.path.join(run_dir, "checkpoint.pt"),
+                {
+                    "script": SCRIPT,
+                    "args": vars(args),
+                    "step": done,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "labeled_sampler": labeled_batches.state_dict(),
+                    "unlabeled_sampler": unlabeled_batches.state_dict(),
+                    "rng": bookkeeping.rng_state(),
+                    "best_valid": best_valid,
+                    "test_at_best": test_at_best,
+                    "train_time": clock.seconds,
+                    "timed_steps": clock.steps,
+                },
+            )
             clock.start()
 
-    summary = bookkeeping.write_summary(writer, run_dir, {
-        "steps": args.total_steps, **clock.summary(), "final_valid_error": valid_error, "final_test_error": test_error,
-        "best_valid_error": best_valid, "test_error_at_best_valid": test_at_best}, args,
-        reported=("test_error_at_best_valid", "best_valid_error"))
-    print(f"done: {args.total_steps - start_step} steps, test error at best valid {test_at_best:.2f}% (best valid "
-          f"{best_valid:.2f}%), final test {test_error:.2f}%, {summary['steps_per_second'] or 0:.1f} steps/s -> {run_dir}")
+    summary = bookkeeping.write_summary(
+        writer,
+        run_dir,
+        {
+            "steps": args.total_steps,
+            **clock.summary(),
+            "final_valid_error": valid_error,
+            "final_test_error": test_error,
+            "best_valid_error": best_valid,
+            "test_error_at_best_valid": test_at_best,
+        },
+        args,
+        reported=("test_error_at_best_valid", "best_valid_error"),
+    )
+    print(
+        f"done: {args.total_steps - start_step} steps, test error at best valid {test_at_best:.2f}% (best valid "
+        f"{best_valid:.2f}%), final test {test_error:.2f}%, {summary['steps_per_second'] or 0:.1f} steps/s -> {run_dir}"
+    )
 
 
 if __name__ == "__main__":

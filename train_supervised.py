@@ -6,8 +6,9 @@ WRN-28-2, Adam (no weight decay), batches of 50 labeled + 50 unlabeled images (1
 term is on: Oliver et al.'s dataset_mode=labeled, train_model.py:85-90 and lib/data_provider.py:130-132, added
 for the fully supervised runs in their PR #7, whose run files spell it --dataset_model; the PyTorch port's
 train.py:71-75 trains supervised on 100 labeled images), labeled and unlabeled sets disjoint
-(NS3L paper 4.1 counts; --include-labeled for Oliver et al.'s TF stream), test error at the lowest validation error. NS3L (paper Algorithm 1, section 4.3): the classes whose detached predicted probability on an unlabeled image
-is below the threshold T are its negatives, and the loss is -log(1 - sum of their probabilities).
+(NS3L paper 4.1 counts; --include-labeled for Oliver et al.'s TF stream), test error at the lowest validation error.
+NS3L (paper Algorithm 1, section 4.3): the classes whose detached predicted probability on an unlabeled image is below
+the threshold T are its negatives, and the loss is -log(1 - sum of their probabilities).
 
     python train_supervised.py --dataset cifar10 --num-labeled 4000 --ns3l
     python train_supervised.py --dataset digits --ns3l      # a CPU run of a few minutes (digits defaults, --help)
@@ -21,6 +22,7 @@ Deviations and choices (also in the README):
 - Pseudo-Label and NS3L weights are ramped by exp(-5 (1 - t)^2); the entropy penalty is not (Oliver et al.).
 - Pseudo-Label loss: mean over all unlabeled rows of mask * cross-entropy to the argmax (Oliver et al.).
 """
+
 import math
 import os
 import sys
@@ -29,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 import bookkeeping
-
 import common
 import wrn
 
@@ -42,6 +43,8 @@ SCRIPT = "train_supervised"
 # al.'s lib/networks.py:98-103), evaluation every 5k steps, and section 4.1's splits (CIFAR-10 4,000 labels, SVHN 1,000,
 # CIFAR-100 10,000; validation 5,000 / 7,325 as Oliver et al.'s build_label_map.py). digits and synthetic get a CPU
 # run (this project's choice, a few minutes on two cores): WRN-10-2, 2,000 steps, BN momentum 0.01.
+# The tables, kept as tables by the formatter:
+# fmt: off
 PAPER = dict(num_labeled=4000, num_valid=5000, total_steps=200_000, lr_decay_step=130_000, rampup_steps=50_000,
              eval_every=5000, depth=28, bn_momentum=0.001)
 CPU = dict(total_steps=2000, lr_decay_step=1500, rampup_steps=500, eval_every=500, depth=10, bn_momentum=0.01)
@@ -61,70 +64,117 @@ SOURCES = {"cifar10, cifar100, svhn": "NS3L paper section 4.1 / Oliver et al. 20
            "digits, synthetic": "a CPU run, this project's choice (a few minutes on two cores)",
            "every data set": "lr 3e-3 (3e-4 with --pseudo-label, 6e-4 with --ns3l), batch 50 + 50 (100 labeled "
                              "without an unlabeled term), T = 0.4 / classes: NS3L paper 4.4, Oliver et al. Table 5"}
+# fmt: on
 TABLE = "per --dataset, see the table below"
 
 
 def parse_args(argv=None):
-    parser = bookkeeping.ArgumentParser(description=__doc__.split("\n")[0],
-                                        epilog=bookkeeping.defaults_epilog(DEFAULTS, SOURCES))
+    parser = bookkeeping.ArgumentParser(
+        description=__doc__.split("\n")[0], epilog=bookkeeping.defaults_epilog(DEFAULTS, SOURCES)
+    )
     g = parser.add_argument_group("experiment")
     g.add_argument("--seed", type=int, default=1, help="seed of the run; also picks the labeled subset")
     g.add_argument("--runs-dir", default="runs", help="where run directories are created")
     g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__<script>__<seed>__<time>)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     bookkeeping.add_device_args(g)
-    g.add_argument("--eval-every", type=bookkeeping.positive_int, help=f"steps between evaluations and checkpoints "
-                                                                       f"({TABLE})")
+    g.add_argument(
+        "--eval-every", type=bookkeeping.positive_int, help=f"steps between evaluations and checkpoints ({TABLE})"
+    )
     g.add_argument("--log-every", type=bookkeeping.positive_int, default=100, help="steps between logged scalars")
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar10",
-                   help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz (x_train, y_train, x_test, y_test)")
+    g.add_argument(
+        "--dataset",
+        default="cifar10",
+        help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz (x_train, y_train, x_test, y_test)",
+    )
     g.add_argument("--data-dir", default="data", help="torchvision data root")
     g.add_argument("--download", action="store_true", help="let torchvision download the data set")
-    g.add_argument("--svhn-extra", action="store_true", help="SVHN: add the 531k 'extra' images to the unlabeled stream")
+    g.add_argument(
+        "--svhn-extra", action="store_true", help="SVHN: add the 531k 'extra' images to the unlabeled stream"
+    )
     g.add_argument("--num-labeled", type=bookkeeping.positive_int, help=f"labeled images ({TABLE})")
-    g.add_argument("--num-valid", type=bookkeeping.positive_int,
-                   help=f"validation images held out of train; the reported test error is taken at the best "
-                        f"validation error ({TABLE})")
-    g.add_argument("--include-labeled", action="store_true",
-                   help="also put the labeled images in the unlabeled stream, as Oliver et al.'s TF data provider does "
-                        "(default: disjoint sets, as the NS3L paper counts them and the PyTorch port builds them)")
+    g.add_argument(
+        "--num-valid",
+        type=bookkeeping.positive_int,
+        help=f"validation images held out of train; the reported test error is taken at the best "
+        f"validation error ({TABLE})",
+    )
+    g.add_argument(
+        "--include-labeled",
+        action="store_true",
+        help="also put the labeled images in the unlabeled stream, as Oliver et al.'s TF data provider does "
+        "(default: disjoint sets, as the NS3L paper counts them and the PyTorch port builds them)",
+    )
     g = parser.add_argument_group("optimisation")
     g.add_argument("--total-steps", type=bookkeeping.positive_int, help=f"training steps ({TABLE})")
-    g.add_argument("--batch-size", type=bookkeeping.positive_int,
-                   help="labeled images per step (default: 50, with 50 unlabeled, when --pseudo-label / --entmin / "
-                        "--ns3l is on; 100 for the supervised baseline, Oliver et al.'s dataset_mode=labeled)")
-    g.add_argument("--unlabeled-batch-size", type=bookkeeping.positive_int,
-                   help="unlabeled images per step (default: = --batch-size)")
-    g.add_argument("--lr", type=bookkeeping.positive_float,
-                   help="Adam learning rate (default, NS3L paper / Oliver et al.: 3e-3 supervised, 6e-4 with --ns3l, "
-                        "3e-4 with --pseudo-label)")
+    g.add_argument(
+        "--batch-size",
+        type=bookkeeping.positive_int,
+        help="labeled images per step (default: 50, with 50 unlabeled, when --pseudo-label / --entmin / "
+        "--ns3l is on; 100 for the supervised baseline, Oliver et al.'s dataset_mode=labeled)",
+    )
+    g.add_argument(
+        "--unlabeled-batch-size",
+        type=bookkeeping.positive_int,
+        help="unlabeled images per step (default: = --batch-size)",
+    )
+    g.add_argument(
+        "--lr",
+        type=bookkeeping.positive_float,
+        help="Adam learning rate (default, NS3L paper / Oliver et al.: 3e-3 supervised, 6e-4 with --ns3l, "
+        "3e-4 with --pseudo-label)",
+    )
     g.add_argument("--lr-decay-step", type=bookkeeping.nonnegative_int, help=f"step of the LR decay ({TABLE})")
-    g.add_argument("--lr-decay-factor", type=bookkeeping.nonnegative_float, default=0.2,
-                   help="LR multiplier at --lr-decay-step (Oliver et al.)")
-    g.add_argument("--rampup-steps", type=bookkeeping.nonnegative_int,
-                   help=f"exp(-5(1-t)^2) ramp of the unlabeled weights ({TABLE})")
+    g.add_argument(
+        "--lr-decay-factor",
+        type=bookkeeping.nonnegative_float,
+        default=0.2,
+        help="LR multiplier at --lr-decay-step (Oliver et al.)",
+    )
+    g.add_argument(
+        "--rampup-steps",
+        type=bookkeeping.nonnegative_int,
+        help=f"exp(-5(1-t)^2) ramp of the unlabeled weights ({TABLE})",
+    )
     g.add_argument("--depth", type=bookkeeping.wrn_depth, help=f"WRN depth, 6n + 4 ({TABLE})")
     g.add_argument("--width", type=bookkeeping.positive_int, default=2, help="WRN widening factor")
-    g.add_argument("--bn-momentum", type=bookkeeping.momentum,
-                   help=f"BatchNorm running-stat momentum; 0.001 = TF's decay 0.999 ({TABLE})")
+    g.add_argument(
+        "--bn-momentum",
+        type=bookkeeping.momentum,
+        help=f"BatchNorm running-stat momentum; 0.001 = TF's decay 0.999 ({TABLE})",
+    )
     g = parser.add_argument_group("pseudo-label / entropy minimisation")
     g.add_argument("--pseudo-label", action="store_true", help="add Pseudo-Label (Lee 2013)")
-    g.add_argument("--pl-threshold", type=bookkeeping.open_unit, default=0.95,
-                   help="confidence for a pseudo-label (Oliver et al.)")
-    g.add_argument("--pl-weight", type=bookkeeping.nonnegative_float, default=1.0,
-                   help="Pseudo-Label weight (Oliver et al.)")
+    g.add_argument(
+        "--pl-threshold", type=bookkeeping.open_unit, default=0.95, help="confidence for a pseudo-label (Oliver et al.)"
+    )
+    g.add_argument(
+        "--pl-weight", type=bookkeeping.nonnegative_float, default=1.0, help="Pseudo-Label weight (Oliver et al.)"
+    )
     g.add_argument("--entmin", action="store_true", help="add entropy minimisation on unlabeled predictions")
-    g.add_argument("--entmin-weight", type=bookkeeping.nonnegative_float, default=0.1,
-                   help="entropy weight (Oliver et al., VAT + EntMin)")
+    g.add_argument(
+        "--entmin-weight",
+        type=bookkeeping.nonnegative_float,
+        default=0.1,
+        help="entropy weight (Oliver et al., VAT + EntMin)",
+    )
     g = parser.add_argument_group("ns3l")
     g.add_argument("--ns3l", action="store_true", help="add the NS3L loss (paper Algorithm 1)")
-    g.add_argument("--ns3l-weight", type=bookkeeping.nonnegative_float, default=1.0, help="lambda_1 (NS3L paper 4.4: 1)")
-    g.add_argument("--threshold", type=bookkeeping.open_unit,
-                   help="T: classes below it are negatives (default 0.4 / num_classes: 0.04 for 10, 0.004 for 100)")
-    g.add_argument("--ns3l-extra-pass", action="store_true",
-                   help="compute NS3L on a new forward pass of the whole batch, freshly augmented, with frozen BN "
-                        "statistics (authors' released ns3l.py); costs one more forward pass per step")
+    g.add_argument(
+        "--ns3l-weight", type=bookkeeping.nonnegative_float, default=1.0, help="lambda_1 (NS3L paper 4.4: 1)"
+    )
+    g.add_argument(
+        "--threshold",
+        type=bookkeeping.open_unit,
+        help="T: classes below it are negatives (default 0.4 / num_classes: 0.04 for 10, 0.004 for 100)",
+    )
+    g.add_argument(
+        "--ns3l-extra-pass",
+        action="store_true",
+        help="compute NS3L on a new forward pass of the whole batch, freshly augmented, with frozen BN "
+        "statistics (authors' released ns3l.py); costs one more forward pass per step",
+    )
     args = parser.parse_args(argv)
     try:
         key = common.dataset_key(args.dataset)
@@ -214,8 +264,15 @@ def main():
     try:
         data = common.load_dataset(args.dataset, args.data_dir, args.download, device, args.svhn_extra)
         args = resolve_defaults(args, data.name, data.num_classes)  # an .npz's T, now that its classes are known
-        split = common.make_ssl_split(data.y_train, data.num_classes, args.num_labeled, args.num_valid, args.seed,
-                                      data.num_labelable, include_labeled=args.include_labeled)
+        split = common.make_ssl_split(
+            data.y_train,
+            data.num_classes,
+            args.num_labeled,
+            args.num_valid,
+            args.seed,
+            data.num_labelable,
+            include_labeled=args.include_labeled,
+        )
     except common.DataError as error:
         bookkeeping.fail(str(error))
     bookkeeping.warn_bn_momentum(args.bn_momentum, args.total_steps)
@@ -225,8 +282,9 @@ def main():
 
     run_dir, writer = bookkeeping.open_run(args, SCRIPT, split, checkpoint)  # new run dir, or the resumed one
 
-    model = wrn.WideResNet(data.num_classes, args.depth, args.width, data.channels,
-                        bn_momentum=args.bn_momentum).to(device, memory_format=memory_format)
+    model = wrn.WideResNet(data.num_classes, args.depth, args.width, data.channels, bn_momentum=args.bn_momentum).to(
+        device, memory_format=memory_format
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)  # default betas, no weight decay (Oliver et al.)
     labeled_batches = common.BatchSampler(split.labeled.to(device), args.batch_size)
     unlabeled_batches = common.BatchSampler(split.unlabeled.to(device), args.unlabeled_batch_size)
@@ -246,6 +304,7 @@ def main():
         return common.augment(images, flip, shift, noise_std).contiguous(memory_format=memory_format)
 
     sums = {}  # running sums of logged scalars, kept on the device so the loop never waits for the GPU
+
     def accumulate(name, value):
         sums[name] = sums.get(name, 0.0) + value.detach().float()
 
@@ -269,7 +328,7 @@ def main():
         images = normalize(data.x_train[indices])  # gathered on the device, before augmentation
         with amp:
             logits = net(augment(images)).float()
-        logits_l, logits_u = logits[: len(y)], logits[len(y):]
+        logits_l, logits_u = logits[: len(y)], logits[len(y) :]
         loss_sup = F.cross_entropy(logits_l, y)
         loss = loss_sup
         accumulate("losses/supervised", loss_sup)
@@ -281,7 +340,7 @@ def main():
                 # the whole batch again, as the authors' ns3l.py, with a fresh augmentation (theirs runs inside
                 # the network's forward); BN running statistics untouched; the loss uses its unlabeled rows
                 with amp, wrn.no_bn_update(net):
-                    ns3l_logits = net(augment(images)).float()[len(y):]
+                    ns3l_logits = net(augment(images)).float()[len(y) :]
             loss_ns3l = ns3l_loss(ns3l_logits, negatives)
             loss = loss + args.ns3l_weight * ramp * loss_ns3l
             accumulate("losses/ns3l", loss_ns3l)
@@ -307,8 +366,11 @@ def main():
         if done % args.log_every == 0 or done == args.total_steps:
             sps = clock.lap()
             means = bookkeeping.interval_means(sums, done - last_log_step)
-            bookkeeping.write_scalars(writer, done, means | {"charts/learning_rate": lr, "charts/unlabeled_weight_ramp": ramp,
-                                                             "charts/SPS": sps})
+            bookkeeping.write_scalars(
+                writer,
+                done,
+                means | {"charts/learning_rate": lr, "charts/unlabeled_weight_ramp": ramp, "charts/SPS": sps},
+            )
             print(bookkeeping.progress_line(done, args.total_steps, sps, loss=means["losses/total"], lr=lr), flush=True)
             sums, last_log_step = {}, done
         # EVAL (Protocol A, Oliver et al. 2018 section 4.1): the reported number is the test error at the lowest
@@ -319,24 +381,57 @@ def main():
             test_error = bookkeeping.error_rate(model, data.x_test, data.y_test, normalize, memory_format=memory_format)
             if valid_error < best_valid:
                 best_valid, test_at_best = valid_error, test_error
-            bookkeeping.write_scalars(writer, done, {"eval/valid_error": valid_error, "eval/test_error": test_error,
-                                                     "eval/test_error_at_best_valid": test_at_best})
-            print(f"eval step {done}: valid error {valid_error:.2f}% test error {test_error:.2f}% "
-                  f"(test at best valid {test_at_best:.2f}%)", flush=True)
-            bookkeeping.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
-                "script": SCRIPT, "args": vars(args), "step": done, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "labeled_sampler": labeled_batches.state_dict(),
-                "unlabeled_sampler": unlabeled_batches.state_dict(), "rng": bookkeeping.rng_state(),
-                "best_valid": best_valid, "test_at_best": test_at_best,
-                "train_time": clock.seconds, "timed_steps": clock.steps})
+            bookkeeping.write_scalars(
+                writer,
+                done,
+                {
+                    "eval/valid_error": valid_error,
+                    "eval/test_error": test_error,
+                    "eval/test_error_at_best_valid": test_at_best,
+                },
+            )
+            print(
+                f"eval step {done}: valid error {valid_error:.2f}% test error {test_error:.2f}% "
+                f"(test at best valid {test_at_best:.2f}%)",
+                flush=True,
+            )
+            bookkeeping.save_checkpoint(
+                os.path.join(run_dir, "checkpoint.pt"),
+                {
+                    "script": SCRIPT,
+                    "args": vars(args),
+                    "step": done,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "labeled_sampler": labeled_batches.state_dict(),
+                    "unlabeled_sampler": unlabeled_batches.state_dict(),
+                    "rng": bookkeeping.rng_state(),
+                    "best_valid": best_valid,
+                    "test_at_best": test_at_best,
+                    "train_time": clock.seconds,
+                    "timed_steps": clock.steps,
+                },
+            )
             clock.start()
 
-    summary = bookkeeping.write_summary(writer, run_dir, {
-        "steps": args.total_steps, **clock.summary(), "final_valid_error": valid_error, "final_test_error": test_error,
-        "best_valid_error": best_valid, "test_error_at_best_valid": test_at_best}, args,
-        reported=("test_error_at_best_valid", "best_valid_error"))
-    print(f"done: {args.total_steps - start_step} steps, test error at best valid {test_at_best:.2f}% (best valid "
-          f"{best_valid:.2f}%), final test {test_error:.2f}%, {summary['steps_per_second'] or 0:.1f} steps/s -> {run_dir}")
+    summary = bookkeeping.write_summary(
+        writer,
+        run_dir,
+        {
+            "steps": args.total_steps,
+            **clock.summary(),
+            "final_valid_error": valid_error,
+            "final_test_error": test_error,
+            "best_valid_error": best_valid,
+            "test_error_at_best_valid": test_at_best,
+        },
+        args,
+        reported=("test_error_at_best_valid", "best_valid_error"),
+    )
+    print(
+        f"done: {args.total_steps - start_step} steps, test error at best valid {test_at_best:.2f}% (best valid "
+        f"{best_valid:.2f}%), final test {test_error:.2f}%, {summary['steps_per_second'] or 0:.1f} steps/s -> {run_dir}"
+    )
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ Deviations and choices (also in the README):
   NS3L and Pseudo-Label use the clean unlabeled predictions (NS3L paper 4.3). VAT, NS3L and Pseudo-Label weights are
   ramped by exp(-5 (1 - t)^2); the entropy penalty is not.
 """
+
 import contextlib
 import math
 import os
@@ -44,7 +45,6 @@ import torch
 import torch.nn.functional as F
 
 import bookkeeping
-
 import common
 import wrn
 
@@ -60,6 +60,8 @@ SCRIPT = "train_vat"
 # VAT's eps is an L2 norm over the whole image, so it depends on the preprocessing and the image size: CIFAR (GCN +
 # ZCA) 6.0 and SVHN ([-1, 1]) 1.0, Oliver et al. Table 5 (lib/hparams.py:39, :86); digits (8x8, [-1, 1]) 1.0, about 0.3x
 # the median distance from an image to its nearest image of another class (3.4); every other [-1, 1] set SVHN's 1.0.
+# The tables, kept as tables by the formatter:
+# fmt: off
 PAPER = dict(num_labeled=4000, num_valid=5000, total_steps=200_000, lr_decay_step=130_000, rampup_steps=50_000,
              eval_every=5000, depth=28, bn_momentum=0.001, vat_eps=1.0)
 CPU = dict(total_steps=2000, lr_decay_step=1500, rampup_steps=500, eval_every=500, depth=10, bn_momentum=0.01)
@@ -79,78 +81,135 @@ SOURCES = {"cifar10, cifar100, svhn": "NS3L paper section 4.1 / Oliver et al. 20
            "digits, synthetic": "a CPU run, this project's choice (a few minutes on two cores)",
            "every data set": "lr 3e-3 (6e-4 with --ns3l), VAT weight 0.3, batch 50 + 50, T = 0.4 / classes; with "
                              "--ns3l on CIFAR-100 lr 3e-3 and VAT weight 0.6: NS3L paper 4.4, Oliver et al. Table 5"}
+# fmt: on
 TABLE = "per --dataset, see the table below"
 
 
 def parse_args(argv=None):
-    parser = bookkeeping.ArgumentParser(description=__doc__.split("\n")[0],
-                                        epilog=bookkeeping.defaults_epilog(DEFAULTS, SOURCES))
+    parser = bookkeeping.ArgumentParser(
+        description=__doc__.split("\n")[0], epilog=bookkeeping.defaults_epilog(DEFAULTS, SOURCES)
+    )
     g = parser.add_argument_group("experiment")
     g.add_argument("--seed", type=int, default=1, help="seed of the run; also picks the labeled subset")
     g.add_argument("--runs-dir", default="runs", help="where run directories are created")
     g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__<script>__<seed>__<time>)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     bookkeeping.add_device_args(g, exact_fp32="Evaluation and VAT's r search always run in exact fp32")
-    g.add_argument("--eval-every", type=bookkeeping.positive_int, help=f"steps between evaluations and checkpoints "
-                                                                       f"({TABLE})")
+    g.add_argument(
+        "--eval-every", type=bookkeeping.positive_int, help=f"steps between evaluations and checkpoints ({TABLE})"
+    )
     g.add_argument("--log-every", type=bookkeeping.positive_int, default=100, help="steps between logged scalars")
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar10",
-                   help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz (x_train, y_train, x_test, y_test)")
+    g.add_argument(
+        "--dataset",
+        default="cifar10",
+        help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz (x_train, y_train, x_test, y_test)",
+    )
     g.add_argument("--data-dir", default="data", help="torchvision data root")
     g.add_argument("--download", action="store_true", help="let torchvision download the data set")
-    g.add_argument("--svhn-extra", action="store_true", help="SVHN: add the 531k 'extra' images to the unlabeled stream")
+    g.add_argument(
+        "--svhn-extra", action="store_true", help="SVHN: add the 531k 'extra' images to the unlabeled stream"
+    )
     g.add_argument("--num-labeled", type=bookkeeping.positive_int, help=f"labeled images ({TABLE})")
-    g.add_argument("--num-valid", type=bookkeeping.positive_int,
-                   help=f"validation images held out of train; the reported test error is taken at the best "
-                        f"validation error ({TABLE})")
-    g.add_argument("--include-labeled", action="store_true",
-                   help="also put the labeled images in the unlabeled stream, as Oliver et al.'s TF data provider does "
-                        "(default: disjoint sets, as the NS3L paper counts them and the PyTorch port builds them)")
+    g.add_argument(
+        "--num-valid",
+        type=bookkeeping.positive_int,
+        help=f"validation images held out of train; the reported test error is taken at the best "
+        f"validation error ({TABLE})",
+    )
+    g.add_argument(
+        "--include-labeled",
+        action="store_true",
+        help="also put the labeled images in the unlabeled stream, as Oliver et al.'s TF data provider does "
+        "(default: disjoint sets, as the NS3L paper counts them and the PyTorch port builds them)",
+    )
     g = parser.add_argument_group("optimisation")
     g.add_argument("--total-steps", type=bookkeeping.positive_int, help=f"training steps ({TABLE})")
-    g.add_argument("--batch-size", type=bookkeeping.positive_int, default=50,
-                   help="labeled images per step (Oliver et al.: 50 + 50)")
-    g.add_argument("--unlabeled-batch-size", type=bookkeeping.positive_int,
-                   help="unlabeled images per step (default: = --batch-size)")
-    g.add_argument("--lr", type=bookkeeping.positive_float,
-                   help="Adam learning rate (default: 3e-3 for VAT, VAT + EntMin and VAT + PL, Oliver et al. Table 5; "
-                        "6e-4 with --ns3l, NS3L paper 4.4; 3e-3 with --ns3l on CIFAR-100, NS3L paper 4.4)")
+    g.add_argument(
+        "--batch-size",
+        type=bookkeeping.positive_int,
+        default=50,
+        help="labeled images per step (Oliver et al.: 50 + 50)",
+    )
+    g.add_argument(
+        "--unlabeled-batch-size",
+        type=bookkeeping.positive_int,
+        help="unlabeled images per step (default: = --batch-size)",
+    )
+    g.add_argument(
+        "--lr",
+        type=bookkeeping.positive_float,
+        help="Adam learning rate (default: 3e-3 for VAT, VAT + EntMin and VAT + PL, Oliver et al. Table 5; "
+        "6e-4 with --ns3l, NS3L paper 4.4; 3e-3 with --ns3l on CIFAR-100, NS3L paper 4.4)",
+    )
     g.add_argument("--lr-decay-step", type=bookkeeping.nonnegative_int, help=f"step of the LR decay ({TABLE})")
-    g.add_argument("--lr-decay-factor", type=bookkeeping.nonnegative_float, default=0.2,
-                   help="LR multiplier at --lr-decay-step (Oliver et al.)")
-    g.add_argument("--rampup-steps", type=bookkeeping.nonnegative_int,
-                   help=f"exp(-5(1-t)^2) ramp of the unlabeled weights ({TABLE})")
+    g.add_argument(
+        "--lr-decay-factor",
+        type=bookkeeping.nonnegative_float,
+        default=0.2,
+        help="LR multiplier at --lr-decay-step (Oliver et al.)",
+    )
+    g.add_argument(
+        "--rampup-steps",
+        type=bookkeeping.nonnegative_int,
+        help=f"exp(-5(1-t)^2) ramp of the unlabeled weights ({TABLE})",
+    )
     g.add_argument("--depth", type=bookkeeping.wrn_depth, help=f"WRN depth, 6n + 4 ({TABLE})")
     g.add_argument("--width", type=bookkeeping.positive_int, default=2, help="WRN widening factor")
-    g.add_argument("--bn-momentum", type=bookkeeping.momentum,
-                   help=f"BatchNorm running-stat momentum; 0.001 = TF's decay 0.999 ({TABLE})")
+    g.add_argument(
+        "--bn-momentum",
+        type=bookkeeping.momentum,
+        help=f"BatchNorm running-stat momentum; 0.001 = TF's decay 0.999 ({TABLE})",
+    )
     g = parser.add_argument_group("vat")
-    g.add_argument("--vat-weight", type=bookkeeping.nonnegative_float,
-                   help="lambda_2, ramped (default 0.3, Oliver et al. Table 5 / NS3L paper 4.4; 0.6 with --ns3l on "
-                        "CIFAR-100, NS3L paper 4.4)")
+    g.add_argument(
+        "--vat-weight",
+        type=bookkeeping.nonnegative_float,
+        help="lambda_2, ramped (default 0.3, Oliver et al. Table 5 / NS3L paper 4.4; 0.6 with --ns3l on "
+        "CIFAR-100, NS3L paper 4.4)",
+    )
     g.add_argument("--vat-eps", type=bookkeeping.positive_float, help=f"L2 norm of r_adv per image ({TABLE})")
-    g.add_argument("--vat-xi", type=bookkeeping.positive_float, default=1e-6,
-                   help="norm of the probe d (Oliver et al. / VAT code)")
-    g.add_argument("--vat-iterations", type=bookkeeping.positive_int, default=1, help="power iterations (Oliver et al.: 1)")
-    g.add_argument("--vat-kl", choices=("oliver", "miyato"), default="oliver",
-                   help="loss direction: 'oliver' KL(p(x + r_adv) || p(x)), Oliver et al.'s forward_kl (their weight 0.3 "
-                        "was tuned for it); 'miyato' KL(p(x) || p(x + r_adv)), Miyato et al.'s")
+    g.add_argument(
+        "--vat-xi", type=bookkeeping.positive_float, default=1e-6, help="norm of the probe d (Oliver et al. / VAT code)"
+    )
+    g.add_argument(
+        "--vat-iterations", type=bookkeeping.positive_int, default=1, help="power iterations (Oliver et al.: 1)"
+    )
+    g.add_argument(
+        "--vat-kl",
+        choices=("oliver", "miyato"),
+        default="oliver",
+        help="loss direction: 'oliver' KL(p(x + r_adv) || p(x)), Oliver et al.'s forward_kl (their weight 0.3 "
+        "was tuned for it); 'miyato' KL(p(x) || p(x + r_adv)), Miyato et al.'s",
+    )
     g = parser.add_argument_group("entropy minimisation / pseudo-label")
     g.add_argument("--entmin", action="store_true", help="VAT + EntMin (Oliver et al.)")
-    g.add_argument("--entmin-weight", type=bookkeeping.nonnegative_float, default=0.1,
-                   help="entropy weight, not ramped (Oliver et al.)")
+    g.add_argument(
+        "--entmin-weight",
+        type=bookkeeping.nonnegative_float,
+        default=0.1,
+        help="entropy weight, not ramped (Oliver et al.)",
+    )
     g.add_argument("--pseudo-label", action="store_true", help="VAT + Pseudo-Label (NS3L paper Table 2)")
-    g.add_argument("--pl-threshold", type=bookkeeping.open_unit, default=0.95,
-                   help="confidence for a pseudo-label (Oliver et al.)")
-    g.add_argument("--pl-weight", type=bookkeeping.nonnegative_float, default=1.0,
-                   help="Pseudo-Label weight (Oliver et al.'s PL alone; the NS3L paper does not give its VAT + PL values)")
+    g.add_argument(
+        "--pl-threshold", type=bookkeeping.open_unit, default=0.95, help="confidence for a pseudo-label (Oliver et al.)"
+    )
+    g.add_argument(
+        "--pl-weight",
+        type=bookkeeping.nonnegative_float,
+        default=1.0,
+        help="Pseudo-Label weight (Oliver et al.'s PL alone; the NS3L paper does not give its VAT + PL values)",
+    )
     g = parser.add_argument_group("ns3l")
     g.add_argument("--ns3l", action="store_true", help="VAT + NS3L (paper section 4.3)")
-    g.add_argument("--ns3l-weight", type=bookkeeping.nonnegative_float, default=0.3,
-                   help="lambda_1 with VAT (NS3L paper 4.4: 0.3)")
-    g.add_argument("--threshold", type=bookkeeping.open_unit,
-                   help="T: classes below it are negatives (default 0.4 / num_classes: 0.04 for 10, 0.004 for 100)")
+    g.add_argument(
+        "--ns3l-weight", type=bookkeeping.nonnegative_float, default=0.3, help="lambda_1 with VAT (NS3L paper 4.4: 0.3)"
+    )
+    g.add_argument(
+        "--threshold",
+        type=bookkeeping.open_unit,
+        help="T: classes below it are negatives (default 0.4 / num_classes: 0.04 for 10, 0.004 for 100)",
+    )
     args = parser.parse_args(argv)
     try:
         key = common.dataset_key(args.dataset)
@@ -211,8 +270,9 @@ def adversarial_perturbation(model, x, clean_logits, eps=6.0, xi=1e-6, iteration
     return eps * l2_normalize(d)
 
 
-def vat_loss(model, x, logits, eps, xi=1e-6, iterations=1, autocast=None, augment=None, clean_input=None,
-             direction="oliver"):
+def vat_loss(
+    model, x, logits, eps, xi=1e-6, iterations=1, autocast=None, augment=None, clean_input=None, direction="oliver"
+):
     """Per-row VAT loss, the perturbed logits and r_adv. ``logits`` are the clean training pass, p(x), held fixed.
 
     direction "oliver" (default): KL(p(x + r_adv) || p(x)), Oliver et al.'s consistency_func="forward_kl" applied to
@@ -304,8 +364,15 @@ def main():
     try:
         data = common.load_dataset(args.dataset, args.data_dir, args.download, device, args.svhn_extra)
         args = resolve_defaults(args, data.name, data.num_classes)  # an .npz's T, now that its classes are known
-        split = common.make_ssl_split(data.y_train, data.num_classes, args.num_labeled, args.num_valid, args.seed,
-                                      data.num_labelable, include_labeled=args.include_labeled)
+        split = common.make_ssl_split(
+            data.y_train,
+            data.num_classes,
+            args.num_labeled,
+            args.num_valid,
+            args.seed,
+            data.num_labelable,
+            include_labeled=args.include_labeled,
+        )
     except common.DataError as error:
         bookkeeping.fail(str(error))
     bookkeeping.warn_bn_momentum(args.bn_momentum, args.total_steps)
@@ -314,8 +381,9 @@ def main():
 
     run_dir, writer = bookkeeping.open_run(args, SCRIPT, split, checkpoint)  # new run dir, or the resumed one
 
-    model = wrn.WideResNet(data.num_classes, args.depth, args.width, data.channels,
-                           bn_momentum=args.bn_momentum).to(device, memory_format=memory_format)
+    model = wrn.WideResNet(data.num_classes, args.depth, args.width, data.channels, bn_momentum=args.bn_momentum).to(
+        device, memory_format=memory_format
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)  # default betas, no weight decay (Oliver et al.)
     labeled_batches = common.BatchSampler(split.labeled.to(device), args.batch_size)
     unlabeled_batches = common.BatchSampler(split.unlabeled.to(device), args.unlabeled_batch_size)
@@ -335,6 +403,7 @@ def main():
         return common.augment(x, flip, shift, noise_std).contiguous(memory_format=memory_format)
 
     sums = {}  # running sums of logged scalars, kept on the device so the loop never waits for the GPU
+
     def accumulate(name, value):
         sums[name] = sums.get(name, 0.0) + value.detach().float()
 
@@ -358,13 +427,22 @@ def main():
             logits = net(clean_input)  # clean pass over [labeled; unlabeled]; the only BN-updating one
         low_precision = logits.dtype != torch.float32  # bf16: the r search recomputes p(x) in fp32 on clean_input
         logits = logits.float()
-        logits_l, logits_u = logits[: len(y)], logits[len(y):]
+        logits_l, logits_u = logits[: len(y)], logits[len(y) :]
         loss_sup = F.cross_entropy(logits_l, y)
         # VAT on the whole batch, as Oliver et al. (same batch statistics as the clean pass); loss on unlabeled rows
-        kl, logits_adv, r_adv = vat_loss(net, images, logits, args.vat_eps, args.vat_xi, args.vat_iterations,
-                                         autocast=amp, augment=augment, direction=args.vat_kl,
-                                         clean_input=clean_input if low_precision else None)
-        loss_vat = kl[len(y):].mean()
+        kl, logits_adv, r_adv = vat_loss(
+            net,
+            images,
+            logits,
+            args.vat_eps,
+            args.vat_xi,
+            args.vat_iterations,
+            autocast=amp,
+            augment=augment,
+            direction=args.vat_kl,
+            clean_input=clean_input if low_precision else None,
+        )
+        loss_vat = kl[len(y) :].mean()
         loss = loss_sup + args.vat_weight * ramp * loss_vat
         accumulate("losses/supervised", loss_sup)
         accumulate("losses/vat", loss_vat)
@@ -379,7 +457,7 @@ def main():
             loss = loss + args.pl_weight * ramp * loss_pl
             accumulate("losses/pseudo_label", loss_pl)
         if args.entmin:
-            loss_ent = entropy_loss(logits_adv[len(y):])  # the perturbed predictions (Oliver et al.'s logits_student)
+            loss_ent = entropy_loss(logits_adv[len(y) :])  # the perturbed predictions (Oliver et al.'s logits_student)
             loss = loss + args.entmin_weight * loss_ent
             accumulate("losses/entropy", loss_ent)
         accumulate("losses/total", loss)
@@ -398,8 +476,11 @@ def main():
         if done % args.log_every == 0 or done == args.total_steps:
             sps = clock.lap()
             means = bookkeeping.interval_means(sums, done - last_log_step)
-            bookkeeping.write_scalars(writer, done, means | {"charts/learning_rate": lr, "charts/unlabeled_weight_ramp": ramp,
-                                                             "charts/SPS": sps})
+            bookkeeping.write_scalars(
+                writer,
+                done,
+                means | {"charts/learning_rate": lr, "charts/unlabeled_weight_ramp": ramp, "charts/SPS": sps},
+            )
             print(bookkeeping.progress_line(done, args.total_steps, sps, loss=means["losses/total"], lr=lr), flush=True)
             sums, last_log_step = {}, done
         # EVAL (Protocol A, Oliver et al. 2018 section 4.1): the reported number is the test error at the lowest
@@ -410,24 +491,57 @@ def main():
             test_error = bookkeeping.error_rate(model, data.x_test, data.y_test, normalize, memory_format=memory_format)
             if valid_error < best_valid:
                 best_valid, test_at_best = valid_error, test_error
-            bookkeeping.write_scalars(writer, done, {"eval/valid_error": valid_error, "eval/test_error": test_error,
-                                                     "eval/test_error_at_best_valid": test_at_best})
-            print(f"eval step {done}: valid error {valid_error:.2f}% test error {test_error:.2f}% "
-                  f"(test at best valid {test_at_best:.2f}%)", flush=True)
-            bookkeeping.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
-                "script": SCRIPT, "args": vars(args), "step": done, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "labeled_sampler": labeled_batches.state_dict(),
-                "unlabeled_sampler": unlabeled_batches.state_dict(), "rng": bookkeeping.rng_state(),
-                "best_valid": best_valid, "test_at_best": test_at_best,
-                "train_time": clock.seconds, "timed_steps": clock.steps})
+            bookkeeping.write_scalars(
+                writer,
+                done,
+                {
+                    "eval/valid_error": valid_error,
+                    "eval/test_error": test_error,
+                    "eval/test_error_at_best_valid": test_at_best,
+                },
+            )
+            print(
+                f"eval step {done}: valid error {valid_error:.2f}% test error {test_error:.2f}% "
+                f"(test at best valid {test_at_best:.2f}%)",
+                flush=True,
+            )
+            bookkeeping.save_checkpoint(
+                os.path.join(run_dir, "checkpoint.pt"),
+                {
+                    "script": SCRIPT,
+                    "args": vars(args),
+                    "step": done,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "labeled_sampler": labeled_batches.state_dict(),
+                    "unlabeled_sampler": unlabeled_batches.state_dict(),
+                    "rng": bookkeeping.rng_state(),
+                    "best_valid": best_valid,
+                    "test_at_best": test_at_best,
+                    "train_time": clock.seconds,
+                    "timed_steps": clock.steps,
+                },
+            )
             clock.start()
 
-    summary = bookkeeping.write_summary(writer, run_dir, {
-        "steps": args.total_steps, **clock.summary(), "final_valid_error": valid_error, "final_test_error": test_error,
-        "best_valid_error": best_valid, "test_error_at_best_valid": test_at_best}, args,
-        reported=("test_error_at_best_valid", "best_valid_error"))
-    print(f"done: {args.total_steps - start_step} steps, test error at best valid {test_at_best:.2f}% (best valid "
-          f"{best_valid:.2f}%), final test {test_error:.2f}%, {summary['steps_per_second'] or 0:.1f} steps/s -> {run_dir}")
+    summary = bookkeeping.write_summary(
+        writer,
+        run_dir,
+        {
+            "steps": args.total_steps,
+            **clock.summary(),
+            "final_valid_error": valid_error,
+            "final_test_error": test_error,
+            "best_valid_error": best_valid,
+            "test_error_at_best_valid": test_at_best,
+        },
+        args,
+        reported=("test_error_at_best_valid", "best_valid_error"),
+    )
+    print(
+        f"done: {args.total_steps - start_step} steps, test error at best valid {test_at_best:.2f}% (best valid "
+        f"{best_valid:.2f}%), final test {test_error:.2f}%, {summary['steps_per_second'] or 0:.1f} steps/s -> {run_dir}"
+    )
 
 
 if __name__ == "__main__":

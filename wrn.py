@@ -14,6 +14,7 @@ Semi-Supervised Learning Algorithms" (reference code: brain-research/realistic-s
 ``no_bn_update(model)`` runs forward passes with batch statistics that leave the BatchNorm running statistics
 untouched (VAT's perturbation search, the Pi-model target pass, MixMatch's label guess and interleave chunks).
 """
+
 import contextlib
 import math
 
@@ -78,8 +79,9 @@ class ResidualUnit(nn.Module):
 
 
 class WideResNet(nn.Module):
-    def __init__(self, num_classes, depth=28, width=2, in_channels=3, num_stages=3, slope=0.1, conv_bias=False,
-                 bn_momentum=0.001):
+    def __init__(
+        self, num_classes, depth=28, width=2, in_channels=3, num_stages=3, slope=0.1, conv_bias=False, bn_momentum=0.001
+    ):
         super().__init__()
         if (depth - 4) % 6 != 0 or depth < 10:
             raise ValueError(f"WRN depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
@@ -91,11 +93,17 @@ class WideResNet(nn.Module):
         layers = []
         for stage in range(num_stages):
             for unit in range(units):
-                layers.append(ResidualUnit(
-                    channels[stage] if unit == 0 else channels[stage + 1], channels[stage + 1],
-                    stride=2 if (unit == 0 and stage > 0) else 1,
-                    activate_before_residual=(stage == 0 and unit == 0), slope=slope, conv_bias=conv_bias,
-                    bn_momentum=bn_momentum))
+                layers.append(
+                    ResidualUnit(
+                        channels[stage] if unit == 0 else channels[stage + 1],
+                        channels[stage + 1],
+                        stride=2 if (unit == 0 and stage > 0) else 1,
+                        activate_before_residual=(stage == 0 and unit == 0),
+                        slope=slope,
+                        conv_bias=conv_bias,
+                        bn_momentum=bn_momentum,
+                    )
+                )
         self.units = nn.Sequential(*layers)
         self.bn = BatchNorm2d(channels[-1], bn_momentum)
         self.fc = nn.Linear(channels[-1], num_classes)

@@ -8,6 +8,7 @@ remove the sampling bias at prediction (eq. 5). It is to train_xc.py what wrn.py
 - ``ProbabilisticTree``: ``sample`` (ancestral sampling), ``log_prob`` of given labels, ``log_prob_all`` of every
   label, ``state_dict`` / ``from_state_dict`` (saved as aux_tree.pt in the run directory).
 """
+
 import math
 import time
 
@@ -65,7 +66,7 @@ class ProbabilisticTree:
         """log-probability of every leaf, padding included (B x 2^D), expanded level by level: O(2^D k) per row."""
         log_prob = torch.zeros(z.shape[0], 1, device=z.device)
         for level in range(self.depth):
-            nodes = self.theta[2 ** level: 2 ** (level + 1)]
+            nodes = self.theta[2**level : 2 ** (level + 1)]
             logit = z @ nodes[:, :-1].T + nodes[:, -1]
             log_prob = torch.stack([log_prob + F.logsigmoid(-logit), log_prob + F.logsigmoid(logit)], -1).flatten(1)
         return log_prob
@@ -75,12 +76,22 @@ class ProbabilisticTree:
         return self.log_prob_leaves(z)[:, self.label_leaf]
 
     def to(self, device):
-        return ProbabilisticTree(self.mean.to(device), self.projection.to(device), self.theta.to(device),
-                                 self.leaf_label.to(device), self.fit_seconds)
+        return ProbabilisticTree(
+            self.mean.to(device),
+            self.projection.to(device),
+            self.theta.to(device),
+            self.leaf_label.to(device),
+            self.fit_seconds,
+        )
 
     def state_dict(self):
-        return {"mean": self.mean.cpu(), "projection": self.projection.cpu(), "theta": self.theta.cpu(),
-                "leaf_label": self.leaf_label.cpu(), "fit_seconds": torch.tensor(self.fit_seconds)}
+        return {
+            "mean": self.mean.cpu(),
+            "projection": self.projection.cpu(),
+            "theta": self.theta.cpu(),
+            "leaf_label": self.leaf_label.cpu(),
+            "fit_seconds": torch.tensor(self.fit_seconds),
+        }
 
     @classmethod
     def from_state_dict(cls, state):
@@ -90,8 +101,8 @@ class ProbabilisticTree:
 def _pca_whitening(x, dim):
     """The authors' preprocessing of the tree's features (pca.ipynb, fit_pca / reduce_dim of
     mandt-lab/adversarial-negative-sampling): centre, divide every feature by its standard deviation (PCA of the
-    correlation matrix, eigendecomposed in float64), keep the top `dim` components and whiten them to unit variance. Returns (mean,
-    projection) with z = (x - mean) @ projection."""
+    correlation matrix, eigendecomposed in float64), keep the top `dim` components and whiten them to unit variance.
+    Returns (mean, projection) with z = (x - mean) @ projection."""
     mean = x.mean(0)
     centred = x - mean
     covariance = (centred.T @ centred).double() / len(x)
@@ -114,7 +125,9 @@ class _GroupedRows:
         start, padded_start = torch.cumsum(lengths, 0) - lengths, torch.cumsum(padded, 0) - padded
         sorted_node = node[order]
         self.position = torch.empty_like(order)  # row i sits at position[i] of the padded layout
-        self.position[order] = padded_start[sorted_node] + torch.arange(len(node), device=node.device) - start[sorted_node]
+        self.position[order] = (
+            padded_start[sorted_node] + torch.arange(len(node), device=node.device) - start[sorted_node]
+        )
         self.blocks = torch.zeros(int(padded.sum()), rows.shape[1], device=rows.device)
         self.blocks[self.position] = rows
         self.blocks = self.blocks.view(-1, width, rows.shape[1])
@@ -132,7 +145,9 @@ class _GroupedRows:
 
     def node_sum(self, block_values):
         """Per-node sums of per-block values (num_blocks x ...)."""
-        out = torch.zeros((self.num_nodes,) + block_values.shape[1:], dtype=block_values.dtype, device=block_values.device)
+        out = torch.zeros(
+            (self.num_nodes,) + block_values.shape[1:], dtype=block_values.dtype, device=block_values.device
+        )
         return out.index_add_(0, self.block_node, block_values)
 
     def weighted_sum(self, weight):
@@ -144,8 +159,9 @@ class _GroupedRows:
         return self.node_sum(torch.bmm((self.blocks * weight[:, :, None]).transpose(1, 2), self.blocks))
 
 
-def fit_tree(x, y, num_classes, pca_dim=16, reg=0.1, newton_steps=4, max_rounds=4, clock=time.perf_counter,
-             split_mode="halves"):
+def fit_tree(
+    x, y, num_classes, pca_dim=16, reg=0.1, newton_steps=4, max_rounds=4, clock=time.perf_counter, split_mode="halves"
+):
     """Fit p_n top-down (paper Section 3), all nodes of one level at once. Per node: w = dominant eigenvector of the
     covariance of the per-label feature sums, b = 0; split the node's labels by Delta_y (eq. 9): the right child gets
     the ceil(r / 2) of its r real labels with the largest Delta_y ("two equally sized halves"; with split_mode
@@ -161,14 +177,14 @@ def fit_tree(x, y, num_classes, pca_dim=16, reg=0.1, newton_steps=4, max_rounds=
     z1 = torch.cat([z, torch.ones(len(z), 1, device=device)], 1)  # (z, 1): theta = (w, b)
     dim = z1.shape[1]
     depth = max(1, math.ceil(math.log2(num_classes)))
-    num_leaves = 2 ** depth
+    num_leaves = 2**depth
     # row y: (sum_{x in D_y} z, n_y), so Delta_y of eq. 9 is label_sums[y] . theta
     label_sums = torch.zeros(num_classes, dim, device=device).index_add_(0, y, z1)
     theta = torch.zeros(num_leaves, dim, device=device)
     label_slot = torch.arange(num_classes, device=device)  # label -> leaf slot (0 .. 2^D - 1)
     eye = torch.eye(dim, device=device, dtype=torch.float64)
     for level in range(depth):
-        num_nodes, block = 2 ** level, num_leaves >> level
+        num_nodes, block = 2**level, num_leaves >> level
         half = block // 2
         label_node = label_slot // block
         num_real = torch.bincount(label_node, minlength=num_nodes)
@@ -185,7 +201,9 @@ def fit_tree(x, y, num_classes, pca_dim=16, reg=0.1, newton_steps=4, max_rounds=
         first = labels.weighted_sum(is_label) / count[:, None]
         covariance = labels.outer_sum(is_label) / count[:, None, None]
         covariance = (covariance - first[:, :, None] * first[:, None, :]).double()
-        node_theta = torch.cat([torch.linalg.eigh(covariance)[1][:, :, -1].float(), torch.zeros(num_nodes, 1, device=device)], 1)
+        node_theta = torch.cat(
+            [torch.linalg.eigh(covariance)[1][:, :, -1].float(), torch.zeros(num_nodes, 1, device=device)], 1
+        )
 
         def split(node_theta):
             """True for the labels that go right: the num_right[node] labels with the largest Delta_y (eq. 9)."""
@@ -200,7 +218,7 @@ def fit_tree(x, y, num_classes, pca_dim=16, reg=0.1, newton_steps=4, max_rounds=
         def objective(node_theta, side, logit=None):  # eq. 8 minus the regulariser, per node
             logit = points.logits(node_theta) if logit is None else logit
             log_likelihood = (F.logsigmoid(side * logit) * is_point).sum(1).double()
-            return points.node_sum(log_likelihood) - node_reg * (node_theta ** 2).sum(1)
+            return points.node_sum(log_likelihood) - node_reg * (node_theta**2).sum(1)
 
         goes_right, rank = split(node_theta)
         for _ in range(max_rounds):
@@ -210,7 +228,11 @@ def fit_tree(x, y, num_classes, pca_dim=16, reg=0.1, newton_steps=4, max_rounds=
                 gradient = points.weighted_sum(side * torch.sigmoid(-side * logit)) - 2 * node_reg[:, None] * node_theta
                 hessian = points.outer_sum(torch.sigmoid(logit) * torch.sigmoid(-logit) * is_point).double()
                 hessian = hessian + (2 * node_reg.double()[:, None, None] + 1e-6) * eye  # 1e-6: nodes without points
-                step = torch.cholesky_solve(gradient.double()[:, :, None], torch.linalg.cholesky(hessian)).squeeze(2).float()
+                step = (
+                    torch.cholesky_solve(gradient.double()[:, :, None], torch.linalg.cholesky(hessian))
+                    .squeeze(2)
+                    .float()
+                )
                 if float(step.abs().max()) < 1e-5:  # converged (to float32 precision) at every node
                     break
                 current = objective(node_theta, side, logit)
@@ -218,7 +240,7 @@ def fit_tree(x, y, num_classes, pca_dim=16, reg=0.1, newton_steps=4, max_rounds=
                 accepted = torch.zeros(num_nodes, dtype=torch.bool, device=device)
                 new_theta = node_theta.clone()
                 for halving in range(12):
-                    candidate = node_theta + 0.5 ** halving * step
+                    candidate = node_theta + 0.5**halving * step
                     better = ~accepted & (objective(candidate, side) >= current - tolerance)
                     new_theta[better], accepted = candidate[better], accepted | better
                     if bool(accepted.all()):
@@ -234,7 +256,7 @@ def fit_tree(x, y, num_classes, pca_dim=16, reg=0.1, newton_steps=4, max_rounds=
         for forced, sign in ((num_right == 0, -1.0), ((num_right == num_real) & (num_real > 0), 1.0)):
             node_theta[forced] = 0.0
             node_theta[forced, -1] = sign * PADDING_BIAS
-        theta[num_nodes: 2 * num_nodes] = node_theta
+        theta[num_nodes : 2 * num_nodes] = node_theta
         # move the labels: within each node's block, left-goers fill the left child's leaves, right-goers the right's
         block_start = label_node * block
         label_slot = torch.where(goes_right, block_start + half + rank, block_start + rank - num_right[label_node])

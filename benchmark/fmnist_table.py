@@ -10,6 +10,7 @@ RUNS_DIR/<row>__seed<S>; a run whose summary.json exists is not run again, so an
 resumes where it stopped. Each job is one process with OMP_NUM_THREADS=--threads (1 by default: two one-thread
 jobs beat one two-thread job for a network this small).
 """
+
 import argparse
 import json
 import math
@@ -29,9 +30,20 @@ ROWS = [
     ("Uniform - 1", "uniform-1", ["--negatives", "uniform", "--num-negatives", "1"], 18.64, 0.38),
     ("Uniform - 3", "uniform-3", ["--negatives", "uniform", "--num-negatives", "3"], 19.35, 0.33),
     ("Exclude class of NN - 1", "nn-exclude-1", ["--negatives", "nn-exclude", "--num-negatives", "1"], 17.12, 0.15),
-    ("Exclude 4 nearest classes with NN - 1", "nn-exclude-4-1",
-     ["--negatives", "nn-exclude-4", "--num-negatives", "1"], 17.13, 0.21),
-    ("Furthest class with NN - 1", "nn-furthest-1", ["--negatives", "nn-furthest", "--num-negatives", "1"], 16.76, 0.15),
+    (
+        "Exclude 4 nearest classes with NN - 1",
+        "nn-exclude-4-1",
+        ["--negatives", "nn-exclude-4", "--num-negatives", "1"],
+        17.13,
+        0.21,
+    ),
+    (
+        "Furthest class with NN - 1",
+        "nn-furthest-1",
+        ["--negatives", "nn-furthest", "--num-negatives", "1"],
+        16.76,
+        0.15,
+    ),
     ("Threshold T = 0.03", "threshold-0.03", ["--negatives", "threshold", "--threshold", "0.03"], 16.47, 0.18),
     ("Threshold T = 0.05", "threshold-0.05", ["--negatives", "threshold", "--threshold", "0.05"], 16.59, 0.19),
     ("Oracle - 1", "oracle-1", ["--negatives", "oracle", "--num-negatives", "1"], 16.37, 0.12),
@@ -40,13 +52,17 @@ ROWS = [
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="one labeled split per seed")
     parser.add_argument("--epochs", type=int, default=50, help="epochs (paper: 50)")
-    parser.add_argument("--epoch-unit", choices=("labeled", "unlabeled"), default="labeled",
-                        help="an epoch = a pass over the labeled set (default) or over the unlabeled images (29x the "
-                             "steps; a GPU job)")
+    parser.add_argument(
+        "--epoch-unit",
+        choices=("labeled", "unlabeled"),
+        default="labeled",
+        help="an epoch = a pass over the labeled set (default) or over the unlabeled images (29x the steps; a GPU job)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--runs-dir", default=None, help="where the runs go (default runs/fmnist_table_e<EPOCHS>)")
@@ -75,8 +91,24 @@ def run_one(args, stem, flags, seed):
         return stem, seed, None
     if os.path.isdir(run_dir):  # an interrupted run of this runner: start it again
         shutil.rmtree(run_dir)
-    command = [sys.executable, os.path.join(ROOT, "train_fmnist_ablation.py"), *flags, "--seed", str(seed),
-               "--epochs", str(args.epochs), "--epoch-unit", args.epoch_unit, "--eval-every", "1000000000", "--runs-dir", args.runs_dir, "--run-name", name, *args.extra]
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "train_fmnist_ablation.py"),
+        *flags,
+        "--seed",
+        str(seed),
+        "--epochs",
+        str(args.epochs),
+        "--epoch-unit",
+        args.epoch_unit,
+        "--eval-every",
+        "1000000000",
+        "--runs-dir",
+        args.runs_dir,
+        "--run-name",
+        name,
+        *args.extra,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     start = time.perf_counter()
     with open(os.path.join(args.runs_dir, name + ".log"), "w") as log:
@@ -97,8 +129,11 @@ def mean_std(values):
 
 def table(args):
     """Markdown table: paper vs ours, plus the share of wrong negatives and the preprocessing time."""
-    lines = ["| F-MNIST, 2,000 labels | paper (Table 5) | ours | seeds | negatives per image | "
-             "wrong negatives (% of chosen) | NN preprocessing (s) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| F-MNIST, 2,000 labels | paper (Table 5) | ours | seeds | negatives per image | "
+        "wrong negatives (% of chosen) | NN preprocessing (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     meta = None
     for label, stem, _, paper_mean, paper_std in ROWS:
         errors, wrong, per_image, nn_seconds = [], [], [], []
@@ -115,16 +150,20 @@ def table(args):
                 per_image.append(summary["negatives_per_sample"])
             if summary.get("nn_preprocess_seconds") is not None:
                 nn_seconds.append(summary["nn_preprocess_seconds"])
-        lines.append(f"| {label} | {paper_mean:.2f} ± {paper_std:.2f} | {mean_std(errors)} | {len(errors)} | "
-                     f"{f'{statistics.mean(per_image):.2f}' if per_image else '-'} | {mean_std(wrong) if wrong else '-'} | "
-                     f"{f'{statistics.mean(nn_seconds):.1f}' if nn_seconds else '-'} |")
+        lines.append(
+            f"| {label} | {paper_mean:.2f} ± {paper_std:.2f} | {mean_std(errors)} | {len(errors)} | "
+            f"{f'{statistics.mean(per_image):.2f}' if per_image else '-'} | {mean_std(wrong) if wrong else '-'} | "
+            f"{f'{statistics.mean(nn_seconds):.1f}' if nn_seconds else '-'} |"
+        )
     text = "\n".join(lines)
     if meta:
         run_args = meta["args"]
-        text += (f"\n\nTest error (%) at the end of training, mean ± sample std over seeds {args.seeds} "
-                 f"(one labeled split per seed). {meta['epochs']:g} epochs = {meta['steps']} steps of "
-                 f"{run_args['batch_size']} labeled + {run_args['unlabeled_batch_size']} unlabeled images, "
-                 f"Adam lr {run_args['lr']:g}, NS3L weight {run_args['ns3l_weight']:g}.")
+        text += (
+            f"\n\nTest error (%) at the end of training, mean ± sample std over seeds {args.seeds} "
+            f"(one labeled split per seed). {meta['epochs']:g} epochs = {meta['steps']} steps of "
+            f"{run_args['batch_size']} labeled + {run_args['unlabeled_batch_size']} unlabeled images, "
+            f"Adam lr {run_args['lr']:g}, NS3L weight {run_args['ns3l_weight']:g}."
+        )
     return text
 
 
@@ -154,7 +193,10 @@ def claims(args):
     error, and how many standard errors it lies from zero in the claimed direction."""
     errors = {stem: final_errors(args, stem) for _, stem, _, _, _ in ROWS}
     labels = {stem: label for label, stem, _, _, _ in ROWS}
-    lines = ["| claim of the paper | row | difference (points), mean ± s.e. | s.e. in the claimed direction | agrees |", "|---|---|---|---|---|"]
+    lines = [
+        "| claim of the paper | row | difference (points), mean ± s.e. | s.e. in the claimed direction | agrees |",
+        "|---|---|---|---|---|",
+    ]
     for claim, stems, reference, sign in CLAIMS:
         for stem in stems:
             ref = reference
@@ -170,10 +212,14 @@ def claims(args):
             mean, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
             z = sign * mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, sign * mean))
             verdict = "yes" if z >= 2 else ("yes, within noise" if z > 0 else ("no, within noise" if z > -2 else "no"))
-            lines.append(f"| {claim} | {labels[stem]} − {labels[ref]} | {mean:+.2f} ± {se:.2f} | {z:+.1f} | {verdict} |")
-    return ("\n".join(lines) + "\n\nDifference = this row's test error minus the reference's on the same seed (same "
-            "labeled split), over the seeds both have; s.e. = sample std / sqrt(seeds). 'yes': at least 2 s.e. in the "
-            "claimed direction; 'within noise': less than 2 s.e. either way.")
+            lines.append(
+                f"| {claim} | {labels[stem]} − {labels[ref]} | {mean:+.2f} ± {se:.2f} | {z:+.1f} | {verdict} |"
+            )
+    return (
+        "\n".join(lines) + "\n\nDifference = this row's test error minus the reference's on the same seed (same "
+        "labeled split), over the seeds both have; s.e. = sample std / sqrt(seeds). 'yes': at least 2 s.e. in the "
+        "claimed direction; 'within noise': less than 2 s.e. either way."
+    )
 
 
 def main():

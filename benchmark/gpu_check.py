@@ -21,6 +21,7 @@ Every run is a child process (``--child``) that runs the script with runpy and r
 only the PyTorch already installed (2.4 or newer: torch.compile guarding module attributes, torch._foreach_lerp_) plus
 torchvision and tensorboard, which the scripts import. Exit status 0 when every row passes.
 """
+
 import argparse
 import json
 import math
@@ -49,6 +50,7 @@ CHECKPOINT_KEYS = ("model", "ema_model")
 def child(script, argv, report):
     """Run ``script`` as __main__ with ``argv``; write {"exit", "peak_bytes", "seconds"} to ``report``."""
     import torch
+
     sys.argv = [script] + argv
     sys.path.insert(0, ROOT)
     start, code = time.perf_counter(), 0
@@ -115,6 +117,7 @@ def check_run(report, output, run_dir, error_keys, checkpoint=True):
 def same_weights(dir_a, dir_b):
     """None when every tensor of the two checkpoints' weights is bitwise equal, else the first difference."""
     import torch
+
     a = torch.load(os.path.join(dir_a, "checkpoint.pt"), map_location="cpu", weights_only=True)
     b = torch.load(os.path.join(dir_b, "checkpoint.pt"), map_location="cpu", weights_only=True)
     for key in CHECKPOINT_KEYS:
@@ -122,7 +125,8 @@ def same_weights(dir_a, dir_b):
             continue
         for name, tensor in a[key].items():
             if not torch.equal(tensor, b[key][name]):
-                return f"{key}.{name} differs after --resume (max |diff| {(tensor.double() - b[key][name].double()).abs().max():.3g})"
+                diff = (tensor.double() - b[key][name].double()).abs().max()
+                return f"{key}.{name} differs after --resume (max |diff| {diff:.3g})"
     return None
 
 
@@ -138,30 +142,76 @@ def wrn_rows(script, data_flags, label, args, workdir, device_flags):
     for variant, extra in variants:
         name = f"{label}_{script[:-3]}_{variant}"
         steps = args.steps
-        argv = [*base, *extra, "--total-steps", steps, "--eval-every", steps, "--log-every", max(1, steps // 4),
-                "--runs-dir", runs, "--run-name", name]
+        argv = [
+            *base,
+            *extra,
+            "--total-steps",
+            steps,
+            "--eval-every",
+            steps,
+            "--log-every",
+            max(1, steps // 4),
+            "--runs-dir",
+            runs,
+            "--run-name",
+            name,
+        ]
         report, output = run_child(script, argv, workdir, name, args.device, args.threads, args.timeout)
         run_dir = os.path.join(runs, name)
         problems = check_run(report, output, run_dir, ["final_test_error"])
         summary = read_summary(run_dir) or {}
         sps = summary.get("steps_per_second")
         images = images_per_step(summary["args"]) if summary.get("args") else None
-        rows.append({"script": script, "data": label, "variant": variant, "steps_per_second": sps,
-                     "images_per_second": sps * images if sps and images else None,
-                     "peak_gib": report.get("peak_bytes") / 2**30 if report.get("peak_bytes") else None,
-                     "compile_seconds": summary.get("compile_seconds"), "problems": problems})
+        rows.append(
+            {
+                "script": script,
+                "data": label,
+                "variant": variant,
+                "steps_per_second": sps,
+                "images_per_second": sps * images if sps and images else None,
+                "peak_gib": report.get("peak_bytes") / 2**30 if report.get("peak_bytes") else None,
+                "compile_seconds": summary.get("compile_seconds"),
+                "problems": problems,
+            }
+        )
     if args.resume_steps:  # bit-exact resume, compiled, deterministic kernels
         half, steps = max(1, args.resume_steps // 2), args.resume_steps
         det = [*base, *compiled, "--torch-deterministic", "--eval-every", half, "--log-every", half, "--runs-dir", runs]
         whole, legs = f"{label}_{script[:-3]}_whole", f"{label}_{script[:-3]}_legs"
-        outcomes = [run_child(script, [*det, "--total-steps", steps, "--run-name", whole], workdir, whole, args.device,
-                              args.threads, args.timeout),
-                    run_child(script, [*det, "--total-steps", half, "--run-name", legs], workdir, legs + "1",
-                              args.device, args.threads, args.timeout),
-                    run_child(script, ["--resume", os.path.join(runs, legs), "--total-steps", steps], workdir,
-                              legs + "2", args.device, args.threads, args.timeout)]
-        problems = [f"exit {r.get('exit')}: {(o.strip().splitlines() or ['no output'])[-1][:160]}"
-                    for r, o in outcomes if r.get("exit") != 0]
+        outcomes = [
+            run_child(
+                script,
+                [*det, "--total-steps", steps, "--run-name", whole],
+                workdir,
+                whole,
+                args.device,
+                args.threads,
+                args.timeout,
+            ),
+            run_child(
+                script,
+                [*det, "--total-steps", half, "--run-name", legs],
+                workdir,
+                legs + "1",
+                args.device,
+                args.threads,
+                args.timeout,
+            ),
+            run_child(
+                script,
+                ["--resume", os.path.join(runs, legs), "--total-steps", steps],
+                workdir,
+                legs + "2",
+                args.device,
+                args.threads,
+                args.timeout,
+            ),
+        ]
+        problems = [
+            f"exit {r.get('exit')}: {(o.strip().splitlines() or ['no output'])[-1][:160]}"
+            for r, o in outcomes
+            if r.get("exit") != 0
+        ]
         if not problems:
             difference = same_weights(os.path.join(runs, whole), os.path.join(runs, legs))
             problems = [difference] if difference else []
@@ -173,27 +223,88 @@ def other_rows(fmnist_flags, npz, args, workdir, device_flags, selected):
     """train_fmnist_ablation.py, train_xc.py, train_imagenet_mel.py (those in ``selected``): one run each."""
     runs = os.path.join(workdir, "runs")
     steps = args.steps
-    common = ["--total-steps", steps, "--eval-every", steps, "--log-every", max(1, steps // 4), "--runs-dir", runs,
-              *device_flags]
+    common = [
+        "--total-steps",
+        steps,
+        "--eval-every",
+        steps,
+        "--log-every",
+        max(1, steps // 4),
+        "--runs-dir",
+        runs,
+        *device_flags,
+    ]
     folder = make_image_folder(os.path.join(workdir, "images")) if "train_imagenet_mel.py" in selected else None
     # DenseNet-121 at 64 px on a GPU; a tiny DenseNet on the CPU, where this only checks the logic
-    densenet = ["--arch", "densenet121", "--num-workers", "2"] if args.device == "cuda" else \
-        ["--arch", "densenet121", "--block-config", "2,2", "--growth-rate", "8", "--num-init-features", "16",
-         "--num-workers", "0"]
+    densenet = (
+        ["--arch", "densenet121", "--num-workers", "2"]
+        if args.device == "cuda"
+        else [
+            "--arch",
+            "densenet121",
+            "--block-config",
+            "2,2",
+            "--growth-rate",
+            "8",
+            "--num-init-features",
+            "16",
+            "--num-workers",
+            "0",
+        ]
+    )
     compile_flag = ["--compile"] if args.compile else ["--no-compile"]
     jobs = [  # script, data label, flags, summary keys that must be finite, images per step, writes a checkpoint
-        ("train_fmnist_ablation.py", "synthetic", ["--dataset", npz, "--num-labeled", "200", "--num-valid", "0"],
-         ["final_test_error"], lambda a: a["batch_size"] + a["unlabeled_batch_size"], False),
-        ("train_xc.py", "planted", ["--dataset", "planted", "--num-classes", "4096", "--method", "adversarial"],
-         ["final_test_error"], lambda a: a["batch_size"], True),
-        ("train_imagenet_mel.py", "image folder", ["--data-dir", folder, "--num-labeled", "32", "--num-unlabeled", "-1",
-                                                   "--batch-size", "32", "--crop-size", "64", "--resize-size", "72",
-                                                   *densenet, *compile_flag],
-         ["final_test_error"], lambda a: a["batch_size"], True),
+        (
+            "train_fmnist_ablation.py",
+            "synthetic",
+            ["--dataset", npz, "--num-labeled", "200", "--num-valid", "0"],
+            ["final_test_error"],
+            lambda a: a["batch_size"] + a["unlabeled_batch_size"],
+            False,
+        ),
+        (
+            "train_xc.py",
+            "planted",
+            ["--dataset", "planted", "--num-classes", "4096", "--method", "adversarial"],
+            ["final_test_error"],
+            lambda a: a["batch_size"],
+            True,
+        ),
+        (
+            "train_imagenet_mel.py",
+            "image folder",
+            [
+                "--data-dir",
+                folder,
+                "--num-labeled",
+                "32",
+                "--num-unlabeled",
+                "-1",
+                "--batch-size",
+                "32",
+                "--crop-size",
+                "64",
+                "--resize-size",
+                "72",
+                *densenet,
+                *compile_flag,
+            ],
+            ["final_test_error"],
+            lambda a: a["batch_size"],
+            True,
+        ),
     ]
     if fmnist_flags:
-        jobs.append(("train_fmnist_ablation.py", "fashion-mnist", [*fmnist_flags, "--num-valid", "0"],
-                     ["final_test_error"], lambda a: a["batch_size"] + a["unlabeled_batch_size"], False))
+        jobs.append(
+            (
+                "train_fmnist_ablation.py",
+                "fashion-mnist",
+                [*fmnist_flags, "--num-valid", "0"],
+                ["final_test_error"],
+                lambda a: a["batch_size"] + a["unlabeled_batch_size"],
+                False,
+            )
+        )
     rows = []
     for script, label, flags, keys, images_per_step, writes_checkpoint in jobs:
         if script not in selected:
@@ -206,10 +317,18 @@ def other_rows(fmnist_flags, npz, args, workdir, device_flags, selected):
         summary = read_summary(run_dir) or {}
         sps = summary.get("steps_per_second")
         images = images_per_step(summary["args"]) if summary.get("args") else None
-        rows.append({"script": script, "data": label, "variant": "default", "steps_per_second": sps,
-                     "images_per_second": sps * images if sps and images else None,
-                     "peak_gib": report.get("peak_bytes") / 2**30 if report.get("peak_bytes") else None,
-                     "compile_seconds": summary.get("compile_seconds"), "problems": problems})
+        rows.append(
+            {
+                "script": script,
+                "data": label,
+                "variant": "default",
+                "steps_per_second": sps,
+                "images_per_second": sps * images if sps and images else None,
+                "peak_gib": report.get("peak_bytes") / 2**30 if report.get("peak_bytes") else None,
+                "compile_seconds": summary.get("compile_seconds"),
+                "problems": problems,
+            }
+        )
         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     return rows
 
@@ -218,8 +337,10 @@ def idx_to_npz(folder, workdir):
     """A folder of the four idx files (Debian's dataset-fashion-mnist layout, .gz or not) as an .npz every script
     reads, so the check uses exactly the files given."""
     import numpy as np
+
     sys.path.insert(0, ROOT)
     import common
+
     x_train, y_train, x_test, y_test = common._load_idx_folder(folder)
     path = os.path.join(workdir, "fashion_mnist.npz")
     np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
@@ -230,6 +351,7 @@ def make_image_folder(root, classes=4, per_class=24, size=80):
     """A tiny ImageNet-style train/ and val/ folder of PNGs (class = colour), for train_imagenet_mel.py."""
     import numpy as np
     from PIL import Image
+
     rng = np.random.default_rng(0)
     colours = rng.integers(30, 225, (classes, 3))
     for split, n in (("train", per_class), ("val", per_class // 4)):
@@ -248,22 +370,27 @@ def fmt(value, pattern):
 
 
 def format_table(rows):
-    lines = ["| script | data | variant | steps/s | images/s | compiled / eager | peak GPU memory | compile time | check |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| script | data | variant | steps/s | images/s | compiled / eager | peak GPU memory | compile time | check |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     eager = {(r["script"], r["data"]): r.get("images_per_second") for r in rows if r["variant"] == "eager"}
     for r in rows:
         ratio = None
         if r["variant"] == "compiled" and eager.get((r["script"], r["data"])) and r.get("images_per_second"):
             ratio = r["images_per_second"] / eager[(r["script"], r["data"])]
         check = "pass" if not r["problems"] else "FAIL: " + "; ".join(r["problems"])
-        lines.append(f"| {r['script']} | {r['data']} | {r['variant']} | {fmt(r.get('steps_per_second'), '{:.2f}')} | "
-                     f"{fmt(r.get('images_per_second'), '{:.0f}')} | {fmt(ratio, '{:.2f}x')} | "
-                     f"{fmt(r.get('peak_gib'), '{:.2f} GiB')} | {fmt(r.get('compile_seconds'), '{:.1f} s')} | {check} |")
+        lines.append(
+            f"| {r['script']} | {r['data']} | {r['variant']} | {fmt(r.get('steps_per_second'), '{:.2f}')} | "
+            f"{fmt(r.get('images_per_second'), '{:.0f}')} | {fmt(ratio, '{:.2f}x')} | "
+            f"{fmt(r.get('peak_gib'), '{:.2f} GiB')} | {fmt(r.get('compile_seconds'), '{:.1f} s')} | {check} |"
+        )
     return "\n".join(lines)
 
 
 def environment(device):
     import torch
+
     name = torch.cuda.get_device_name(0) if device == "cuda" and torch.cuda.is_available() else "CPU"
     return f"torch {torch.__version__}, {name}, CUDA {torch.version.cuda or '-'}"
 
@@ -277,16 +404,29 @@ def main(argv=None):
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--steps", type=int, default=300, help="training steps of each speed run")
     parser.add_argument("--resume-steps", type=int, default=20, help="steps of the bit-exact resume check (0: skip)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="the runs use --compile (the CUDA default); --no-compile checks the eager path only")
-    parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
-                        help="also run each WRN script with --no-compile (the compiled / eager column)")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the runs use --compile (the CUDA default); --no-compile checks the eager path only",
+    )
+    parser.add_argument(
+        "--eager",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run each WRN script with --no-compile (the compiled / eager column)",
+    )
     parser.add_argument("--depth", type=int, default=28)
     parser.add_argument("--width", type=int, default=2)
-    parser.add_argument("--fmnist", default=None, metavar="DIR_OR_NPZ",
-                        help="Fashion-MNIST: a folder of the idx .gz files (Debian dataset-fashion-mnist) or an .npz")
-    parser.add_argument("--scripts", nargs="+", default=None, choices=list(WRN_SCRIPTS) + OTHER_SCRIPTS,
-                        help="only these scripts")
+    parser.add_argument(
+        "--fmnist",
+        default=None,
+        metavar="DIR_OR_NPZ",
+        help="Fashion-MNIST: a folder of the idx .gz files (Debian dataset-fashion-mnist) or an .npz",
+    )
+    parser.add_argument(
+        "--scripts", nargs="+", default=None, choices=list(WRN_SCRIPTS) + OTHER_SCRIPTS, help="only these scripts"
+    )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per run with --device cpu")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per child run")
     parser.add_argument("--workdir", default=None, help="runs and data go here (default: a temp dir)")
@@ -296,9 +436,12 @@ def main(argv=None):
         parser.error("--steps must be >= 2 and --resume-steps 0 or >= 2")
     if args.device == "cuda":
         import torch
+
         if not torch.cuda.is_available():
-            print("gpu_check: error: no CUDA device is visible; use --device cpu to check the logic on a CPU",
-                  file=sys.stderr)
+            print(
+                "gpu_check: error: no CUDA device is visible; use --device cpu to check the logic on a CPU",
+                file=sys.stderr,
+            )
             return 2
     fmnist_flags = None
     if args.fmnist:
@@ -309,7 +452,10 @@ def main(argv=None):
     os.makedirs(workdir, exist_ok=True)
     if args.fmnist:
         try:
-            fmnist_flags = ["--dataset", args.fmnist if args.fmnist.endswith(".npz") else idx_to_npz(args.fmnist, workdir)]
+            fmnist_flags = [
+                "--dataset",
+                args.fmnist if args.fmnist.endswith(".npz") else idx_to_npz(args.fmnist, workdir),
+            ]
         except Exception as error:  # a folder without the four idx files, or unreadable ones
             print(f"gpu_check: error: --fmnist {args.fmnist}: {error}", file=sys.stderr)
             return 2
@@ -329,8 +475,10 @@ def main(argv=None):
                 print("\n".join(format_table(new).splitlines()[2:]), flush=True)
                 rows += new
     rows += other_rows(fmnist_flags, npz, args, workdir, device_flags, selected)
-    print(f"\n{environment(args.device)}; {time.perf_counter() - started:.0f} s in all; WRN-{args.depth}-{args.width}, "
-          f"{args.steps} steps per speed run\n")
+    print(
+        f"\n{environment(args.device)}; {time.perf_counter() - started:.0f} s in all; WRN-{args.depth}-{args.width}, "
+        f"{args.steps} steps per speed run\n"
+    )
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -10,6 +10,7 @@ included), so the training step dominates only when --steps is not tiny. Printed
 CPU time (plus self CUDA time on a GPU), and the count of host-device synchronisations the profiler saw
 (aten::item / aten::_local_scalar_dense, cudaStreamSynchronize / cudaDeviceSynchronize).
 """
+
 import argparse
 import os
 import runpy
@@ -27,7 +28,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     extra = []
     if "--" in argv:
-        argv, extra = argv[: argv.index("--")], argv[argv.index("--") + 1:]
+        argv, extra = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("script", help="train_supervised.py, train_vat.py, train_pi.py or train_mixmatch.py")
     parser.add_argument("--steps", type=int, default=6)
@@ -39,13 +40,35 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import torch
     from torch.profiler import ProfilerActivity, profile
+
     torch.set_num_threads(args.threads)
     workdir = tempfile.mkdtemp(prefix="ns3l_profile_")
     npz = make_npz(os.path.join(workdir, "synthetic32.npz"), num_train=1000, num_test=100)
     script = os.path.join(args.root, args.script)
-    sys.argv = [script, "--dataset", npz, "--num-labeled", "250", "--num-valid", "100", "--depth", str(args.depth),
-                "--width", str(args.width), "--total-steps", str(args.steps), "--eval-every", str(args.steps),
-                "--log-every", str(args.steps), "--runs-dir", workdir, "--run-name", "profile", *extra]
+    sys.argv = [
+        script,
+        "--dataset",
+        npz,
+        "--num-labeled",
+        "250",
+        "--num-valid",
+        "100",
+        "--depth",
+        str(args.depth),
+        "--width",
+        str(args.width),
+        "--total-steps",
+        str(args.steps),
+        "--eval-every",
+        str(args.steps),
+        "--log-every",
+        str(args.steps),
+        "--runs-dir",
+        workdir,
+        "--run-name",
+        "profile",
+        *extra,
+    ]
     sys.path.insert(0, args.root)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
@@ -58,8 +81,10 @@ def main(argv=None):
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     print(averages.table(sort_by=sort, row_limit=args.rows))
     syncs = {e.key: e.count for e in averages if e.key in SYNC_OPS}
-    print(f"host-device synchronisations over {args.steps} steps (incl. one log and one evaluation): "
-          + (", ".join(f"{k} x{v}" for k, v in sorted(syncs.items())) or "none seen"))
+    print(
+        f"host-device synchronisations over {args.steps} steps (incl. one log and one evaluation): "
+        + (", ".join(f"{k} x{v}" for k, v in sorted(syncs.items())) or "none seen")
+    )
     return 0
 
 

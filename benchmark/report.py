@@ -9,6 +9,7 @@ A run directory named ``<config>__seed<S>`` (what benchmark/run.py makes) belong
 any other run directory is its own configuration. Only runs with a summary.json count (unfinished runs are listed
 as such). The std is the sample standard deviation over seeds (n - 1), as papers report it; one seed shows "-".
 """
+
 import argparse
 import json
 import math
@@ -76,7 +77,9 @@ def table(groups, metric="test_error_at_best_valid", paper=None, order=None, lab
         mean, std = mean_std([r.get(metric) for r in runs])
         sps, _ = mean_std([r.get("steps_per_second") for r in runs])
         steps = sorted({r.get("steps") for r in runs if r.get("steps") is not None})
-        seeds = str(len(runs)) + (f" (+{len(groups[name]['unfinished'])} unfinished)" if groups[name]["unfinished"] else "")
+        seeds = str(len(runs)) + (
+            f" (+{len(groups[name]['unfinished'])} unfinished)" if groups[name]["unfinished"] else ""
+        )
         row = [labels.get(name, name), seeds, fmt(mean, std)]
         if show_paper:
             row.append(fmt(*paper[name]) if name in paper else "")
@@ -88,6 +91,7 @@ def table(groups, metric="test_error_at_best_valid", paper=None, order=None, lab
 def read_curve(run_dir, tag):
     """[(step, value)] of one scalar tag from the event files of a run directory."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     points = {}
     for name in sorted(os.listdir(run_dir)):
         if name.startswith("events.out.tfevents"):
@@ -113,7 +117,8 @@ def curve_means(runs_dir, groups, tag):
 
 def plot_curves(runs_dir, groups, path, tag="eval/test_error", labels=None, order=None):
     """One line per configuration: the mean over its seeds of ``tag``, in ``order`` (then the rest). matplotlib when
-    installed (benchmark/requirements.txt), else a plain Pillow drawing, so a missing plotting library never loses the figure."""
+    installed (benchmark/requirements.txt), else a plain Pillow drawing, so a missing plotting library never loses the
+    figure."""
     order = [n for n in (order or []) if n in groups] + [n for n in groups if n not in (order or [])]
     labels, means = labels or {}, curve_means(runs_dir, {n: groups[n] for n in order}, tag)
     try:
@@ -122,11 +127,19 @@ def plot_curves(runs_dir, groups, path, tag="eval/test_error", labels=None, orde
         return _plot_pillow(means, path, tag, labels)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = plt.get_cmap("tab20").colors  # 20 distinct colours: a 15-row table needs more than the default 10
     for i, (name, (steps, values, n)) in enumerate(means.items()):
-        ax.plot(steps, values, marker="o", markersize=3, color=colours[i % len(colours)],
-                linestyle="--" if "@" in name else "-", label=f"{labels.get(name, name)} (n={n})")
+        ax.plot(
+            steps,
+            values,
+            marker="o",
+            markersize=3,
+            color=colours[i % len(colours)],
+            linestyle="--" if "@" in name else "-",
+            label=f"{labels.get(name, name)} (n={n})",
+        )
     ax.set_xlabel("training step")
     ax.set_ylabel(tag + " (%)" if "error" in tag else tag)
     ax.grid(alpha=0.3)
@@ -140,6 +153,7 @@ def plot_curves(runs_dir, groups, path, tag="eval/test_error", labels=None, orde
 
 def _plot_pillow(means, path, tag, labels, size=(840, 540), margin=60):
     from PIL import Image, ImageDraw
+
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     points = [(s, v) for steps, values, _ in means.values() for s, v in zip(steps, values)]
@@ -150,14 +164,25 @@ def _plot_pillow(means, path, tag, labels, size=(840, 540), margin=60):
 
     def xy(step, value):
         return margin + width * (step - x0) / (x1 - x0), size[1] - margin - height * (value - y0) / (y1 - y0)
+
     draw.rectangle([margin, margin, size[0] - margin, size[1] - margin], outline="black")
     draw.text((margin, size[1] - margin + 8), f"step {x0:g}", fill="black")
     draw.text((size[0] - margin - 80, size[1] - margin + 8), f"step {x1:g}", fill="black")
     draw.text((4, margin), f"{y1:.2f}", fill="black")
     draw.text((4, size[1] - margin - 10), f"{y0:.2f}", fill="black")
     draw.text((margin, 20), tag + " (mean over seeds)", fill="black")
-    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-               "#17becf"]
+    colours = [
+        "#1f77b4",
+        "#ff7f0e",
+        "#2ca02c",
+        "#d62728",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+        "#7f7f7f",
+        "#bcbd22",
+        "#17becf",
+    ]
     for i, (name, (steps, values, n)) in enumerate(means.items()):
         colour = colours[i % len(colours)]
         line = [xy(s, v) for s, v in zip(steps, values)]
@@ -183,12 +208,14 @@ def parse_paper(items):
 
 
 def main(argv=None, paper=None, order=None, labels=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("runs_dir", help="directory holding the run directories")
     parser.add_argument("--metric", default="test_error_at_best_valid", choices=METRICS)
-    parser.add_argument("--paper", nargs="+", default=None, metavar="NAME=MEAN[,STD]",
-                        help="the paper's figure for a configuration")
+    parser.add_argument(
+        "--paper", nargs="+", default=None, metavar="NAME=MEAN[,STD]", help="the paper's figure for a configuration"
+    )
     parser.add_argument("--suite", nargs="+", default=None, help="order the rows like these benchmark/run.py suites")
     parser.add_argument("--output", default=None, help="also write the Markdown table here")
     parser.add_argument("--curves", default=None, help="PNG of learning curves (mean over seeds)")
@@ -201,6 +228,7 @@ def main(argv=None, paper=None, order=None, labels=None):
         parser.error(str(error))
     if args.suite:
         import run
+
         unknown = [name for name in args.suite if name not in run.SUITES]
         if unknown:
             parser.error(f"unknown suite {unknown[0]!r}: choose from {', '.join(run.SUITES)}")

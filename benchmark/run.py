@@ -12,6 +12,7 @@ with ``--resume``; one that died before any checkpoint is started again. Each ru
 RUNS_DIR/<config>__seed<S>.log. The benchmark/paper/*.py scripts build their configurations with ``Config`` and call
 ``main`` here.
 """
+
 import argparse
 import json
 import os
@@ -47,9 +48,27 @@ FMNIST_CPU_EVALS = 4
 
 
 def fmnist_cpu_suite(steps=FMNIST_CPU_STEPS, evals=FMNIST_CPU_EVALS):
-    base = ["--dataset", "fashion_mnist", "--num-labeled", "1000", "--num-valid", "1000", "--depth", "10",
-            "--width", "1", "--bn-momentum", "0.1", "--total-steps", str(steps), "--eval-every",
-            str(max(1, steps // evals)), "--log-every", str(max(1, steps // 20)), "--no-cuda"]
+    base = [
+        "--dataset",
+        "fashion_mnist",
+        "--num-labeled",
+        "1000",
+        "--num-valid",
+        "1000",
+        "--depth",
+        "10",
+        "--width",
+        "1",
+        "--bn-momentum",
+        "0.1",
+        "--total-steps",
+        str(steps),
+        "--eval-every",
+        str(max(1, steps // evals)),
+        "--log-every",
+        str(max(1, steps // 20)),
+        "--no-cuda",
+    ]
     protocol_a = base + ["--rampup-steps", str(int(0.4 * steps)), "--lr-decay-step", str(int(0.65 * steps))]
     # MixMatch evaluates an EMA of the weights: decay 0.999 averages over ~1,000 steps, so after a few hundred steps
     # the EMA model is still mostly its random initialisation. Keep the horizon at ~10 % of the run.
@@ -79,8 +98,11 @@ CONTROL_LR = 3e-3
 
 
 def fmnist_cpu_lr_control_suite(steps=FMNIST_CPU_STEPS, evals=FMNIST_CPU_EVALS, lr=CONTROL_LR):
-    return [Config(f"{c.name}@lr{lr:g}", c.argv + ["--lr", f"{lr:g}"], note=f"LR {lr:g} instead of the default")
-            for c in fmnist_cpu_suite(steps, evals) if c.name in ("pseudo-label", "ns3l", "vat+ns3l", "pi", "pi+ns3l")]
+    return [
+        Config(f"{c.name}@lr{lr:g}", c.argv + ["--lr", f"{lr:g}"], note=f"LR {lr:g} instead of the default")
+        for c in fmnist_cpu_suite(steps, evals)
+        if c.name in ("pseudo-label", "ns3l", "vat+ns3l", "pi", "pi+ns3l")
+    ]
 
 
 SUITES = {"fmnist_cpu": fmnist_cpu_suite, "fmnist_cpu_lr3e-3": fmnist_cpu_lr_control_suite}
@@ -136,8 +158,10 @@ def plan(configs, seeds, runs_dir, python=sys.executable):
                 with open(summary_path) as f:
                     steps = json.load(f).get("steps")
                 if wanted is not None and steps is not None and steps != int(wanted):
-                    sys.exit(f"run.py: error: {run_dir} finished {steps} steps, this sweep asks for {wanted}; "
-                             f"use another --runs-dir")
+                    sys.exit(
+                        f"run.py: error: {run_dir} finished {steps} steps, this sweep asks for {wanted}; "
+                        f"use another --runs-dir"
+                    )
             elif os.path.exists(os.path.join(run_dir, "checkpoint.pt")) and supports_resume(argv):
                 # The whole command again plus --resume: scripts that restore their saved arguments ignore the
                 # repetition, train_imagenet_mel.py needs it (--data-dir and the settings it checks).
@@ -170,24 +194,38 @@ def execute(job, runs_dir, threads):
         log.write(f"$ {display(argv)}\n")
         log.flush()
         code = subprocess.call(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    print(f"[{time.strftime('%H:%M:%S')}] {run_name(config, seed)}: exit {code} after {time.time() - start:.0f} s",
-          flush=True)
+    print(
+        f"[{time.strftime('%H:%M:%S')}] {run_name(config, seed)}: exit {code} after {time.time() - start:.0f} s",
+        flush=True,
+    )
     return code
 
 
 def parse_args(argv=None, suites=SUITES):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--suite", choices=sorted(suites), help="a built-in set of configurations")
-    parser.add_argument("--config", nargs=2, action="append", metavar=("NAME", "COMMAND"), default=[],
-                        help="a configuration: its name and its command (quoted), repeatable")
-    parser.add_argument("--only", nargs="+", default=None,
-                        help="run only these configuration names, in this order (within each seed)")
+    parser.add_argument(
+        "--config",
+        nargs=2,
+        action="append",
+        metavar=("NAME", "COMMAND"),
+        default=[],
+        help="a configuration: its name and its command (quoted), repeatable",
+    )
+    parser.add_argument(
+        "--only", nargs="+", default=None, help="run only these configuration names, in this order (within each seed)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--workers", type=int, default=1, help="runs in parallel")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="OMP_NUM_THREADS of each run (2 threads per run on a 2-core machine loaded by others ran "
-                             "~10x slower than 1: OpenMP barriers wait on descheduled threads)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="OMP_NUM_THREADS of each run (2 threads per run on a 2-core machine loaded by others ran "
+        "~10x slower than 1: OpenMP barriers wait on descheduled threads)",
+    )
     parser.add_argument("--runs-dir", default="runs/benchmark")
     parser.add_argument("--steps", type=int, default=None, help="step budget of the suite (suites that take one)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")

@@ -30,6 +30,7 @@ over eager contiguous. The first call of each compiled step (compilation) is rep
 Targets (issues 9 and 15): NS3L overhead <= 3 %, NS3L alone >= 2x the steps/s of VAT, batch production < 5 % of a
 step; the MixMatch step with --compile and the faster memory format >= 1.25x the images/s of both off (CPU).
 """
+
 import argparse
 import json
 import os
@@ -78,6 +79,7 @@ def make_npz(path, num_train=1000, num_test=100, size=32, channels=3, num_classe
         labels = np.arange(n) % num_classes
         images = prototypes[labels] + rng.normal(0, 40, size=(n, channels, size, size))
         return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
     x_train, y_train = draw(num_train)
     x_test, y_test = draw(num_test)
     np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
@@ -87,29 +89,79 @@ def make_npz(path, num_train=1000, num_test=100, size=32, channels=3, num_classe
 def groups(npz, steps, depth, width, compiled=False):
     """{group: {label: argv}}; the labels of one group are alternated and compared. ``compiled``: the WRN scripts
     run with --compile (their steps/s leaves the compiling first step out)."""
-    common_flags = ["--dataset", npz, "--num-labeled", "200", "--num-valid", "100", "--depth", str(depth),
-                    "--width", str(width), "--total-steps", str(steps), "--eval-every", str(steps),
-                    "--log-every", str(steps), "--no-cuda"] + (["--compile"] if compiled else [])
+    common_flags = [
+        "--dataset",
+        npz,
+        "--num-labeled",
+        "200",
+        "--num-valid",
+        "100",
+        "--depth",
+        str(depth),
+        "--width",
+        str(width),
+        "--total-steps",
+        str(steps),
+        "--eval-every",
+        str(steps),
+        "--log-every",
+        str(steps),
+        "--no-cuda",
+    ] + (["--compile"] if compiled else [])
     protocol_a = common_flags + ["--rampup-steps", "0"]  # full unlabeled weights from step 0: all losses active
     return {
-        "pseudo-label": {"PL": ["train_supervised.py", "--pseudo-label"] + protocol_a,
-                         "PL+NS3L": ["train_supervised.py", "--pseudo-label", "--ns3l"] + protocol_a},
-        "vat": {"VAT": ["train_vat.py"] + protocol_a,
-                "VAT+NS3L": ["train_vat.py", "--ns3l"] + protocol_a,
-                "NS3L": ["train_supervised.py", "--ns3l"] + protocol_a},
-        "pi": {"Pi": ["train_pi.py"] + protocol_a,
-               "Pi+NS3L": ["train_pi.py", "--ns3l"] + protocol_a},
-        "mixmatch": {"MixMatch": ["train_mixmatch.py"] + common_flags + ["--rampup-steps", "1"],
-                     "MixMatch+NS3L": ["train_mixmatch.py", "--ns3l"] + common_flags + ["--rampup-steps", "1"]},
+        "pseudo-label": {
+            "PL": ["train_supervised.py", "--pseudo-label"] + protocol_a,
+            "PL+NS3L": ["train_supervised.py", "--pseudo-label", "--ns3l"] + protocol_a,
+        },
+        "vat": {
+            "VAT": ["train_vat.py"] + protocol_a,
+            "VAT+NS3L": ["train_vat.py", "--ns3l"] + protocol_a,
+            "NS3L": ["train_supervised.py", "--ns3l"] + protocol_a,
+        },
+        "pi": {"Pi": ["train_pi.py"] + protocol_a, "Pi+NS3L": ["train_pi.py", "--ns3l"] + protocol_a},
+        "mixmatch": {
+            "MixMatch": ["train_mixmatch.py"] + common_flags + ["--rampup-steps", "1"],
+            "MixMatch+NS3L": ["train_mixmatch.py", "--ns3l"] + common_flags + ["--rampup-steps", "1"],
+        },
         # The other scripts have no NS3L-off twin here; their steps/s is reported for completeness.
-        "others": {"Supervised": ["train_supervised.py"] + protocol_a,
-                   "FMNIST-ablation(threshold)": ["train_fmnist_ablation.py", "--dataset", npz, "--num-labeled", "200",
-                                                  "--num-valid", "100", "--negatives", "threshold",
-                                                  "--total-steps", str(steps), "--eval-every", str(steps),
-                                                  "--log-every", str(steps), "--no-cuda"],
-                   "XC(adversarial,planted)": ["train_xc.py", "--dataset", "planted", "--num-classes", "4096",
-                                               "--method", "adversarial", "--total-steps", str(steps),
-                                               "--eval-every", str(steps), "--log-every", str(steps), "--no-cuda"]},
+        "others": {
+            "Supervised": ["train_supervised.py"] + protocol_a,
+            "FMNIST-ablation(threshold)": [
+                "train_fmnist_ablation.py",
+                "--dataset",
+                npz,
+                "--num-labeled",
+                "200",
+                "--num-valid",
+                "100",
+                "--negatives",
+                "threshold",
+                "--total-steps",
+                str(steps),
+                "--eval-every",
+                str(steps),
+                "--log-every",
+                str(steps),
+                "--no-cuda",
+            ],
+            "XC(adversarial,planted)": [
+                "train_xc.py",
+                "--dataset",
+                "planted",
+                "--num-classes",
+                "4096",
+                "--method",
+                "adversarial",
+                "--total-steps",
+                str(steps),
+                "--eval-every",
+                str(steps),
+                "--log-every",
+                str(steps),
+                "--no-cuda",
+            ],
+        },
     }
 
 
@@ -160,17 +212,25 @@ def measure_batch_share(repeats, depth, width, threads, batch_size=50, dataset="
     """Median time to produce a labeled + unlabeled batch vs median time of a full NS3L step, alternated."""
     import torch
     import torch.nn.functional as F
+
     sys.path.insert(0, ROOT)
     import common
     import wrn
+
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     try:
         data = common.load_dataset(dataset)
     except common.DataError:
         data = common.load_dataset("synthetic")
-    split = common.make_ssl_split(data.y_train, data.num_classes, 1000 if len(data.y_train) > 5000 else 40,
-                                  min(1000, len(data.y_train) // 10), seed=1, num_labelable=data.num_labelable)
+    split = common.make_ssl_split(
+        data.y_train,
+        data.num_classes,
+        1000 if len(data.y_train) > 5000 else 40,
+        min(1000, len(data.y_train) // 10),
+        seed=1,
+        num_labelable=data.num_labelable,
+    )
     flip, shift, noise = common.augmentation_defaults(data.name)
     normalize = common.make_normalizer(data)
     labeled = common.BatchSampler(split.labeled, batch_size)
@@ -180,14 +240,18 @@ def measure_batch_share(repeats, depth, width, threads, batch_size=50, dataset="
 
     def produce():  # what train_supervised.py does per step: gather, normalise, augment (here per half)
         li, ui = next(labeled), next(unlabeled)
-        x = torch.cat([common.augment(normalize(data.x_train[li]), flip, shift, noise),
-                       common.augment(normalize(data.x_train[ui]), flip, shift, noise)])
+        x = torch.cat(
+            [
+                common.augment(normalize(data.x_train[li]), flip, shift, noise),
+                common.augment(normalize(data.x_train[ui]), flip, shift, noise),
+            ]
+        )
         return x, data.y_train[li]
 
     def step():  # batch + forward + supervised CE + NS3L (threshold 0.04) + backward + Adam
         x, y = produce()
         logits = model(x)
-        logits_l, logits_u = logits[: len(y)], logits[len(y):]
+        logits_l, logits_u = logits[: len(y)], logits[len(y) :]
         negatives = torch.softmax(logits_u.detach(), 1) < 0.04
         keep = torch.logsumexp(logits_u.masked_fill(negatives, float("-inf")), 1) - torch.logsumexp(logits_u, 1)
         loss = F.cross_entropy(logits_l, y) - keep.clamp_min(-18.42).mean()
@@ -206,8 +270,12 @@ def measure_batch_share(repeats, depth, width, threads, batch_size=50, dataset="
         step()
         step_times.append(time.perf_counter() - start)
     share = statistics.median(batch_times) / statistics.median(step_times)
-    return {"dataset": data.name, "batch_ms": 1e3 * statistics.median(batch_times),
-            "step_ms": 1e3 * statistics.median(step_times), "share": share}
+    return {
+        "dataset": data.name,
+        "batch_ms": 1e3 * statistics.median(batch_times),
+        "step_ms": 1e3 * statistics.median(step_times),
+        "share": share,
+    }
 
 
 # ------------------------------------------------------------------------- in-process, step-alternated overheads
@@ -217,11 +285,13 @@ def step_functions(net, batch_size, x_all, y_all, memory_format=None):
     ``memory_format`` (default contiguous)."""
     import torch
     import torch.nn.functional as F
+
     sys.path.insert(0, ROOT)
     import train_mixmatch
     import train_pi
     import train_supervised
     import train_vat
+
     memory_format = memory_format or torch.contiguous_format
 
     def batch():
@@ -242,7 +312,8 @@ def step_functions(net, batch_size, x_all, y_all, memory_format=None):
         logits = net(x)
         logits_u = logits[batch_size:]
         return F.cross_entropy(logits[:batch_size], y) + train_supervised.ns3l_loss(
-            logits_u, train_supervised.ns3l_negatives(logits_u, 0.04))
+            logits_u, train_supervised.ns3l_negatives(logits_u, 0.04)
+        )
 
     def vat(ns3l):
         x, y = batch()
@@ -270,18 +341,28 @@ def step_functions(net, batch_size, x_all, y_all, memory_format=None):
         guessed = train_mixmatch.guess_labels(net, views, 0.5)
         targets = torch.cat([F.one_hot(y, 10).float(), guessed, guessed])
         mixed_inputs, mixed_targets, _, _ = train_mixmatch.mixup(torch.cat([x_l] + views), targets, 0.75)
-        logits = torch.cat(train_mixmatch.interleaved_forward(net, list(mixed_inputs.split(batch_size)),
-                                                              memory_format=memory_format))
-        loss_xe, loss_l2u = train_mixmatch.mixmatch_losses(logits[:batch_size], mixed_targets[:batch_size],
-                                                           logits[batch_size:], mixed_targets[batch_size:])
+        logits = torch.cat(
+            train_mixmatch.interleaved_forward(net, list(mixed_inputs.split(batch_size)), memory_format=memory_format)
+        )
+        loss_xe, loss_l2u = train_mixmatch.mixmatch_losses(
+            logits[:batch_size], mixed_targets[:batch_size], logits[batch_size:], mixed_targets[batch_size:]
+        )
         loss = loss_xe + 75 * loss_l2u
         if ns3l:
             loss = loss + train_mixmatch.ns3l_loss(logits, train_mixmatch.ns3l_negatives(mixed_targets, 0.05))
         return loss
 
-    return {"PL": (pl, False), "PL+NS3L": (pl, True), "NS3L": (ns3l_only, None), "VAT": (vat, False),
-            "VAT+NS3L": (vat, True), "Pi": (pi, False), "Pi+NS3L": (pi, True), "MixMatch": (mixmatch, False),
-            "MixMatch+NS3L": (mixmatch, True)}
+    return {
+        "PL": (pl, False),
+        "PL+NS3L": (pl, True),
+        "NS3L": (ns3l_only, None),
+        "VAT": (vat, False),
+        "VAT+NS3L": (vat, True),
+        "Pi": (pi, False),
+        "Pi+NS3L": (pi, True),
+        "MixMatch": (mixmatch, False),
+        "MixMatch+NS3L": (mixmatch, True),
+    }
 
 
 def timed_step(fn, flag, optimizer):
@@ -301,9 +382,11 @@ def measure_inprocess(repeats, depth, width, threads, batch_size=50, compiled=Fa
     per-iteration ratios. ``compiled``: every pass through torch.compile(model) (the --compile path). A diagnostic
     for the subprocess numbers, which a loaded machine makes noisy."""
     import torch
+
     sys.path.insert(0, ROOT)
     import train_supervised
     import wrn
+
     memory_format = memory_format or torch.contiguous_format
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -344,8 +427,15 @@ PAPER_BATCH = {"PL": 50, "NS3L": 50, "VAT": 50, "Pi": 50, "MixMatch": 64}
 IMAGES_PER_STEP = {"PL": 100, "NS3L": 100, "VAT": 100, "Pi": 100, "MixMatch": 192}
 
 
-def measure_compile(repeats, depth, width, threads, methods=("PL", "VAT", "Pi", "MixMatch"),
-                    formats=("contiguous", "channels_last"), batch_sizes=None):
+def measure_compile(
+    repeats,
+    depth,
+    width,
+    threads,
+    methods=("PL", "VAT", "Pi", "MixMatch"),
+    formats=("contiguous", "channels_last"),
+    batch_sizes=None,
+):
     """Compiled vs eager and channels_last vs contiguous, in-process and alternated: for each method, one training
     step (the scripts' own loss functions, forward + backward + Adam) in each (memory format, eager / compiled)
     combination on its own copy of one WRN, every combination once per iteration in a fresh random order.
@@ -354,8 +444,10 @@ def measure_compile(repeats, depth, width, threads, methods=("PL", "VAT", "Pi", 
     import copy
 
     import torch
+
     sys.path.insert(0, ROOT)
     import wrn
+
     torch.set_num_threads(threads)
     batch_sizes = batch_sizes or PAPER_BATCH
     results, ratios = {}, {}
@@ -388,9 +480,14 @@ def measure_compile(repeats, depth, width, threads, methods=("PL", "VAT", "Pi", 
             shuffler.shuffle(order)
             for label in order:
                 times[label].append(timed(label))
-        results[method] = {label: {"median_s": statistics.median(t),
-                                   "images_per_second": IMAGES_PER_STEP[method] / statistics.median(t),
-                                   "first_call_s": first[label]} for label, t in times.items()}
+        results[method] = {
+            label: {
+                "median_s": statistics.median(t),
+                "images_per_second": IMAGES_PER_STEP[method] / statistics.median(t),
+                "first_call_s": first[label],
+            }
+            for label, t in times.items()
+        }
         reference = times[f"{formats[0]}/eager"]
         ratios[method] = {label: statistics.median(r / s for r, s in zip(reference, t)) for label, t in times.items()}
         print(format_compile({method: results[method]}, {method: ratios[method]}, depth, width), flush=True)
@@ -401,30 +498,44 @@ def format_compile(results, ratios, depth, width):
     lines = []
     for method, combos in results.items():
         reference = next(iter(combos))
-        lines.append(f"{method} step, WRN-{depth}-{width}, {IMAGES_PER_STEP[method]} images per step (speed-up: median "
-                     f"of per-iteration ratios to {reference}):")
+        lines.append(
+            f"{method} step, WRN-{depth}-{width}, {IMAGES_PER_STEP[method]} images per step (speed-up: median "
+            f"of per-iteration ratios to {reference}):"
+        )
         for label, r in combos.items():
-            lines.append(f"  {label:24s} {1e3 * r['median_s']:8.0f} ms  {r['images_per_second']:7.1f} images/s  "
-                         f"x{ratios[method][label]:.2f}  (first call {r['first_call_s']:.1f} s)")
+            lines.append(
+                f"  {label:24s} {1e3 * r['median_s']:8.0f} ms  {r['images_per_second']:7.1f} images/s  "
+                f"x{ratios[method][label]:.2f}  (first call {r['first_call_s']:.1f} s)"
+            )
     return "\n".join(lines)
 
 
 def format_inprocess(medians, times):
-    lines = ["in-process, step-alternated (median of per-iteration ratios; the script's own loss functions):",
-             f"  NS3L negatives + loss + backward alone: {1e3 * medians['NS3L-loss-only']:.2f} ms = "
-             f"{100 * medians['NS3L-loss-only'] / medians['PL']:.2f} % of a Pseudo-Label step"]
-    for base, other, kind in (("PL", "PL+NS3L", "overhead"), ("VAT", "VAT+NS3L", "overhead"),
-                              ("Pi", "Pi+NS3L", "overhead"), ("MixMatch", "MixMatch+NS3L", "overhead"),
-                              ("NS3L", "VAT", "speedup")):
+    lines = [
+        "in-process, step-alternated (median of per-iteration ratios; the script's own loss functions):",
+        f"  NS3L negatives + loss + backward alone: {1e3 * medians['NS3L-loss-only']:.2f} ms = "
+        f"{100 * medians['NS3L-loss-only'] / medians['PL']:.2f} % of a Pseudo-Label step",
+    ]
+    for base, other, kind in (
+        ("PL", "PL+NS3L", "overhead"),
+        ("VAT", "VAT+NS3L", "overhead"),
+        ("Pi", "Pi+NS3L", "overhead"),
+        ("MixMatch", "MixMatch+NS3L", "overhead"),
+        ("NS3L", "VAT", "speedup"),
+    ):
         if base not in times or other not in times:  # a report from before a variant was measured
             continue
         ratios = [b / a for a, b in zip(times[base], times[other])]
         med = statistics.median(ratios)
         if kind == "overhead":
-            lines.append(f"  NS3L overhead on {base}: {100 * (med - 1):+.1f} % ({1e3 * medians[base]:.0f} ms vs "
-                         f"{1e3 * medians[other]:.0f} ms per step)")
+            lines.append(
+                f"  NS3L overhead on {base}: {100 * (med - 1):+.1f} % ({1e3 * medians[base]:.0f} ms vs "
+                f"{1e3 * medians[other]:.0f} ms per step)"
+            )
         else:
-            lines.append(f"  NS3L alone vs VAT: {med:.2f}x ({1e3 * medians[base]:.0f} ms vs {1e3 * medians[other]:.0f} ms)")
+            lines.append(
+                f"  NS3L alone vs VAT: {med:.2f}x ({1e3 * medians[base]:.0f} ms vs {1e3 * medians[other]:.0f} ms)"
+            )
     return "\n".join(lines)
 
 
@@ -447,39 +558,60 @@ def format_report(results, batch=None, load=None):
             lines.append(f"{label}: no complete round")
             continue
         if kind == "overhead":
-            lines.append(f"{label}: {100 * med:+.1f} % per step (rounds: {100 * low:+.1f} .. {100 * high:+.1f} %; "
-                         f"target <= {100 * TARGETS[key]:.0f} %: {verdict(kind, med, TARGETS[key])})")
+            lines.append(
+                f"{label}: {100 * med:+.1f} % per step (rounds: {100 * low:+.1f} .. {100 * high:+.1f} %; "
+                f"target <= {100 * TARGETS[key]:.0f} %: {verdict(kind, med, TARGETS[key])})"
+            )
         else:
-            lines.append(f"{label}: {med:.2f}x (rounds: {low:.2f} .. {high:.2f}x; target >= {TARGETS[key]:.0f}x: "
-                         f"{verdict(kind, med, TARGETS[key])})")
+            lines.append(
+                f"{label}: {med:.2f}x (rounds: {low:.2f} .. {high:.2f}x; target >= {TARGETS[key]:.0f}x: "
+                f"{verdict(kind, med, TARGETS[key])})"
+            )
     for group, rounds in results.items():
         for label in rounds[0] if rounds else []:
             values = [r[label] for r in rounds if r.get(label)]
             if values:
-                lines.append(f"  {group:12s} {label:28s} median {statistics.median(values):7.3f} steps/s "
-                             f"over {len(values)} run(s)")
+                lines.append(
+                    f"  {group:12s} {label:28s} median {statistics.median(values):7.3f} steps/s "
+                    f"over {len(values)} run(s)"
+                )
     if batch is not None:
-        lines.append(f"batch production ({batch['dataset']}, 50 + 50): {batch['batch_ms']:.2f} ms of a "
-                     f"{batch['step_ms']:.1f} ms NS3L step = {100 * batch['share']:.1f} % (target < "
-                     f"{100 * TARGETS['batch_share']:.0f} %: {'met' if batch['share'] < TARGETS['batch_share'] else 'MISSED'})")
+        lines.append(
+            f"batch production ({batch['dataset']}, 50 + 50): {batch['batch_ms']:.2f} ms of a "
+            f"{batch['step_ms']:.1f} ms NS3L step = {100 * batch['share']:.1f} % (target < "
+            f"{100 * TARGETS['batch_share']:.0f} %: {'met' if batch['share'] < TARGETS['batch_share'] else 'MISSED'})"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=2, help="alternations of each group")
     parser.add_argument("--steps", type=int, default=40, help="training steps per run")
     parser.add_argument("--depth", type=int, default=10)
     parser.add_argument("--width", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS / torch threads of every run")
     parser.add_argument("--batch-repeats", type=int, default=30, help="alternations for the batch share")
-    parser.add_argument("--only", nargs="+", default=None,
-                        choices=["pseudo-label", "vat", "pi", "mixmatch", "others", "batch", "inprocess", "compile"])
-    parser.add_argument("--compile", action="store_true",
-                        help="the script groups and the in-process steps run compiled (--compile), channels_last")
-    parser.add_argument("--compile-methods", nargs="+", default=["PL", "VAT", "Pi", "MixMatch"],
-                        choices=sorted(PAPER_BATCH), help="methods of the compile group")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        choices=["pseudo-label", "vat", "pi", "mixmatch", "others", "batch", "inprocess", "compile"],
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="the script groups and the in-process steps run compiled (--compile), channels_last",
+    )
+    parser.add_argument(
+        "--compile-methods",
+        nargs="+",
+        default=["PL", "VAT", "Pi", "MixMatch"],
+        choices=sorted(PAPER_BATCH),
+        help="methods of the compile group",
+    )
     parser.add_argument("--compile-depth", type=int, default=28, help="WRN depth of the compile group")
     parser.add_argument("--compile-width", type=int, default=2, help="WRN width of the compile group")
     parser.add_argument("--compile-repeats", type=int, default=5, help="alternations of the compile group")
@@ -493,8 +625,9 @@ def main(argv=None):
     # the compile group (WRN-28-2 at the paper's batch sizes, compiles every step) runs only when asked for
     if args.dry_run:
         workdir = args.workdir or "<workdir>"
-        for group, commands in groups(os.path.join(workdir, "speed_synthetic.npz"), args.steps, args.depth,
-                                      args.width, args.compile).items():
+        for group, commands in groups(
+            os.path.join(workdir, "speed_synthetic.npz"), args.steps, args.depth, args.width, args.compile
+        ).items():
             if group in selected:
                 for label, command in commands.items():
                     print(f"[{group}] {label}: python {' '.join(command)}")
@@ -504,24 +637,39 @@ def main(argv=None):
     if workdir:
         os.makedirs(workdir, exist_ok=True)
     load_start = os.getloadavg()[0]
-    print(f"speed benchmark: depth {args.depth} width {args.width}, {args.steps} steps per run, {args.rounds} "
-          f"round(s), OMP_NUM_THREADS={args.threads}, load average {load_start:.1f}; work dir {workdir or '-'}",
-          flush=True)
+    print(
+        f"speed benchmark: depth {args.depth} width {args.width}, {args.steps} steps per run, {args.rounds} "
+        f"round(s), OMP_NUM_THREADS={args.threads}, load average {load_start:.1f}; work dir {workdir or '-'}",
+        flush=True,
+    )
     batch = None
     if "batch" in selected:
         batch = measure_batch_share(args.batch_repeats, args.depth, args.width, args.threads)
     inprocess = None
     if "inprocess" in selected:
         import torch
-        inprocess = measure_inprocess(args.batch_repeats, args.depth, args.width, args.threads, compiled=args.compile,
-                                      memory_format=torch.channels_last if args.compile else None)
+
+        inprocess = measure_inprocess(
+            args.batch_repeats,
+            args.depth,
+            args.width,
+            args.threads,
+            compiled=args.compile,
+            memory_format=torch.channels_last if args.compile else None,
+        )
         print(format_inprocess(*inprocess), flush=True)
     compiled = None
     if "compile" in selected:
-        compiled = measure_compile(args.compile_repeats, args.compile_depth, args.compile_width, args.threads,
-                                   args.compile_methods)
-    results = {} if not script_groups else measure_scripts(selected, args.rounds, args.steps, args.depth, args.width,
-                                                           args.threads, workdir, args.compile)
+        compiled = measure_compile(
+            args.compile_repeats, args.compile_depth, args.compile_width, args.threads, args.compile_methods
+        )
+    results = (
+        {}
+        if not script_groups
+        else measure_scripts(
+            selected, args.rounds, args.steps, args.depth, args.width, args.threads, workdir, args.compile
+        )
+    )
     text = format_report(results, batch, (load_start, os.getloadavg()[0]))
     if inprocess is not None:
         text += "\n" + format_inprocess(*inprocess)
@@ -530,9 +678,17 @@ def main(argv=None):
     print("\n" + text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"results": results, "batch": batch, "inprocess": inprocess and inprocess[0],
-                       "compile": compiled, "args": vars(args)},
-                      f, indent=2)
+            json.dump(
+                {
+                    "results": results,
+                    "batch": batch,
+                    "inprocess": inprocess and inprocess[0],
+                    "compile": compiled,
+                    "args": vars(args),
+                },
+                f,
+                indent=2,
+            )
     return 0
 
 

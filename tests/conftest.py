@@ -1,4 +1,5 @@
 """Shared test helpers: run a training script as a subprocess and read its TensorBoard scalars."""
+
 import os
 import subprocess
 import sys
@@ -9,21 +10,48 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # Tiny settings every end-to-end run of a Protocol A script can share.
-TINY = ["--dataset", "synthetic", "--depth", "10", "--width", "1", "--log-every", "5", "--eval-every", "10",
-        "--total-steps", "20", "--batch-size", "16", "--bn-momentum", "0.1", "--torch-deterministic", "--no-cuda"]
+TINY = [
+    "--dataset",
+    "synthetic",
+    "--depth",
+    "10",
+    "--width",
+    "1",
+    "--log-every",
+    "5",
+    "--eval-every",
+    "10",
+    "--total-steps",
+    "20",
+    "--batch-size",
+    "16",
+    "--bn-momentum",
+    "0.1",
+    "--torch-deterministic",
+    "--no-cuda",
+]
 
 
 def run_script(script, *args, cwd=None, timeout=600):
     """Run ``python <ROOT>/<script> args...`` on the CPU; return the CompletedProcess (text output)."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0", OMP_NUM_THREADS="1")  # 1 thread: immune to oversubscription on a shared machine
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd or ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    env = dict(
+        os.environ, CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0", OMP_NUM_THREADS="1"
+    )  # 1 thread: immune to oversubscription on a shared machine
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *map(str, args)],
+        cwd=cwd or ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def read_scalars(run_dir):
     """{tag: [(step, value), ...]} as TensorBoard shows ``run_dir``: all its event files read as one run, in order,
     with the purge a resumed run asks for applied."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
@@ -36,8 +64,17 @@ def tiny_args():
 
 # The slowest files first (seconds of test time measured on 2 cores, 2026-12-02): pytest-xdist (--dist loadfile)
 # hands files to its workers in collection order, so starting the long ones first keeps both workers busy to the end.
-SLOWEST_FIRST = ["test_xc.py", "test_supervised.py", "test_compile.py", "test_imagenet_mel.py", "test_benchmark.py",
-                 "test_pi.py", "test_vat.py", "test_mixmatch.py", "test_fmnist_ablation.py"]
+SLOWEST_FIRST = [
+    "test_xc.py",
+    "test_supervised.py",
+    "test_compile.py",
+    "test_imagenet_mel.py",
+    "test_benchmark.py",
+    "test_pi.py",
+    "test_vat.py",
+    "test_mixmatch.py",
+    "test_fmnist_ablation.py",
+]
 
 
 def pytest_collection_modifyitems(items):

@@ -1,5 +1,6 @@
 """Fast checks of the benchmark tooling (no training): report.py's mean ± std table and curves, run.py's commands,
 skipping and resuming, speed.py's ratio arithmetic and verdicts, and the paper scripts' commands and numbers."""
+
 import importlib
 import json
 import math
@@ -53,6 +54,7 @@ def test_report_ignores_non_finite_and_parses_paper_and_names():
 
 def test_report_cli_writes_markdown_and_curves(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
+
     runs = str(tmp_path / "runs")
     for seed, offset in ((1, 0.0), (2, 2.0)):
         name = f"pi__seed{seed}"
@@ -87,8 +89,18 @@ def test_run_dry_run_lists_every_config_and_seed(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 30 and not os.path.exists(runs)  # nothing run, nothing created
     names = [c.name for c in run.fmnist_cpu_suite()]
-    assert names == ["supervised", "pseudo-label", "ns3l", "vat", "vat+entmin", "vat+ns3l", "pi", "pi+ns3l",
-                     "mixmatch", "mixmatch+ns3l"]
+    assert names == [
+        "supervised",
+        "pseudo-label",
+        "ns3l",
+        "vat",
+        "vat+entmin",
+        "vat+ns3l",
+        "pi",
+        "pi+ns3l",
+        "mixmatch",
+        "mixmatch+ns3l",
+    ]
     assert lines[0].startswith("python train_supervised.py --dataset fashion_mnist --num-labeled 1000")
     assert lines[0].endswith(f"--seed 1 --runs-dir {runs} --run-name supervised__seed1")
     assert lines[10].endswith("--run-name supervised__seed2")  # seed-major: every config on seed 1 first
@@ -100,8 +112,13 @@ def test_run_dry_run_lists_every_config_and_seed(tmp_path, capsys):
 def test_lr_control_suite_changes_only_the_learning_rate(capsys):
     main = {c.name: c.argv for c in run.fmnist_cpu_suite()}
     control = run.fmnist_cpu_lr_control_suite()
-    assert [c.name for c in control] == ["pseudo-label@lr0.003", "ns3l@lr0.003", "vat+ns3l@lr0.003", "pi@lr0.003",
-                                         "pi+ns3l@lr0.003"]
+    assert [c.name for c in control] == [
+        "pseudo-label@lr0.003",
+        "ns3l@lr0.003",
+        "vat+ns3l@lr0.003",
+        "pi@lr0.003",
+        "pi+ns3l@lr0.003",
+    ]
     for c in control:
         assert c.argv == main[c.name.split("@")[0]] + ["--lr", "0.003"]
     assert run.main(["--suite", "fmnist_cpu_lr3e-3", "--seeds", "1", "--dry-run"]) == 0
@@ -116,12 +133,26 @@ def test_run_executes_skips_finished_and_resumes(tmp_path, capsys):
         "p.add_argument('--run-name'); p.add_argument('--resume'); p.add_argument('--value', type=float)\n"
         "a = p.parse_args(); d = a.resume or os.path.join(a.runs_dir, a.run_name); os.makedirs(d, exist_ok=True)\n"
         "json.dump({'steps': 5, 'steps_per_second': 1.0, 'test_error_at_best_valid': (a.value or 0) + (a.seed or 0),\n"
-        "           'resumed': bool(a.resume)}, open(os.path.join(d, 'summary.json'), 'w'))\n")
+        "           'resumed': bool(a.resume)}, open(os.path.join(d, 'summary.json'), 'w'))\n"
+    )
     runs = str(tmp_path / "runs")
     os.makedirs(os.path.join(runs, "b__seed2"))
     open(os.path.join(runs, "b__seed2", "checkpoint.pt"), "w").close()  # died after a checkpoint -> --resume
-    argv = ["--config", "a", f"python {fake} --value 10", "--config", "b", f"python {fake} --value 20",
-            "--seeds", "1", "2", "--runs-dir", runs, "--workers", "2"]
+    argv = [
+        "--config",
+        "a",
+        f"python {fake} --value 10",
+        "--config",
+        "b",
+        f"python {fake} --value 20",
+        "--seeds",
+        "1",
+        "2",
+        "--runs-dir",
+        runs,
+        "--workers",
+        "2",
+    ]
     assert run.main(argv) == 0
     with open(os.path.join(runs, "b__seed2", "summary.json")) as f:
         assert json.load(f)["resumed"] is True
@@ -133,20 +164,43 @@ def test_run_executes_skips_finished_and_resumes(tmp_path, capsys):
     assert capsys.readouterr().out.count("# done: ") == 4  # a second call runs nothing
 
 
-def test_run_resumes_a_real_script_with_its_whole_command_and_refuses_another_budget(tmp_path, capsys,
-                                                                                      monkeypatch):
+def test_run_resumes_a_real_script_with_its_whole_command_and_refuses_another_budget(tmp_path, capsys, monkeypatch):
     from conftest import TINY
+
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     runs = str(tmp_path / "runs")
     tiny = [a for a in TINY if a not in ("--total-steps", "20")]
     # An interrupted run: 10 of 20 steps done, checkpoint written, no summary.json yet.
-    first = subprocess.run([sys.executable, os.path.join(ROOT, "train_supervised.py"), *tiny, "--total-steps", "10",
-                            "--seed", "1", "--runs-dir", runs, "--run-name", "sup__seed1"],
-                           env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    first = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "train_supervised.py"),
+            *tiny,
+            "--total-steps",
+            "10",
+            "--seed",
+            "1",
+            "--runs-dir",
+            runs,
+            "--run-name",
+            "sup__seed1",
+        ],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert first.returncode == 0, first.stderr
     os.remove(os.path.join(runs, "sup__seed1", "summary.json"))
-    argv = ["--config", "sup", "python train_supervised.py " + " ".join(tiny + ["--total-steps", "20"]),
-            "--seeds", "1", "--runs-dir", runs]
+    argv = [
+        "--config",
+        "sup",
+        "python train_supervised.py " + " ".join(tiny + ["--total-steps", "20"]),
+        "--seeds",
+        "1",
+        "--runs-dir",
+        runs,
+    ]
     assert run.main(argv) == 0
     log = open(os.path.join(runs, "sup__seed1.log")).read()
     assert "--run-name sup__seed1 --resume" in log and "at step 10" in log
@@ -190,8 +244,10 @@ def test_speed_ratio_arithmetic():
 
 
 def test_speed_report_verdicts():
-    results = {"pseudo-label": [{"PL": 10.0, "PL+NS3L": 9.9}, {"PL": 9.0, "PL+NS3L": 8.9}],
-               "vat": [{"VAT": 1.0, "VAT+NS3L": 0.9, "NS3L": 2.5}]}
+    results = {
+        "pseudo-label": [{"PL": 10.0, "PL+NS3L": 9.9}, {"PL": 9.0, "PL+NS3L": 8.9}],
+        "vat": [{"VAT": 1.0, "VAT+NS3L": 0.9, "NS3L": 2.5}],
+    }
     text = speed.format_report(results, {"dataset": "x", "batch_ms": 1.0, "step_ms": 100.0, "share": 0.01})
     assert "NS3L overhead on Pseudo-Label: +1.1 %" in text and "met" in text.splitlines()[0]
     assert "NS3L overhead on VAT: +11.1 %" in text and "MISSED" in text.splitlines()[1]
@@ -202,6 +258,7 @@ def test_speed_report_verdicts():
 def test_speed_groups_use_identical_data_and_model(tmp_path):
     npz = speed.make_npz(str(tmp_path / "d.npz"), num_train=40, num_test=10)
     import numpy as np
+
     with np.load(npz) as f:
         assert f["x_train"].shape == (40, 3, 32, 32) and f["x_train"].dtype == np.uint8
     groups = speed.groups(npz, 7, 10, 1)
@@ -216,8 +273,16 @@ def test_speed_groups_use_identical_data_and_model(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- paper scripts
-PAPER_SCRIPTS = ["table1_protocol_a", "table2_vat_combinations", "table3_mixmatch_cifar10", "table4_mixmatch_svhn",
-                 "table5_mixmatch_stl10", "figure3_sensitivity", "xc_adversarial_negatives", "imagenet_mel_note"]
+PAPER_SCRIPTS = [
+    "table1_protocol_a",
+    "table2_vat_combinations",
+    "table3_mixmatch_cifar10",
+    "table4_mixmatch_svhn",
+    "table5_mixmatch_stl10",
+    "figure3_sensitivity",
+    "xc_adversarial_negatives",
+    "imagenet_mel_note",
+]
 
 
 @pytest.mark.parametrize("name", PAPER_SCRIPTS)
@@ -234,15 +299,15 @@ def test_paper_scripts_have_commands_seeds_and_existing_scripts(name):
 def test_paper_numbers_match_the_paper():
     t1 = importlib.import_module("table1_protocol_a").SETTINGS
     paper = {s: {c.name: c.paper for c in cs} for s, cs in t1.items()}
-    assert paper["cifar10"]["ns3l"] == (16.03, .05) and paper["svhn"]["vat+ns3l"] == (5.51, .14)
-    assert paper["cifar100"]["supervised"] == (48.26, .25)
+    assert paper["cifar10"]["ns3l"] == (16.03, 0.05) and paper["svhn"]["vat+ns3l"] == (5.51, 0.14)
+    assert paper["cifar100"]["supervised"] == (48.26, 0.25)
     ns3l = next(c for c in t1["cifar10"] if c.name == "ns3l")
     assert ns3l.argv == ["train_supervised.py", "--dataset", "cifar10", "--num-labeled", "4000", "--ns3l"]
     t3 = importlib.import_module("table3_mixmatch_cifar10").SETTINGS
     assert {c.name: c.paper for c in t3["cifar10-250"]} == {"mixmatch": (14.49, 1.60), "mixmatch+ns3l": (12.48, 1.21)}
     f3 = importlib.import_module("figure3_sensitivity").SETTINGS
     assert all(len(v) == 12 for v in f3.values())  # 4 thresholds x 3 weights
-    assert [c.paper for c in f3["ns3l-cifar10"] if c.paper] == [(16.03, .05)]
+    assert [c.paper for c in f3["ns3l-cifar10"] if c.paper] == [(16.03, 0.05)]
 
 
 def test_paper_recipes_resolve_to_the_corrected_protocol():
@@ -251,8 +316,13 @@ def test_paper_recipes_resolve_to_the_corrected_protocol():
     import train_pi
     import train_supervised
     import train_vat
-    parsers = {"train_supervised.py": train_supervised, "train_vat.py": train_vat, "train_pi.py": train_pi,
-               "train_mixmatch.py": train_mixmatch}
+
+    parsers = {
+        "train_supervised.py": train_supervised,
+        "train_vat.py": train_vat,
+        "train_pi.py": train_pi,
+        "train_mixmatch.py": train_mixmatch,
+    }
     resolved = {}
     for table in ("table1_protocol_a", "table2_vat_combinations", "table3_mixmatch_cifar10", "table4_mixmatch_svhn"):
         for setting, configs in importlib.import_module(table).SETTINGS.items():
@@ -270,17 +340,34 @@ def test_paper_recipes_resolve_to_the_corrected_protocol():
 
 
 def test_paper_script_prints_commands_without_running(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "paper", "table4_mixmatch_svhn.py"),
-                             "--runs-dir", str(tmp_path / "r")], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmark", "paper", "table4_mixmatch_svhn.py"),
+            "--runs-dir",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
-    commands = [l for l in result.stdout.splitlines() if l.startswith("python train_mixmatch.py")]
+    commands = [line for line in result.stdout.splitlines() if line.startswith("python train_mixmatch.py")]
     assert len(commands) == 20 and "| svhn-250 | mixmatch+ns3l | 3.38 ± 0.08 |" in result.stdout
     assert not os.path.exists(tmp_path / "r")
 
 
 def test_speed_inprocess_report_uses_per_iteration_ratios():
-    times = {"PL": [1.0, 2.0], "PL+NS3L": [1.01, 2.02], "VAT": [3.0, 6.0], "VAT+NS3L": [3.0, 6.0],
-             "Pi": [2.0, 2.0], "Pi+NS3L": [2.1, 2.1], "NS3L": [1.0, 2.0], "NS3L-loss-only": [0.001, 0.001]}
+    times = {
+        "PL": [1.0, 2.0],
+        "PL+NS3L": [1.01, 2.02],
+        "VAT": [3.0, 6.0],
+        "VAT+NS3L": [3.0, 6.0],
+        "Pi": [2.0, 2.0],
+        "Pi+NS3L": [2.1, 2.1],
+        "NS3L": [1.0, 2.0],
+        "NS3L-loss-only": [0.001, 0.001],
+    }
     medians = {k: sorted(v)[0] for k, v in times.items()}
     text = speed.format_inprocess(medians, times)
     assert "NS3L overhead on PL: +1.0 %" in text and "NS3L overhead on VAT: +0.0 %" in text
@@ -294,16 +381,41 @@ def test_speed_inprocess_report_uses_per_iteration_ratios():
 
 def test_speed_inprocess_measures_every_variant():
     medians, times = speed.measure_inprocess(repeats=1, depth=10, width=1, threads=1, batch_size=4)
-    assert {"PL", "PL+NS3L", "NS3L", "VAT", "VAT+NS3L", "Pi", "Pi+NS3L", "MixMatch", "MixMatch+NS3L",
-            "NS3L-loss-only"} <= set(medians)
+    assert {
+        "PL",
+        "PL+NS3L",
+        "NS3L",
+        "VAT",
+        "VAT+NS3L",
+        "Pi",
+        "Pi+NS3L",
+        "MixMatch",
+        "MixMatch+NS3L",
+        "NS3L-loss-only",
+    } <= set(medians)
     assert all(value > 0 for value in medians.values())
 
 
 def test_run_only_keeps_the_given_order(tmp_path, capsys):
-    assert run.main(["--suite", "fmnist_cpu", "--only", "pi", "supervised", "--seeds", "4", "--dry-run",
-                     "--runs-dir", str(tmp_path)]) == 0
+    assert (
+        run.main(
+            [
+                "--suite",
+                "fmnist_cpu",
+                "--only",
+                "pi",
+                "supervised",
+                "--seeds",
+                "4",
+                "--dry-run",
+                "--runs-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [l.split("--run-name ")[1] for l in lines] == ["pi__seed4", "supervised__seed4"]
+    assert [line.split("--run-name ")[1] for line in lines] == ["pi__seed4", "supervised__seed4"]
 
 
 # --------------------------------------------------------------------------------------- speed.py compile group
@@ -312,12 +424,17 @@ def test_speed_compile_group_measures_every_combination_with_the_scripts_losses(
     every pass kind compiles correctly: tests/test_compile.py) and reports images/s and ratios to eager contiguous."""
     results, ratios = speed.measure_compile(1, 10, 1, 1, methods=("PL",), batch_sizes={"PL": 4})
     for method in ("PL",):
-        assert set(results[method]) == {"contiguous/eager", "contiguous/compiled", "channels_last/eager",
-                                        "channels_last/compiled"}
+        assert set(results[method]) == {
+            "contiguous/eager",
+            "contiguous/compiled",
+            "channels_last/eager",
+            "channels_last/compiled",
+        }
         assert ratios[method]["contiguous/eager"] == 1.0
         for r in results[method].values():
             assert r["median_s"] > 0 and r["images_per_second"] == pytest.approx(
-                speed.IMAGES_PER_STEP[method] / r["median_s"])
+                speed.IMAGES_PER_STEP[method] / r["median_s"]
+            )
     text = speed.format_compile(results, ratios, 10, 1)
     assert "PL step, WRN-10-1, 100 images per step" in text and "channels_last/compiled" in text
 
@@ -336,21 +453,50 @@ def test_gpu_check_runs_every_script_on_the_cpu_and_prints_its_table(tmp_path, c
     """The whole check with --device cpu: each kind of row passes (finite errors, a checkpoint, and for a WRN script
     the bit-exact resume under --torch-deterministic; the other WRN scripts take the same path with their own flags,
     WRN_SCRIPTS), one table."""
-    code = gpu_check.main(["--device", "cpu", "--steps", "2", "--resume-steps", "2", "--depth", "10", "--width", "1",
-                           "--no-compile", "--threads", "1", "--workdir", str(tmp_path), "--json", str(tmp_path / "r.json"),
-                           "--scripts", "train_mixmatch.py", "train_fmnist_ablation.py", "train_xc.py",
-                           "train_imagenet_mel.py"])
+    code = gpu_check.main(
+        [
+            "--device",
+            "cpu",
+            "--steps",
+            "2",
+            "--resume-steps",
+            "2",
+            "--depth",
+            "10",
+            "--width",
+            "1",
+            "--no-compile",
+            "--threads",
+            "1",
+            "--workdir",
+            str(tmp_path),
+            "--json",
+            str(tmp_path / "r.json"),
+            "--scripts",
+            "train_mixmatch.py",
+            "train_fmnist_ablation.py",
+            "train_xc.py",
+            "train_imagenet_mel.py",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     rows = json.loads((tmp_path / "r.json").read_text())
-    assert [(r["script"], r["variant"]) for r in rows] == [("train_mixmatch.py", "eager"),
-        ("train_mixmatch.py", "resume 1+1"), ("train_fmnist_ablation.py", "default"), ("train_xc.py", "default"),
-        ("train_imagenet_mel.py", "default")]
+    assert [(r["script"], r["variant"]) for r in rows] == [
+        ("train_mixmatch.py", "eager"),
+        ("train_mixmatch.py", "resume 1+1"),
+        ("train_fmnist_ablation.py", "default"),
+        ("train_xc.py", "default"),
+        ("train_imagenet_mel.py", "default"),
+    ]
     assert all(not r["problems"] for r in rows)
     assert all(r["steps_per_second"] > 0 and r["images_per_second"] > 0 for r in rows if "resume" not in r["variant"])
     mixmatch = next(r for r in rows if r["script"] == "train_mixmatch.py")
     assert mixmatch["images_per_second"] == pytest.approx(mixmatch["steps_per_second"] * 64 * 3)
-    assert "| script | data | variant | steps/s | images/s | compiled / eager | peak GPU memory | compile time | check |" in out
+    assert (
+        "| script | data | variant | steps/s | images/s | compiled / eager | peak GPU memory | compile time | check |"
+        in out
+    )
     assert "5 of 5 rows pass" in out
 
 
@@ -363,16 +509,36 @@ def test_gpu_check_reports_a_failing_run_and_a_resume_that_differs(tmp_path):
     problems = gpu_check.check_run({"exit": 0}, "step 2 loss nan", str(run), ["final_test_error"])
     assert len(problems) == 3  # non-finite error, nan loss, no checkpoint
     import torch
+
     for name, value in (("a", 1.0), ("b", 1.0 + 1e-7)):
         (tmp_path / name).mkdir()
         torch.save({"model": {"w": torch.tensor([value])}}, tmp_path / name / "checkpoint.pt")
     assert "model.w differs" in gpu_check.same_weights(str(tmp_path / "a"), str(tmp_path / "b"))
     assert gpu_check.same_weights(str(tmp_path / "a"), str(tmp_path / "a")) is None
-    table = gpu_check.format_table([{"script": "s.py", "data": "d", "variant": "compiled", "steps_per_second": 2.0,
-                                     "images_per_second": 400.0, "peak_gib": 1.5, "compile_seconds": 30.0, "problems": []},
-                                    {"script": "s.py", "data": "d", "variant": "eager", "steps_per_second": 1.0,
-                                     "images_per_second": 200.0, "peak_gib": None, "compile_seconds": None,
-                                     "problems": ["exit 1: x"]}])
+    table = gpu_check.format_table(
+        [
+            {
+                "script": "s.py",
+                "data": "d",
+                "variant": "compiled",
+                "steps_per_second": 2.0,
+                "images_per_second": 400.0,
+                "peak_gib": 1.5,
+                "compile_seconds": 30.0,
+                "problems": [],
+            },
+            {
+                "script": "s.py",
+                "data": "d",
+                "variant": "eager",
+                "steps_per_second": 1.0,
+                "images_per_second": 200.0,
+                "peak_gib": None,
+                "compile_seconds": None,
+                "problems": ["exit 1: x"],
+            },
+        ]
+    )
     assert "| s.py | d | compiled | 2.00 | 400 | 2.00x | 1.50 GiB | 30.0 s | pass |" in table
     assert "FAIL: exit 1: x" in table
 
@@ -387,8 +553,27 @@ def test_gpu_check_refuses_cuda_without_a_gpu_and_a_missing_fmnist(tmp_path, cap
 
 def test_profile_prints_top_operators_and_syncs(capsys):
     import profile_steps as profile_tool
-    assert profile_tool.main(["train_pi.py", "--steps", "2", "--depth", "10", "--width", "1", "--rows", "5",
-                              "--threads", "1", "--", "--no-cuda"]) == 0
+
+    assert (
+        profile_tool.main(
+            [
+                "train_pi.py",
+                "--steps",
+                "2",
+                "--depth",
+                "10",
+                "--width",
+                "1",
+                "--rows",
+                "5",
+                "--threads",
+                "1",
+                "--",
+                "--no-cuda",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "Self CPU" in out and "aten::" in out
     assert "host-device synchronisations over 2 steps" in out
@@ -398,6 +583,7 @@ def test_gpu_check_knows_every_wrn_script_and_its_images_per_step():
     """Each WRN script's row uses flags the script accepts and counts its images per step from its own arguments
     (Protocol A 50 + 50 by default with an unlabeled term; MixMatch 64 x (1 + K))."""
     import importlib
+
     expected = {"train_supervised.py": 100, "train_vat.py": 100, "train_pi.py": 100, "train_mixmatch.py": 192}
     assert set(gpu_check.WRN_SCRIPTS) == set(expected)
     for script, (flags, images_per_step) in gpu_check.WRN_SCRIPTS.items():
@@ -413,13 +599,16 @@ def test_gpu_check_reads_an_idx_folder_as_given_and_rejects_unknown_scripts(tmp_
     import gzip
 
     import numpy as np
+
     rng = np.random.default_rng(0)
     folder = tmp_path / "idx"
     folder.mkdir()
-    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (12, 28, 28), dtype=np.uint8),
-              "train-labels-idx1-ubyte": np.arange(12, dtype=np.uint8) % 10,
-              "t10k-images-idx3-ubyte": rng.integers(0, 256, (5, 28, 28), dtype=np.uint8),
-              "t10k-labels-idx1-ubyte": np.arange(5, dtype=np.uint8)}
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (12, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": np.arange(12, dtype=np.uint8) % 10,
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (5, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": np.arange(5, dtype=np.uint8),
+    }
     for name, array in arrays.items():
         header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
         with gzip.open(folder / (name + ".gz"), "wb") as f:

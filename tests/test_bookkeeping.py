@@ -1,6 +1,7 @@
 """Tests for bookkeeping.py's flag types and defaults tables, the BatchNorm-momentum warning and the writing mechanics
 every script shares (interval means, scalars, the progress line, summary.json), and for each WRN script's table of
 defaults per data set (the value a flag gets, the table in --help, the Quickstart's short digits run)."""
+
 import json
 import math
 import os
@@ -21,17 +22,20 @@ import train_vat  # noqa: E402
 WRN_SCRIPTS = (train_supervised, train_vat, train_pi, train_mixmatch)
 
 
-@pytest.mark.parametrize("kind, good, bad", [
-    (bookkeeping.positive_int, {"1": 1, "7": 7}, ["0", "-3", "1.5", "x"]),
-    (bookkeeping.nonnegative_int, {"0": 0}, ["-1"]),
-    (bookkeeping.positive_float, {"1e-3": 1e-3}, ["0", "-1", "nan", "x"]),
-    (bookkeeping.nonnegative_float, {"0": 0.0, "2.5": 2.5}, ["-0.1", "nan"]),
-    (bookkeeping.open_unit, {"0.5": 0.5}, ["0", "1", "1.5", "nan"]),
-    (bookkeeping.unit_interval, {"0": 0.0, "1": 1.0}, ["1.01"]),
-    (bookkeeping.momentum, {"1": 1.0, "0.001": 0.001}, ["0"]),
-    (bookkeeping.ema_decay, {"0": 0.0, "0.999": 0.999}, ["1"]),
-    (bookkeeping.wrn_depth, {"10": 10, "28": 28}, ["4", "12", "27"]),
-])
+@pytest.mark.parametrize(
+    "kind, good, bad",
+    [
+        (bookkeeping.positive_int, {"1": 1, "7": 7}, ["0", "-3", "1.5", "x"]),
+        (bookkeeping.nonnegative_int, {"0": 0}, ["-1"]),
+        (bookkeeping.positive_float, {"1e-3": 1e-3}, ["0", "-1", "nan", "x"]),
+        (bookkeeping.nonnegative_float, {"0": 0.0, "2.5": 2.5}, ["-0.1", "nan"]),
+        (bookkeeping.open_unit, {"0.5": 0.5}, ["0", "1", "1.5", "nan"]),
+        (bookkeeping.unit_interval, {"0": 0.0, "1": 1.0}, ["1.01"]),
+        (bookkeeping.momentum, {"1": 1.0, "0.001": 0.001}, ["0"]),
+        (bookkeeping.ema_decay, {"0": 0.0, "0.999": 0.999}, ["1"]),
+        (bookkeeping.wrn_depth, {"10": 10, "28": 28}, ["4", "12", "27"]),
+    ],
+)
 def test_flag_types_accept_and_reject(kind, good, bad):
     for text, value in good.items():
         assert kind(text) == value
@@ -41,14 +45,17 @@ def test_flag_types_accept_and_reject(kind, good, bad):
 
 
 @pytest.mark.parametrize("module", WRN_SCRIPTS, ids=lambda m: m.__name__)
-@pytest.mark.parametrize("flags, message", [
-    (["--lr", "-1"], "--lr must be > 0, got -1"),
-    (["--depth", "12"], "--depth must be 6n + 4 >= 10, got 12"),
-    (["--threshold", "1.5"], "--threshold must be in (0, 1), got 1.5"),
-    (["--bn-momentum", "0"], "--bn-momentum must be in (0, 1], got 0"),
-    (["--total-steps", "0"], "--total-steps must be >= 1, got 0"),
-    (["--eval-every", "nan"], "--eval-every must be >= 1, got 'nan'"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr", "-1"], "--lr must be > 0, got -1"),
+        (["--depth", "12"], "--depth must be 6n + 4 >= 10, got 12"),
+        (["--threshold", "1.5"], "--threshold must be in (0, 1), got 1.5"),
+        (["--bn-momentum", "0"], "--bn-momentum must be in (0, 1], got 0"),
+        (["--total-steps", "0"], "--total-steps must be >= 1, got 0"),
+        (["--eval-every", "nan"], "--eval-every must be >= 1, got 'nan'"),
+    ],
+)
 def test_bad_flag_values_are_one_line(module, flags, message, capsys):
     with pytest.raises(SystemExit) as error:
         module.parse_args(flags)
@@ -59,8 +66,16 @@ def test_bad_flag_values_are_one_line(module, flags, message, capsys):
 def test_defaults_come_from_the_data_sets_row_and_a_given_flag_wins():
     paper, cpu = train_supervised.parse_args(["--ns3l"]), train_supervised.parse_args(["--dataset", "digits", "--ns3l"])
     assert (paper.total_steps, paper.depth, paper.bn_momentum, paper.num_labeled) == (200_000, 28, 0.001, 4000)
-    assert (cpu.total_steps, cpu.lr_decay_step, cpu.rampup_steps, cpu.eval_every, cpu.depth, cpu.bn_momentum,
-            cpu.num_labeled, cpu.num_valid) == (2000, 1500, 500, 500, 10, 0.01, 100, 200)
+    assert (
+        cpu.total_steps,
+        cpu.lr_decay_step,
+        cpu.rampup_steps,
+        cpu.eval_every,
+        cpu.depth,
+        cpu.bn_momentum,
+        cpu.num_labeled,
+        cpu.num_valid,
+    ) == (2000, 1500, 500, 500, 10, 0.01, 100, 200)
     assert (cpu.lr, cpu.batch_size, cpu.threshold) == (6e-4, 50, 0.04)  # the method's values, on every data set
     given = train_supervised.parse_args(["--dataset", "digits", "--total-steps", "50", "--depth", "16"])
     assert (given.total_steps, given.depth, given.eval_every) == (50, 16, 500)
@@ -70,8 +85,17 @@ def test_defaults_come_from_the_data_sets_row_and_a_given_flag_wins():
     assert (mm.total_steps, mm.depth, mm.ema_decay, mm.eval_every, mm.rampup_steps) == (1000, 10, 0.99, 250, 250)
     for module in WRN_SCRIPTS:  # every data set has a row, and every row names only real flags
         flags = vars(module.parse_args([]))
-        assert set(module.DEFAULTS) == {"cifar10", "cifar100", "svhn", "stl10", "fashion_mnist", "mnist", "npz",
-                                        "digits", "synthetic"}
+        assert set(module.DEFAULTS) == {
+            "cifar10",
+            "cifar100",
+            "svhn",
+            "stl10",
+            "fashion_mnist",
+            "mnist",
+            "npz",
+            "digits",
+            "synthetic",
+        }
         assert all(name in flags for row in module.DEFAULTS.values() for name in row), module.__name__
 
 
@@ -80,7 +104,7 @@ def test_help_shows_the_defaults_table_and_its_sources(module, capsys):
     with pytest.raises(SystemExit):
         module.parse_args(["--help"])
     out = capsys.readouterr().out
-    table = out[out.index("defaults per --dataset"):]
+    table = out[out.index("defaults per --dataset") :]
     digits = next(line for line in table.splitlines() if line.split() and line.split()[0] == "digits")
     assert str(module.DEFAULTS["digits"]["total_steps"]) in digits.split()
     assert "where they come from" in table and "this project's choice" in table
@@ -99,10 +123,31 @@ def test_bn_momentum_warning(capsys):
 
 
 def test_a_script_warns_about_a_short_run_with_the_papers_momentum(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train_supervised.py"), "--dataset", "synthetic",
-                             "--depth", "10", "--width", "1", "--bn-momentum", "0.001", "--total-steps", "2",
-                             "--no-cuda", "--runs-dir", str(tmp_path), "--run-name", "short"],
-                            capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "train_supervised.py"),
+            "--dataset",
+            "synthetic",
+            "--depth",
+            "10",
+            "--width",
+            "1",
+            "--bn-momentum",
+            "0.001",
+            "--total-steps",
+            "2",
+            "--no-cuda",
+            "--runs-dir",
+            str(tmp_path),
+            "--run-name",
+            "short",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "--total-steps 2" in warnings[0] and warnings[0].endswith("--bn-momentum 0.1")
@@ -133,11 +178,18 @@ def test_interval_means_scalars_progress_line_and_summary(tmp_path):
     assert line == "step 50/150 loss 0.25 lr 0.003 SPS 2.00 ETA 0.8 min"
     assert "ETA nan min" in bookkeeping.progress_line(1, 10, float("nan"), loss=1.0)
     args = bookkeeping.argparse.Namespace(seed=3, dataset="digits")
-    summary = bookkeeping.write_summary(writer, str(tmp_path), {"steps": 9, "final_test_error": 1.5,
-                                                                "best_valid_error": None}, args,
-                                        reported=("final_test_error", "best_valid_error"))
+    summary = bookkeeping.write_summary(
+        writer,
+        str(tmp_path),
+        {"steps": 9, "final_test_error": 1.5, "best_valid_error": None},
+        args,
+        reported=("final_test_error", "best_valid_error"),
+    )
     on_disk = json.load(open(tmp_path / "summary.json"))
-    assert on_disk == summary == {"steps": 9, "final_test_error": 1.5, "best_valid_error": None,
-                                  "args": {"seed": 3, "dataset": "digits"}}
+    assert (
+        on_disk
+        == summary
+        == {"steps": 9, "final_test_error": 1.5, "best_valid_error": None, "args": {"seed": 3, "dataset": "digits"}}
+    )
     assert writer.hparams == {"hparam/final_test_error": 1.5} and writer.closed
     assert not math.isnan(on_disk["final_test_error"])

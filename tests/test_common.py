@@ -1,5 +1,6 @@
 """The data layer: loaders (torchvision layouts generated here, idx files, npz, digits), splits, preprocessing,
 augmentation and the batch sampler."""
+
 import gzip
 import json
 import os
@@ -10,7 +11,6 @@ import pytest
 import torch
 
 import bookkeeping
-
 import common
 
 
@@ -27,10 +27,12 @@ def make_idx_folder(folder, n_train=30, n_test=10, gz=True):
     rng = np.random.RandomState(0)
     os.makedirs(folder, exist_ok=True)
     ext = ".gz" if gz else ""
-    arrays = {"train-images-idx3-ubyte": rng.randint(0, 256, (n_train, 28, 28)),
-              "train-labels-idx1-ubyte": np.arange(n_train) % 10,
-              "t10k-images-idx3-ubyte": rng.randint(0, 256, (n_test, 28, 28)),
-              "t10k-labels-idx1-ubyte": np.arange(n_test) % 10}
+    arrays = {
+        "train-images-idx3-ubyte": rng.randint(0, 256, (n_train, 28, 28)),
+        "train-labels-idx1-ubyte": np.arange(n_train) % 10,
+        "t10k-images-idx3-ubyte": rng.randint(0, 256, (n_test, 28, 28)),
+        "t10k-labels-idx1-ubyte": np.arange(n_test) % 10,
+    }
     for name, array in arrays.items():
         write_idx(os.path.join(folder, name + ext), array)
     return arrays
@@ -66,6 +68,7 @@ def test_fashion_mnist_from_debian_package(tmp_path):
 
 def test_cifar10_through_torchvision_layout(tmp_path, monkeypatch):
     import torchvision.datasets as tvd
+
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     rng = np.random.RandomState(0)
@@ -77,6 +80,7 @@ def test_cifar10_through_torchvision_layout(tmp_path, monkeypatch):
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [str(i) for i in range(10)]}, f)
     import torchvision.datasets.cifar as tv_cifar
+
     monkeypatch.setattr(tvd.CIFAR10, "_check_integrity", lambda self: True)  # generated files have other md5s
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
     data = common.load_dataset("cifar10", str(tmp_path))
@@ -89,11 +93,14 @@ def test_cifar10_through_torchvision_layout(tmp_path, monkeypatch):
 def test_svhn_and_stl10_through_torchvision_layout(tmp_path, monkeypatch):
     import scipy.io
     import torchvision.datasets as tvd
+
     rng = np.random.RandomState(0)
     for split, n in (("train", 6), ("test", 3), ("extra", 5)):
         # SVHN .mat: X is (32, 32, 3, N), labels 1..10 with 10 meaning digit 0
-        scipy.io.savemat(tmp_path / f"{split}_32x32.mat",
-                         {"X": rng.randint(0, 256, (32, 32, 3, n)).astype(np.uint8), "y": (np.arange(n) % 10 + 1)[:, None]})
+        scipy.io.savemat(
+            tmp_path / f"{split}_32x32.mat",
+            {"X": rng.randint(0, 256, (32, 32, 3, n)).astype(np.uint8), "y": (np.arange(n) % 10 + 1)[:, None]},
+        )
     monkeypatch.setattr(tvd.SVHN, "_check_integrity", lambda self: True)
     data = common.load_dataset("svhn", str(tmp_path))
     assert data.x_train.shape == (6, 3, 32, 32) and data.y_train.tolist() == [1, 2, 3, 4, 5, 6]
@@ -126,8 +133,13 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 def test_npz_and_digits(tmp_path):
     rng = np.random.RandomState(0)
     path = str(tmp_path / "mine.npz")
-    np.savez(path, x_train=rng.rand(12, 10, 10, 3), y_train=np.arange(12) % 3, x_test=rng.rand(5, 10, 10, 3),
-             y_test=np.arange(5) % 3)
+    np.savez(
+        path,
+        x_train=rng.rand(12, 10, 10, 3),
+        y_train=np.arange(12) % 3,
+        x_test=rng.rand(5, 10, 10, 3),
+        y_test=np.arange(5) % 3,
+    )
     data = common.load_dataset(path)
     assert data.x_train.shape == (12, 3, 10, 10) and data.x_train.dtype == torch.uint8 and data.num_classes == 3
     assert data.name == "npz"
@@ -230,7 +242,7 @@ def test_translation_is_a_reflect_padded_shift():
     out = common.augment(x, shift=2)
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
     for i in range(2):
-        crops = [padded[i, :, dy:dy + 6, dx:dx + 6] for dy in range(5) for dx in range(5)]
+        crops = [padded[i, :, dy : dy + 6, dx : dx + 6] for dy in range(5) for dx in range(5)]
         assert any(torch.equal(out[i], c) for c in crops)
 
 
@@ -248,6 +260,7 @@ def test_flip_only_where_allowed():
 
 def test_open_run_new_resumed_and_existing(tmp_path, capsys):
     import argparse
+
     split = common.make_ssl_split(torch.arange(100) % 10, 10, 20, 10, seed=0)
     args = argparse.Namespace(dataset="digits", seed=3, runs_dir=str(tmp_path), run_name=None, resume=None, lr=0.1)
     run_dir, writer = bookkeeping.open_run(args, "sup", split)
@@ -266,10 +279,15 @@ def test_open_run_new_resumed_and_existing(tmp_path, capsys):
     writer.add_scalar("x", 6.0, 6)
     writer.close()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(run_dir)
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("x")] == [(5, 5.0), (6, 6.0)]  # step 7 purged, 5 kept
-    assert resumed_dir == run_dir and {"args.json", "split.json"} <= set(os.listdir(run_dir)) and set(before) <= set(os.listdir(run_dir))
+    assert (
+        resumed_dir == run_dir
+        and {"args.json", "split.json"} <= set(os.listdir(run_dir))
+        and set(before) <= set(os.listdir(run_dir))
+    )
     # The same --run-name again: one line, exit 1, the existing run untouched.
     args.resume, args.run_name = None, name
     with pytest.raises(SystemExit) as exit_info:

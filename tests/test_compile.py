@@ -2,6 +2,7 @@
 passes that leave BN statistics alone, VAT's gradient with respect to the input, MixMatch's interleaved chunks) gives
 the eager losses, gradients and BN statistics on a fixed batch; checkpoints hold the uncompiled module's weights;
 compiled runs finish end to end on the CPU and resume exactly. Also the TrainClock behind SPS and ETA."""
+
 import argparse
 import copy
 import json
@@ -10,8 +11,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import run_script
+
 import bookkeeping
 import common
 import train_mixmatch
@@ -68,8 +69,11 @@ def test_compiled_training_and_frozen_bn_passes_match_eager():
         logits = module(x)
         negatives = train_vat.ns3l_negatives(logits[8:], 0.04)
         target = train_pi.target_pass(module, x.flip(3))
-        loss = (F.cross_entropy(logits[:8], y[:8]) + train_vat.ns3l_loss(logits[8:], negatives)
-                + 10 * train_pi.consistency_loss(logits[8:], target[8:]))
+        loss = (
+            F.cross_entropy(logits[:8], y[:8])
+            + train_vat.ns3l_loss(logits[8:], negatives)
+            + 10 * train_pi.consistency_loss(logits[8:], target[8:])
+        )
         loss.backward()
         losses.append(loss.detach())
     torch.testing.assert_close(losses[0], losses[1], **TOL)
@@ -91,8 +95,9 @@ def test_compiled_vat_perturbation_matches_eager():
     for module in (eager, net):
         logits = module(x)
         torch.manual_seed(4)  # the same random probe d for both
-        kl, logits_adv, r_adv = train_vat.vat_loss(module, x, logits, eps=6.0,
-                                                   augment=lambda t: common.augment(t, flip=True, shift=2))
+        kl, logits_adv, r_adv = train_vat.vat_loss(
+            module, x, logits, eps=6.0, augment=lambda t: common.augment(t, flip=True, shift=2)
+        )
         (logits.logsumexp(1).mean() + kl.mean()).backward()
         results.append((kl.detach(), r_adv))
     (kl_e, r_e), (kl_c, r_c) = results
@@ -182,9 +187,28 @@ def test_train_clock_leaves_the_compiling_step_out(monkeypatch, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
-MM = ["--dataset", "synthetic", "--depth", "10", "--width", "1", "--batch-size", "8", "--log-every", "2",
-      "--rampup-steps", "4", "--eval-every", "3", "--torch-deterministic", "--no-cuda", "--bn-momentum", "0.1",
-      "--ns3l", "--compile"]
+MM = [
+    "--dataset",
+    "synthetic",
+    "--depth",
+    "10",
+    "--width",
+    "1",
+    "--batch-size",
+    "8",
+    "--log-every",
+    "2",
+    "--rampup-steps",
+    "4",
+    "--eval-every",
+    "3",
+    "--torch-deterministic",
+    "--no-cuda",
+    "--bn-momentum",
+    "0.1",
+    "--ns3l",
+    "--compile",
+]
 
 
 @pytest.fixture(scope="module")
@@ -225,11 +249,37 @@ def test_compiled_resume_is_exact(compiled_mixmatch):
 
 def test_resume_can_switch_compile_off(tmp_path):
     """--compile is a device flag: a resumed run may drop it (and the legs still agree to rounding)."""
-    common_args = ["--dataset", "synthetic", "--depth", "10", "--width", "1", "--batch-size", "8",
-                   "--unlabeled-batch-size", "8", "--bn-momentum", "0.1", "--no-cuda", "--log-every", "2",
-                   "--eval-every", "2", "--ns3l"]
-    first = run_script("train_supervised.py", *common_args, "--compile", "--total-steps", "2", "--runs-dir", tmp_path,
-                       "--run-name", "r")
+    common_args = [
+        "--dataset",
+        "synthetic",
+        "--depth",
+        "10",
+        "--width",
+        "1",
+        "--batch-size",
+        "8",
+        "--unlabeled-batch-size",
+        "8",
+        "--bn-momentum",
+        "0.1",
+        "--no-cuda",
+        "--log-every",
+        "2",
+        "--eval-every",
+        "2",
+        "--ns3l",
+    ]
+    first = run_script(
+        "train_supervised.py",
+        *common_args,
+        "--compile",
+        "--total-steps",
+        "2",
+        "--runs-dir",
+        tmp_path,
+        "--run-name",
+        "r",
+    )
     assert first.returncode == 0, first.stderr[-2000:]
     second = run_script("train_supervised.py", "--resume", tmp_path / "r", "--total-steps", "4", "--no-compile")
     assert second.returncode == 0, second.stderr[-2000:]
@@ -242,6 +292,7 @@ def test_resume_can_switch_compile_off(tmp_path):
 def test_compiled_densenet_cam_losses_match_eager():
     """The ImageNet script's one pass (logits and the feature map for the CAMs) and eq. 4's losses, compiled."""
     import train_imagenet_mel as mel
+
     args = argparse.Namespace(arch="densenet121", growth_rate=8, block_config="2,2", num_init_features=16)
     torch.manual_seed(0)
     eager = mel.build_model(args, 4)
@@ -261,17 +312,41 @@ def test_compiled_densenet_cam_losses_match_eager():
 
 def test_compiled_imagenet_run_end_to_end(tmp_path):
     from test_imagenet_mel import TINY_NET, make_image_folder
+
     folder = make_image_folder(tmp_path / "images")
-    result = run_script("train_imagenet_mel.py", "--data-dir", folder, "--num-labeled", "16", "--num-unlabeled", "-1",
-                        "--batch-size", "8", "--total-steps", "3", "--eval-every", "3", "--log-every", "1",
-                        "--runs-dir", tmp_path / "runs", "--run-name", "c", "--compile", "--no-cuda", *TINY_NET)
+    result = run_script(
+        "train_imagenet_mel.py",
+        "--data-dir",
+        folder,
+        "--num-labeled",
+        "16",
+        "--num-unlabeled",
+        "-1",
+        "--batch-size",
+        "8",
+        "--total-steps",
+        "3",
+        "--eval-every",
+        "3",
+        "--log-every",
+        "1",
+        "--runs-dir",
+        tmp_path / "runs",
+        "--run-name",
+        "c",
+        "--compile",
+        "--no-cuda",
+        *TINY_NET,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("compile: the first step took") == 1
     summary = json.loads((tmp_path / "runs" / "c" / "summary.json").read_text())
     assert summary["compile_seconds"] > 0 and summary["steps_per_second"] > 0
     assert math.isfinite(summary["final_test_error"]) and math.isfinite(summary["final_test_loss"])
-    assert not any(k.startswith("_orig_mod") for k in torch.load(tmp_path / "runs" / "c" / "checkpoint.pt",
-                                                                  weights_only=True)["model"])
+    assert not any(
+        k.startswith("_orig_mod")
+        for k in torch.load(tmp_path / "runs" / "c" / "checkpoint.pt", weights_only=True)["model"]
+    )
 
 
 def test_a_lap_holding_only_the_compiling_step_has_no_sps(monkeypatch):
@@ -291,6 +366,7 @@ def test_a_run_saved_before_compile_existed_keeps_its_memory_format(capsys):
     """Before this change an unset --channels-last meant channels_last on CUDA only; such a run resumed on the CPU
     stays contiguous (bit-exact resume), while a run saved now keeps the new default."""
     import train_pi
+
     saved = vars(train_pi.parse_args(["--dataset", "synthetic", "--no-cuda"]))
     old = {k: v for k, v in saved.items() if k != "compile"}
     checkpoint = {"args": old, "step": 5}

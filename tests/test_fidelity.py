@@ -4,6 +4,7 @@ the CPU here, with an explicit --bf16 --channels-last), fp32 evaluation, determi
 
 The end-to-end checks run each script's main() in-process with a spy on WideResNet.forward that records every forward
 pass (training or eval mode, batch size, input, autocast state, output dtype, memory format)."""
+
 import json
 import os
 import statistics
@@ -23,8 +24,19 @@ import train_supervised  # noqa: E402
 import train_vat  # noqa: E402
 import wrn  # noqa: E402
 
-TINY = ["--dataset", "synthetic", "--depth", "10", "--width", "1", "--bn-momentum", "0.1", "--no-cuda",
-        "--log-every", "1"]
+TINY = [
+    "--dataset",
+    "synthetic",
+    "--depth",
+    "10",
+    "--width",
+    "1",
+    "--bn-momentum",
+    "0.1",
+    "--no-cuda",
+    "--log-every",
+    "1",
+]
 
 
 @pytest.fixture
@@ -34,11 +46,19 @@ def spy(monkeypatch):
 
     def recording_forward(self, x):
         out = forward(self, x)
-        records.append(dict(training=self.training, batch=len(x), input=x.detach().float().clone(),
-                            autocast=torch.is_autocast_enabled("cpu"), out_dtype=out.dtype,
-                            channels_last=x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(),
-                            bn_update=all(m.update_stats for m in self.modules() if isinstance(m, wrn.BatchNorm2d))))
+        records.append(
+            dict(
+                training=self.training,
+                batch=len(x),
+                input=x.detach().float().clone(),
+                autocast=torch.is_autocast_enabled("cpu"),
+                out_dtype=out.dtype,
+                channels_last=x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(),
+                bn_update=all(m.update_stats for m in self.modules() if isinstance(m, wrn.BatchNorm2d)),
+            )
+        )
         return out
+
     monkeypatch.setattr(wrn.WideResNet, "forward", recording_forward)
     yield records
     torch.use_deterministic_algorithms(False)  # main() sets it for --torch-deterministic; keep other tests unaffected
@@ -98,15 +118,26 @@ def test_bf16_vat_search_target_is_recomputed_in_fp32_on_the_same_augmented_tens
 
     def augment(t):  # fresh noise on every call: a second call never reproduces the first view
         return t + 0.5 * torch.randn_like(t)
+
     clean_input = augment(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(clean_input)
     assert logits.dtype == torch.bfloat16
     calls, forward = [], wrn.WideResNet.forward
-    monkeypatch.setattr(wrn.WideResNet, "forward", lambda self, t: calls.append(
-        (t.detach().clone(), torch.is_autocast_enabled("cpu"))) or forward(self, t))
-    train_vat.vat_loss(model, x, logits.float(), eps=2.0, autocast=torch.autocast("cpu", dtype=torch.bfloat16),
-                       augment=augment, clean_input=clean_input)
+    monkeypatch.setattr(
+        wrn.WideResNet,
+        "forward",
+        lambda self, t: calls.append((t.detach().clone(), torch.is_autocast_enabled("cpu"))) or forward(self, t),
+    )
+    train_vat.vat_loss(
+        model,
+        x,
+        logits.float(),
+        eps=2.0,
+        autocast=torch.autocast("cpu", dtype=torch.bfloat16),
+        augment=augment,
+        clean_input=clean_input,
+    )
     target_input, target_autocast = calls[0]
     assert torch.equal(target_input, clean_input) and not target_autocast  # same view, fp32
     assert not calls[1][1] and calls[2][1]  # the search pass is fp32; the loss's perturbed pass runs under bf16
@@ -155,8 +186,19 @@ def test_supervised_baseline_trains_on_100_labeled_images_per_step(monkeypatch, 
     for flag in ("--ns3l", "--pseudo-label", "--entmin"):
         assert train_supervised.parse_args([flag]).batch_size == 50
     assert train_supervised.parse_args(["--batch-size", "64"]).batch_size == 64
-    summary, _ = run_main(train_supervised, monkeypatch, tmp_path, "--total-steps", "2", "--eval-every", "2",
-                          "--num-labeled", "100", "--num-valid", "50")
+    summary, _ = run_main(
+        train_supervised,
+        monkeypatch,
+        tmp_path,
+        "--total-steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--num-labeled",
+        "100",
+        "--num-valid",
+        "50",
+    )
     training = [r["batch"] for r in spy if r["training"]]
     assert training == [100, 100] and summary["args"]["batch_size"] == 100
 
@@ -166,8 +208,9 @@ def test_default_split_is_disjoint_and_the_flag_restores_olivers_overlap(monkeyp
         assert module.parse_args([]).include_labeled is False, module.__name__
     _, split = run_main(train_vat, monkeypatch, tmp_path, "--total-steps", "1", "--eval-every", "1", name="disjoint")
     assert split["labeled_in_unlabeled"] is False and not set(split["labeled"]) & set(split["unlabeled"])
-    _, split = run_main(train_vat, monkeypatch, tmp_path, "--total-steps", "1", "--eval-every", "1",
-                        "--include-labeled", name="overlap")
+    _, split = run_main(
+        train_vat, monkeypatch, tmp_path, "--total-steps", "1", "--eval-every", "1", "--include-labeled", name="overlap"
+    )
     assert split["labeled_in_unlabeled"] is True and set(split["labeled"]) <= set(split["unlabeled"])
     assert not set(split["valid"]) & set(split["unlabeled"])
 
@@ -179,8 +222,9 @@ def test_ns3l_extra_pass_sees_a_fresh_augmentation_and_changes_the_run(monkeypat
     assert len([r for r in spy if r["training"]]) == 3
     spy.clear()
     views, augment = [], common.augment
-    monkeypatch.setattr(common, "augment", lambda x, *a, **k: views.append((x.clone(), augment(x, *a, **k))) or
-                        views[-1][1])
+    monkeypatch.setattr(
+        common, "augment", lambda x, *a, **k: views.append((x.clone(), augment(x, *a, **k))) or views[-1][1]
+    )
     run_main(train_supervised, monkeypatch, tmp_path, *flags, "--ns3l-extra-pass", name="extra")
     passes = [r for r in spy if r["training"]]
     assert len(passes) == 6 and [r["bn_update"] for r in passes[:2]] == [True, False]
@@ -205,8 +249,19 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_bf16_channels_last_end_to_end_with_fp32_evaluation(name, monkeypatch, tmp_path, spy):
     module, flags = CASES[name]
-    summary, split = run_main(module, monkeypatch, tmp_path, *flags, "--bf16", "--channels-last", "--total-steps", "3",
-                              "--eval-every", "2", "--torch-deterministic")
+    summary, split = run_main(
+        module,
+        monkeypatch,
+        tmp_path,
+        *flags,
+        "--bf16",
+        "--channels-last",
+        "--total-steps",
+        "3",
+        "--eval-every",
+        "2",
+        "--torch-deterministic",
+    )
     assert split["labeled_in_unlabeled"] is False and not set(split["labeled"]) & set(split["unlabeled"])
     training = [r for r in spy if r["training"]]
     evaluation = [r for r in spy if not r["training"]]
@@ -249,6 +304,7 @@ def test_torch_deterministic_turns_on_deterministic_algorithms(monkeypatch, tmp_
 def test_reflect_translation_equals_reflect_padding_and_crop_for_every_offset():
     """The gather-based translation (deterministic backward on CUDA) is exactly F.pad(mode="reflect") + crop."""
     import torch.nn.functional as F
+
     for height, width, shift in ((8, 8, 2), (5, 7, 4), (32, 32, 4), (6, 4, 3)):
         x = torch.randn(2, 3, height, width)
         padded = F.pad(x, (shift, shift, shift, shift), mode="reflect")
@@ -256,7 +312,7 @@ def test_reflect_translation_equals_reflect_padding_and_crop_for_every_offset():
             for dx in range(2 * shift + 1):
                 rows = common.reflect_index(torch.arange(height) + dy - shift, height)
                 cols = common.reflect_index(torch.arange(width) + dx - shift, width)
-                assert torch.equal(x[:, :, rows][:, :, :, cols], padded[:, :, dy:dy + height, dx:dx + width])
+                assert torch.equal(x[:, :, rows][:, :, :, cols], padded[:, :, dy : dy + height, dx : dx + width])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="reflection-padding backward raises only on CUDA")
@@ -289,8 +345,9 @@ def test_a_run_of_the_previous_version_resumes_with_its_old_meaning(monkeypatch,
 
 # ------------------------------------------------------------------------------------------ MixMatch defaults
 def test_mixmatch_defaults_resolved_from_the_data_set():
-    cifar10, svhn, stl10, cifar100 = (train_mixmatch.parse_args(["--dataset", d])
-                                      for d in ("cifar10", "svhn", "stl10", "cifar100"))
+    cifar10, svhn, stl10, cifar100 = (
+        train_mixmatch.parse_args(["--dataset", d]) for d in ("cifar10", "svhn", "stl10", "cifar100")
+    )
     assert cifar10.total_steps == svhn.total_steps == 300 * 1024  # NS3L paper: 300 epochs of 64 kimg
     assert stl10.total_steps == cifar100.total_steps == 1 << 20
     assert train_mixmatch.parse_args(["--total-steps", "1048576"]).total_steps == 1 << 20
@@ -312,8 +369,11 @@ def test_mixmatch_extended_run_drops_the_old_final_evaluation(monkeypatch, tmp_p
     monkeypatch.setattr(bookkeeping, "error_rate", lambda *a, **k: calls.append(1) or float(len(calls)) ** 2)
     flags = ["--batch-size", "8", "--eval-every", "2"]
     run_main(train_mixmatch, monkeypatch, tmp_path, *flags, "--total-steps", "5", name="extended")
-    monkeypatch.setattr(sys, "argv", [train_mixmatch.__file__, "--resume", str(tmp_path / "extended"),
-                                      "--total-steps", "8", "--no-cuda"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [train_mixmatch.__file__, "--resume", str(tmp_path / "extended"), "--total-steps", "8", "--no-cuda"],
+    )
     train_mixmatch.main()
     with open(tmp_path / "extended" / "summary.json") as f:
         summary = json.load(f)
@@ -334,9 +394,22 @@ def test_mixmatch_svhn_extra_draws_labels_from_train_and_extra(monkeypatch, tmp_
         data = load("synthetic", device=kwargs.get("device", "cpu"))
         data.name, data.num_labelable = "svhn", 200
         return data
+
     monkeypatch.setattr(common, "load_dataset", svhn_with_extra)
-    argv = ["--dataset", "svhn", "--batch-size", "8", "--total-steps", "1", "--eval-every", "1", "--num-labeled", "250",
-            "--num-valid", "100"]
+    argv = [
+        "--dataset",
+        "svhn",
+        "--batch-size",
+        "8",
+        "--total-steps",
+        "1",
+        "--eval-every",
+        "1",
+        "--num-labeled",
+        "250",
+        "--num-valid",
+        "100",
+    ]
     _, split = run_main(train_mixmatch, monkeypatch, tmp_path, *argv, "--svhn-extra", name="extra")
     assert max(split["labeled"] + split["valid"]) >= 200 and len(split["labeled"]) == 250
     with pytest.raises(SystemExit):  # without --svhn-extra only the 200 train rows can be labeled: too few
@@ -346,11 +419,31 @@ def test_mixmatch_svhn_extra_draws_labels_from_train_and_extra(monkeypatch, tmp_
 def test_mixmatch_threshold_of_an_npz_follows_its_classes(monkeypatch, tmp_path, spy):
     rng = np.random.RandomState(0)
     path = tmp_path / "five.npz"
-    np.savez(path, x_train=rng.randint(0, 255, (60, 8, 8), dtype=np.uint8), y_train=np.arange(60) % 5,
-             x_test=rng.randint(0, 255, (20, 8, 8), dtype=np.uint8), y_test=np.arange(20) % 5)
+    np.savez(
+        path,
+        x_train=rng.randint(0, 255, (60, 8, 8), dtype=np.uint8),
+        y_train=np.arange(60) % 5,
+        x_test=rng.randint(0, 255, (20, 8, 8), dtype=np.uint8),
+        y_test=np.arange(20) % 5,
+    )
     assert train_mixmatch.parse_args(["--dataset", str(path)]).threshold is None  # classes unknown before loading
-    summary, _ = run_main(train_mixmatch, monkeypatch, tmp_path, "--dataset", str(path), "--batch-size", "8",
-                          "--num-labeled", "10", "--num-valid", "10", "--total-steps", "1", "--eval-every", "1")
+    summary, _ = run_main(
+        train_mixmatch,
+        monkeypatch,
+        tmp_path,
+        "--dataset",
+        str(path),
+        "--batch-size",
+        "8",
+        "--num-labeled",
+        "10",
+        "--num-valid",
+        "10",
+        "--total-steps",
+        "1",
+        "--eval-every",
+        "1",
+    )
     assert summary["args"]["threshold"] == pytest.approx(0.1)  # 0.5 / 5 classes
 
 
@@ -365,6 +458,7 @@ def test_fidelity_doc_points_at_the_lines_it_names():
     """Every project reference in docs/fidelity.md, [file:line](../file#Lline) `text`, names a line holding that text,
     so the table cannot drift from the code silently; every test it names exists."""
     import re
+
     with open(os.path.join(ROOT, "docs", "fidelity.md")) as f:
         doc = f.read()
     references = re.findall(r"\[([\w.]+):(\d+)\]\(\.\./([\w.]+)#L(\d+)\) `([^`]+)`", doc)

@@ -1,5 +1,6 @@
 """train_fmnist_ablation.py: the Debian idx loader on generated files, each negative-selection rule on hand-built
 cases, the NS3L loss, an end-to-end run of every rule on a few steps, and bad inputs."""
+
 import gzip
 import json
 import math
@@ -9,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import read_scalars, run_script
 
 import common
 import train_fmnist_ablation as fm
-from conftest import read_scalars, run_script
 
 SCRIPT = "train_fmnist_ablation.py"
 
@@ -40,8 +41,12 @@ def debian_folder(tmp_path_factory):
     rng = np.random.RandomState(0)
     x_train, y_train = learnable_images(400, rng)
     x_test, y_test = learnable_images(100, rng)
-    for name, array in (("train-images-idx3-ubyte", x_train), ("train-labels-idx1-ubyte", y_train),
-                        ("t10k-images-idx3-ubyte", x_test), ("t10k-labels-idx1-ubyte", y_test)):
+    for name, array in (
+        ("train-images-idx3-ubyte", x_train),
+        ("train-labels-idx1-ubyte", y_train),
+        ("t10k-images-idx3-ubyte", x_test),
+        ("t10k-labels-idx1-ubyte", y_test),
+    ):
         write_idx(str(folder / (name + ".gz")), array)
     return str(folder), (x_train, y_train, x_test, y_test)
 
@@ -66,15 +71,23 @@ def test_class_distances_on_hand_placed_points():
     labeled_y = torch.tensor([0, 1, 2, 2, 0])
     unlabeled = torch.tensor([[1.0, 0.0], [9.0, 1.0], [0.0, 4.0]])
     distances = fm.class_distances(unlabeled, labeled, labeled_y, num_classes=4, chunk=2)  # 2 blocks
-    expected = torch.tensor([[1.0, 9.0, math.sqrt(26.0), math.inf],
-                             [math.sqrt(82.0), math.sqrt(2.0), math.sqrt(97.0), math.inf],
-                             [4.0, math.sqrt(116.0), 1.0, math.inf]])
+    expected = torch.tensor(
+        [
+            [1.0, 9.0, math.sqrt(26.0), math.inf],
+            [math.sqrt(82.0), math.sqrt(2.0), math.sqrt(97.0), math.inf],
+            [4.0, math.sqrt(116.0), 1.0, math.inf],
+        ]
+    )
     assert torch.allclose(distances, expected, atol=1e-4)
     assert distances.argsort(1)[:, 0].tolist() == [0, 1, 2]  # class of the nearest labeled neighbour
 
 
-RANK = torch.tensor([[3, 7, 0, 9, 1, 2, 4, 5, 6, 8],   # classes by distance of their nearest labeled example
-                     [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]]).repeat(2000, 1)
+RANK = torch.tensor(
+    [
+        [3, 7, 0, 9, 1, 2, 4, 5, 6, 8],  # classes by distance of their nearest labeled example
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+    ]
+).repeat(2000, 1)
 
 
 def chosen_counts(negatives):
@@ -144,13 +157,30 @@ def test_ns3l_loss_hand_values_and_gradient():
 
 
 def test_max_negatives_pools():
-    assert [fm.max_negatives(rule, 10) for rule in ("uniform", "oracle", "nn-exclude", "nn-exclude-4",
-                                                    "nn-furthest")] == [10, 9, 9, 6, 10]
+    assert [
+        fm.max_negatives(rule, 10) for rule in ("uniform", "oracle", "nn-exclude", "nn-exclude-4", "nn-furthest")
+    ] == [10, 9, 9, 6, 10]
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
-TINY = ["--num-labeled", "40", "--total-steps", "6", "--log-every", "3", "--eval-every", "3", "--batch-size", "20",
-        "--unlabeled-batch-size", "100", "--hidden", "16", "--no-cuda", "--torch-deterministic"]
+TINY = [
+    "--num-labeled",
+    "40",
+    "--total-steps",
+    "6",
+    "--log-every",
+    "3",
+    "--eval-every",
+    "3",
+    "--batch-size",
+    "20",
+    "--unlabeled-batch-size",
+    "100",
+    "--hidden",
+    "16",
+    "--no-cuda",
+    "--torch-deterministic",
+]
 
 
 def run_in_process(monkeypatch, runs_dir, *argv):
@@ -160,14 +190,37 @@ def run_in_process(monkeypatch, runs_dir, *argv):
         return json.load(f)
 
 
-@pytest.mark.parametrize("rule, flags", [
-    ("supervised", []), ("uniform", ["--num-negatives", "3"]), ("nn-exclude", []), ("nn-exclude-4", []),
-    ("nn-furthest", []), ("threshold", ["--threshold", "0.05"]), ("oracle", ["--num-negatives", "3"])])
+@pytest.mark.parametrize(
+    "rule, flags",
+    [
+        ("supervised", []),
+        ("uniform", ["--num-negatives", "3"]),
+        ("nn-exclude", []),
+        ("nn-exclude-4", []),
+        ("nn-furthest", []),
+        ("threshold", ["--threshold", "0.05"]),
+        ("oracle", ["--num-negatives", "3"]),
+    ],
+)
 def test_every_rule_end_to_end_on_generated_debian_files(rule, flags, debian_folder, tmp_path, monkeypatch):
     monkeypatch.setattr(common, "DEBIAN_FASHION_MNIST", debian_folder[0])
     runs = str(tmp_path / "runs")
-    summary = run_in_process(monkeypatch, runs, "--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "none"),
-                             "--negatives", rule, *flags, *TINY, "--runs-dir", runs, "--run-name", "run")
+    summary = run_in_process(
+        monkeypatch,
+        runs,
+        "--dataset",
+        "fashion_mnist",
+        "--data-dir",
+        str(tmp_path / "none"),
+        "--negatives",
+        rule,
+        *flags,
+        *TINY,
+        "--runs-dir",
+        runs,
+        "--run-name",
+        "run",
+    )
     assert summary["steps"] == 6 and summary["negatives"] == rule
     assert 0.0 <= summary["final_test_error"] <= 100.0
     split = json.load(open(os.path.join(runs, "run", "split.json")))
@@ -196,13 +249,30 @@ def test_epoch_unit_labeled_by_default_unlabeled_as_a_flag(debian_folder, tmp_pa
     """'50 epochs' is undefined in the paper: passes over the labeled set (default) or over the unlabeled images."""
     monkeypatch.setattr(common, "DEBIAN_FASHION_MNIST", debian_folder[0])
     assert fm.parse_args([]).epoch_unit == "labeled"
-    flags = ["--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "none"), "--num-labeled", "40",
-             "--batch-size", "20", "--unlabeled-batch-size", "100", "--hidden", "16", "--no-cuda", "--epochs", "1",
-             "--log-every", "1"]
+    flags = [
+        "--dataset",
+        "fashion_mnist",
+        "--data-dir",
+        str(tmp_path / "none"),
+        "--num-labeled",
+        "40",
+        "--batch-size",
+        "20",
+        "--unlabeled-batch-size",
+        "100",
+        "--hidden",
+        "16",
+        "--no-cuda",
+        "--epochs",
+        "1",
+        "--log-every",
+        "1",
+    ]
     for unit, steps in (("labeled", 2), ("unlabeled", 4)):  # 40 / 20 labeled; 360 unlabeled / 100 -> 4
         runs = str(tmp_path / unit)
-        summary = run_in_process(monkeypatch, runs, *flags, "--epoch-unit", unit, "--runs-dir", runs,
-                                 "--run-name", "run")
+        summary = run_in_process(
+            monkeypatch, runs, *flags, "--epoch-unit", unit, "--runs-dir", runs, "--run-name", "run"
+        )
         assert summary["steps"] == steps and summary["epochs"] == 1
 
 
@@ -212,8 +282,19 @@ def test_subprocess_run_writes_the_run_directory(tmp_path):
     x_test, y_test = learnable_images(50, rng)
     npz = str(tmp_path / "tiny.npz")
     np.savez(npz, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-    result = run_script(SCRIPT, "--dataset", npz, "--negatives", "nn-exclude-4", *TINY,
-                        "--runs-dir", tmp_path / "runs", "--run-name", "r", cwd=str(tmp_path))
+    result = run_script(
+        SCRIPT,
+        "--dataset",
+        npz,
+        "--negatives",
+        "nn-exclude-4",
+        *TINY,
+        "--runs-dir",
+        tmp_path / "runs",
+        "--run-name",
+        "r",
+        cwd=str(tmp_path),
+    )
     assert result.returncode == 0, result.stderr
     assert "nearest-neighbour preprocessing" in result.stdout and "done: nn-exclude-4" in result.stdout
     run_dir = tmp_path / "runs" / "r"
@@ -224,24 +305,39 @@ def test_subprocess_run_writes_the_run_directory(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------ bad inputs
-@pytest.mark.parametrize("argv, code, message", [
-    (["--threshold", "1.5"], 2, "--threshold must be in (0, 1)"),
-    (["--negatives", "random"], 2, "invalid choice"),
-    (["--num-negatives", "0"], 2, "--num-negatives must be >= 1"),
-    (["--epochs", "0"], 2, "--epochs must be >= 1"),
-    (["--lr", "-1"], 2, "--lr must be > 0"),
-    (["--dataset", "imagenet"], 2, "unknown data set"),
-    (["--dataset", "missing.npz"], 1, "missing.npz does not exist"),
-    (["--negatives", "oracle", "--num-negatives", "10"], 1, "at most 9"),
-    (["--negatives", "nn-exclude-4", "--num-negatives", "7"], 1, "at most 6"),
-    (["--num-labeled", "5000"], 1, "exceed the"),
-])
-def test_bad_inputs_one_line_nonzero_nothing_written(argv, code, message, debian_folder, tmp_path, monkeypatch,
-                                                     capsys):
+@pytest.mark.parametrize(
+    "argv, code, message",
+    [
+        (["--threshold", "1.5"], 2, "--threshold must be in (0, 1)"),
+        (["--negatives", "random"], 2, "invalid choice"),
+        (["--num-negatives", "0"], 2, "--num-negatives must be >= 1"),
+        (["--epochs", "0"], 2, "--epochs must be >= 1"),
+        (["--lr", "-1"], 2, "--lr must be > 0"),
+        (["--dataset", "imagenet"], 2, "unknown data set"),
+        (["--dataset", "missing.npz"], 1, "missing.npz does not exist"),
+        (["--negatives", "oracle", "--num-negatives", "10"], 1, "at most 9"),
+        (["--negatives", "nn-exclude-4", "--num-negatives", "7"], 1, "at most 6"),
+        (["--num-labeled", "5000"], 1, "exceed the"),
+    ],
+)
+def test_bad_inputs_one_line_nonzero_nothing_written(argv, code, message, debian_folder, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(common, "DEBIAN_FASHION_MNIST", debian_folder[0])
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", [SCRIPT, "--data-dir", str(tmp_path / "none"), "--no-cuda",
-                                      "--runs-dir", str(tmp_path / "runs"), "--num-labeled", "40", *argv])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            SCRIPT,
+            "--data-dir",
+            str(tmp_path / "none"),
+            "--no-cuda",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--num-labeled",
+            "40",
+            *argv,
+        ],
+    )
     with pytest.raises(SystemExit) as exit_info:
         fm.main()
     assert exit_info.value.code == code
@@ -258,8 +354,21 @@ def test_bad_input_from_the_command_line_and_existing_run_untouched(tmp_path):
     assert not (tmp_path / "runs").exists()
     (tmp_path / "runs" / "taken").mkdir(parents=True)
     (tmp_path / "runs" / "taken" / "summary.json").write_text("{}")
-    result = run_script(SCRIPT, "--dataset", "digits", "--num-labeled", "20", "--run-name", "taken",
-                        "--runs-dir", tmp_path / "runs", "--total-steps", "1", "--no-cuda", cwd=str(tmp_path))
+    result = run_script(
+        SCRIPT,
+        "--dataset",
+        "digits",
+        "--num-labeled",
+        "20",
+        "--run-name",
+        "taken",
+        "--runs-dir",
+        tmp_path / "runs",
+        "--total-steps",
+        "1",
+        "--no-cuda",
+        cwd=str(tmp_path),
+    )
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "already exists" in result.stderr
     assert os.listdir(tmp_path / "runs" / "taken") == ["summary.json"]
@@ -269,28 +378,51 @@ def test_bad_input_from_the_command_line_and_existing_run_untouched(tmp_path):
 # ------------------------------------------------------------------------------------------------------------ runner
 def test_runner_table_has_every_paper_row_and_aggregates_seeds(tmp_path):
     import importlib.util
-    spec = importlib.util.spec_from_file_location("fmnist_table", os.path.join(os.path.dirname(fm.__file__),
-                                                                             "benchmark", "fmnist_table.py"))
+
+    spec = importlib.util.spec_from_file_location(
+        "fmnist_table", os.path.join(os.path.dirname(fm.__file__), "benchmark", "fmnist_table.py")
+    )
     runner = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(runner)
-    assert [row[1] for row in runner.ROWS] == ["supervised", "uniform-1", "uniform-3", "nn-exclude-1",
-                                               "nn-exclude-4-1", "nn-furthest-1", "threshold-0.03",
-                                               "threshold-0.05", "oracle-1", "oracle-3"]
+    assert [row[1] for row in runner.ROWS] == [
+        "supervised",
+        "uniform-1",
+        "uniform-3",
+        "nn-exclude-1",
+        "nn-exclude-4-1",
+        "nn-furthest-1",
+        "threshold-0.03",
+        "threshold-0.05",
+        "oracle-1",
+        "oracle-3",
+    ]
     for seed, error in ((1, 15.0), (2, 17.0)):
         run_dir = tmp_path / f"oracle-3__seed{seed}"
         run_dir.mkdir()
-        (run_dir / "summary.json").write_text(json.dumps({
-            "final_test_error": error, "wrong_negative_share": 0.0, "negatives_per_sample": 3.0,
-            "nn_preprocess_seconds": None, "epochs": 20, "steps": 800,
-            "args": {"batch_size": 50, "unlabeled_batch_size": 50, "lr": 1e-3, "ns3l_weight": 1.0}}))
+        (run_dir / "summary.json").write_text(
+            json.dumps(
+                {
+                    "final_test_error": error,
+                    "wrong_negative_share": 0.0,
+                    "negatives_per_sample": 3.0,
+                    "nn_preprocess_seconds": None,
+                    "epochs": 20,
+                    "steps": 800,
+                    "args": {"batch_size": 50, "unlabeled_batch_size": 50, "lr": 1e-3, "ns3l_weight": 1.0},
+                }
+            )
+        )
     text = runner.table(type("Args", (), {"runs_dir": str(tmp_path), "seeds": [1, 2, 3]})())
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert "| 15.20 ± 0.66 | 16.00 ± 1.41 | 2 | 3.00 | 0.00 ± 0.00 |" in rows["Oracle - 3"]
     assert "| 17.25 ± 0.22 | - | 0 |" in rows["Supervised"]
     assert "20 epochs = 800 steps" in text
     # the ordering claims: paired differences on the same seed, mean ± standard error, checked by hand
-    for stem, errors in (("supervised", (16.0, 17.0, 16.5)), ("uniform-1", (17.0, 17.5, 18.5)),
-                         ("oracle-1", (15.5, 16.0, 16.0))):
+    for stem, errors in (
+        ("supervised", (16.0, 17.0, 16.5)),
+        ("uniform-1", (17.0, 17.5, 18.5)),
+        ("oracle-1", (15.5, 16.0, 16.0)),
+    ):
         for seed, error in zip((1, 2, 3), errors):
             (tmp_path / f"{stem}__seed{seed}").mkdir()
             (tmp_path / f"{stem}__seed{seed}" / "summary.json").write_text(json.dumps({"final_test_error": error}))
@@ -310,4 +442,6 @@ def test_runner_table_has_every_paper_row_and_aggregates_seeds(tmp_path):
     for seed in (1, 2):
         (only / f"oracle-1__seed{seed}").mkdir()
         (only / f"oracle-1__seed{seed}" / "summary.json").write_text(json.dumps({"final_test_error": 15.0 + seed - 1}))
-    assert "| +0.00 ± 0.00 | +0.0 | no, within noise |" in runner.claims(type("Args", (), {"runs_dir": str(only), "seeds": [1, 2]})())
+    assert "| +0.00 ± 0.00 | +0.0 | no, within noise |" in runner.claims(
+        type("Args", (), {"runs_dir": str(only), "seeds": [1, 2]})()
+    )

@@ -1,5 +1,6 @@
 """Tests for train_imagenet_mel.py: the losses against loop-based definitions, the labeled-ratio sampler, the split,
 DDP gradient equivalence, end-to-end runs (single process and 2-process torchrun on gloo) and bad inputs."""
+
 import json
 import os
 import subprocess
@@ -15,8 +16,20 @@ sys.path.insert(0, ROOT)
 import train_imagenet_mel as mel  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "train_imagenet_mel.py")
-TINY_NET = ["--crop-size", "32", "--resize-size", "36", "--block-config", "2,2", "--growth-rate", "8",
-            "--num-init-features", "16", "--num-workers", "0"]
+TINY_NET = [
+    "--crop-size",
+    "32",
+    "--resize-size",
+    "36",
+    "--block-config",
+    "2,2",
+    "--growth-rate",
+    "8",
+    "--num-init-features",
+    "16",
+    "--num-workers",
+    "0",
+]
 # One thread per process: the runs are tiny and CI cores are shared.
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
@@ -25,6 +38,7 @@ def make_image_folder(root, classes=4, train_per_class=12, val_per_class=4, size
     """Class = colour of a noisy image: learnable in a few dozen steps. patch > 0: only a patch x patch square at a
     random place has the class colour, on a grey noisy background (harder; crops can cut the square out)."""
     from PIL import Image
+
     rng = np.random.default_rng(seed)
     colours = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220], [220, 220, 40]])
     for split, n in (("train", train_per_class), ("val", val_per_class)):
@@ -35,7 +49,7 @@ def make_image_folder(root, classes=4, train_per_class=12, val_per_class=4, size
                 if patch:
                     pixels = np.full((size, size, 3), 128.0)
                     top, left = rng.integers(0, size - patch + 1, 2)
-                    pixels[top:top + patch, left:left + patch] = colours[c]
+                    pixels[top : top + patch, left : left + patch] = colours[c]
                 else:
                     pixels = np.tile(colours[c], (size, size, 1)).astype(float)
                 pixels = np.clip(pixels + rng.normal(0, noise, (size, size, 3)), 0, 255).astype(np.uint8)
@@ -49,12 +63,14 @@ def image_folder(tmp_path_factory):
 
 
 def run_script(args, launcher=(), timeout=120):
-    return subprocess.run([sys.executable, *launcher, SCRIPT, *args], capture_output=True, text=True, env=ENV,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, *launcher, SCRIPT, *args], capture_output=True, text=True, env=ENV, timeout=timeout, cwd=ROOT
+    )
 
 
 def read_scalars(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
@@ -85,8 +101,9 @@ def test_nbel_matches_loop_and_authors_variant_differs():
     assert not torch.allclose(expected, authors, atol=1e-3)
     # A batch whose mean prediction is uniform reaches the minimum -log(C).
     balanced = torch.eye(4) * 30
-    assert torch.allclose(mel.negative_batch_entropy_loss(balanced), torch.tensor(-np.log(4.0), dtype=torch.float32),
-                          atol=1e-5)
+    assert torch.allclose(
+        mel.negative_batch_entropy_loss(balanced), torch.tensor(-np.log(4.0), dtype=torch.float32), atol=1e-5
+    )
 
 
 def locality_by_definition(cam):
@@ -94,9 +111,9 @@ def locality_by_definition(cam):
     height, width = cam.shape
     total = 0.0
     for k in range(1, height + 1):
-        total += torch.linalg.norm(cam[:k, :]) + torch.linalg.norm(cam[height - k:, :])
+        total += torch.linalg.norm(cam[:k, :]) + torch.linalg.norm(cam[height - k :, :])
     for k in range(1, width + 1):
-        total += torch.linalg.norm(cam[:, :k]) + torch.linalg.norm(cam[:, width - k:])
+        total += torch.linalg.norm(cam[:, :k]) + torch.linalg.norm(cam[:, width - k :])
     return total
 
 
@@ -148,7 +165,9 @@ def test_locality_loss_max_and_prob_weighting():
     # The authors' weighting keeps the probabilities' gradient; the note's argmax does not.
     assert torch.autograd.grad(got_prob, logits)[0].abs().sum() > 0
     features.requires_grad_(True)
-    grads = torch.autograd.grad(mel.locality_loss(features, weight, logits, "max"), [logits, features], allow_unused=True)
+    grads = torch.autograd.grad(
+        mel.locality_loss(features, weight, logits, "max"), [logits, features], allow_unused=True
+    )
     assert grads[0] is None and grads[1].abs().sum() > 0
 
 
@@ -168,8 +187,12 @@ def test_compute_losses_combines_eq4():
     features, weight = torch.rand(4, 6, 3, 3), torch.randn(5, 6)
     logits, targets = torch.randn(4, 5), torch.tensor([1, -1, 3, -1])
     out = mel.compute_losses(logits, features, weight, targets, 0.5, 2.0, 0.01)
-    expected = (F.cross_entropy(logits[[0, 2]], targets[[0, 2]]) + 0.5 * mel.mean_entropy_loss(logits)
-                + 2.0 * mel.negative_batch_entropy_loss(logits) + 0.01 * mel.locality_loss(features, weight, logits))
+    expected = (
+        F.cross_entropy(logits[[0, 2]], targets[[0, 2]])
+        + 0.5 * mel.mean_entropy_loss(logits)
+        + 2.0 * mel.negative_batch_entropy_loss(logits)
+        + 0.01 * mel.locality_loss(features, weight, logits)
+    )
     assert torch.allclose(out["total"], expected, atol=1e-6)
     assert mel.compute_losses(logits, features, weight, targets, 0.5, 2.0, 0.0)["locality"].item() == 0.0
 
@@ -202,11 +225,15 @@ def test_sampler_ranks_disjoint_and_world_size_independent():
         assert first != second and first + second == single_batches[step]  # same global batch, split in two
     # Each pass through a pool is a permutation of it, and the ranks' shares of a pass are disjoint.
     for pool, want in ((labeled, True), (unlabeled, False)):
-        stream = [(index, slot // 8) for batch in single_batches for slot, (index, is_labeled) in enumerate(batch)
-                  if is_labeled == want]
+        stream = [
+            (index, slot // 8)
+            for batch in single_batches
+            for slot, (index, is_labeled) in enumerate(batch)
+            if is_labeled == want
+        ]
         assert len(stream) >= len(labeled)
         for start in range(0, len(stream), len(pool)):
-            chunk = stream[start:start + len(pool)]
+            chunk = stream[start : start + len(pool)]
             indices = [index for index, _ in chunk]
             assert len(set(indices)) == len(indices) and set(indices) <= set(pool)
             if len(chunk) == len(pool):
@@ -242,14 +269,17 @@ def test_make_split_balanced_disjoint_and_checked():
 
 
 # ------------------------------------------------------------------------------------------------- bad inputs
-@pytest.mark.parametrize("flags, message", [
-    (["--labeled-ratio", "1.5"], "--labeled-ratio must be in [0, 1]"),
-    (["--labeled-ratio", "-0.1"], "--labeled-ratio must be in [0, 1]"),
-    (["--num-labeled", "0"], "--labeled-ratio > 0 needs --num-labeled > 0"),
-    (["--block-config", "2,x"], "--block-config"),
-    (["--resize-size", "16", "--crop-size", "32"], "--resize-size"),
-    (["--loc-weight", "nan"], "--loc-weight"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--labeled-ratio", "1.5"], "--labeled-ratio must be in [0, 1]"),
+        (["--labeled-ratio", "-0.1"], "--labeled-ratio must be in [0, 1]"),
+        (["--num-labeled", "0"], "--labeled-ratio > 0 needs --num-labeled > 0"),
+        (["--block-config", "2,x"], "--block-config"),
+        (["--resize-size", "16", "--crop-size", "32"], "--resize-size"),
+        (["--loc-weight", "nan"], "--loc-weight"),
+    ],
+)
 def test_bad_flags_rejected(flags, message, capsys):
     with pytest.raises(SystemExit) as excinfo:
         mel.parse_args(["--data-dir", "x", *flags])
@@ -261,6 +291,7 @@ def test_authors_augmentation_is_the_default_and_random_resized_crop_a_flag():
     """Authors' dataLoader.py:29-31: Resize(256) + RandomCrop(224) + flip; torchvision v2 ToImage + ToDtype(scale)."""
     from PIL import Image
     from torchvision.transforms import v2
+
     args = mel.parse_args(["--data-dir", "x"])
     assert args.augmentation == "authors" and args.torch_deterministic is False  # fast by default, as the authors
     authors = mel.train_transform("authors", 224, 256)
@@ -281,18 +312,36 @@ def test_bad_data_rejected_before_writing(image_folder, tmp_path):
     runs = tmp_path / "runs"
     missing = run_script(["--data-dir", str(tmp_path / "nowhere"), "--runs-dir", str(runs), *TINY_NET])
     assert missing.returncode != 0
-    assert missing.stderr.strip().splitlines() == [f"train_imagenet_mel.py: error: {tmp_path / 'nowhere' / 'train'} is not a directory "
-                                                   "(--data-dir needs ImageNet-style train/ and val/ folders)"]
-    too_many = run_script(["--data-dir", image_folder, "--num-labeled", "49", "--num-unlabeled", "0",
-                           "--labeled-ratio", "1", "--runs-dir", str(runs), *TINY_NET])
+    assert missing.stderr.strip().splitlines() == [
+        f"train_imagenet_mel.py: error: {tmp_path / 'nowhere' / 'train'} is not a directory "
+        "(--data-dir needs ImageNet-style train/ and val/ folders)"
+    ]
+    too_many = run_script(
+        [
+            "--data-dir",
+            image_folder,
+            "--num-labeled",
+            "49",
+            "--num-unlabeled",
+            "0",
+            "--labeled-ratio",
+            "1",
+            "--runs-dir",
+            str(runs),
+            *TINY_NET,
+        ]
+    )
     assert too_many.returncode != 0
-    assert too_many.stderr.strip().splitlines() == ["train_imagenet_mel.py: error: --num-labeled 49 is more than the 48 images in train/"]
+    assert too_many.stderr.strip().splitlines() == [
+        "train_imagenet_mel.py: error: --num-labeled 49 is more than the 48 images in train/"
+    ]
     assert not runs.exists()
 
 
 # ------------------------------------------------------------------------------------------ DDP gradient maths
 def _ddp_worker(rank, world_size, port, inputs, out_path):
     import torch.distributed as dist
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -302,8 +351,9 @@ def _ddp_worker(rank, world_size, port, inputs, out_path):
     share = len(inputs["images"]) // world_size
     rows = slice(rank * share, (rank + 1) * share)
     logits, features = ddp(inputs["images"][rows])
-    losses = mel.compute_losses(logits, features, model.classifier.weight, inputs["targets"][rows], 0.5, 2.0, 0.1,
-                                "prob", False, world_size)
+    losses = mel.compute_losses(
+        logits, features, model.classifier.weight, inputs["targets"][rows], 0.5, 2.0, 0.1, "prob", False, world_size
+    )
     losses["total"].backward()
     if rank == 0:
         torch.save({name: p.grad for name, p in model.named_parameters()}, out_path)
@@ -325,6 +375,7 @@ def test_ddp_gradient_equals_single_process_global_batch(tmp_path):
     """2 gloo ranks on halves of a batch (uneven labeled counts) give the gradient of eq. 4 on the whole batch:
     fails if NBEL is computed per rank or CE is normalised per rank."""
     import socket
+
     torch.manual_seed(6)
     model = _TinyCAMNet()
     images = torch.randn(8, 3, 5, 5)
@@ -335,8 +386,11 @@ def test_ddp_gradient_equals_single_process_global_batch(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out_path = str(tmp_path / "grads.pt")
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, {"state": model.state_dict(), "images": images,
-                                                            "targets": targets}, out_path), nprocs=2)
+    torch.multiprocessing.spawn(
+        _ddp_worker,
+        args=(2, port, {"state": model.state_dict(), "images": images, "targets": targets}, out_path),
+        nprocs=2,
+    )
     ddp_grads = torch.load(out_path, weights_only=True)
     for name, p in model.named_parameters():
         assert torch.allclose(ddp_grads[name], p.grad, atol=1e-6, rtol=1e-5), name
@@ -345,9 +399,29 @@ def test_ddp_gradient_equals_single_process_global_batch(tmp_path):
 # ---------------------------------------------------------------------------------------------- end-to-end
 def test_end_to_end_single_process_resume_and_no_overwrite(image_folder, tmp_path):
     runs = tmp_path / "runs"
-    common = ["--data-dir", image_folder, "--num-labeled", "16", "--num-unlabeled", "-1", "--num-valid", "8",
-              "--batch-size", "16", "--lr", "0.05", "--log-every", "5", "--eval-every", "10",
-              "--runs-dir", str(runs), "--run-name", "tiny", *TINY_NET]
+    common = [
+        "--data-dir",
+        image_folder,
+        "--num-labeled",
+        "16",
+        "--num-unlabeled",
+        "-1",
+        "--num-valid",
+        "8",
+        "--batch-size",
+        "16",
+        "--lr",
+        "0.05",
+        "--log-every",
+        "5",
+        "--eval-every",
+        "10",
+        "--runs-dir",
+        str(runs),
+        "--run-name",
+        "tiny",
+        *TINY_NET,
+    ]
     result = run_script([*common, "--total-steps", "20"])
     assert result.returncode == 0, result.stderr
     run_dir = runs / "tiny"
@@ -356,15 +430,31 @@ def test_end_to_end_single_process_resume_and_no_overwrite(image_folder, tmp_pat
     assert len(split["labeled"]) == 16 and len(split["valid"]) == 8 and len(split["unlabeled"]) == 48 - 16 - 8
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 20 and summary["steps_per_second"] > 0 and summary["world_size"] == 1
-    for key in ("final_test_error", "final_test_top5_error", "final_valid_error", "best_valid_error",
-                "test_error_at_best_valid"):
+    for key in (
+        "final_test_error",
+        "final_test_top5_error",
+        "final_valid_error",
+        "best_valid_error",
+        "test_error_at_best_valid",
+    ):
         assert 0 <= summary[key] <= 100, key
     # Colour classes are learnt in 20 steps from 16 labels (chance: 75% error); broken labels would not be.
     assert summary["final_test_error"] <= 25.0
     scalars = read_scalars(str(run_dir))
-    for tag in ("losses/total", "losses/cross_entropy", "losses/mel", "losses/nbel", "losses/locality",
-                "charts/SPS", "charts/learning_rate", "charts/labeled_share", "eval/top1_error", "eval/top5_error",
-                "eval/loss", "eval/valid_top1_error"):
+    for tag in (
+        "losses/total",
+        "losses/cross_entropy",
+        "losses/mel",
+        "losses/nbel",
+        "losses/locality",
+        "charts/SPS",
+        "charts/learning_rate",
+        "charts/labeled_share",
+        "eval/top1_error",
+        "eval/top5_error",
+        "eval/loss",
+        "eval/valid_top1_error",
+    ):
         assert tag in scalars and all(np.isfinite(scalars[tag])), tag
     assert len(scalars["eval/top1_error"]) == 2 and len(scalars["losses/total"]) == 4
     assert all(v <= 0 for v in scalars["losses/nbel"]) and all(v > 0 for v in scalars["losses/locality"])
@@ -399,14 +489,40 @@ def refused(argv, capsys):
 
 def test_init_from_another_run_loads_its_weights(image_folder, tmp_path, capsys):
     runs = tmp_path / "runs"
-    common = ["--data-dir", image_folder, "--num-labeled", "16", "--num-unlabeled", "-1", "--batch-size", "16",
-              "--eval-every", "4", "--runs-dir", str(runs), *TINY_NET]
+    common = [
+        "--data-dir",
+        image_folder,
+        "--num-labeled",
+        "16",
+        "--num-unlabeled",
+        "-1",
+        "--batch-size",
+        "16",
+        "--eval-every",
+        "4",
+        "--runs-dir",
+        str(runs),
+        *TINY_NET,
+    ]
     first = run_script([*common, "--lr", "0.05", "--total-steps", "4", "--run-name", "mel"])
     assert first.returncode == 0, first.stderr
     # A zero-LR continuation keeps every weight (BN running statistics still move): the weights it saves are the
     # first run's, not a fresh initialisation; its step count and optimizer start fresh.
-    warm = run_script([*common, "--lr", "1e-30", "--weight-decay", "0", "--total-steps", "2", "--run-name", "warm",
-                       "--init-from", str(runs / "mel")])
+    warm = run_script(
+        [
+            *common,
+            "--lr",
+            "1e-30",
+            "--weight-decay",
+            "0",
+            "--total-steps",
+            "2",
+            "--run-name",
+            "warm",
+            "--init-from",
+            str(runs / "mel"),
+        ]
+    )
     assert warm.returncode == 0, warm.stderr
     assert "initialised the model from" in warm.stdout
     source = torch.load(runs / "mel" / "checkpoint.pt", weights_only=True)
@@ -416,14 +532,44 @@ def test_init_from_another_run_loads_its_weights(image_folder, tmp_path, capsys)
     weights = [k for k in source["model"] if k.endswith(".weight")]
     assert weights and all(torch.equal(source["model"][k], target["model"][k]) for k in weights)
     # (the authors' main.py recipe end to end: slots with replacement, probability-weighted CAMs, NBEL on mean logits)
-    cold = run_script([*common, "--lr", "1e-30", "--weight-decay", "0", "--total-steps", "2", "--run-name", "cold",
-                       "--recipe", "code"])
-    assert not torch.equal(torch.load(runs / "cold" / "checkpoint.pt", weights_only=True)["model"]["classifier.weight"],
-                           source["model"]["classifier.weight"])
+    cold = run_script(
+        [
+            *common,
+            "--lr",
+            "1e-30",
+            "--weight-decay",
+            "0",
+            "--total-steps",
+            "2",
+            "--run-name",
+            "cold",
+            "--recipe",
+            "code",
+        ]
+    )
+    assert not torch.equal(
+        torch.load(runs / "cold" / "checkpoint.pt", weights_only=True)["model"]["classifier.weight"],
+        source["model"]["classifier.weight"],
+    )
     assert cold.returncode == 0
     # --resume continues the run from its own checkpoint; --init-from is ignored there.
-    resumed = run_script([*common, "--lr", "1e-30", "--weight-decay", "0", "--total-steps", "3", "--run-name", "warm",
-                          "--resume", str(runs / "warm"), "--init-from", str(tmp_path / "nowhere")])
+    resumed = run_script(
+        [
+            *common,
+            "--lr",
+            "1e-30",
+            "--weight-decay",
+            "0",
+            "--total-steps",
+            "3",
+            "--run-name",
+            "warm",
+            "--resume",
+            str(runs / "warm"),
+            "--init-from",
+            str(tmp_path / "nowhere"),
+        ]
+    )
     assert resumed.returncode == 0 and "at step 2" in resumed.stdout, resumed.stderr
     # Refusals, each one line with a non-zero exit and no run directory: another network (width, number of
     # classes), labels that would leak (another seed labels other images), a run not finished or being extended,
@@ -437,15 +583,18 @@ def test_init_from_another_run_loads_its_weights(image_folder, tmp_path, capsys)
         (runs / name / "checkpoint.pt").write_bytes((runs / "mel" / "checkpoint.pt").read_bytes())
         if steps:
             (runs / name / "summary.json").write_text(json.dumps({"steps": steps}))
-    for source_dir, extra, message in ((runs / "mel", ["--growth-rate", "4"], "another network"),
-                                       (runs / "mel", ["--data-dir", three_classes], "classifier.bias: (4,) there, (3,) here"),
-                                       (runs / "mel", ["--seed", "2"], "their labels would leak"),
-                                       (runs / "going", [], "has not finished"),
-                                       (runs / "extending", [], "not the finished model"),
-                                       (tmp_path / "nowhere", [], "no checkpoint.pt"),
-                                       (runs / "broken", [], "corrupt or unreadable")):
-        code, err = refused([*common, "--total-steps", "2", "--run-name", "bad", "--init-from", str(source_dir), *extra],
-                            capsys)
+    for source_dir, extra, message in (
+        (runs / "mel", ["--growth-rate", "4"], "another network"),
+        (runs / "mel", ["--data-dir", three_classes], "classifier.bias: (4,) there, (3,) here"),
+        (runs / "mel", ["--seed", "2"], "their labels would leak"),
+        (runs / "going", [], "has not finished"),
+        (runs / "extending", [], "not the finished model"),
+        (tmp_path / "nowhere", [], "no checkpoint.pt"),
+        (runs / "broken", [], "corrupt or unreadable"),
+    ):
+        code, err = refused(
+            [*common, "--total-steps", "2", "--run-name", "bad", "--init-from", str(source_dir), *extra], capsys
+        )
         assert code != 0 and message in err and len(err.strip().splitlines()) == 1, err
         assert not (runs / "bad").exists()
     code, err = refused([*common, "--total-steps", "2", "--resume", str(runs / "broken")], capsys)
@@ -455,10 +604,34 @@ def test_init_from_another_run_loads_its_weights(image_folder, tmp_path, capsys)
 
 def test_torchrun_two_processes_gloo_identical_weights(image_folder, tmp_path):
     runs = tmp_path / "runs"
-    result = run_script(["--data-dir", image_folder, "--num-labeled", "16", "--num-unlabeled", "-1",
-                         "--batch-size", "16", "--lr", "0.05", "--total-steps", "12", "--log-every", "4",
-                         "--eval-every", "6", "--runs-dir", str(runs), "--run-name", "ddp", "--no-cuda", *TINY_NET],
-                        launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"), timeout=180)
+    result = run_script(
+        [
+            "--data-dir",
+            image_folder,
+            "--num-labeled",
+            "16",
+            "--num-unlabeled",
+            "-1",
+            "--batch-size",
+            "16",
+            "--lr",
+            "0.05",
+            "--total-steps",
+            "12",
+            "--log-every",
+            "4",
+            "--eval-every",
+            "6",
+            "--runs-dir",
+            str(runs),
+            "--run-name",
+            "ddp",
+            "--no-cuda",
+            *TINY_NET,
+        ],
+        launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
+        timeout=180,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = runs / "ddp"
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -476,18 +649,62 @@ def test_recipes_fill_the_flags_not_given():
     """--recipe paper (default): the run behind the authors' table (final report, experiments.tex at 07a3918);
     --recipe code: their main.py defaults. A flag on the command line wins over either."""
     paper = mel.parse_args(["--data-dir", "x"])
-    assert (paper.arch, paper.batch_size, paper.epochs, paper.lr_step_epochs, paper.num_labeled, paper.num_unlabeled,
-            paper.labeled_ratio, paper.mel_weight, paper.pool_sampling, paper.loc_weighting,
-            paper.nbel_on_mean_logits) == ("densenet161", 52, 130, 20, 64000, 192000, 0.8, 0.8, "with", "prob", True)
+    assert (
+        paper.arch,
+        paper.batch_size,
+        paper.epochs,
+        paper.lr_step_epochs,
+        paper.num_labeled,
+        paper.num_unlabeled,
+        paper.labeled_ratio,
+        paper.mel_weight,
+        paper.pool_sampling,
+        paper.loc_weighting,
+        paper.nbel_on_mean_logits,
+    ) == ("densenet161", 52, 130, 20, 64000, 192000, 0.8, 0.8, "with", "prob", True)
     code = mel.parse_args(["--data-dir", "x", "--recipe", "code"])
-    assert (code.arch, code.batch_size, code.epochs, code.lr_step_epochs, code.num_labeled, code.num_unlabeled,
-            code.labeled_ratio, code.mel_weight, code.pool_sampling, code.loc_weighting,
-            code.nbel_on_mean_logits) == ("densenet161", 140, 130, 30, 50000, 150000, 0.25, 1.0, "with", "prob", True)
-    assert (code.nbel_weight, code.loc_weight, code.lr, paper.nbel_weight, paper.loc_weight) == (2.0, 0.01, 0.1, 2.0, 0.01)
-    mixed = mel.parse_args(["--data-dir", "x", "--recipe", "code", "--batch-size", "8", "--no-nbel-on-mean-logits",
-                            "--pool-sampling", "without", "--loc-weighting", "max"])
-    assert (mixed.batch_size, mixed.nbel_on_mean_logits, mixed.pool_sampling, mixed.loc_weighting,
-            mixed.labeled_ratio) == (8, False, "without", "max", 0.25)
+    assert (
+        code.arch,
+        code.batch_size,
+        code.epochs,
+        code.lr_step_epochs,
+        code.num_labeled,
+        code.num_unlabeled,
+        code.labeled_ratio,
+        code.mel_weight,
+        code.pool_sampling,
+        code.loc_weighting,
+        code.nbel_on_mean_logits,
+    ) == ("densenet161", 140, 130, 30, 50000, 150000, 0.25, 1.0, "with", "prob", True)
+    assert (code.nbel_weight, code.loc_weight, code.lr, paper.nbel_weight, paper.loc_weight) == (
+        2.0,
+        0.01,
+        0.1,
+        2.0,
+        0.01,
+    )
+    mixed = mel.parse_args(
+        [
+            "--data-dir",
+            "x",
+            "--recipe",
+            "code",
+            "--batch-size",
+            "8",
+            "--no-nbel-on-mean-logits",
+            "--pool-sampling",
+            "without",
+            "--loc-weighting",
+            "max",
+        ]
+    )
+    assert (
+        mixed.batch_size,
+        mixed.nbel_on_mean_logits,
+        mixed.pool_sampling,
+        mixed.loc_weighting,
+        mixed.labeled_ratio,
+    ) == (8, False, "without", "max", 0.25)
 
 
 def test_sampler_with_replacement_is_seeded_by_step_and_draws_from_the_right_pool():

@@ -1,5 +1,6 @@
 """Tests for train_mixmatch.py: sharpening, mixup, label guessing and the interleaved forward against BatchNorm,
 decoupled weight decay, EMA, the lambda_u ramp, the NS3L mask on mixed targets, end-to-end runs, resume, bad inputs."""
+
 import copy
 import json
 import math
@@ -18,18 +19,34 @@ import train_mixmatch as mm  # noqa: E402
 import wrn  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "train_mixmatch.py")
-TINY = ["--dataset", "synthetic", "--depth", "10", "--width", "1", "--batch-size", "8", "--log-every", "2",
-        "--rampup-steps", "4", "--torch-deterministic", "--no-cuda"]
+TINY = [
+    "--dataset",
+    "synthetic",
+    "--depth",
+    "10",
+    "--width",
+    "1",
+    "--batch-size",
+    "8",
+    "--log-every",
+    "2",
+    "--rampup-steps",
+    "4",
+    "--torch-deterministic",
+    "--no-cuda",
+]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # tiny runs; CI cores are shared
 
 
 def run_script(args, timeout=120):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=ENV, timeout=timeout,
-                          cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args], capture_output=True, text=True, env=ENV, timeout=timeout, cwd=ROOT
+    )
 
 
 def read_scalars(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
@@ -161,12 +178,22 @@ def test_lambda_u_linear_ramp_and_protocol_defaults():
     assert mm.linear_rampup(0, 16384) == 0.0
     assert mm.linear_rampup(8192, 16384) == 0.5
     assert mm.linear_rampup(16384, 16384) == 1.0
-    assert mm.linear_rampup(10 ** 6, 16384) == 1.0
+    assert mm.linear_rampup(10**6, 16384) == 1.0
     assert mm.linear_rampup(0, 0) == 1.0
     args = mm.parse_args([])
-    assert (args.rampup_steps, args.lambda_u, args.batch_size, args.k_augment, args.alpha, args.temperature,
-            args.lr, args.weight_decay, args.ema_decay, args.eval_every, args.threshold) == \
-        (16384, 75.0, 64, 2, 0.75, 0.5, 0.002, 0.02, 0.999, 1024, 0.05)
+    assert (
+        args.rampup_steps,
+        args.lambda_u,
+        args.batch_size,
+        args.k_augment,
+        args.alpha,
+        args.temperature,
+        args.lr,
+        args.weight_decay,
+        args.ema_decay,
+        args.eval_every,
+        args.threshold,
+    ) == (16384, 75.0, 64, 2, 0.75, 0.5, 0.002, 0.02, 0.999, 1024, 0.05)
     assert args.ns3l_weight == 5.0 and args.num_labeled == 250 and args.total_steps == 307_200
     assert mm.parse_args(["--num-labeled", "4000"]).ns3l_weight == 10.0
     for dataset, lambda_u, weight, stages in (("svhn", 250, 2, 3), ("stl10", 50, 2, 4), ("cifar100", 150, 2, 3)):
@@ -195,11 +222,29 @@ def test_ns3l_mask_built_from_mixed_targets():
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
-COMMON_TAGS = {"losses/xe", "losses/l2u", "losses/total", "charts/SPS", "charts/learning_rate", "charts/lambda_u",
-               "charts/guess_accuracy", "eval/test_error", "eval/valid_error", "eval/median_last20_test_error",
-               "eval/test_error_raw"}
-SUMMARY_KEYS = {"steps", "steps_per_second", "final_valid_error", "final_test_error", "best_valid_error",
-                "test_error_at_best_valid", "median_last20_test_error", "args"}
+COMMON_TAGS = {
+    "losses/xe",
+    "losses/l2u",
+    "losses/total",
+    "charts/SPS",
+    "charts/learning_rate",
+    "charts/lambda_u",
+    "charts/guess_accuracy",
+    "eval/test_error",
+    "eval/valid_error",
+    "eval/median_last20_test_error",
+    "eval/test_error_raw",
+}
+SUMMARY_KEYS = {
+    "steps",
+    "steps_per_second",
+    "final_valid_error",
+    "final_test_error",
+    "best_valid_error",
+    "test_error_at_best_valid",
+    "median_last20_test_error",
+    "args",
+}
 
 
 def check_run(run_dir, steps, ns3l):
@@ -222,8 +267,9 @@ def check_run(run_dir, steps, ns3l):
 
 
 def test_end_to_end_mixmatch(tmp_path):
-    result = run_script(TINY + ["--total-steps", "4", "--eval-every", "2", "--runs-dir", str(tmp_path),
-                                "--run-name", "mm"])
+    result = run_script(
+        TINY + ["--total-steps", "4", "--eval-every", "2", "--runs-dir", str(tmp_path), "--run-name", "mm"]
+    )
     assert result.returncode == 0, result.stderr
     scalars, _ = check_run(tmp_path / "mm", 4, ns3l=False)
     assert len(scalars["eval/test_error"]) == 2
@@ -254,11 +300,28 @@ def test_end_to_end_ns3l_and_resume_restores_ema(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------- bad inputs
-@pytest.mark.parametrize("argv", [
-    ["--threshold", "1.5"], ["--threshold", "0"], ["--alpha", "0"], ["--temperature", "-1"], ["--k-augment", "0"],
-    ["--batch-size", "2"], ["--ema-decay", "1.0"], ["--weight-decay", "-0.1"], ["--lambda-u", "-1"],
-    ["--rampup-steps", "-5"], ["--depth", "12"], ["--dataset", "imagenet"], ["--total-steps", "0"],
-    ["--lr", "0"], ["--bn-momentum", "0"], ["--ns3l-weight", "-2"], ["--num-stages", "0"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--threshold", "1.5"],
+        ["--threshold", "0"],
+        ["--alpha", "0"],
+        ["--temperature", "-1"],
+        ["--k-augment", "0"],
+        ["--batch-size", "2"],
+        ["--ema-decay", "1.0"],
+        ["--weight-decay", "-0.1"],
+        ["--lambda-u", "-1"],
+        ["--rampup-steps", "-5"],
+        ["--depth", "12"],
+        ["--dataset", "imagenet"],
+        ["--total-steps", "0"],
+        ["--lr", "0"],
+        ["--bn-momentum", "0"],
+        ["--ns3l-weight", "-2"],
+        ["--num-stages", "0"],
+    ],
+)
 def test_bad_flags_rejected_with_one_line(argv, capsys):
     with pytest.raises(SystemExit) as excinfo:
         mm.parse_args(argv)

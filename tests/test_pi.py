@@ -1,5 +1,6 @@
 """train_pi.py: consistency loss by hand, the target pass (no gradient, BN statistics untouched), NS3L, end-to-end
 runs of Pi and Pi + NS3L on synthetic data, exact resume, and bad inputs."""
+
 import copy
 import json
 import math
@@ -12,16 +13,40 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from conftest import read_scalars, run_script  # noqa: E402
+
 import common  # noqa: E402
 import train_pi  # noqa: E402
 import wrn  # noqa: E402
-from conftest import read_scalars, run_script  # noqa: E402
 
-TINY_NO_STEPS = ["--dataset", "synthetic", "--depth", "10", "--width", "1", "--log-every", "5", "--eval-every", "5",
-                 "--batch-size", "16", "--bn-momentum", "0.1", "--torch-deterministic", "--no-cuda"]
+TINY_NO_STEPS = [
+    "--dataset",
+    "synthetic",
+    "--depth",
+    "10",
+    "--width",
+    "1",
+    "--log-every",
+    "5",
+    "--eval-every",
+    "5",
+    "--batch-size",
+    "16",
+    "--bn-momentum",
+    "0.1",
+    "--torch-deterministic",
+    "--no-cuda",
+]
 TINY = TINY_NO_STEPS + ["--total-steps", "10"]
-SUMMARY_KEYS = {"steps", "steps_per_second", "final_valid_error", "final_test_error", "best_valid_error",
-                "test_error_at_best_valid", "args"}
+SUMMARY_KEYS = {
+    "steps",
+    "steps_per_second",
+    "final_valid_error",
+    "final_test_error",
+    "best_valid_error",
+    "test_error_at_best_valid",
+    "args",
+}
 
 
 def run(*args):
@@ -65,8 +90,9 @@ def test_consistency_zero_when_both_passes_identical_and_positive_with_augmentat
     loss = train_pi.consistency_loss(model(same), train_pi.target_pass(model, same))
     assert loss.item() < 1e-12
     torch.manual_seed(2)
-    loss_aug = train_pi.consistency_loss(model(common.augment(images, True, 2, 0.15)),
-                                         train_pi.target_pass(model, common.augment(images, True, 2, 0.15)))
+    loss_aug = train_pi.consistency_loss(
+        model(common.augment(images, True, 2, 0.15)), train_pi.target_pass(model, common.augment(images, True, 2, 0.15))
+    )
     assert loss_aug.item() > 1e-6
 
 
@@ -103,7 +129,13 @@ def test_rampup_schedule():
 
 def test_default_hyperparameters():
     pi = train_pi.parse_args([])
-    assert (pi.lr, pi.pi_weight, pi.rampup_steps, pi.total_steps, pi.lr_decay_step) == (3e-4, 20.0, 50_000, 200_000, 130_000)
+    assert (pi.lr, pi.pi_weight, pi.rampup_steps, pi.total_steps, pi.lr_decay_step) == (
+        3e-4,
+        20.0,
+        50_000,
+        200_000,
+        130_000,
+    )
     both = train_pi.parse_args(["--ns3l"])
     assert (both.lr, both.ns3l_weight, both.pi_weight) == (6e-4, 1.0, 20.0)
 
@@ -130,9 +162,18 @@ def check_run(result, run_dir, tags):
     return found, summary
 
 
-BASE_TAGS = {"losses/supervised", "losses/consistency", "losses/total", "charts/learning_rate", "charts/SPS",
-             "charts/unlabeled_weight_ramp", "charts/pi_argmax_agreement", "eval/valid_error", "eval/test_error",
-             "eval/test_error_at_best_valid"}
+BASE_TAGS = {
+    "losses/supervised",
+    "losses/consistency",
+    "losses/total",
+    "charts/learning_rate",
+    "charts/SPS",
+    "charts/unlabeled_weight_ramp",
+    "charts/pi_argmax_agreement",
+    "eval/valid_error",
+    "eval/test_error",
+    "eval/test_error_at_best_valid",
+}
 
 
 def test_end_to_end_pi(pi_run):
@@ -166,8 +207,18 @@ def test_resume_matches_uninterrupted_run(pi_run, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------- bad inputs
-@pytest.mark.parametrize("flags", [["--pi-weight", "-1"], ["--threshold", "1.5"], ["--lr", "0"], ["--depth", "11"],
-                                   ["--dataset", "nope"], ["--total-steps", "0"], ["--pi-weight", "nan"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--pi-weight", "-1"],
+        ["--threshold", "1.5"],
+        ["--lr", "0"],
+        ["--depth", "11"],
+        ["--dataset", "nope"],
+        ["--total-steps", "0"],
+        ["--pi-weight", "nan"],
+    ],
+)
 def test_bad_flag_values_rejected(flags, capsys):
     with pytest.raises(SystemExit) as error:
         train_pi.parse_args(flags)

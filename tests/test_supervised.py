@@ -1,5 +1,6 @@
 """train_supervised.py: NS3L / Pseudo-Label / EntMin losses against hand computations, end-to-end runs, determinism,
 resume, a learning check on real data (digits), and bad input."""
+
 import json
 import math
 import os
@@ -8,13 +9,20 @@ import sys
 
 import pytest
 import torch
-
-import train_supervised as ts
 from conftest import TINY, read_scalars, run_script
 
+import train_supervised as ts
+
 SCRIPT = "train_supervised.py"
-SUMMARY_KEYS = {"steps", "steps_per_second", "final_valid_error", "final_test_error", "best_valid_error",
-                "test_error_at_best_valid", "args"}
+SUMMARY_KEYS = {
+    "steps",
+    "steps_per_second",
+    "final_valid_error",
+    "final_test_error",
+    "best_valid_error",
+    "test_error_at_best_valid",
+    "args",
+}
 
 
 # ------------------------------------------------------------------------------------------------------ losses
@@ -34,7 +42,7 @@ def test_ns3l_loss_stable_at_extreme_logits_and_gradient():
     negatives = torch.tensor([[True, False, False], [False, False, True]])
     loss = ts.ns3l_loss(logits, negatives)
     loss.backward()
-    expected = (-math.log(1e-8) + math.log1p(math.exp(-1.0)) ) / 2  # row 1: -log(e^1000 / (e^1000 + e^999))
+    expected = (-math.log(1e-8) + math.log1p(math.exp(-1.0))) / 2  # row 1: -log(e^1000 / (e^1000 + e^999))
     assert torch.isfinite(loss) and loss.item() == pytest.approx(expected, rel=1e-5)
     assert torch.isfinite(logits.grad).all()
     # gradient pushes the negatives' logits down and the others up
@@ -84,20 +92,35 @@ def _run(tmp_path, name, *extra):
     return os.path.join(tmp_path, name)
 
 
-@pytest.mark.parametrize("flags,tags", [
-    ([], []),
-    (["--ns3l"], ["losses/ns3l", "charts/ns3l_negatives_per_sample", "charts/ns3l_false_negative_rate"]),
-    (["--pseudo-label", "--pl-threshold", "0.2"], ["losses/pseudo_label", "charts/pl_mask_rate", "charts/pl_accuracy"]),
-    (["--ns3l", "--pseudo-label", "--entmin", "--ns3l-extra-pass"],
-     ["losses/ns3l", "losses/pseudo_label", "losses/entropy"]),
-])
+@pytest.mark.parametrize(
+    "flags,tags",
+    [
+        ([], []),
+        (["--ns3l"], ["losses/ns3l", "charts/ns3l_negatives_per_sample", "charts/ns3l_false_negative_rate"]),
+        (
+            ["--pseudo-label", "--pl-threshold", "0.2"],
+            ["losses/pseudo_label", "charts/pl_mask_rate", "charts/pl_accuracy"],
+        ),
+        (
+            ["--ns3l", "--pseudo-label", "--entmin", "--ns3l-extra-pass"],
+            ["losses/ns3l", "losses/pseudo_label", "losses/entropy"],
+        ),
+    ],
+)
 def test_end_to_end(tmp_path, flags, tags):
     run_dir = _run(tmp_path, "run", *flags)
     for name in ("args.json", "split.json", "checkpoint.pt", "summary.json"):
         assert os.path.exists(os.path.join(run_dir, name))
     scalars = read_scalars(run_dir)
-    expected = ["losses/supervised", "losses/total", "charts/SPS", "charts/learning_rate", "eval/valid_error",
-                "eval/test_error", "eval/test_error_at_best_valid"] + tags
+    expected = [
+        "losses/supervised",
+        "losses/total",
+        "charts/SPS",
+        "charts/learning_rate",
+        "eval/valid_error",
+        "eval/test_error",
+        "eval/test_error_at_best_valid",
+    ] + tags
     for tag in expected:
         assert tag in scalars and all(math.isfinite(v) for _, v in scalars[tag]), tag
     if not flags:  # the baseline uses labeled data only
@@ -145,9 +168,28 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 def test_learns_digits(tmp_path):
     """Real data, fixed seed and steps. Measured (seed 1, one thread): supervised 5.03 % test error, NS3L 3.82 %
     (4.83 % supervised with two threads); chance is 90 %. A broken loss, split or augmentation lands far above 12 %."""
-    common_args = ["--dataset", "digits", "--depth", "10", "--width", "1", "--total-steps", "300", "--eval-every", "150",
-                   "--log-every", "150", "--rampup-steps", "100", "--bn-momentum", "0.05", "--torch-deterministic",
-                   "--no-cuda", "--runs-dir", tmp_path]
+    common_args = [
+        "--dataset",
+        "digits",
+        "--depth",
+        "10",
+        "--width",
+        "1",
+        "--total-steps",
+        "300",
+        "--eval-every",
+        "150",
+        "--log-every",
+        "150",
+        "--rampup-steps",
+        "100",
+        "--bn-momentum",
+        "0.05",
+        "--torch-deterministic",
+        "--no-cuda",
+        "--runs-dir",
+        tmp_path,
+    ]
     for name, flags in (("sup", []), ("ns3l", ["--ns3l"])):
         result = run_script(SCRIPT, *common_args, "--run-name", name, *flags)
         assert result.returncode == 0, result.stderr
@@ -163,17 +205,20 @@ def _assert_one_line_failure(result):
     return lines[-1]
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--threshold", "1.5"], "--threshold"),
-    (["--threshold", "0"], "--threshold"),
-    (["--dataset", "imagenet"], "unknown data set"),
-    (["--num-labeled", "5000"], "exceed"),
-    (["--depth", "12"], "--depth"),
-    (["--dataset", "cifar10", "--data-dir", "nowhere"], "--download"),
-    (["--num-valid", "0"], "--num-valid"),
-    (["--unlabeled-batch-size", "0"], "--unlabeled-batch-size"),
-    (["--ns3l-weight", "nan"], "--ns3l-weight"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--threshold", "1.5"], "--threshold"),
+        (["--threshold", "0"], "--threshold"),
+        (["--dataset", "imagenet"], "unknown data set"),
+        (["--num-labeled", "5000"], "exceed"),
+        (["--depth", "12"], "--depth"),
+        (["--dataset", "cifar10", "--data-dir", "nowhere"], "--download"),
+        (["--num-valid", "0"], "--num-valid"),
+        (["--unlabeled-batch-size", "0"], "--unlabeled-batch-size"),
+        (["--ns3l-weight", "nan"], "--ns3l-weight"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, flags, message, monkeypatch, capsys):
     """In this process (main() as the command line runs it; the failures come before any training); the subprocess
     test below checks the same contract through a real command line."""

@@ -1,6 +1,7 @@
 """Tests for train_vat.py: r_adv (norm, no gradient, power iteration, fp32 under autocast), BatchNorm statistics
 untouched, KL properties, the paper's defaults, end-to-end runs of VAT / + EntMin / + PL / + NS3L on synthetic data
 (event tags, finite values, loss composition, summary.json, resume) and bad inputs."""
+
 import json
 import os
 import subprocess
@@ -18,8 +19,15 @@ import wrn  # noqa: E402
 SCRIPT = os.path.join(ROOT, "train_vat.py")
 TINY = ["--dataset", "synthetic", "--depth", "10", "--width", "1", "--bn-momentum", "0.1"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # tiny runs; CI cores are shared
-SUMMARY_KEYS = {"steps", "steps_per_second", "final_valid_error", "final_test_error", "best_valid_error",
-                "test_error_at_best_valid", "args"}
+SUMMARY_KEYS = {
+    "steps",
+    "steps_per_second",
+    "final_valid_error",
+    "final_test_error",
+    "best_valid_error",
+    "test_error_at_best_valid",
+    "args",
+}
 
 
 def tiny_wrn(seed=0):
@@ -79,7 +87,9 @@ def test_every_pass_augments_afresh_after_the_perturbation_is_added():
     assert len(seen) == 3  # two probe passes and the adversarial pass, each augmented on its own
     probe_norms = (seen[0] - x).flatten(1).norm(dim=1)
     assert torch.allclose(probe_norms, torch.full((4,), 1e-6), rtol=0.2)  # fp32 rounding of x + d - x
-    assert torch.allclose(seen[2], x + r_adv) and torch.allclose((seen[2] - x).flatten(1).norm(dim=1), torch.full((4,), 2.0))
+    assert torch.allclose(seen[2], x + r_adv) and torch.allclose(
+        (seen[2] - x).flatten(1).norm(dim=1), torch.full((4,), 2.0)
+    )
 
 
 def test_l2_normalize_keeps_tiny_gradients_unit_norm():
@@ -166,8 +176,12 @@ def test_hidden_label_stats_by_hand():
     y_hidden = torch.tensor([0, 2, -1])
     negatives = torch.tensor([[True, True, False], [False, True, False], [True, True, True]])
     stats = train_vat.hidden_label_stats(y_hidden, negatives, torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0, 1, 2]))
-    expected = {"charts/ns3l_negatives_per_sample": 2.0, "charts/ns3l_false_negative_rate": 0.5,
-                "charts/pl_mask_rate": 2 / 3, "charts/pl_accuracy": 0.5}
+    expected = {
+        "charts/ns3l_negatives_per_sample": 2.0,
+        "charts/ns3l_false_negative_rate": 0.5,
+        "charts/pl_mask_rate": 2 / 3,
+        "charts/pl_accuracy": 0.5,
+    }
     assert {k: round(v.item(), 6) for k, v in stats.items()} == {k: round(v, 6) for k, v in expected.items()}
     assert train_vat.hidden_label_stats(y_hidden) == {}  # neither NS3L nor Pseudo-Label on
 
@@ -183,31 +197,54 @@ def test_paper_defaults():
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-VARIANTS = {"vat": [], "entmin": ["--entmin"], "pl": ["--pseudo-label", "--pl-threshold", "0.1"], "ns3l": ["--ns3l"],
-            "miyato": ["--vat-kl", "miyato"]}
-EXPECTED = {"vat": set(), "miyato": set(), "entmin": {"losses/entropy"}, "pl": {"losses/pseudo_label", "charts/pl_mask_rate"},
-            "ns3l": {"losses/ns3l", "charts/ns3l_negatives_per_sample", "charts/ns3l_false_negative_rate"}}
+VARIANTS = {
+    "vat": [],
+    "entmin": ["--entmin"],
+    "pl": ["--pseudo-label", "--pl-threshold", "0.1"],
+    "ns3l": ["--ns3l"],
+    "miyato": ["--vat-kl", "miyato"],
+}
+EXPECTED = {
+    "vat": set(),
+    "miyato": set(),
+    "entmin": {"losses/entropy"},
+    "pl": {"losses/pseudo_label", "charts/pl_mask_rate"},
+    "ns3l": {"losses/ns3l", "charts/ns3l_negatives_per_sample", "charts/ns3l_false_negative_rate"},
+}
 OPTIONAL = set().union(*EXPECTED.values()) | {"charts/pl_accuracy"}
 
 
 def read_scalars(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def launch(args):
-    return subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ENV, cwd=ROOT)
+    return subprocess.Popen(
+        [sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT
+    )
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The four variants side by side (one thread each), 4 steps, every step logged, no ramp."""
     runs_dir = str(tmp_path_factory.mktemp("vat_runs"))
-    common_args = [*TINY, "--total-steps", "4", "--eval-every", "2", "--log-every", "1", "--rampup-steps", "0",
-                   "--runs-dir", runs_dir]
+    common_args = [
+        *TINY,
+        "--total-steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--log-every",
+        "1",
+        "--rampup-steps",
+        "0",
+        "--runs-dir",
+        runs_dir,
+    ]
     procs = {name: launch([*common_args, "--run-name", name, *flags]) for name, flags in VARIANTS.items()}
     bad_dir = os.path.join(runs_dir, "bad_runs")
     procs["bad"] = launch([*TINY, "--runs-dir", bad_dir, "--vat-eps", "0"])  # a bad value: nothing may be written
@@ -223,9 +260,18 @@ def test_end_to_end(runs, name):
     code, out, err, run_dir = runs[name]
     assert code == 0, err
     scalars = read_scalars(run_dir)
-    base = {"losses/supervised", "losses/vat", "losses/total", "charts/vat_r_adv_norm", "charts/learning_rate",
-            "charts/SPS", "charts/unlabeled_weight_ramp", "eval/valid_error", "eval/test_error",
-            "eval/test_error_at_best_valid"}
+    base = {
+        "losses/supervised",
+        "losses/vat",
+        "losses/total",
+        "charts/vat_r_adv_norm",
+        "charts/learning_rate",
+        "charts/SPS",
+        "charts/unlabeled_weight_ramp",
+        "eval/valid_error",
+        "eval/test_error",
+        "eval/test_error_at_best_valid",
+    }
     assert base | EXPECTED[name] <= set(scalars)
     assert not (set(scalars) & OPTIONAL) - EXPECTED[name] - ({"charts/pl_accuracy"} if name == "pl" else set())
     assert all(len(v) > 0 and all(torch.isfinite(torch.tensor(v))) for v in scalars.values())
@@ -236,15 +282,19 @@ def test_end_to_end(runs, name):
     assert SUMMARY_KEYS <= set(summary) and summary["steps"] == 4 and summary["steps_per_second"] > 0
     for key in ("final_valid_error", "final_test_error", "best_valid_error", "test_error_at_best_valid"):
         assert 0.0 <= summary[key] <= 100.0
-    assert os.path.isfile(os.path.join(run_dir, "checkpoint.pt")) and os.path.isfile(os.path.join(run_dir, "split.json"))
+    assert os.path.isfile(os.path.join(run_dir, "checkpoint.pt")) and os.path.isfile(
+        os.path.join(run_dir, "split.json")
+    )
 
 
 def test_ns3l_term_is_zero_when_off_and_nonzero_when_on(runs):
     """total - supervised - vat_weight * vat (ramp 1) is the NS3L term: 0 without --ns3l, 0.3 * ns3l with it."""
     for name in ("vat", "ns3l"):
         scalars = read_scalars(runs[name][3])
-        residual = [t - s - 0.3 * v for t, s, v in
-                    zip(scalars["losses/total"], scalars["losses/supervised"], scalars["losses/vat"])]
+        residual = [
+            t - s - 0.3 * v
+            for t, s, v in zip(scalars["losses/total"], scalars["losses/supervised"], scalars["losses/vat"])
+        ]
         if name == "vat":
             assert max(abs(r) for r in residual) < 1e-5
         else:
@@ -268,8 +318,10 @@ def test_resume_continues_the_run(runs):
     assert len(read_scalars(run_dir)["losses/vat"]) == 6
 
 
-@pytest.mark.parametrize("bad", [["--vat-eps", "0"], ["--vat-eps", "-1"], ["--vat-iterations", "0"],
-                                 ["--vat-xi", "0"], ["--vat-weight", "-0.1"]])
+@pytest.mark.parametrize(
+    "bad",
+    [["--vat-eps", "0"], ["--vat-eps", "-1"], ["--vat-iterations", "0"], ["--vat-xi", "0"], ["--vat-weight", "-0.1"]],
+)
 def test_bad_inputs_rejected_with_one_line(capsys, bad):
     with pytest.raises(SystemExit) as exit_info:
         train_vat.parse_args([*TINY, *bad])

@@ -1,4 +1,6 @@
-"""WRN wiring (Oliver et al. lib/networks.py), parameter count, and the forward pass that leaves BatchNorm statistics alone."""
+"""WRN wiring (Oliver et al. lib/networks.py), parameter count, and the forward pass that leaves BatchNorm statistics
+alone."""
+
 import torch
 import torch.nn.functional as F
 
@@ -54,9 +56,15 @@ def test_unit_wiring_matches_oliver():
     torch.manual_seed(0)
     model = wrn.WideResNet(10, depth=10, width=2).eval()  # width 2: stage-1 unit 0 has a 1x1 shortcut
     first, stage2 = model.units[0], model.units[1]
-    seen = {name: _capture_inputs(getattr(unit, part)) for name, unit, part in
-            [("f_conv", first, "conv1"), ("f_short", first, "shortcut"), ("s_conv", stage2, "conv1"),
-             ("s_short", stage2, "shortcut")]}
+    seen = {
+        name: _capture_inputs(getattr(unit, part))
+        for name, unit, part in [
+            ("f_conv", first, "conv1"),
+            ("f_short", first, "shortcut"),
+            ("s_conv", stage2, "conv1"),
+            ("s_short", stage2, "shortcut"),
+        ]
+    }
     unit_in = {}
     stage2.register_forward_hook(lambda m, inp, out: unit_in.__setitem__("x", inp[0].detach().clone()))
     stem_out = {}

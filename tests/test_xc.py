@@ -1,5 +1,7 @@
-"""Tests of train_xc.py and xc_tree.py: the auxiliary tree, the losses, the sparse update, the data loaders, bad inputs, an
-end-to-end run and the paper's claim (adversarial negatives beat uniform / frequency ones) on planted data."""
+"""Tests of train_xc.py and xc_tree.py: the auxiliary tree, the losses, the sparse update, the data loaders, bad
+inputs, an end-to-end run and the paper's claim (adversarial negatives beat uniform / frequency ones) on planted
+data."""
+
 import json
 import math
 import subprocess
@@ -10,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -23,8 +24,13 @@ SCRIPT = str(ROOT / "train_xc.py")
 
 
 def run(args, cwd, check=True):
-    result = subprocess.run([sys.executable, SCRIPT, *args, "--runs-dir", str(cwd / "runs"), "--threads", "1"],
-                            capture_output=True, text=True, cwd=cwd, timeout=300)
+    result = subprocess.run(
+        [sys.executable, SCRIPT, *args, "--runs-dir", str(cwd / "runs"), "--threads", "1"],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -98,13 +104,17 @@ def test_tree_splits_labels_into_equal_halves(small_tree):
     tree, planted, x, y = small_tree
     real = (tree.leaf_label >= 0).view(-1).float()
     for level in range(tree.depth):
-        children = real.view(2 ** level, 2, -1).sum(2)  # real labels under the left / right child of each node
+        children = real.view(2**level, 2, -1).sum(2)  # real labels under the left / right child of each node
         assert torch.equal(children[:, 1], children.sum(1) - children.sum(1).div(2, rounding_mode="floor")), level
     packed = xc_tree.fit_tree(x, y, 37, pca_dim=4, split_mode="packed")
     assert int((packed.leaf_label[:32] >= 0).sum()) == 32 and int((packed.leaf_label[32:] >= 0).sum()) == 5
     # single-label nodes always go right (b = +1000), as the authors' split_in_half (fit_aux_model.jl:151-154)
-    singles = [2 ** level + n for level in range(tree.depth)
-               for n, count in enumerate(real.view(2 ** level, -1).sum(1).tolist()) if count == 1]
+    singles = [
+        2**level + n
+        for level in range(tree.depth)
+        for n, count in enumerate(real.view(2**level, -1).sum(1).tolist())
+        if count == 1
+    ]
     assert singles and all(tree.theta[node, -1] == 1000.0 and not tree.theta[node, :-1].any() for node in singles)
 
 
@@ -130,7 +140,9 @@ def test_tree_features_are_standardised_before_pca():
     scale = torch.tensor([1.0, 100.0, 0.01, 1.0, 7.0, 1.0])
     a = xc_tree.fit_tree(x, y, 16, pca_dim=3)
     b = xc_tree.fit_tree(x * scale, y, 16, pca_dim=3)
-    torch.testing.assert_close(a.log_prob_all(a.whiten(x[:50])), b.log_prob_all(b.whiten(x[:50] * scale)), atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(
+        a.log_prob_all(a.whiten(x[:50])), b.log_prob_all(b.whiten(x[:50] * scale)), atol=2e-3, rtol=1e-3
+    )
     z = a.whiten(x)
     torch.testing.assert_close(z.T @ z / len(z), torch.eye(3), atol=1e-3, rtol=0)
 
@@ -148,14 +160,17 @@ def test_power_of_two_and_tiny_label_sets():
 
 
 def test_losses_against_hand_computed_values():
-    softplus = lambda v: math.log1p(math.exp(v))
+    def softplus(v):
+        return math.log1p(math.exp(v))
+
     pos, neg = torch.tensor([0.5]), torch.tensor([[-1.0, 2.0]])
     pos_lp, neg_lp = torch.tensor([-0.3]), torch.tensor([[-2.0, -0.1]])
     reg = 0.1
-    expected = (softplus(-0.5) + reg * 0.2 ** 2
-                + 0.5 * (softplus(-1.0) + reg * 3.0 ** 2 + softplus(2.0) + reg * 1.9 ** 2))
+    expected = softplus(-0.5) + reg * 0.2**2 + 0.5 * (softplus(-1.0) + reg * 3.0**2 + softplus(2.0) + reg * 1.9**2)
     assert xc.negative_sampling_loss(pos, neg, pos_lp, neg_lp, reg).item() == pytest.approx(expected, rel=1e-6)
-    expected_nce = (softplus(-0.3 - 0.5) + reg * 0.25 + 0.5 * (softplus(-1.0 + 2.0) + reg * 1.0 + softplus(2.1) + reg * 4.0))
+    expected_nce = (
+        softplus(-0.3 - 0.5) + reg * 0.25 + 0.5 * (softplus(-1.0 + 2.0) + reg * 1.0 + softplus(2.1) + reg * 4.0)
+    )
     assert xc.nce_loss(pos, neg, pos_lp, neg_lp, reg).item() == pytest.approx(expected_nce, rel=1e-6)
     logits, labels = torch.tensor([[1.0, 2.0, -1.0]]), torch.tensor([1])
     # -log softmax(2 | 1, 2, -1) + lambda * 2^2: only the true class's score is penalised (supervised_model.py:219-221)
@@ -171,7 +186,10 @@ def test_prediction_metrics_and_bias_correction():
     assert metrics["log_likelihood"] == pytest.approx(float(torch.log_softmax(scores, 1)[:, 0].sum()), rel=1e-6)
     model = xc.LinearScores(6, 2, "zero")
     x = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
-    correction = lambda xb: scores[xb[:, 0].long()]
+
+    def correction(xb):
+        return scores[xb[:, 0].long()]
+
     out = xc.evaluate(model, x, labels, correction, chunk_size=1)  # raw scores are all 0; corrected are `scores`
     assert out["accuracy"] == 50.0 and out["hits_at_5"] == 50.0 and out["precision_at_5"] == 10.0
     assert out["raw_log_likelihood"] == pytest.approx(-math.log(6), rel=1e-6)
@@ -186,7 +204,11 @@ def test_sparse_update_leaves_other_rows_untouched():
         model.bias.weight.normal_()
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.Adagrad(model.parameters(), lr=0.1)
-    x, positives, negatives = torch.randn(4, 8), torch.tensor([1, 5, 5, 7]), torch.tensor([[2, 3], [900, 3], [1, 2], [8, 9]])
+    x, positives, negatives = (
+        torch.randn(4, 8),
+        torch.tensor([1, 5, 5, 7]),
+        torch.tensor([[2, 3], [900, 3], [1, 2], [8, 9]]),
+    )
     scores = model(x, torch.cat([positives[:, None], negatives], 1))
     xc.negative_sampling_loss(scores[:, 0], scores[:, 1:], torch.zeros(4), torch.zeros(4, 2), 1e-3).backward()
     assert model.weight.weight.grad.is_sparse and model.bias.weight.grad.is_sparse
@@ -213,7 +235,9 @@ def write_xc_pair(features_path, labels_path, x, labels, num_labels, dense=True)
     with open(features_path, "w") as handle:
         handle.write(f"{len(x)} {x.shape[1]}\n")
         for row in x:
-            handle.write(" ".join(f"{v:.6g}" for v in row) if dense else " ".join(f"{i}:{v:.6g}" for i, v in enumerate(row) if v))
+            handle.write(
+                " ".join(f"{v:.6g}" for v in row) if dense else " ".join(f"{i}:{v:.6g}" for i, v in enumerate(row) if v)
+            )
             handle.write("\n")
     with open(labels_path, "w") as handle:
         handle.write(f"{len(labels)} {num_labels}\n")
@@ -221,8 +245,14 @@ def write_xc_pair(features_path, labels_path, x, labels, num_labels, dense=True)
 
 
 def test_repository_format_reader_and_reindexing(tmp_path):
-    rows = [([7, 3], [(0, 1.5), (4, -2.0)]), ([], [(1, 1.0)]), ([5], [(2, 0.25)]), ([3, 9], []), ([5], [(4, 1.0)]),
-            ([5, 6], [(3, 3.0)])]
+    rows = [
+        ([7, 3], [(0, 1.5), (4, -2.0)]),
+        ([], [(1, 1.0)]),
+        ([5], [(2, 0.25)]),
+        ([3, 9], []),
+        ([5], [(4, 1.0)]),
+        ([5, 6], [(3, 3.0)]),
+    ]
     write_xc_text(tmp_path / "train.txt", rows, 5, 10)
     x, y, num_labels = common.read_xc_repository(tmp_path / "train.txt")
     assert num_labels == 10 and y.tolist() == [3, -1, 5, 3, 5, 5]  # smallest label kept, -1: no label
@@ -241,21 +271,24 @@ def test_feature_and_label_matrix_readers(tmp_path, dense):
     assert num_labels == 6 and labels.tolist() == [2, 0, 3]  # the smallest label, as binarize-labels.py:29
 
 
-@pytest.mark.parametrize("reader,content,message", [
-    ("read_xc_repository", "5 3\n", "line 1 must be 'N K C'"),
-    ("read_xc_repository", "2 3 4\n1 0:1\n", "line 1 says 2 points but the file has 1"),
-    ("read_xc_repository", "1 3 4\n9 0:1\n", "line 2: a label id is outside 0..3"),
-    ("read_xc_repository", "1 3 4\n1 0:x\n", "line 2: expected 'feature:value'"),
-    ("read_xc_repository", "1 3 4\n1 7:1\n", "line 2: feature 7 outside 0..2"),
-    ("read_xc_features", "2 3\n1 2 3\n1 2\n", "line 3: 2 numbers, line 1 says K = 3"),
-    ("read_xc_features", "1 2\n1 a\n", "line 2: not 2 numbers"),
-    ("read_xc_features", "1 2\n1 2\n3 4\n", "more than N = 1 data lines"),
-    ("read_xc_features", "1 2 3\n1 2\n", "line 1 must be 'N K'"),
-    ("read_xc_features", "100000000 100000\n", "dense feature matrix (over 256 GiB)"),
-    ("read_xc_repository", "100000000 100000 5\n", "dense feature matrix (over 256 GiB)"),
-    ("read_xc_labels", "1 4\n0:1 5:1\n", "line 2: label 5 outside 0..3"),
-    ("read_xc_labels", "1 4\n2\n", "line 2: expected 'label:value'"),
-])
+@pytest.mark.parametrize(
+    "reader,content,message",
+    [
+        ("read_xc_repository", "5 3\n", "line 1 must be 'N K C'"),
+        ("read_xc_repository", "2 3 4\n1 0:1\n", "line 1 says 2 points but the file has 1"),
+        ("read_xc_repository", "1 3 4\n9 0:1\n", "line 2: a label id is outside 0..3"),
+        ("read_xc_repository", "1 3 4\n1 0:x\n", "line 2: expected 'feature:value'"),
+        ("read_xc_repository", "1 3 4\n1 7:1\n", "line 2: feature 7 outside 0..2"),
+        ("read_xc_features", "2 3\n1 2 3\n1 2\n", "line 3: 2 numbers, line 1 says K = 3"),
+        ("read_xc_features", "1 2\n1 a\n", "line 2: not 2 numbers"),
+        ("read_xc_features", "1 2\n1 2\n3 4\n", "more than N = 1 data lines"),
+        ("read_xc_features", "1 2 3\n1 2\n", "line 1 must be 'N K'"),
+        ("read_xc_features", "100000000 100000\n", "dense feature matrix (over 256 GiB)"),
+        ("read_xc_repository", "100000000 100000 5\n", "dense feature matrix (over 256 GiB)"),
+        ("read_xc_labels", "1 4\n0:1 5:1\n", "line 2: label 5 outside 0..3"),
+        ("read_xc_labels", "1 4\n2\n", "line 2: expected 'label:value'"),
+    ],
+)
 def test_readers_reject_malformed_files_with_one_line(tmp_path, reader, content, message):
     (tmp_path / "bad.txt").write_text(content)
     with pytest.raises(common.DataError) as error:
@@ -277,11 +310,22 @@ def test_end_to_end_on_a_feature_and_label_file_pair(tmp_path, dense):
     planted = xc.PlantedHierarchy(12, 5, generator)
     x_train, y_train = planted.sample(400, generator)
     x_test, y_test = planted.sample(60, generator)
-    extra = lambda y: [[int(label), int(label) + 12] for label in y]  # a second, larger label: dropped
+
+    def extra(y):  # a second, larger label: dropped
+        return [[int(label), int(label) + 12] for label in y]
+
     write_xc_pair(tmp_path / "trn_ft.txt", tmp_path / "trn_lbl.txt", x_train.numpy(), extra(y_train), 24, dense)
     write_xc_pair(tmp_path / "tst_ft.txt", tmp_path / "tst_lbl.txt", x_test.numpy(), extra(y_test), 24, dense)
-    files = ["--dataset", str(tmp_path / "trn_ft.txt"), "--labels", str(tmp_path / "trn_lbl.txt"),
-             "--test-data", str(tmp_path / "tst_ft.txt"), "--test-labels", str(tmp_path / "tst_lbl.txt")]
+    files = [
+        "--dataset",
+        str(tmp_path / "trn_ft.txt"),
+        "--labels",
+        str(tmp_path / "trn_lbl.txt"),
+        "--test-data",
+        str(tmp_path / "tst_ft.txt"),
+        "--test-labels",
+        str(tmp_path / "tst_lbl.txt"),
+    ]
     run([*files, "--total-steps", "20", "--batch-size", "16", "--pca-dim", "3", "--run-name", "pair"], tmp_path)
     summary = json.loads((tmp_path / "runs" / "pair" / "summary.json").read_text())
     assert summary["steps"] == 20 and math.isfinite(summary["final_test_log_likelihood"])
@@ -292,15 +336,27 @@ def test_end_to_end_on_a_feature_and_label_file_pair(tmp_path, dense):
     torch.testing.assert_close(x, x_train, rtol=1e-5, atol=1e-5)
     # a label file that does not match its feature file is one line, and nothing is written
     (tmp_path / "short.txt").write_text("3 24\n0:1\n1:1\n2:1\n")
-    result = run([*files[:2], "--labels", str(tmp_path / "short.txt"), *files[4:], "--run-name", "bad"], tmp_path, check=False)
+    result = run(
+        [*files[:2], "--labels", str(tmp_path / "short.txt"), *files[4:], "--run-name", "bad"], tmp_path, check=False
+    )
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "short.txt: 3 points, but" in result.stderr and not (tmp_path / "runs" / "bad").exists()
     result = run([*files[:6], "--run-name", "bad"], tmp_path, check=False)
     assert result.returncode == 1 and "--labels and --test-labels go together" in result.stderr
 
 
-@pytest.mark.parametrize("argv", [["--total-steps", "0"], ["--num-classes", "1"], ["--lr", "-1"], ["--reg", "nan"],
-                                  ["--method", "hierarchical"], ["--batch-size", "0"], ["--time-budget", "-2"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--total-steps", "0"],
+        ["--num-classes", "1"],
+        ["--lr", "-1"],
+        ["--reg", "nan"],
+        ["--method", "hierarchical"],
+        ["--batch-size", "0"],
+        ["--time-budget", "-2"],
+    ],
+)
 def test_bad_flags_are_rejected(argv, capsys):
     with pytest.raises(SystemExit) as error:
         xc.parse_args(argv)
@@ -344,8 +400,13 @@ def test_file_data_is_evaluated_on_the_whole_test_split(tmp_path):
     planted = xc.PlantedHierarchy(8, 4, generator)
     x_train, y_train = planted.sample(400, generator)
     x_test, y_test = planted.sample(3000, generator)
-    np.savez(tmp_path / "d.npz", x_train=x_train.numpy(), y_train=y_train.numpy(), x_test=x_test.numpy(),
-             y_test=y_test.numpy())
+    np.savez(
+        tmp_path / "d.npz",
+        x_train=x_train.numpy(),
+        y_train=y_train.numpy(),
+        x_test=x_test.numpy(),
+        y_test=y_test.numpy(),
+    )
     args = xc.parse_args(["--dataset", str(tmp_path / "d.npz"), "--eval-size", "100"])
     _, _, _, heldout, _, _ = xc.load_dataset(args)
     kept = len(heldout["valid"][1]) + len(heldout["test"][1])
@@ -359,23 +420,58 @@ def test_end_to_end_npz_reuse_tree_and_never_overwrite(tmp_path):
     planted = xc.PlantedHierarchy(20, 6, generator)
     x_train, y_train = planted.sample(600, generator)
     x_test, y_test = planted.sample(100, generator)
-    np.savez(tmp_path / "tiny.npz", x_train=x_train.numpy(), y_train=y_train.numpy(), x_test=x_test.numpy(), y_test=y_test.numpy())
-    common = ["--dataset", str(tmp_path / "tiny.npz"), "--total-steps", "30", "--batch-size", "32", "--eval-every", "15",
-              "--log-every", "10", "--pca-dim", "3"]
+    np.savez(
+        tmp_path / "tiny.npz",
+        x_train=x_train.numpy(),
+        y_train=y_train.numpy(),
+        x_test=x_test.numpy(),
+        y_test=y_test.numpy(),
+    )
+    common = [
+        "--dataset",
+        str(tmp_path / "tiny.npz"),
+        "--total-steps",
+        "30",
+        "--batch-size",
+        "32",
+        "--eval-every",
+        "15",
+        "--log-every",
+        "10",
+        "--pca-dim",
+        "3",
+    ]
     run([*common, "--run-name", "first"], tmp_path)
     run_dir = tmp_path / "runs" / "first"
     for name in ("args.json", "summary.json", "checkpoint.pt", "aux_tree.pt", "eval_history.jsonl"):
         assert (run_dir / name).is_file(), name
     summary = json.loads((run_dir / "summary.json").read_text())
-    for key in ("steps", "steps_per_second", "final_valid_error", "final_test_error", "best_valid_error",
-                "test_error_at_best_valid", "final_test_log_likelihood", "final_test_raw_accuracy", "aux_fit_seconds"):
+    for key in (
+        "steps",
+        "steps_per_second",
+        "final_valid_error",
+        "final_test_error",
+        "best_valid_error",
+        "test_error_at_best_valid",
+        "final_test_log_likelihood",
+        "final_test_raw_accuracy",
+        "aux_fit_seconds",
+    ):
         assert key in summary and math.isfinite(summary[key]), key
     assert summary["steps"] == 30 and 0 <= summary["final_test_error"] <= 100
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(run_dir)).Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"losses/loss", "charts/SPS", "charts/learning_rate", "eval/test_log_likelihood", "eval/test_accuracy",
-            "eval/test_raw_accuracy", "eval/valid_precision_at_5"} <= tags
+    assert {
+        "losses/loss",
+        "charts/SPS",
+        "charts/learning_rate",
+        "eval/test_log_likelihood",
+        "eval/test_accuracy",
+        "eval/test_raw_accuracy",
+        "eval/valid_precision_at_5",
+    } <= tags
     assert all(math.isfinite(event.value) for tag in tags for event in events.Scalars(tag))
     assert [event.step for event in events.Scalars("eval/test_accuracy")] == [0, 15, 30]
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
@@ -401,15 +497,46 @@ def test_adversarial_beats_uniform_and_frequency_with_six_times_fewer_steps(tmp_
     about the sampler at a short budget, so the biases start at zero: the authors' inverse-aux start (the default)
     needs on the order of a thousand steps to walk its biases down (docs/xc.md)."""
     steps = 100
-    common = ["--dataset", "planted", "--num-classes", "4096", "--batch-size", "500", "--eval-size", "1000",
-              "--planted-train-size", "32768", "--eval-every", "100000", "--log-every", "100000",
-              "--tree-newton-steps", "2", "--tree-max-rounds", "2"]
+    common = [
+        "--dataset",
+        "planted",
+        "--num-classes",
+        "4096",
+        "--batch-size",
+        "500",
+        "--eval-size",
+        "1000",
+        "--planted-train-size",
+        "32768",
+        "--eval-every",
+        "100000",
+        "--log-every",
+        "100000",
+        "--tree-newton-steps",
+        "2",
+        "--tree-max-rounds",
+        "2",
+    ]
     jobs = {"adversarial": steps, "uniform": 6 * steps, "frequency": 6 * steps}
     flags = {"adversarial": ["--bias-init", "zero"]}
     with ThreadPoolExecutor(2) as pool:
-        futures = {method: pool.submit(run, [*common, "--method", method, "--total-steps", str(count), "--run-name", method,
-                                             *flags.get(method, [])], tmp_path)
-                   for method, count in jobs.items()}
+        futures = {
+            method: pool.submit(
+                run,
+                [
+                    *common,
+                    "--method",
+                    method,
+                    "--total-steps",
+                    str(count),
+                    "--run-name",
+                    method,
+                    *flags.get(method, []),
+                ],
+                tmp_path,
+            )
+            for method, count in jobs.items()
+        }
         [future.result() for future in futures.values()]
     summary = {method: json.loads((tmp_path / "runs" / method / "summary.json").read_text()) for method in jobs}
     adversarial = summary["adversarial"]
@@ -429,12 +556,29 @@ def test_resume_matches_uninterrupted_run(tmp_path, method, data):
         generator = torch.Generator().manual_seed(3)
         planted = xc.PlantedHierarchy(20, 6, generator)
         (x_train, y_train), (x_test, y_test) = planted.sample(600, generator), planted.sample(100, generator)
-        np.savez(tmp_path / "d.npz", x_train=x_train.numpy(), y_train=y_train.numpy(), x_test=x_test.numpy(),
-                 y_test=y_test.numpy())
+        np.savez(
+            tmp_path / "d.npz",
+            x_train=x_train.numpy(),
+            y_train=y_train.numpy(),
+            x_test=x_test.numpy(),
+            y_test=y_test.numpy(),
+        )
         source = ["--dataset", str(tmp_path / "d.npz")]
     else:
         source = ["--dataset", "planted", "--num-classes", "50", "--num-features", "6", "--eval-size", "200"]
-    flags = [*source, "--method", method, "--batch-size", "32", "--eval-every", "10", "--log-every", "5", "--pca-dim", "3"]
+    flags = [
+        *source,
+        "--method",
+        method,
+        "--batch-size",
+        "32",
+        "--eval-every",
+        "10",
+        "--log-every",
+        "5",
+        "--pca-dim",
+        "3",
+    ]
     run([*flags, "--total-steps", "30", "--run-name", "full"], tmp_path)
     run([*flags, "--total-steps", "10", "--run-name", "part"], tmp_path)
     part = tmp_path / "runs" / "part"
@@ -444,25 +588,54 @@ def test_resume_matches_uninterrupted_run(tmp_path, method, data):
     if method == "adversarial":
         assert "reused" in result.stdout and (part / "aux_tree.pt").read_bytes() == tree_before
     full, resumed = (json.loads((tmp_path / "runs" / n / "summary.json").read_text()) for n in ("full", "part"))
-    for key in ("steps", "final_test_log_likelihood", "final_test_error", "final_valid_error", "best_valid_error",
-                "test_error_at_best_valid", "final_test_precision_at_5"):
+    for key in (
+        "steps",
+        "final_test_log_likelihood",
+        "final_test_error",
+        "final_valid_error",
+        "best_valid_error",
+        "test_error_at_best_valid",
+        "final_test_precision_at_5",
+    ):
         assert full[key] == resumed[key], key
     a, b = (torch.load(tmp_path / "runs" / n / "checkpoint.pt", weights_only=True) for n in ("full", "part"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(state_a[k]["sum"], state_b[k]["sum"]) for k in state_a)
-    steps = lambda n: [json.loads(line)["step"] for line in (tmp_path / "runs" / n / "eval_history.jsonl").read_text().splitlines()]
+
+    def steps(n):
+        lines = (tmp_path / "runs" / n / "eval_history.jsonl").read_text().splitlines()
+        return [json.loads(line)["step"] for line in lines]
+
     assert steps("part") == steps("full") == [0, 10, 20, 30]
 
 
 def test_resume_bad_input_is_one_line_and_loses_nothing(tmp_path, capsys):
-    flags = ["--dataset", "planted", "--num-classes", "20", "--num-features", "4", "--eval-size", "50",
-             "--batch-size", "16", "--total-steps", "5", "--pca-dim", "3", "--run-name", "done"]
+    flags = [
+        "--dataset",
+        "planted",
+        "--num-classes",
+        "20",
+        "--num-features",
+        "4",
+        "--eval-size",
+        "50",
+        "--batch-size",
+        "16",
+        "--total-steps",
+        "5",
+        "--pca-dim",
+        "3",
+        "--run-name",
+        "done",
+    ]
     run(flags, tmp_path)
     run_dir = tmp_path / "runs" / "done"
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
-    for argv, message in ((["--resume", str(run_dir)], "already finished 5 steps"),
-                          (["--resume", str(tmp_path / "nowhere")], "no checkpoint.pt")):
+    for argv, message in (
+        (["--resume", str(run_dir)], "already finished 5 steps"),
+        (["--resume", str(tmp_path / "nowhere")], "no checkpoint.pt"),
+    ):
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:  # in this process: the refusal comes before any work
             xc.main(argv)
@@ -485,13 +658,36 @@ def test_glorot_init_and_shuffled_epochs(tmp_path, monkeypatch):
     assert not xc.LinearScores(10, 3, "zero").weight.weight.any()
     x_train = torch.arange(64 * 3, dtype=torch.float32).view(64, 3)  # row i is recognisable by its first entry
     y_train = torch.arange(64) % 4
-    np.savez(tmp_path / "d.npz", x_train=x_train.numpy(), y_train=y_train.numpy(), x_test=x_train[:20].numpy(),
-             y_test=y_train[:20].numpy())
+    np.savez(
+        tmp_path / "d.npz",
+        x_train=x_train.numpy(),
+        y_train=y_train.numpy(),
+        x_test=x_train[:20].numpy(),
+        y_test=y_train[:20].numpy(),
+    )
     seen = []
     forward = xc.LinearScores.forward
-    monkeypatch.setattr(xc.LinearScores, "forward", lambda self, x, labels: (seen.append(x[:, 0] / 3), forward(self, x, labels))[1])
-    xc.main(["--dataset", str(tmp_path / "d.npz"), "--method", "uniform", "--batch-size", "16", "--total-steps", "8",
-             "--eval-every", "100", "--runs-dir", str(tmp_path / "runs"), "--run-name", "epochs"])
+    monkeypatch.setattr(
+        xc.LinearScores, "forward", lambda self, x, labels: (seen.append(x[:, 0] / 3), forward(self, x, labels))[1]
+    )
+    xc.main(
+        [
+            "--dataset",
+            str(tmp_path / "d.npz"),
+            "--method",
+            "uniform",
+            "--batch-size",
+            "16",
+            "--total-steps",
+            "8",
+            "--eval-every",
+            "100",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--run-name",
+            "epochs",
+        ]
+    )
     for epoch in (seen[:4], seen[4:8]):
         assert sorted(torch.cat(epoch).long().tolist()) == list(range(64))
     assert torch.cat(seen[:4]).tolist() != list(range(64))  # shuffled, not in file order

@@ -8,6 +8,7 @@
 Each script defines SETTINGS = {setting: [run.Config(name, argv, paper=(mean, std))]} and SEEDS; runs go to
 runs/paper/<script>/<setting>/<config>__seed<S>, so report.py groups them like any other sweep.
 """
+
 import argparse
 import os
 import sys
@@ -26,8 +27,10 @@ def paper_table(settings):
     lines = ["| setting | configuration | paper (%) |", "|---|---|---|"]
     for setting, configs in settings.items():
         for c in configs:
-            lines.append(f"| {setting} | {c.name} | {report.fmt(*c.paper) if c.paper else 'n/a'}"
-                         f"{' (' + c.note + ')' if c.note else ''} |")
+            lines.append(
+                f"| {setting} | {c.name} | {report.fmt(*c.paper) if c.paper else 'n/a'}"
+                f"{' (' + c.note + ')' if c.note else ''} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -47,8 +50,11 @@ def main(name, title, settings, seeds, argv=None, metric="test_error_at_best_val
     print(f"# {title}")
     failed = 0
     for setting in args.setting:
-        configs = [Config(c.name, c.argv + args.extra, c.paper, c.note) for c in settings[setting]
-                   if not args.only or c.name in args.only]
+        configs = [
+            Config(c.name, c.argv + args.extra, c.paper, c.note)
+            for c in settings[setting]
+            if not args.only or c.name in args.only
+        ]
         runs_dir = os.path.join(args.runs_dir, setting)
         print(f"\n## {setting}  (runs: {runs_dir}, seeds {' '.join(map(str, args.seeds))})")
         if args.report:

@@ -9,24 +9,44 @@ below are our choice, bracketing those optima; the paper's number is shown at th
 
     python benchmark/paper/figure3_sensitivity.py [--run | --report] [--setting ns3l-cifar10]
 """
+
 import sys
 
 from _paper import Config, main
 
 SEEDS = [1, 2, 3]
 GRIDS = {  # setting: (base command, thresholds, weights, (paper optimum T, lambda1, mean, std))
-    "ns3l-cifar10": (["train_supervised.py", "--dataset", "cifar10", "--num-labeled", "4000", "--ns3l"],
-                     [0.02, 0.04, 0.06, 0.08], [0.3, 1.0, 3.0], (0.04, 1.0, 16.03, .05)),
-    "vat+ns3l-cifar10": (["train_vat.py", "--dataset", "cifar10", "--num-labeled", "4000", "--ns3l"],
-                         [0.02, 0.04, 0.06, 0.08], [0.1, 0.3, 1.0], (0.04, 0.3, 13.94, .10)),
-    "mixmatch+ns3l-svhn250": (["train_mixmatch.py", "--dataset", "svhn", "--num-labeled", "250", "--ns3l"],
-                              [0.02, 0.05, 0.08, 0.11], [1.0, 2.0, 5.0], (0.05, 2.0, 3.38, .08)),
+    "ns3l-cifar10": (
+        ["train_supervised.py", "--dataset", "cifar10", "--num-labeled", "4000", "--ns3l"],
+        [0.02, 0.04, 0.06, 0.08],
+        [0.3, 1.0, 3.0],
+        (0.04, 1.0, 16.03, 0.05),
+    ),
+    "vat+ns3l-cifar10": (
+        ["train_vat.py", "--dataset", "cifar10", "--num-labeled", "4000", "--ns3l"],
+        [0.02, 0.04, 0.06, 0.08],
+        [0.1, 0.3, 1.0],
+        (0.04, 0.3, 13.94, 0.10),
+    ),
+    "mixmatch+ns3l-svhn250": (
+        ["train_mixmatch.py", "--dataset", "svhn", "--num-labeled", "250", "--ns3l"],
+        [0.02, 0.05, 0.08, 0.11],
+        [1.0, 2.0, 5.0],
+        (0.05, 2.0, 3.38, 0.08),
+    ),
 }
 SETTINGS = {
-    setting: [Config(f"T{t:g}_lambda{w:g}", base + ["--threshold", f"{t:g}", "--ns3l-weight", f"{w:g}"],
-                     (opt[2], opt[3]) if (t, w) == opt[:2] else None)
-              for t in thresholds for w in weights]
-    for setting, (base, thresholds, weights, opt) in GRIDS.items()}
+    setting: [
+        Config(
+            f"T{t:g}_lambda{w:g}",
+            base + ["--threshold", f"{t:g}", "--ns3l-weight", f"{w:g}"],
+            (opt[2], opt[3]) if (t, w) == opt[:2] else None,
+        )
+        for t in thresholds
+        for w in weights
+    ]
+    for setting, (base, thresholds, weights, opt) in GRIDS.items()
+}
 
 if __name__ == "__main__":
     sys.exit(main("figure3", "NS3L paper Figure 3 (sensitivity to T and lambda1)", SETTINGS, SEEDS))

@@ -26,6 +26,7 @@ published numbers. Seeds: the authors report single runs; we give 3.
     python benchmark/paper/imagenet_mel_note.py [--run | --report] -- --data-dir /data/imagenet
     torchrun --nproc_per_node 8 train_imagenet_mel.py ...   # the same commands run under DDP
 """
+
 import sys
 
 from _paper import Config, main
@@ -44,13 +45,31 @@ def rows(recipe, paper):
     mel = "0.8" if recipe == "paper" else "1"
     number = (lambda value: (value, None)) if paper else (lambda value: None)
     return [
-        Config("ce", base + weights() + ["--labeled-ratio", "1", "--num-unlabeled", "0", "--epochs", "520",
-                                         "--lr-step-epochs", "80" if recipe == "paper" else "120"], number(57.96),
-               "S only; 4x the epochs = the other rows' steps"),
+        Config(
+            "ce",
+            base
+            + weights()
+            + [
+                "--labeled-ratio",
+                "1",
+                "--num-unlabeled",
+                "0",
+                "--epochs",
+                "520",
+                "--lr-step-epochs",
+                "80" if recipe == "paper" else "120",
+            ],
+            number(57.96),
+            "S only; 4x the epochs = the other rows' steps",
+        ),
         Config("ce+mel", base + weights(mel_weight=mel), number(54.75)),
         Config("ce+mel+nbel", base + weights(mel_weight=mel, nbel_weight="2"), number(57.89)),
-        Config("ce+mel+nbel-init-mel", base + weights(mel_weight=mel, nbel_weight="2")
-               + ["--init-from", "{runs_dir}/ce+mel__seed{seed}"], number(53.95), "initialised from the ce+mel run"),
+        Config(
+            "ce+mel+nbel-init-mel",
+            base + weights(mel_weight=mel, nbel_weight="2") + ["--init-from", "{runs_dir}/ce+mel__seed{seed}"],
+            number(53.95),
+            "initialised from the ce+mel run",
+        ),
         Config("ce+loc", base + weights(loc_weight="0.01"), number(62.17), "authors' slides"),
         Config("ce+mel+loc", base + weights(mel_weight=mel, loc_weight="0.01"), number(58.53), "authors' slides"),
     ]
@@ -59,5 +78,12 @@ def rows(recipe, paper):
 SETTINGS = {"imagenet-64k": rows("paper", True), "imagenet-code-defaults": rows("code", False)}
 
 if __name__ == "__main__":
-    sys.exit(main("imagenet_mel", "ImageNet MEL / NBEL / locality (Bansal & Zepeda)", SETTINGS, SEEDS,
-                  metric="final_test_error"))
+    sys.exit(
+        main(
+            "imagenet_mel",
+            "ImageNet MEL / NBEL / locality (Bansal & Zepeda)",
+            SETTINGS,
+            SEEDS,
+            metric="final_test_error",
+        )
+    )

@@ -8,18 +8,28 @@ mean ± std over 5 seeds.
 
     python benchmark/paper/table3_mixmatch_cifar10.py [--run | --report]
 """
+
 import sys
 
 from _paper import Config, main
 
 SEEDS = [1, 2, 3, 4, 5]
-PAPER = {"250": {"mixmatch": (14.49, 1.60), "mixmatch+ns3l": (12.48, 1.21)},
-         "4000": {"mixmatch": (7.05, 0.10), "mixmatch+ns3l": (6.92, 0.12)}}
+PAPER = {
+    "250": {"mixmatch": (14.49, 1.60), "mixmatch+ns3l": (12.48, 1.21)},
+    "4000": {"mixmatch": (7.05, 0.10), "mixmatch+ns3l": (6.92, 0.12)},
+}
 DATA = ["--dataset", "cifar10", "--num-valid", "5000", "--total-steps", str(300 * 1024)]
-SETTINGS = {f"cifar10-{labels}": [
-    Config("mixmatch", ["train_mixmatch.py", *DATA, "--num-labeled", labels], PAPER[labels]["mixmatch"]),
-    Config("mixmatch+ns3l", ["train_mixmatch.py", *DATA, "--num-labeled", labels, "--ns3l"],
-           PAPER[labels]["mixmatch+ns3l"])] for labels in PAPER}
+SETTINGS = {
+    f"cifar10-{labels}": [
+        Config("mixmatch", ["train_mixmatch.py", *DATA, "--num-labeled", labels], PAPER[labels]["mixmatch"]),
+        Config(
+            "mixmatch+ns3l",
+            ["train_mixmatch.py", *DATA, "--num-labeled", labels, "--ns3l"],
+            PAPER[labels]["mixmatch+ns3l"],
+        ),
+    ]
+    for labels in PAPER
+}
 
 if __name__ == "__main__":
     sys.exit(main("table3", "NS3L paper Table 3 (MixMatch, CIFAR-10)", SETTINGS, SEEDS))

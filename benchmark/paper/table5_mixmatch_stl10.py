@@ -6,17 +6,27 @@ The workshop paper's Table 5 (Fashion-MNIST negative-selection ablation) is repr
 
     python benchmark/paper/table5_mixmatch_stl10.py [--run | --report]
 """
+
 import sys
 
 from _paper import Config, main
 
 SEEDS = [1, 2, 3, 4, 5]
-STEPS = str(2 ** 18)
-SETTINGS = {"stl10-1000": [
-    Config("mixmatch", ["train_mixmatch.py", "--dataset", "stl10", "--num-labeled", "1000", "--total-steps", STEPS],
-           (22.20, 0.89)),
-    Config("mixmatch+ns3l", ["train_mixmatch.py", "--dataset", "stl10", "--num-labeled", "1000", "--total-steps", STEPS,
-                             "--ns3l"], (21.74, 0.33))]}
+STEPS = str(2**18)
+SETTINGS = {
+    "stl10-1000": [
+        Config(
+            "mixmatch",
+            ["train_mixmatch.py", "--dataset", "stl10", "--num-labeled", "1000", "--total-steps", STEPS],
+            (22.20, 0.89),
+        ),
+        Config(
+            "mixmatch+ns3l",
+            ["train_mixmatch.py", "--dataset", "stl10", "--num-labeled", "1000", "--total-steps", STEPS, "--ns3l"],
+            (21.74, 0.33),
+        ),
+    ]
+}
 
 if __name__ == "__main__":
     sys.exit(main("table5", "NS3L paper Table 5 (MixMatch, STL-10)", SETTINGS, SEEDS))
