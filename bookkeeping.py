@@ -245,9 +245,8 @@ def resume_args(args, checkpoint, argv, overrides=("total_steps", "cuda", "compi
     to extend a run, the device flags --cuda and --compile) replace them. ``legacy``: give the arguments of a
     WRN-script run saved before the fidelity review their old meaning (legacy_args)."""
     saved = argparse.Namespace(**checkpoint["args"])
-    if legacy and "channels_last" not in vars(
-        saved
-    ):  # a run started before these flags existed keeps the meaning it had
+    # a run started before these flags existed keeps the meaning it had
+    if legacy and "channels_last" not in vars(saved):
         legacy = legacy_args(vars(saved))
         for name, value in legacy.items():
             setattr(saved, name, value)
@@ -436,9 +435,11 @@ def _number(cast, test, rule):
         try:
             value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}") from None
+            kind = "a whole number" if cast is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {kind} {rule}, got {text!r}") from None
         if not test(value):  # nan fails every comparison, so it never passes
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+            finite = "finite and " if math.isinf(value) else ""
+            raise argparse.ArgumentTypeError(f"must be {finite}{rule}, got {text}")
         return value
 
     parse.__name__ = rule  # what --help and argparse's messages call the type
@@ -487,8 +488,8 @@ def warn_bn_momentum(bn_momentum, total_steps):
     """One warning line when the run is too short for BatchNorm's running statistics to follow the weights: they
     average over about 1 / bn_momentum steps, and evaluation (which uses them) is wrong when that is more than a tenth
     of the run (measured: a 200-step run at 0.001 evaluated at 92 % error, at 0.1 at 34 %)."""
-    if bn_momentum * total_steps < 10:
-        suggested = min(0.1, float(f"{20 / total_steps:.0e}"))
+    suggested = min(1.0, float(f"{20 / total_steps:.0e}"))  # ~1/20 of the run; 1 = the last batch's statistics
+    if bn_momentum * total_steps < 10 and bn_momentum < suggested:
         print(
             f"warning: --bn-momentum {bn_momentum:g} averages BatchNorm statistics over ~{1 / bn_momentum:.0f} steps, "
             f"more than a tenth of --total-steps {total_steps}: evaluation will see stale statistics; for a run "

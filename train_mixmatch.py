@@ -5,8 +5,7 @@ MixMatch: Berthelot et al. 2019. MixMatch + NS3L: Chen et al., "Negative Samplin
 *mixed target* probability is below T = 0.5 / num_classes (0.05), and L = L_x + lambda_u L_u + lambda_1 L_NS3L on the
 mixed inputs' outputs.
 
-    python train_mixmatch.py --dataset cifar10 --num-labeled 250 --ns3l       # 307,200 steps, the NS3L paper's 300
-    epochs
+    python train_mixmatch.py --dataset cifar10 --num-labeled 250 --ns3l       # 307,200 steps (NS3L's 300 epochs)
     python train_mixmatch.py --dataset cifar10 --num-labeled 250 --total-steps 1048576   # the MixMatch paper's 2^20
     python train_mixmatch.py --dataset digits --ns3l      # a CPU run of a few minutes (digits defaults, --help)
 

@@ -5,12 +5,12 @@ brain-research/realistic-ssl-evaluation lib/ssl_framework.py:252-253, lib/ssl_ut
 (Chen et al., ICML 2020, Table 1 "Pi model" and "Pi + NS3L" columns, section 4): every step the batch [labeled;
 unlabeled] goes through the network twice with fresh augmentation and noise; the first pass is trained, the second is
 the target (no gradient, BatchNorm running statistics untouched), and the consistency loss is the mean squared error
-between the two softmaxes of each unlabeled image, averaged over classes. Its weight (20) is ramped by exp(-5 (1 -
-t)^2) over the first 50k of 200k steps; Adam at 3e-4, x0.2 at 130k; the test error is reported at the lowest validation
-error. NS3L (paper Algorithm 1, section 4.3): the classes whose detached predicted probability on an unlabeled image is
-below T are its negatives, loss -log(1 - sum of their probabilities); with
---ns3l the NS3L-alone hyperparameters are used, "identical hyperparameters are used for Pi model + NS3L" (section
-4.4): LR 6e-4, lambda_1 = 1, T = 0.04 (0.004 for 100 classes).
+between the two softmaxes of each unlabeled image, averaged over classes. Its weight (20) is ramped by
+exp(-5 (1 - t)^2) over the first 50k of 200k steps; Adam at 3e-4, x0.2 at 130k; the test error is reported at the
+lowest validation error. NS3L (paper Algorithm 1, section 4.3): the classes whose detached predicted probability on an
+unlabeled image is below T are its negatives, loss -log(1 - sum of their probabilities); with --ns3l the NS3L-alone
+hyperparameters are used, "identical hyperparameters are used for Pi model + NS3L" (section 4.4): LR 6e-4,
+lambda_1 = 1, T = 0.04 (0.004 for 100 classes).
 
     python train_pi.py --dataset cifar10 --num-labeled 4000
     python train_pi.py --dataset cifar10 --num-labeled 4000 --ns3l

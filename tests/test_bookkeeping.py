@@ -53,7 +53,8 @@ def test_flag_types_accept_and_reject(kind, good, bad):
         (["--threshold", "1.5"], "--threshold must be in (0, 1), got 1.5"),
         (["--bn-momentum", "0"], "--bn-momentum must be in (0, 1], got 0"),
         (["--total-steps", "0"], "--total-steps must be >= 1, got 0"),
-        (["--eval-every", "nan"], "--eval-every must be >= 1, got 'nan'"),
+        (["--eval-every", "nan"], "--eval-every must be a whole number >= 1, got 'nan'"),
+        (["--lr", "inf"], "--lr must be finite and > 0, got inf"),
     ],
 )
 def test_bad_flag_values_are_one_line(module, flags, message, capsys):
@@ -117,7 +118,11 @@ def test_bn_momentum_warning(capsys):
     assert len(out) == 1 and out[0].startswith("warning: --bn-momentum 0.001") and out[0].endswith("--bn-momentum 0.1")
     bookkeeping.warn_bn_momentum(0.001, 2000)
     assert capsys.readouterr().out.strip().endswith("--bn-momentum 0.01")
-    for momentum, steps in ((0.001, 200_000), (0.01, 2000), (0.1, 100)):  # the paper, digits' row, a tiny run
+    bookkeeping.warn_bn_momentum(0.1, 60)  # shorter than 100 steps: more than 0.1 ...
+    assert capsys.readouterr().out.strip().endswith("--bn-momentum 0.3")
+    # ... and the suggestion itself is quiet, as are the paper, digits' row, a 100-step run at 0.1 and a 5-step run
+    # at momentum 1 (the last batch's statistics: nothing shorter exists)
+    for momentum, steps in ((0.3, 60), (0.001, 200_000), (0.01, 2000), (0.1, 100), (1.0, 5)):
         bookkeeping.warn_bn_momentum(momentum, steps)
     assert capsys.readouterr().out == ""
 
@@ -150,7 +155,7 @@ def test_a_script_warns_about_a_short_run_with_the_papers_momentum(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "--total-steps 2" in warnings[0] and warnings[0].endswith("--bn-momentum 0.1")
+    assert len(warnings) == 1 and "--total-steps 2" in warnings[0] and warnings[0].endswith("--bn-momentum 1")
 
 
 def test_interval_means_scalars_progress_line_and_summary(tmp_path):
