@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -542,3 +543,167 @@ def augmentation_defaults(dataset_name):
     """Protocol A augmentation of a data set: (flip, shift, noise_std)."""
     info = DATASETS[dataset_key(dataset_name)]
     return info["flip"], info["shift"], info["noise"]
+
+
+# ------------------------------------------------------------------------------ RandAugment (FixMatch's strong view)
+# FixMatch (RA) as the official code runs it: ablation/ab_fixmatch_ra.py:157 sets --augment d.d.rac, i.e. the weak
+# flip + shift and then libml/augment.py:209-224 AugmentPoolRAMC (nops=2, magnitude=10; libml/augment.py:389-392):
+# two ops drawn with replacement from the 14 of RANDOM_POLICY_OPS (libml/augment.py:37-41), each applied with
+# probability 0.5 at a level drawn from 1..9 (np.random.randint(1, 10)), then Cutout of 16 px at 32 px
+# (third_party/auto_augment/augmentations.py:102, size=16). The ops act on the 8-bit image (pil_wrap, :152); their
+# strengths are the level mapped by float_parameter / int_parameter (:124-149, PARAMETER_MAX 10).
+RANDAUGMENT_OPS = (
+    "identity", "autocontrast", "equalize", "rotate", "solarize", "color", "contrast", "brightness", "sharpness",
+    "shear_x", "translate_x", "translate_y", "posterize", "shear_y",
+)  # fmt: skip
+AFFINE_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+FILL = 128  # out-of-image pixels of the affine ops and Cutout: mid-grey, 0 in [-1, 1] (pil_unwrap, :158-165)
+
+
+def randaugment_strength(op, level, image_size=32):
+    """The strength of ``op`` at integer ``level`` (tensor, 0..10) as the official augmentations.py computes it:
+    rotate int(level * 30 / 10) degrees (:256), shear level * 0.3 / 10 (:288), translate int(level * 10 / 10) px at
+    32 px (:334; scaled with the image size here, the same at 32 px), solarize threshold 256 - int(level * 256 / 10)
+    (:390), posterize to 4 - int(level * 4 / 10) bits (:267), colour / contrast / brightness / sharpness factor
+    level * 1.8 / 10 + 0.1 (:420)."""
+    level = level.double()
+    if op == "rotate":
+        return torch.floor(level * 30 / 10)
+    if op in ("shear_x", "shear_y"):
+        return level * 0.3 / 10
+    if op in ("translate_x", "translate_y"):
+        return torch.floor(level * 10 / 10) * image_size / 32
+    if op == "solarize":
+        return 256 - torch.floor(level * 256 / 10)
+    if op == "posterize":
+        return 4 - torch.floor(level * 4 / 10)
+    if op in ("color", "contrast", "brightness", "sharpness"):
+        return level * 1.8 / 10 + 0.1
+    return torch.zeros_like(level)
+
+
+def affine_matrices(ops, strengths, signs, height, width):
+    """Per-sample 2 x 3 matrices in pixel units mapping an output pixel centre (x + 0.5, y + 0.5) to the input point
+    PIL samples for that op: Image.transform's AFFINE data (1, s, 0, 0, 1, 0) for shear_x, (1, 0, 0, s, 1, 0) for
+    shear_y, (1, 0, t, 0, 1, 0) / (1, 0, 0, 0, 1, t) for the translations (official :291, :314, :337, :360), and
+    Image.rotate's matrix about the centre (w / 2, h / 2) for rotate (counter-clockwise degrees). ``ops``: (N,) indices
+    into RANDAUGMENT_OPS, -1 or a non-affine op = identity."""
+    n = len(ops)
+    m = torch.zeros(n, 2, 3, dtype=torch.float64, device=strengths.device)
+    m[:, 0, 0] = m[:, 1, 1] = 1.0
+    value = strengths * signs
+    index = {name: RANDAUGMENT_OPS.index(name) for name in AFFINE_OPS}
+    is_op = {name: ops == i for name, i in index.items()}
+    m[:, 0, 1] = torch.where(is_op["shear_x"], value, 0.0)
+    m[:, 1, 0] = torch.where(is_op["shear_y"], value, 0.0)
+    m[:, 0, 2] = torch.where(is_op["translate_x"], value, 0.0)
+    m[:, 1, 2] = torch.where(is_op["translate_y"], value, 0.0)
+    angle = -torch.deg2rad(torch.where(is_op["rotate"], value, 0.0))  # PIL: angle = -math.radians(angle)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    cx, cy = width / 2.0, height / 2.0
+    rotation = torch.stack([torch.stack([cos, sin, cx - cos * cx - sin * cy], 1),
+                            torch.stack([-sin, cos, cy + sin * cx - cos * cy], 1)], 1)  # fmt: skip
+    return torch.where(is_op["rotate"][:, None, None], rotation, m)
+
+
+def warp_affine(images, matrices, fill=FILL):
+    """uint8 (N, C, H, W) -> uint8, each image resampled through its own matrix (affine_matrices) with nearest
+    neighbours, as PIL's default resampling; points outside the image take ``fill``. One grid_sample for the batch."""
+    n, c, h, w = images.shape
+    centre = {"dtype": torch.float64, "device": images.device}
+    ys, xs = torch.meshgrid(torch.arange(h, **centre) + 0.5, torch.arange(w, **centre) + 0.5, indexing="ij")
+    points = torch.stack([xs, ys, torch.ones_like(xs)], -1).reshape(1, h * w, 3)
+    source = points @ matrices.transpose(1, 2)  # (N, H*W, 2): input x, y in pixel units
+    col, row = torch.floor(source[..., 0]), torch.floor(source[..., 1])  # PIL's nearest: the pixel holding the point
+    inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+    flat = (row.clamp(0, h - 1) * w + col.clamp(0, w - 1)).long()
+    out = images.reshape(n, c, h * w).gather(2, flat[:, None, :].expand(n, c, h * w))
+    return torch.where(inside[:, None, :], out, torch.full_like(out, fill)).reshape(n, c, h, w)
+
+
+def _blend(images, degenerate, factor):
+    """PIL's ImageEnhance blend, torchvision's arithmetic: degenerate + factor (image - degenerate), clamped, cast
+    to uint8 (truncation). ``factor``: (N,) per image."""
+    factor = factor.double().view(-1, 1, 1, 1)
+    blended = torch.addcmul(images.float() * factor.float(), degenerate, (1.0 - factor).float())
+    return blended.clamp(0, 255).to(torch.uint8)
+
+
+def _grayscale(images):
+    """ITU-R 601-2 luma as torchvision computes it for uint8 (floored), (N, 1, H, W) float."""
+    if images.shape[1] == 1:
+        return images.float()
+    r, g, b = images.float().unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).floor().unsqueeze(1)
+
+
+def colour_op(images, op, strength):
+    """One non-affine RandAugment op on every uint8 image, ``strength`` (N,) per image; the same results as
+    torchvision.transforms.v2.functional's op (and so PIL's ImageOps / ImageEnhance) on each image alone."""
+    import torchvision.transforms.v2.functional as TF
+
+    if op == "autocontrast":
+        return TF.autocontrast(images)
+    if op == "equalize":
+        return TF.equalize(images)
+    if op == "solarize":
+        return torch.where(images.float() >= strength.view(-1, 1, 1, 1), 255 - images, images)
+    if op == "posterize":
+        keep = (255 << (8 - strength.long())) & 255  # the top ``bits`` bits
+        return images & keep.to(torch.uint8).view(-1, 1, 1, 1)
+    if op == "brightness":
+        return _blend(images, torch.zeros((), device=images.device), strength)
+    if op == "color":
+        return images if images.shape[1] == 1 else _blend(images, _grayscale(images), strength)
+    if op == "contrast":
+        return _blend(images, _grayscale(images).mean(dim=(1, 2, 3), keepdim=True), strength)
+    if op == "sharpness":
+        c = images.shape[1]
+        kernel = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], device=images.device) / 13.0
+        blurred = F.conv2d(images.float(), kernel.expand(c, 1, 3, 3), groups=c).round()
+        out = (
+            images.float()
+        )  # the border keeps the image (PIL's SMOOTH filter leaves it); torchvision's x + (1 - f)(y - x)
+        inner = out[..., 1:-1, 1:-1]
+        one_minus = (1.0 - strength.double()).float().view(-1, 1, 1, 1)
+        out[..., 1:-1, 1:-1] = inner + one_minus * (blurred - inner)
+        return out.clamp(0, 255).to(torch.uint8)
+    return images
+
+
+def rand_augment(images, num_ops=2, magnitude=10, probability=0.5, cutout=None, generator=None):
+    """FixMatch's RandAugment + Cutout on a uint8 batch (N, C, H, W) on its device, every image its own draw: for each
+    of ``num_ops`` slots an op from RANDAUGMENT_OPS, applied with ``probability``, at a level in 1..magnitude - 1 with a
+    random sign for rotate / shear / translate; then a ``cutout`` x ``cutout`` square (default half the image side, the
+    official 16 px at 32 px) of FILL at a uniform centre, clipped at the border. Per slot the affine ops are one
+    grid (warp_affine) and each colour op one broadcast pass over the batch, selected per image: no per-image Python
+    and no device synchronisation."""
+    n, _, h, w = images.shape
+    device = images.device
+
+    def draw(high, low=0):
+        return torch.randint(low, high, (n,), device=device, generator=generator)
+
+    for _ in range(num_ops):
+        ops = draw(len(RANDAUGMENT_OPS))
+        applied = torch.rand(n, device=device, generator=generator) < probability
+        ops = torch.where(applied, ops, -1)
+        level = draw(magnitude, low=1)
+        signs = torch.where(torch.rand(n, device=device, generator=generator) < 0.5, -1.0, 1.0).double()
+        strength = {op: randaugment_strength(op, level, h) for op in RANDAUGMENT_OPS}
+        affine_strength = torch.zeros(n, dtype=torch.float64, device=device)
+        for op in AFFINE_OPS:
+            affine_strength = torch.where(ops == RANDAUGMENT_OPS.index(op), strength[op], affine_strength)
+        images = warp_affine(images, affine_matrices(ops, affine_strength, signs, h, w))
+        for i, op in enumerate(RANDAUGMENT_OPS):
+            if op not in AFFINE_OPS and op != "identity":
+                images = torch.where((ops == i).view(-1, 1, 1, 1), colour_op(images, op, strength[op]), images)
+    size = max(1, h // 2) if cutout is None else cutout
+    if size > 0:
+        cy, cx = draw(h)[:, None], draw(w)[:, None]
+        rows, cols = torch.arange(h, device=device)[None, :], torch.arange(w, device=device)[None, :]
+        in_rows = (rows >= cy - size // 2) & (rows < cy + size // 2)
+        in_cols = (cols >= cx - size // 2) & (cols < cx + size // 2)
+        box = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
+        images = torch.where(box, torch.full_like(images, FILL), images)
+    return images
