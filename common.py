@@ -547,17 +547,20 @@ def augmentation_defaults(dataset_name):
 
 # ------------------------------------------------------------------------------ RandAugment (FixMatch's strong view)
 # FixMatch (RA) as the official code runs it: ablation/ab_fixmatch_ra.py:157 sets --augment d.d.rac, i.e. the weak
-# flip + shift and then libml/augment.py:209-224 AugmentPoolRAMC (nops=2, magnitude=10; libml/augment.py:389-392):
+# flip + shift and then libml/augment.py:209-224 AugmentPoolRAMC (nops=2, magnitude=10; libml/augment.py:388-391):
 # two ops drawn with replacement from the 14 of RANDOM_POLICY_OPS (libml/augment.py:37-41), each applied with
-# probability 0.5 at a level drawn from 1..9 (np.random.randint(1, 10)), then Cutout of 16 px at 32 px
-# (third_party/auto_augment/augmentations.py:102, size=16). The ops act on the 8-bit image (pil_wrap, :152); their
-# strengths are the level mapped by float_parameter / int_parameter (:124-149, PARAMETER_MAX 10).
+# probability 0.5 at a level drawn from 1..9 (np.random.randint(1, 10), libml/augment.py:198), then Cutout of 16 px
+# at 32 px (third_party/auto_augment/augmentations.py:102, size=16). The ops act on the 8-bit image (pil_wrap,
+# :152); their strengths are the level mapped by float_parameter / int_parameter (:124-149, PARAMETER_MAX 10).
 RANDAUGMENT_OPS = (
     "identity", "autocontrast", "equalize", "rotate", "solarize", "color", "contrast", "brightness", "sharpness",
     "shear_x", "translate_x", "translate_y", "posterize", "shear_y",
 )  # fmt: skip
 AFFINE_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
-FILL = 128  # out-of-image pixels of the affine ops and Cutout: mid-grey, 0 in [-1, 1] (pil_unwrap, :158-165)
+# Out-of-image pixels of the affine ops and Cutout: mid-grey, about 0 in [-1, 1]. Officially they are exactly 0 in
+# [-1, 1] (transparent in pil_unwrap, :158-165; Cutout multiplies by 0), except that a colour op after an affine op
+# flattens the transparent pixels to black there (convert('RGB')); 128 everywhere here is the small deviation.
+FILL = 128
 
 
 def randaugment_strength(op, level, image_size=32):
