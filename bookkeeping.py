@@ -458,11 +458,10 @@ wrn_depth = _number(int, lambda v: v >= 10 and (v - 4) % 6 == 0, "6n + 4 >= 10")
 
 
 def fill_defaults(args, table, key):
-    """Every flag of ``table[key]`` left unset (None) takes the table's value; returns the names it filled."""
-    filled = [name for name, value in table[key].items() if getattr(args, name) is None]
-    for name in filled:
-        setattr(args, name, table[key][name])
-    return filled
+    """Every flag of ``table[key]`` left unset (None) takes the table's value."""
+    for name, value in table[key].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def defaults_epilog(table, sources):

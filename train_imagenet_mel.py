@@ -267,9 +267,7 @@ def parse_args(argv=None):
         "(note eq. 2) (recipe: on)",
     )
     args = parser.parse_args(argv)
-    for name, value in RECIPES[args.recipe].items():  # flags not given take the recipe's value
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    bookkeeping.fill_defaults(args, RECIPES, args.recipe)  # flags not given take the recipe's value
 
     if args.num_unlabeled < -1:
         parser.error(
