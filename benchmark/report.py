@@ -20,7 +20,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-METRICS = ("test_error_at_best_valid", "final_test_error", "best_valid_error", "final_valid_error")
+METRICS = (
+    "test_error_at_best_valid",
+    "median_last20_test_error",
+    "median_test_error",
+    "final_test_error",
+    "best_valid_error",
+    "final_valid_error",
+)
 SEED_SUFFIX = re.compile(r"^(?P<config>.+)__seed(?P<seed>-?\d+)$")
 
 
