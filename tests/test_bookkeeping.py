@@ -14,12 +14,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import bookkeeping  # noqa: E402
+import train_fixmatch  # noqa: E402
 import train_mixmatch  # noqa: E402
 import train_pi  # noqa: E402
 import train_supervised  # noqa: E402
 import train_vat  # noqa: E402
 
-WRN_SCRIPTS = (train_supervised, train_vat, train_pi, train_mixmatch)
+WRN_SCRIPTS = (train_supervised, train_vat, train_pi, train_mixmatch, train_fixmatch)
 
 
 @pytest.mark.parametrize(
