@@ -4,6 +4,7 @@ training step spent producing the batch, and torch.compile / memory format per m
     python benchmark/speed.py                      # everything but the compile group, 2 rounds (~20 min, 2-core CPU)
     python benchmark/speed.py --rounds 3 --steps 60 --depth 10 --width 2
     python benchmark/speed.py --only batch         # just the in-process batch-production share
+    python benchmark/speed.py --only fixmatch --depth 28 --width 2   # RandAugment's share of a FixMatch step
     python benchmark/speed.py --only compile       # compiled vs eager x channels_last vs contiguous, WRN-28-2
     python benchmark/speed.py --compile --only inprocess pseudo-label vat pi mixmatch   # the targets, compiled
     python benchmark/speed.py --dry-run            # print the commands
@@ -27,8 +28,13 @@ four combinations, each on its own copy of the same weights: contiguous / channe
 all four once per iteration in a fresh random order, and reports images/s and the median per-iteration speed-up
 over eager contiguous. The first call of each compiled step (compilation) is reported apart.
 
-Targets (issues 9 and 15): NS3L overhead <= 3 %, NS3L alone >= 2x the steps/s of VAT, batch production < 5 % of a
-step; the MixMatch step with --compile and the faster memory format >= 1.25x the images/s of both off (CPU).
+The FixMatch group (``--only fixmatch``) times train_fixmatch.py's step at the official batch (64 labeled + 7 x 64
+unlabeled, weak and strong views: 960 images) on --depth / --width, alternated with the strong views' RandAugment +
+Cutout alone and with the step + NS3L; RandAugment's share = its median time / the median step time.
+
+Targets (issues 9, 15 and 17): NS3L overhead <= 3 %, NS3L alone >= 2x the steps/s of VAT, batch production < 5 % of a
+step, RandAugment < 10 % of a FixMatch step (CPU); the MixMatch step with --compile and the faster memory format
+>= 1.25x the images/s of both off (CPU).
 """
 
 import argparse
@@ -43,7 +49,7 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TARGETS = {"ns3l_overhead": 0.03, "ns3l_vs_vat": 2.0, "batch_share": 0.05}
+TARGETS = {"ns3l_overhead": 0.03, "ns3l_vs_vat": 2.0, "batch_share": 0.05, "randaugment_share": 0.10}
 
 
 # ------------------------------------------------------------------------------------------------- ratio arithmetic
@@ -276,6 +282,96 @@ def measure_batch_share(repeats, depth, width, threads, batch_size=50, dataset="
         "step_ms": 1e3 * statistics.median(step_times),
         "share": share,
     }
+
+
+# ------------------------------------------------------------------------------------ FixMatch: RandAugment share
+def measure_fixmatch(repeats, depth, width, threads, batch_size=64, uratio=7, size=32):
+    """FixMatch's training step rebuilt from train_fixmatch.py's own functions (uint8 gather, weak views, the strong
+    view's RandAugment + Cutout, one pass over [labeled; weak; strong], losses, SGD, EMA) at the official batch
+    (64 + 7 x 64, two views each), alternated with the strong-view RandAugment alone on a batch of the same size, and
+    the step with --ns3l. Share = median RandAugment time / median step time (the step includes it)."""
+    import copy
+
+    import torch
+
+    sys.path.insert(0, ROOT)
+    import common
+    import train_fixmatch as fm
+    import wrn
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    rng = np.random.RandomState(0)
+    prototypes = rng.uniform(0, 255, size=(10, 3, size // 4, size // 4)).repeat(4, 2).repeat(4, 3)
+    labels = np.arange(4 * batch_size * uratio) % 10
+    images = np.clip(prototypes[labels] + rng.normal(0, 40, size=(len(labels), 3, size, size)), 0, 255)
+    x_all, y_all = torch.from_numpy(images.astype(np.uint8)), torch.from_numpy(labels)
+    model = wrn.WideResNet(10, depth, width, 3, conv_bias=True, bn_momentum=0.001).to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.SGD(fm.optimizer_groups(model, 5e-4), lr=0.03, momentum=0.9, nesterov=True)
+    normalize = common.Normalizer("scale")
+    labeled = common.BatchSampler(torch.arange(len(y_all) // 8), batch_size)
+    unlabeled = common.BatchSampler(torch.arange(len(y_all)), batch_size * uratio)
+
+    def strong_only():
+        idx = next(unlabeled)
+        start = time.perf_counter()
+        common.rand_augment(common.augment(x_all[idx], True, size // 8), 2, 10, probability=0.5, cutout=size // 2)
+        return time.perf_counter() - start
+
+    def step(ns3l):
+        start = time.perf_counter()
+        li, ui = next(labeled), next(unlabeled)
+        weak_u = common.augment(x_all[ui], True, size // 8)
+        strong = common.rand_augment(common.augment(x_all[ui], True, size // 8), 2, 10, probability=0.5, cutout=16)
+        batch = torch.cat([common.augment(x_all[li], True, size // 8), weak_u, strong])
+        logits = model(normalize(batch).contiguous(memory_format=torch.channels_last))
+        n, u = len(li), len(ui)
+        loss_xe, loss_xeu, probs, _, _ = fm.fixmatch_losses(
+            logits[:n], y_all[li], logits[n : n + u], logits[n + u :], 0.95
+        )
+        loss = loss_xe + loss_xeu
+        if ns3l:
+            loss = loss + fm.ns3l_loss(logits[n + u :], fm.ns3l_negatives(probs, 0.05))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        fm.ema_update_(ema, model, 0.999)
+        return time.perf_counter() - start
+
+    variants = {"randaugment": strong_only, "FixMatch": lambda: step(False), "FixMatch+NS3L": lambda: step(True)}
+    for fn in variants.values():  # warm-up
+        fn()
+    times = {label: [] for label in variants}
+    order = list(variants)
+    shuffler = np.random.RandomState(1)
+    for _ in range(repeats):
+        shuffler.shuffle(order)
+        for label in order:
+            times[label].append(variants[label]())
+    medians = {label: statistics.median(t) for label, t in times.items()}
+    ns3l = [b / a - 1.0 for a, b in zip(times["FixMatch"], times["FixMatch+NS3L"])]
+    return {
+        "depth": depth,
+        "width": width,
+        "images_per_step": batch_size * (1 + 2 * uratio),
+        "randaugment_ms": 1e3 * medians["randaugment"],
+        "step_ms": 1e3 * medians["FixMatch"],
+        "ns3l_step_ms": 1e3 * medians["FixMatch+NS3L"],
+        "share": medians["randaugment"] / medians["FixMatch"],
+        "ns3l_overhead": statistics.median(ns3l),
+    }
+
+
+def format_fixmatch(result):
+    return (
+        f"FixMatch, WRN-{result['depth']}-{result['width']}, {result['images_per_step']} images per step: "
+        f"RandAugment + Cutout of the strong views {result['randaugment_ms']:.1f} ms of a {result['step_ms']:.0f} ms "
+        f"step = {100 * result['share']:.1f} % (target < {100 * TARGETS['randaugment_share']:.0f} %: "
+        f"{'met' if result['share'] < TARGETS['randaugment_share'] else 'MISSED'}); NS3L overhead per step "
+        f"{100 * result['ns3l_overhead']:+.1f} % (median of per-iteration ratios; step with NS3L "
+        f"{result['ns3l_step_ms']:.0f} ms)"
+    )
 
 
 # ------------------------------------------------------------------------- in-process, step-alternated overheads
@@ -598,7 +694,7 @@ def main(argv=None):
         "--only",
         nargs="+",
         default=None,
-        choices=["pseudo-label", "vat", "pi", "mixmatch", "others", "batch", "inprocess", "compile"],
+        choices=["pseudo-label", "vat", "pi", "mixmatch", "others", "batch", "inprocess", "compile", "fixmatch"],
     )
     parser.add_argument(
         "--compile",
@@ -615,13 +711,16 @@ def main(argv=None):
     parser.add_argument("--compile-depth", type=int, default=28, help="WRN depth of the compile group")
     parser.add_argument("--compile-width", type=int, default=2, help="WRN width of the compile group")
     parser.add_argument("--compile-repeats", type=int, default=5, help="alternations of the compile group")
+    parser.add_argument(
+        "--fixmatch-repeats", type=int, default=10, help="alternations of the FixMatch group (official batch 64 + 448)"
+    )
     parser.add_argument("--workdir", default=None, help="where the npz and the runs go (default: a temp dir)")
     parser.add_argument("--json", default=None, help="also write the raw measurements here")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
     if min(args.rounds, args.steps, args.threads, args.batch_repeats) < 1:
         parser.error("--rounds, --steps, --threads and --batch-repeats must be >= 1")
-    selected = set(args.only or ["pseudo-label", "vat", "pi", "mixmatch", "others", "batch", "inprocess"])
+    selected = set(args.only or ["pseudo-label", "vat", "pi", "mixmatch", "others", "batch", "inprocess", "fixmatch"])
     # the compile group (WRN-28-2 at the paper's batch sizes, compiles every step) runs only when asked for
     if args.dry_run:
         workdir = args.workdir or "<workdir>"
@@ -632,7 +731,7 @@ def main(argv=None):
                 for label, command in commands.items():
                     print(f"[{group}] {label}: python {' '.join(command)}")
         return 0
-    script_groups = selected - {"batch", "inprocess", "compile"}
+    script_groups = selected - {"batch", "inprocess", "compile", "fixmatch"}
     workdir = args.workdir or (tempfile.mkdtemp(prefix="ns3l_speed_") if script_groups else None)
     if workdir:
         os.makedirs(workdir, exist_ok=True)
@@ -658,6 +757,10 @@ def main(argv=None):
             memory_format=torch.channels_last if args.compile else None,
         )
         print(format_inprocess(*inprocess), flush=True)
+    fixmatch = None
+    if "fixmatch" in selected:
+        fixmatch = measure_fixmatch(args.fixmatch_repeats, args.depth, args.width, args.threads)
+        print(format_fixmatch(fixmatch), flush=True)
     compiled = None
     if "compile" in selected:
         compiled = measure_compile(
@@ -673,6 +776,8 @@ def main(argv=None):
     text = format_report(results, batch, (load_start, os.getloadavg()[0]))
     if inprocess is not None:
         text += "\n" + format_inprocess(*inprocess)
+    if fixmatch is not None:
+        text += "\n" + format_fixmatch(fixmatch)
     if compiled is not None:
         text += "\n" + format_compile(*compiled, args.compile_depth, args.compile_width)
     print("\n" + text)
@@ -684,6 +789,7 @@ def main(argv=None):
                     "batch": batch,
                     "inprocess": inprocess and inprocess[0],
                     "compile": compiled,
+                    "fixmatch": fixmatch,
                     "args": vars(args),
                 },
                 f,

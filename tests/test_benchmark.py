@@ -282,6 +282,7 @@ PAPER_SCRIPTS = [
     "figure3_sensitivity",
     "xc_adversarial_negatives",
     "imagenet_mel_note",
+    "fixmatch_cifar10",
 ]
 
 
@@ -308,6 +309,12 @@ def test_paper_numbers_match_the_paper():
     f3 = importlib.import_module("figure3_sensitivity").SETTINGS
     assert all(len(v) == 12 for v in f3.values())  # 4 thresholds x 3 weights
     assert [c.paper for c in f3["ns3l-cifar10"] if c.paper] == [(16.03, 0.05)]
+    fixmatch = importlib.import_module("fixmatch_cifar10").SETTINGS  # FixMatch paper, Table 2, FixMatch (RA)
+    assert {s: [c.paper for c in cs] for s, cs in fixmatch.items()} == {
+        "cifar10-40": [(13.81, 3.37), None],
+        "cifar10-250": [(5.07, 0.65), None],
+        "cifar10-4000": [(4.26, 0.05), None],
+    }
 
 
 def test_paper_recipes_resolve_to_the_corrected_protocol():
@@ -337,6 +344,22 @@ def test_paper_recipes_resolve_to_the_corrected_protocol():
         assert resolved["table3_mixmatch_cifar10", setting, "mixmatch"].total_steps == 307_200
     svhn = resolved["table4_mixmatch_svhn", "svhn-1000", "mixmatch+ns3l"]
     assert (svhn.total_steps, svhn.num_valid, svhn.ns3l_weight) == (307_200, 7325, 2.0)
+    import train_fixmatch
+
+    for setting, configs in importlib.import_module("fixmatch_cifar10").SETTINGS.items():
+        for c in configs:
+            a = train_fixmatch.parse_args(c.argv[1:])
+            assert (a.total_steps, a.batch_size, a.uratio, a.confidence, a.lr, a.weight_decay, a.ema_decay) == (
+                1 << 20,
+                64,
+                7,
+                0.95,
+                0.03,
+                5e-4,
+                0.999,
+            )
+            assert (a.depth, a.width, a.num_valid, a.exclude_labeled, a.median_of) == (28, 2, 1, False, 20)
+            assert a.ns3l == (c.name == "fixmatch+ns3l") and str(a.num_labeled) == setting.split("-")[1]
 
 
 def test_paper_script_prints_commands_without_running(tmp_path):

@@ -190,7 +190,7 @@ def test_official_defaults_and_the_data_sets_rows():
         2,
         0.001,
         0.05,
-        1.0,
+        4.0,
         "strong",
     )
     assert (a.randaugment_ops, a.randaugment_magnitude, a.exclude_labeled, a.pad_to) == (2, 10, False, 0)
