@@ -109,6 +109,14 @@ def parse_args(argv=None):
     g.add_argument("--runs-dir", default="runs", help="where run directories are created")
     g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__<script>__<seed>__<time>)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    g.add_argument(
+        "--stop-at",
+        type=positive,
+        default=None,
+        metavar="STEP",
+        help="leave after STEP steps with a checkpoint (a job's time limit; a run is ~a day on one GPU) and continue "
+        "later with --resume; the LR schedule still follows --total-steps, so the legs equal one uninterrupted run",
+    )
     bookkeeping.add_device_args(g)
     g.add_argument("--eval-every", type=positive, help=f"steps between evaluations, official 64 kimg ({TABLE})")
     g.add_argument(
@@ -338,7 +346,9 @@ def main():
     checkpoint = None
     if args.resume:
         checkpoint = bookkeeping.load_checkpoint(args.resume, SCRIPT)
+        stop_at = args.stop_at  # a leg's own stop, never the saved one
         args = bookkeeping.resume_args(args, checkpoint, sys.argv[1:], legacy=False)
+        args.stop_at = stop_at
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     amp, memory_format = bookkeeping.precision(args, device)  # bf16 autocast on CUDA; the faster format (channels_last)
     bookkeeping.seed_everything(args.seed, args.torch_deterministic)
@@ -411,7 +421,10 @@ def main():
     model.train()
     last_log_step = start_step
     clock.start()
-    for step in range(start_step, args.total_steps):
+    end = min(args.total_steps, args.stop_at or args.total_steps)
+    if end <= start_step:
+        bookkeeping.fail(f"--stop-at {args.stop_at} must be after the checkpoint's step {start_step}")
+    for step in range(start_step, end):
         # ALGO LOGIC: one pass over [labeled; weak; strong], pseudo-labels from the weak view, SGD, EMA
         labeled_idx, unlabeled_idx = next(labeled_batches), next(unlabeled_batches)
         images = torch.cat([weak(labeled_idx), weak(unlabeled_idx), strong(unlabeled_idx)])
@@ -445,7 +458,7 @@ def main():
 
         done = step + 1
         # LOGGING: means since the last log; SPS over training time only
-        if done % args.log_every == 0 or done == args.total_steps:
+        if done % args.log_every == 0 or done == end:
             sps = clock.lap()
             means = bookkeeping.interval_means(sums, done - last_log_step)
             bookkeeping.write_scalars(writer, done, means | {"charts/learning_rate": lr, "charts/SPS": sps})
@@ -457,7 +470,7 @@ def main():
             )
             sums, last_log_step = {}, done
         # EVAL: the EMA model (official classify_op); reported: the median of the last --median-of test errors
-        if done % args.eval_every == 0 or done == args.total_steps:
+        if done % args.eval_every == 0 or done == end:  # an evaluation and a checkpoint at a --stop-at too
             clock.pause()
             valid_x, valid_y = data.x_train[split.valid.to(device)], data.y_train[split.valid.to(device)]
             valid_error = (
@@ -513,6 +526,12 @@ def main():
             )
             clock.start()
 
+    if end < args.total_steps:  # stopped early: no summary.json, the run is not finished
+        writer.close()
+        print(
+            f"stopped at step {end} of {args.total_steps}; continue with: python train_fixmatch.py --resume {run_dir}"
+        )
+        return
     test_errors = grid_test_errors(evaluations, args.eval_every, args.total_steps)
     median = statistics.median(test_errors[-args.median_of :]) if test_errors else float("nan")
     summary = bookkeeping.write_summary(

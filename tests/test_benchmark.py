@@ -497,6 +497,7 @@ def test_gpu_check_runs_every_script_on_the_cpu_and_prints_its_table(tmp_path, c
             str(tmp_path / "r.json"),
             "--scripts",
             "train_mixmatch.py",
+            "train_fixmatch.py",
             "train_fmnist_ablation.py",
             "train_xc.py",
             "train_imagenet_mel.py",
@@ -508,6 +509,8 @@ def test_gpu_check_runs_every_script_on_the_cpu_and_prints_its_table(tmp_path, c
     assert [(r["script"], r["variant"]) for r in rows] == [
         ("train_mixmatch.py", "eager"),
         ("train_mixmatch.py", "resume 1+1"),
+        ("train_fixmatch.py", "eager"),
+        ("train_fixmatch.py", "resume 1+1"),
         ("train_fmnist_ablation.py", "default"),
         ("train_xc.py", "default"),
         ("train_imagenet_mel.py", "default"),
@@ -516,11 +519,13 @@ def test_gpu_check_runs_every_script_on_the_cpu_and_prints_its_table(tmp_path, c
     assert all(r["steps_per_second"] > 0 and r["images_per_second"] > 0 for r in rows if "resume" not in r["variant"])
     mixmatch = next(r for r in rows if r["script"] == "train_mixmatch.py")
     assert mixmatch["images_per_second"] == pytest.approx(mixmatch["steps_per_second"] * 64 * 3)
+    fixmatch = next(r for r in rows if r["script"] == "train_fixmatch.py")
+    assert fixmatch["images_per_second"] == pytest.approx(fixmatch["steps_per_second"] * 64 * 15)
     assert (
         "| script | data | variant | steps/s | images/s | compiled / eager | peak GPU memory | compile time | check |"
         in out
     )
-    assert "5 of 5 rows pass" in out
+    assert "7 of 7 rows pass" in out
 
 
 def test_gpu_check_reports_a_failing_run_and_a_resume_that_differs(tmp_path):

@@ -360,18 +360,11 @@ def test_end_to_end_ns3l_and_an_interrupted_run_resumes_exactly(monkeypatch, tmp
     monkeypatch.setattr(sys, "argv", ["train_fixmatch.py", *args, "--run-name", "straight"])
     fm.main()  # every leg in this process: the same threads, so the same summation order
     check_run(tmp_path / "straight", 4, ns3l=True)
-    # The same run killed right after its checkpoint at step 2 (the cosine LR needs the same --total-steps), resumed.
-    save = fm.bookkeeping.save_checkpoint
-
-    def save_then_die(path, state):
-        save(path, state)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(fm.bookkeeping, "save_checkpoint", save_then_die)
-    monkeypatch.setattr(sys, "argv", ["train_fixmatch.py", *args, "--run-name", "resumed"])
-    with pytest.raises(KeyboardInterrupt):
-        fm.main()
-    monkeypatch.setattr(fm.bookkeeping, "save_checkpoint", save)
+    # The same run stopped after step 2 (--stop-at: a checkpoint, no summary), then resumed: the legs equal the run.
+    monkeypatch.setattr(sys, "argv", ["train_fixmatch.py", *args, "--run-name", "resumed", "--stop-at", "2"])
+    fm.main()
+    assert "stopped at step 2 of 4; continue with" in capsys.readouterr().out
+    assert not (tmp_path / "resumed" / "summary.json").exists()
     monkeypatch.setattr(sys, "argv", ["train_fixmatch.py", "--resume", str(tmp_path / "resumed"), "--no-cuda"])
     fm.main()
     torch.use_deterministic_algorithms(False)
