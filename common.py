@@ -566,7 +566,8 @@ FILL = 128
 def randaugment_strength(op, level, image_size=32):
     """The strength of ``op`` at integer ``level`` (tensor, 0..10) as the official augmentations.py computes it:
     rotate int(level * 30 / 10) degrees (:256), shear level * 0.3 / 10 (:288), translate int(level * 10 / 10) px at
-    32 px (:334; scaled with the image size here, the same at 32 px), solarize threshold 256 - int(level * 256 / 10)
+    32 px and above (:334, whatever the size: 9 px at most on STL-10's 96 px too; scaled down by size / 32 on smaller
+    images here, which the official code never sees), solarize threshold 256 - int(level * 256 / 10)
     (:390), posterize to 4 - int(level * 4 / 10) bits (:267), colour / contrast / brightness / sharpness factor
     level * 1.8 / 10 + 0.1 (:420)."""
     level = level.double()
@@ -575,7 +576,7 @@ def randaugment_strength(op, level, image_size=32):
     if op in ("shear_x", "shear_y"):
         return level * 0.3 / 10
     if op in ("translate_x", "translate_y"):
-        return torch.floor(level * 10 / 10) * image_size / 32
+        return torch.floor(level * 10 / 10) * min(image_size, 32) / 32
     if op == "solarize":
         return 256 - torch.floor(level * 256 / 10)
     if op == "posterize":

@@ -19,13 +19,14 @@ libml/{augment,data,models,train,utils}.py, third_party/auto_augment/augmentatio
     crop only (SVHN), pad 12 on STL-10 (DEFAULT_AUGMENT); other sizes pad = image size / 8. Fashion-MNIST is padded
     with black from 28 to 32 px first, as record_parse_mnist does (--pad-to).
  3. Strong view: its own weak draw, then RandAugment (two ops from the 14 of RANDOM_POLICY_OPS, each applied with
-    probability 0.5 at a level drawn from 1..9), then Cutout of half the side (--augment d.d.rac, AugmentPoolRAMC):
-    common.rand_augment, batched on the device with every image its own draw.
- 4. WRN-28-2 with conv biases, BN decay 0.999 / eps 1e-3, leaky ReLU 0.1, 32 filters doubling per stage, log2(size) - 2
-    stages (scales), He-normal convs, Glorot-normal dense (libml/models.py ResNet). CIFAR-100: 128 filters (WRN-28-8)
-    and weight decay 1e-3, the FixMatch paper's setting (section 4, appendix B).
+    probability 0.5 at a level drawn from 1..9; translations of up to 9 px at any size), then Cutout of 16 px
+    (--augment d.d.rac, AugmentPoolRAMC): common.rand_augment, batched on the device, every image its own draw.
+ 4. WRN-28-2 with conv biases, BN decay 0.999 / eps 1e-3, leaky ReLU 0.1, 32 filters doubling per stage,
+    ceil(log2(size)) - 2 stages (scales), He-normal convs, Glorot-normal dense (libml/models.py ResNet). CIFAR-100: 128
+    filters (WRN-28-8) and weight decay 1e-3; STL-10: 4 stages (WRN-37-2), where the code's rule gives 5: the FixMatch
+    paper's settings (section 4, appendix B).
  5. One forward pass of [labeled; weak; strong] in training mode: BN normalises with the statistics of the whole
-    1,024-image batch and its running statistics take that batch (the official interleave only splits the batch
+    960-image batch and its running statistics take that batch (the official interleave only splits the batch
     across GPUs; on one device the pass is the same, utils.para_cat).
  6. Loss: cross-entropy on the labeled rows + lambda_u (1) x mean over the unlabeled rows of mask x cross-entropy of the
     strong logits to argmax softmax(weak logits), the weak prediction detached, mask = max probability >= 0.95; plus
@@ -37,12 +38,16 @@ libml/{augment,data,models,train,utils}.py, third_party/auto_augment/augmentatio
  9. Length: 2^16 kimg = 2^20 steps of 64 (train_kimg).
 --ns3l: loss + lambda_1 x mean over the unlabeled rows of -log(1 - sum_{k: p_weak,k < T} p_strong,k), every row (no
 mask: a negative needs no confidence). --ns3l-view weak takes it on the weak logits instead. T = 0.5 / num_classes
-as the NS3L paper's MixMatch setting; lambda_1 = 4 from a small CPU sweep (README, "FixMatch + NS3L"): no paper gives
+as the NS3L paper's MixMatch setting; lambda_1 = 4 from a small CPU sweep (docs/fixmatch_l1_sweep.md): no paper gives
 FixMatch values.
 Where this PyTorch port differs (all small): the strong view's out-of-image pixels are grey (FILL = 128) where the
 official affine ops leave 0 in [-1, 1] (the same up to half a grey level) and a colour op after an affine op would make
-them black; the labeled subset is a class-balanced draw by seed (official: create_split.py's, also balanced) and the
-validation image another draw; the official data pipeline shuffles with a buffer of 8,192 images, here every epoch is
+them black; the labeled subset is a class-balanced draw by seed (official create_split.py: CIFAR balanced too, SVHN
+in proportion to the class frequencies, STL-10 its predefined folds) and the validation image another draw; the
+Contrast and Color ops floor the luma as torchvision does where PIL rounds (at most a grey level); a grey image
+(Fashion-MNIST, digits) gets the same ops on one channel, which the official RandAugment (RGB only) never ran;
+convolutions pad 1 on every side where TF's 'same' pads a stride-2 convolution on the bottom and right only; the
+official data pipeline shuffles with a buffer of 8,192 images, here every epoch is
 a full permutation; on CUDA the training pass runs under bf16 autocast and torch.compile by default (the official code
 is fp32; --no-bf16 restores exact fp32, TF32 off; --no-compile runs eager); evaluation is always exact fp32.
 """
@@ -68,8 +73,9 @@ SCRIPT = "train_fixmatch"
 # filters 32 (width 2), repeat 4 (depth 28), uratio 7, batch 64, lr 0.03, train_kimg 2^16 (2^20 steps); EMA 0.999
 # (fixmatch.py:85), BN decay 0.999 (libml/models.py:66); an evaluation per report_kimg = 64 kimg = 1,024 steps
 # (libml/train.py:34). Labels: the README's example and fixmatch.py:173 (CIFAR-10 250), the README's list of splits
-# (CIFAR-100 10,000, STL-10 1,000). CIFAR-100: WRN-28-8 (filters 128) and wd 1e-3 (FixMatch paper, section 4 and
-# appendix B). Fashion-MNIST is padded to 32 px (libml/data.py:78). digits and synthetic get a CPU run (this project's
+# (CIFAR-100 10,000, STL-10 1,000). CIFAR-100: WRN-28-8 (filters 128) and wd 1e-3; STL-10: WRN-37-2, i.e. 4 stages
+# (FixMatch paper, section 4 and appendix B; the code's scales = ilog2(96) - 2 would be 5). Fashion-MNIST is padded to
+# 32 px (libml/data.py:78). digits and synthetic get a CPU run (this project's
 # choice, under a minute on two cores): WRN-10-2, batch 32 + 7 x 32, 1,000 steps, BN momentum 0.02, EMA 0.99, an
 # evaluation every 10 steps (the median of the last 20 then covers the last fifth of the run, as a CPU-sized grid).
 # The tables, kept as tables by the formatter:
@@ -81,16 +87,17 @@ DEFAULTS = {
     "cifar10": PAPER,
     "cifar100": PAPER | dict(num_labeled=10000, width=8, weight_decay=1e-3),
     "svhn": PAPER,
-    "stl10": PAPER | dict(num_labeled=1000),
+    "stl10": PAPER | dict(num_labeled=1000, num_stages=4),
     "fashion_mnist": PAPER | dict(pad_to=32),
     "mnist": PAPER | dict(pad_to=32),
     "npz": PAPER,
     "digits": PAPER | CPU | dict(num_labeled=100, num_valid=200),
     "synthetic": PAPER | CPU | dict(num_labeled=40, num_valid=50),
 }
-SOURCES = {"cifar10, svhn, stl10": "the official code's defaults (fixmatch.py, libml/*.py; docs/fidelity.md, file "
+SOURCES = {"cifar10, svhn": "the official code's defaults (fixmatch.py, libml/*.py; docs/fidelity.md, file "
                                    "and line)",
-           "cifar100": "the same with WRN-28-8 and weight decay 1e-3 (FixMatch paper, section 4 and appendix B)",
+           "cifar100, stl10": "the same with the FixMatch paper's models: CIFAR-100 WRN-28-8 and weight decay 1e-3, "
+                              "STL-10 WRN-37-2 (4 stages) (section 4 and appendix B)",
            "fashion_mnist, mnist, npz": "the official schedule; Fashion-MNIST padded to 32 px as libml/data.py does",
            "digits, synthetic": "a CPU run, this project's choice (a few minutes on two cores)",
            "every data set": "mu 7, tau 0.95, lambda_u 1, SGD Nesterov 0.9, LR 0.03 with cosine decay; NS3L: "
@@ -198,7 +205,10 @@ def parse_args(argv=None):
         help="levels are drawn from 1..magnitude - 1 (official randint(1, 10))",
     )
     g.add_argument(
-        "--cutout", type=nonnegative, default=None, help="Cutout side in px of the strong view (default half the side)"
+        "--cutout",
+        type=nonnegative,
+        default=None,
+        help="Cutout side in px of the strong view (default: the official 16, half the side on images under 32 px)",
     )
     g = parser.add_argument_group("ns3l")
     g.add_argument("--ns3l", action="store_true", help="add the NS3L loss on the unlabeled images")
@@ -242,8 +252,8 @@ def resolve_defaults(args, key, num_classes, image_size=None):
     if image_size:
         if args.shift is None:  # the official pad of 4 at 32 px, 12 at 96 px (STL-10)
             args.shift = max(1, round(image_size / 8))
-        if args.num_stages is None:  # official scales = ilog2(width) - 2 (fixmatch.py:145, :157)
-            args.num_stages = max(1, int(math.log2(image_size)) - 2)
+        if args.num_stages is None:  # official scales = ilog2(width) - 2, ilog2 rounding up (fixmatch.py:145, :157)
+            args.num_stages = max(1, math.ceil(math.log2(image_size)) - 2)
     return args
 
 
@@ -374,7 +384,7 @@ def main():
     flip, shift = common.DATASETS[data.name]["flip"], args.shift  # CIFAR / STL-10 / F-MNIST flip, SVHN / digits do not
     if shift >= data.image_size:
         bookkeeping.fail(f"--shift {shift} must be smaller than the image size {data.image_size} (reflect padding)")
-    cutout = data.image_size // 2 if args.cutout is None else args.cutout
+    cutout = min(16, data.image_size // 2) if args.cutout is None else args.cutout  # official 16 px at any size
     if cutout > data.image_size:
         bookkeeping.fail(f"--cutout {cutout} must be at most the image size {data.image_size}")
     bookkeeping.warn_bn_momentum(args.bn_momentum, args.total_steps)
@@ -487,7 +497,7 @@ def main():
             evaluations.append((done, test_error))
             test_errors = grid_test_errors(evaluations, args.eval_every, args.total_steps)
             median = statistics.median(test_errors[-args.median_of :])
-            if valid_error < best_valid:
+            if valid_error < best_valid and (done % args.eval_every == 0 or done == args.total_steps):  # on the grid
                 best_valid, test_at_best = valid_error, test_error
             bookkeeping.write_scalars(
                 writer,

@@ -201,7 +201,8 @@ def test_official_defaults_and_the_data_sets_rows():
     digits = fm.parse_args(["--dataset", "digits"])
     assert (digits.total_steps, digits.depth, digits.batch_size, digits.ema_decay) == (1000, 10, 32, 0.99)
     # what only the (padded) image size decides: the crop padding and the official scales = log2(size) - 2
-    for size, shift, stages in ((32, 4, 3), (96, 12, 4), (8, 1, 1)):
+    assert fm.parse_args(["--dataset", "stl10"]).num_stages == 4  # the paper's WRN-37-2; the code's rule says 5
+    for size, shift, stages in ((32, 4, 3), (28, 4, 3), (96, 12, 5), (8, 1, 1)):  # ilog2 rounds up (libml/utils.py)
         r = fm.resolve_defaults(fm.parse_args([]), "cifar10", 10, size)
         assert (r.shift, r.num_stages) == (shift, stages), size
 

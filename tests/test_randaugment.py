@@ -31,6 +31,7 @@ def test_strengths_are_the_official_level_mappings():
     assert common.randaugment_strength("posterize", level).tolist() == [4, 4, 3, 3, 2, 2, 2, 1, 1]
     assert common.randaugment_strength("translate_x", level).tolist() == list(range(1, 10))
     assert common.randaugment_strength("translate_x", level, image_size=16).tolist() == [k / 2 for k in range(1, 10)]
+    assert common.randaugment_strength("translate_x", level, image_size=96).tolist() == list(range(1, 10))  # STL-10
     assert common.randaugment_strength("shear_y", level).tolist() == pytest.approx([0.03 * k for k in range(1, 10)])
     assert common.randaugment_strength("contrast", level).tolist() == pytest.approx(
         [0.18 * k + 0.1 for k in range(1, 10)]
