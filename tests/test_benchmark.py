@@ -609,10 +609,16 @@ def test_profile_prints_top_operators_and_syncs(capsys):
 
 def test_gpu_check_knows_every_wrn_script_and_its_images_per_step():
     """Each WRN script's row uses flags the script accepts and counts its images per step from its own arguments
-    (Protocol A 50 + 50 by default with an unlabeled term; MixMatch 64 x (1 + K))."""
+    (Protocol A 50 + 50 by default with an unlabeled term; MixMatch 64 x (1 + K); FixMatch B x (1 + 2 mu))."""
     import importlib
 
-    expected = {"train_supervised.py": 100, "train_vat.py": 100, "train_pi.py": 100, "train_mixmatch.py": 192}
+    expected = {
+        "train_supervised.py": 100,
+        "train_vat.py": 100,
+        "train_pi.py": 100,
+        "train_mixmatch.py": 192,
+        "train_fixmatch.py": 480,  # the synthetic row: 32 labeled + 2 views x 7 x 32 unlabeled
+    }
     assert set(gpu_check.WRN_SCRIPTS) == set(expected)
     for script, (flags, images_per_step) in gpu_check.WRN_SCRIPTS.items():
         module = importlib.import_module(script[:-3])
