@@ -665,9 +665,8 @@ def colour_op(images, op, strength):
         c = images.shape[1]
         kernel = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], device=images.device) / 13.0
         blurred = F.conv2d(images.float(), kernel.expand(c, 1, 3, 3), groups=c).round()
-        out = (
-            images.float()
-        )  # the border keeps the image (PIL's SMOOTH filter leaves it); torchvision's x + (1 - f)(y - x)
+        # The border keeps the image (PIL's SMOOTH filter leaves it); inside, torchvision's x + (1 - f)(y - x).
+        out = images.float()
         inner = out[..., 1:-1, 1:-1]
         one_minus = (1.0 - strength.double()).float().view(-1, 1, 1, 1)
         out[..., 1:-1, 1:-1] = inner + one_minus * (blurred - inner)

@@ -1,7 +1,8 @@
 """torch.compile (--compile) against eager: every kind of pass the scripts run (BatchNorm-updating training pass, the
 passes that leave BN statistics alone, VAT's gradient with respect to the input, MixMatch's interleaved chunks) gives
 the eager losses, gradients and BN statistics on a fixed batch; checkpoints hold the uncompiled module's weights;
-compiled runs finish end to end on the CPU and resume exactly. Also the TrainClock behind SPS and ETA."""
+compiled runs (MixMatch, FixMatch) finish end to end on the CPU and resume exactly. Also the TrainClock behind SPS
+and ETA."""
 
 import argparse
 import copy
@@ -245,6 +246,50 @@ def test_compiled_resume_is_exact(compiled_mixmatch):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
     assert a["evaluations"] == b["evaluations"]
+
+
+def test_compiled_fixmatch_stops_and_resumes_exactly(tmp_path):
+    """train_fixmatch.py --compile --ns3l: one compiled graph for the joint pass of [labeled; weak; strong]; a run left
+    at step 2 with --stop-at and resumed (compiled again) equals the uninterrupted run bit for bit."""
+    fm = [
+        "--dataset",
+        "synthetic",
+        "--depth",
+        "10",
+        "--width",
+        "1",
+        "--batch-size",
+        "4",
+        "--uratio",
+        "2",
+        "--eval-every",
+        "2",
+        "--total-steps",
+        "4",
+        "--torch-deterministic",
+        "--no-cuda",
+        "--bn-momentum",
+        "0.1",
+        "--ns3l",
+        "--compile",
+        "--runs-dir",
+        tmp_path,
+    ]
+    whole = run_script("train_fixmatch.py", *fm, "--run-name", "whole")
+    first = run_script("train_fixmatch.py", *fm, "--run-name", "legs", "--stop-at", "2")
+    second = run_script("train_fixmatch.py", "--resume", tmp_path / "legs")
+    for result in (whole, first, second):
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.count("compile: the first step took") == 1
+    assert "stopped at step 2 of 4" in first.stdout
+    summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    assert summary["compile_seconds"] > 0 and math.isfinite(summary["median_test_error"])
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "legs" / "checkpoint.pt", weights_only=True)
+    for key in ("model", "ema_model"):
+        assert not any(k.startswith("_orig_mod") for k in a[key])
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
 
 
 def test_resume_can_switch_compile_off(tmp_path):
