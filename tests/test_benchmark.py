@@ -125,6 +125,22 @@ def test_lr_control_suite_changes_only_the_learning_rate(capsys):
     assert capsys.readouterr().out.count("--lr 0.003 --seed 1") == 5
 
 
+def test_fixmatch_cpu_suite_differs_only_by_ns3l_and_parses():
+    import train_fixmatch
+
+    plain, ns3l = run.fixmatch_fmnist_cpu_suite()
+    assert (plain.name, ns3l.name) == ("fixmatch", "fixmatch+ns3l") and ns3l.argv == plain.argv + ["--ns3l"]
+    args = train_fixmatch.parse_args(ns3l.argv[1:])
+    assert (args.dataset, args.num_labeled, args.total_steps, args.eval_every, args.median_of) == (
+        "fashion_mnist",
+        250,
+        2000,
+        100,
+        5,
+    )
+    assert (args.batch_size, args.uratio, args.ns3l_weight, args.threshold, args.pad_to) == (16, 7, 4.0, 0.05, 32)
+
+
 def test_run_executes_skips_finished_and_resumes(tmp_path, capsys):
     fake = tmp_path / "fake_train.py"  # a stand-in training script honouring the STYLE.md contract
     fake.write_text(
