@@ -99,7 +99,7 @@ SOURCES = {"cifar10, svhn": "the official code's defaults (fixmatch.py, libml/*.
            "cifar100, stl10": "the same with the FixMatch paper's models: CIFAR-100 WRN-28-8 and weight decay 1e-3, "
                               "STL-10 WRN-37-2 (4 stages) (section 4 and appendix B)",
            "fashion_mnist, mnist, npz": "the official schedule; Fashion-MNIST padded to 32 px as libml/data.py does",
-           "digits, synthetic": "a CPU run, this project's choice (a few minutes on two cores)",
+           "digits, synthetic": "a CPU run, this project's choice (under a minute on two cores)",
            "every data set": "mu 7, tau 0.95, lambda_u 1, SGD Nesterov 0.9, LR 0.03 with cosine decay; NS3L: "
                              "T = 0.5 / classes, lambda_1 4 (a small CPU sweep; no paper gives FixMatch values)"}
 # fmt: on
