@@ -8,7 +8,7 @@ T = 0.5 / num_classes, and -log(1 - sum of their probabilities) is taken on the 
 
     python train_fixmatch.py --dataset cifar10 --num-labeled 250          # the official run: 2^20 steps of 64 + 448
     python train_fixmatch.py --dataset cifar10 --num-labeled 40 --ns3l
-    python train_fixmatch.py --dataset digits --ns3l      # a CPU run of a few minutes (digits defaults, --help)
+    python train_fixmatch.py --dataset digits --ns3l      # a CPU run of under a minute (digits defaults, --help)
 
 Point by point against the official code (google-research/fixmatch at d4985a1: fixmatch.py, ablation/ab_fixmatch_ra.py,
 libml/{augment,data,models,train,utils}.py, third_party/auto_augment/augmentations.py; lines in docs/fidelity.md):
@@ -19,7 +19,7 @@ libml/{augment,data,models,train,utils}.py, third_party/auto_augment/augmentatio
     crop only (SVHN), pad 12 on STL-10 (DEFAULT_AUGMENT); other sizes pad = image size / 8. Fashion-MNIST is padded
     with black from 28 to 32 px first, as record_parse_mnist does (--pad-to).
  3. Strong view: its own weak draw, then RandAugment (two ops from the 14 of RANDOM_POLICY_OPS, each applied with
-    probability 0.5 at a level drawn from 1..9; translations of up to 9 px at any size), then Cutout of 16 px
+    probability 0.5 at a level drawn from 1..9; translations of up to 9 px at 32 px and above), then Cutout of 16 px
     (--augment d.d.rac, AugmentPoolRAMC): common.rand_augment, batched on the device, every image its own draw.
  4. WRN-28-2 with conv biases, BN decay 0.999 / eps 1e-3, leaky ReLU 0.1, 32 filters doubling per stage,
     ceil(log2(size)) - 2 stages (scales), He-normal convs, Glorot-normal dense (libml/models.py ResNet). CIFAR-100: 128
@@ -46,7 +46,9 @@ them black; the labeled subset is a class-balanced draw by seed (official create
 in proportion to the class frequencies, STL-10 its predefined folds) and the validation image another draw; the
 Contrast and Color ops floor the luma as torchvision does where PIL rounds (at most a grey level); a grey image
 (Fashion-MNIST, digits) gets the same ops on one channel, which the official RandAugment (RGB only) never ran;
-convolutions pad 1 on every side where TF's 'same' pads a stride-2 convolution on the bottom and right only; the
+convolutions pad 1 on every side where TF's 'same' pads a stride-2 convolution on the bottom and right only; below
+32 px (digits, synthetic), which the official code never sees, translations shrink by size / 32 and Cutout is half
+the side; the
 official data pipeline shuffles with a buffer of 8,192 images, here every epoch is
 a full permutation; on CUDA the training pass runs under bf16 autocast and torch.compile by default (the official code
 is fp32; --no-bf16 restores exact fp32, TF32 off; --no-compile runs eager); evaluation is always exact fp32.
@@ -179,7 +181,9 @@ def parse_args(argv=None):
     g.add_argument("--ema-decay", type=bookkeeping.ema_decay, help=f"EMA of the weights, used for evaluation ({TABLE})")
     g.add_argument("--depth", type=bookkeeping.wrn_depth, help=f"WRN depth, 6n + 4 ({TABLE})")
     g.add_argument("--width", type=positive, help=f"WRN widening factor: 2 = official 32 filters, 8 = 128 ({TABLE})")
-    g.add_argument("--num-stages", type=positive, help="WRN stages, official scales (default log2(image size) - 2)")
+    g.add_argument(
+        "--num-stages", type=positive, help="WRN stages, official scales (default ceil(log2(image size)) - 2; STL-10 4)"
+    )
     g.add_argument(
         "--bn-momentum",
         type=bookkeeping.momentum,
@@ -216,7 +220,7 @@ def parse_args(argv=None):
         "--ns3l-weight",
         type=bookkeeping.nonnegative_float,
         default=4.0,
-        help="lambda_1 (chosen by a small CPU sweep, README; no paper gives FixMatch values)",
+        help="lambda_1 (chosen by a small CPU sweep, docs/fixmatch_l1_sweep.md; no paper gives FixMatch values)",
     )
     g.add_argument(
         "--threshold",

@@ -110,7 +110,7 @@ def fmnist_cpu_lr_control_suite(steps=FMNIST_CPU_STEPS, evals=FMNIST_CPU_EVALS, 
 # Fashion-MNIST (padded to 32 px, as the official code), 250 labels, WRN-10-1, a batch of 16 + 7 x 16 (x 2 views),
 # 2,000 steps, BN momentum 0.01 and EMA 0.99 for the short run, an evaluation every 100 steps and the median of the
 # last 5 (the last quarter: the official median of 20 covers the last 2 % of a 1,024-evaluation run). 3 seeds took
-# about 55 minutes of wall time on the 2-core machine, two runs at a time with one thread each.
+# 42 minutes of wall time (83 run-minutes) on the 2-core machine, two runs at a time with one thread each.
 FIXMATCH_CPU_STEPS = 2000
 
 

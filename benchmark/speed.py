@@ -1,7 +1,7 @@
 """Training speed as ratios measured side by side: NS3L overhead per method, NS3L alone vs VAT, the share of a
 training step spent producing the batch, and torch.compile / memory format per method.
 
-    python benchmark/speed.py                      # everything but the compile group, 2 rounds (~20 min, 2-core CPU)
+    python benchmark/speed.py                      # everything but the compile group, 2 rounds (~22 min, 2-core CPU)
     python benchmark/speed.py --rounds 3 --steps 60 --depth 10 --width 2
     python benchmark/speed.py --only batch         # just the in-process batch-production share
     python benchmark/speed.py --only fixmatch --depth 28 --width 2   # RandAugment's share of a FixMatch step
