@@ -222,6 +222,15 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+def save_run(run_dir, script, args, step, clock, **state):
+    """RUN_DIR/checkpoint.pt of a WRN script: what every run needs to resume (the script that wrote it, its arguments,
+    the step, every RNG, the training clock) plus the script's own ``state`` (weights, optimiser, samplers, its
+    evaluation record), written atomically."""
+    run = {"script": script, "args": vars(args), "step": step, "rng": rng_state()}
+    run |= {"train_time": clock.seconds, "timed_steps": clock.steps}
+    save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), run | state)
+
+
 def load_checkpoint(run_dir, script, flag="--resume"):
     """Read RUN_DIR/checkpoint.pt written by ``script``; any problem is one line and exit 1, nothing is touched."""
     path = os.path.join(run_dir, "checkpoint.pt")

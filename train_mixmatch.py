@@ -54,7 +54,6 @@ throughout; --no-bf16 restores exact fp32, TF32 off; --no-compile runs eager), e
 import contextlib
 import copy
 import math
-import os
 import statistics
 import sys
 
@@ -517,24 +516,20 @@ def main():
                 f"{raw_test_error:.2f}%), median of last {min(20, len(test_errors))}: {median20:.2f}%",
                 flush=True,
             )
-            bookkeeping.save_checkpoint(
-                os.path.join(run_dir, "checkpoint.pt"),
-                {
-                    "script": SCRIPT,
-                    "args": vars(args),
-                    "step": done,
-                    "model": model.state_dict(),
-                    "ema_model": ema_model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "labeled_sampler": labeled_batches.state_dict(),
-                    "unlabeled_sampler": unlabeled_batches.state_dict(),
-                    "rng": bookkeeping.rng_state(),
-                    "best_valid": best_valid,
-                    "test_at_best": test_at_best,
-                    "train_time": clock.seconds,
-                    "timed_steps": clock.steps,
-                    "evaluations": evaluations,
-                },
+            bookkeeping.save_run(
+                run_dir,
+                SCRIPT,
+                args,
+                done,
+                clock,
+                model=model.state_dict(),
+                ema_model=ema_model.state_dict(),
+                optimizer=optimizer.state_dict(),
+                labeled_sampler=labeled_batches.state_dict(),
+                unlabeled_sampler=unlabeled_batches.state_dict(),
+                best_valid=best_valid,
+                test_at_best=test_at_best,
+                evaluations=evaluations,
             )
             clock.start()
 

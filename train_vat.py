@@ -38,7 +38,6 @@ Deviations and choices (also in the README):
 
 import contextlib
 import math
-import os
 import sys
 
 import torch
@@ -505,22 +504,18 @@ def main():
                 f"(test at best valid {test_at_best:.2f}%)",
                 flush=True,
             )
-            bookkeeping.save_checkpoint(
-                os.path.join(run_dir, "checkpoint.pt"),
-                {
-                    "script": SCRIPT,
-                    "args": vars(args),
-                    "step": done,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "labeled_sampler": labeled_batches.state_dict(),
-                    "unlabeled_sampler": unlabeled_batches.state_dict(),
-                    "rng": bookkeeping.rng_state(),
-                    "best_valid": best_valid,
-                    "test_at_best": test_at_best,
-                    "train_time": clock.seconds,
-                    "timed_steps": clock.steps,
-                },
+            bookkeeping.save_run(
+                run_dir,
+                SCRIPT,
+                args,
+                done,
+                clock,
+                model=model.state_dict(),
+                optimizer=optimizer.state_dict(),
+                labeled_sampler=labeled_batches.state_dict(),
+                unlabeled_sampler=unlabeled_batches.state_dict(),
+                best_valid=best_valid,
+                test_at_best=test_at_best,
             )
             clock.start()
 
