@@ -376,7 +376,10 @@ def test_end_to_end_ns3l_and_an_interrupted_run_resumes_exactly(monkeypatch, tmp
     b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     for key in ("model", "ema_model"):
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
-    assert b["optimizer"]["state"] and a["evaluations"] == pytest.approx(b["evaluations"])
+    assert b["optimizer"]["state"]
+    # The evaluation record: the same steps, and the same test errors (a flat list: pytest.approx takes no pairs).
+    assert [step for step, _ in b["evaluations"]] == [step for step, _ in a["evaluations"]] == [2, 4]
+    assert [error for _, error in b["evaluations"]] == pytest.approx([error for _, error in a["evaluations"]])
 
 
 # ----------------------------------------------------------------------------------------------------- bad inputs
