@@ -9,6 +9,7 @@ device with per-sample randomness drawn from the global torch RNG, so a seeded r
 import gzip
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +59,7 @@ class Dataset:
     y_test: torch.Tensor
     num_classes: int
     num_labelable: int  # rows [0, num_labelable) may be validation or labeled; the rest is unlabeled-only
+    source: str = ""  # what messages call the data: --dataset's value (an .npz's path)
 
     @property
     def channels(self):
@@ -69,26 +71,144 @@ class Dataset:
 
 
 # ---------------------------------------------------------------------------------------------------------- loading
-def _nchw(images):
-    """uint8 array of (N, H, W), (N, H, W, C) or (N, C, H, W) -> contiguous uint8 (N, C, H, W) tensor."""
+# Every loader's arrays pass validate_arrays before a script writes anything: the one place that decides what data is
+# accepted. Each refusal is a DataError of one line naming the file (or data set), the array and what is wrong.
+IMAGE_RULE = "images must be uint8 or finite floats in [0, 1]"
+LABEL_RULE = "labels must be whole numbers >= 0, one per image"
+
+
+def _examples(values, count=3):
+    """Up to ``count`` distinct values of an array, for a message ('-1, -2, 7')."""
+    return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in np.unique(values)[:count].tolist())
+
+
+def check_images(images, source, name):
+    """uint8 (N, H, W), (N, H, W, C) or (N, C, H, W) with C in (1, 3), or the same of finite floats in [0, 1] (scaled to
+    0..255 and rounded) -> contiguous uint8 (N, C, H, W) numpy array of square images with N >= 1. Anything else (other
+    dtypes, NaN / inf, floats outside [0, 1], other shapes, no images, non-square images) raises DataError."""
     images = np.asarray(images)
+    if images.dtype != np.uint8 and images.dtype.kind != "f":
+        raise DataError(f"{source}: {name} has dtype {images.dtype}; {IMAGE_RULE}")
+    layout = "(N, H, W), (N, H, W, C) or (N, C, H, W) with C in (1, 3)"
     if images.ndim == 3:
         images = images[:, None]
     elif images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
         images = images.transpose(0, 3, 1, 2)
     if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise DataError(f"images must be (N, H, W), (N, H, W, C) or (N, C, H, W) with C in (1, 3), got {images.shape}")
-    return torch.from_numpy(np.require(images, requirements=["C", "W"]))
+        raise DataError(f"{source}: {name} has shape {np.shape(images)}; images must be {layout}")
+    if len(images) == 0 or images.shape[2] == 0 or images.shape[3] == 0:
+        raise DataError(f"{source}: {name} holds no images (shape {images.shape}, N x C x H x W)")
+    if images.shape[2] != images.shape[3]:
+        raise DataError(
+            f"{source}: {name} images are {images.shape[2]}x{images.shape[3]} pixels; images must be square (the "
+            f"scripts size their augmentation and networks by one side)"
+        )
+    if images.dtype.kind == "f":
+        non_finite = images.size - int(np.count_nonzero(np.isfinite(images)))
+        if non_finite:
+            raise DataError(f"{source}: {name} has {non_finite} NaN/inf values; {IMAGE_RULE}")
+        low, high = float(images.min()), float(images.max())
+        if low < 0 or high > 1:
+            raise DataError(f"{source}: {name} has values in [{low:g}, {high:g}]; {IMAGE_RULE}")
+        images = np.rint(images.astype(np.float64) * 255.0).astype(np.uint8)
+    return np.require(images, requirements=["C", "W"])
 
 
-def _to_uint8(images):
-    images = np.asarray(images)
-    if images.dtype == np.uint8:
-        return images
-    images = images.astype(np.float64)
-    if images.max() <= 1.0:  # floats in [0, 1]
-        images = images * 255.0
-    return np.clip(np.rint(images), 0, 255).astype(np.uint8)
+def check_features(features, source, name):
+    """Real numbers (N, ...) with N >= 1 -> float32 (N, K), every value finite as float32 (train_xc.py's data)."""
+    features = np.asarray(features)
+    if features.dtype.kind not in "biuf":
+        raise DataError(f"{source}: {name} has dtype {features.dtype}; features must be finite real numbers")
+    if features.ndim == 0 or len(features) == 0:
+        raise DataError(f"{source}: {name} holds no points (shape {features.shape}); features must be (N, K)")
+    with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused below
+        features = features.reshape(len(features), -1).astype(np.float32)
+    if features.shape[1] == 0:
+        raise DataError(f"{source}: {name} has no features (shape {features.shape})")
+    non_finite = features.size - int(np.count_nonzero(np.isfinite(features)))
+    if non_finite:
+        raise DataError(
+            f"{source}: {name} has {non_finite} NaN/inf values (or beyond float32's range); features must be finite "
+            f"real numbers"
+        )
+    return features
+
+
+def check_labels(labels, source, name, count, of="images"):
+    """Class labels -> int64 (N,): one-dimensional, ``count`` of them, whole numbers >= 0 (integers, or floats with
+    whole values). Anything else raises DataError."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iuf":
+        raise DataError(f"{source}: {name} has dtype {labels.dtype}; {LABEL_RULE}")
+    if labels.ndim != 1:
+        raise DataError(f"{source}: {name} has shape {labels.shape}; labels must be one-dimensional (N,)")
+    if len(labels) != count:
+        raise DataError(f"{source}: {name} has {len(labels)} labels for {count} {of}")
+    if labels.dtype.kind == "f":
+        fractional = ~np.isfinite(labels) | (labels != np.floor(labels)) | (np.abs(labels) >= 2**62)
+        if fractional.any():
+            raise DataError(
+                f"{source}: {name} has {int(fractional.sum())} values that are not whole numbers "
+                f"({_examples(labels[fractional])}); {LABEL_RULE}"
+            )
+    negative = labels < 0
+    if negative.any():
+        raise DataError(
+            f"{source}: {name} has {int(negative.sum())} negative values ({_examples(labels[negative])}); {LABEL_RULE}"
+        )
+    return labels.astype(np.int64)
+
+
+def validate_arrays(source, x_train, y_train, x_test, y_test, num_classes=None, features=False):
+    """The gate every loader's arrays pass (the image loaders through load_dataset, train_xc.py's .npz and text files):
+    returns (x_train, y_train, x_test, y_test) as numpy arrays, images uint8 (N, C, H, W) (check_images) or, with
+    ``features``, float32 (N, K) (check_features), labels int64 (check_labels), or raises a one-line DataError naming
+    ``source``, the array and the problem. Training labels need two classes at least. Images: labels are below
+    ``num_classes`` (a named data set), or for an .npz every class 0..C-1 has training images (C = the largest label
+    + 1: a class without images is one the split cannot label), and the test set holds no class the training set
+    lacks. Features (extreme classification): label ids may skip, and held-out points of labels never seen in training
+    are the script's to drop (the paper does)."""
+    check = check_features if features else check_images
+    x_train, x_test = check(x_train, source, "x_train"), check(x_test, source, "x_test")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        what = "features per point" if features else "images"
+        raise DataError(
+            f"{source}: x_train {what} {x_train.shape[1:]} and x_test {what} {x_test.shape[1:]} differ in shape"
+        )
+    of = "points" if features else "images"
+    y_train = check_labels(y_train, source, "y_train", len(x_train), f"{of} in x_train")
+    y_test = check_labels(y_test, source, "y_test", len(x_test), f"{of} in x_test")
+    classes = np.unique(y_train)
+    if len(classes) < 2:
+        raise DataError(f"{source}: y_train has a single class ({classes[0]}); a classifier needs at least two")
+    if not features:
+        if num_classes is not None and max(classes[-1], y_test.max()) >= num_classes:
+            raise DataError(
+                f"{source}: a label is {max(classes[-1], y_test.max())}, but the data set has {num_classes} classes"
+            )
+        if num_classes is None and len(classes) < classes[-1] + 1:  # an .npz: C = the largest label + 1
+            num_classes = int(classes[-1]) + 1
+            missing = np.setdiff1d(np.arange(min(num_classes, len(classes) + 1)), classes)[0]
+            raise DataError(
+                f"{source}: y_train has no image of class {missing} (labels must be 0..C-1 with every class in "
+                f"training; C = {num_classes})"
+            )
+        unseen = np.setdiff1d(y_test, classes)
+        if len(unseen):
+            raise DataError(
+                f"{source}: y_test has {len(unseen)} labels the training set never has ({_examples(unseen)})"
+            )
+    return x_train, y_train, x_test, y_test
+
+
+def require_image_size(data, minimum, why):
+    """DataError unless the data set's (square) images are at least ``minimum`` pixels a side; ``why``: the part of
+    the script's pipeline that needs them (named in the message)."""
+    if data.image_size < minimum:
+        raise DataError(
+            f"{data.source}: images are {data.image_size}x{data.image_size} pixels; {why} needs at least "
+            f"{minimum}x{minimum}"
+        )
 
 
 def read_idx(path):
@@ -199,18 +319,19 @@ def _npz(path):
             if missing:
                 raise DataError(f"{path} lacks {', '.join(missing)} (needs x_train, y_train, x_test, y_test)")
             return f["x_train"], f["y_train"], f["x_test"], f["y_test"]
-    except (OSError, ValueError, EOFError) as error:
-        raise DataError(f"{path} is not a readable .npz file ({error})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(
+            f"{path} is not a readable .npz file ({str(error).splitlines()[0] if str(error) else error!r})"
+        ) from None
 
 
 def load_dataset(name, data_dir="data", download=False, device="cpu", svhn_extra=False):
-    """Load a data set as uint8 NCHW tensors on ``device``; raise DataError with a one-line message if missing."""
+    """Load a data set as uint8 NCHW tensors on ``device``; raise DataError with a one-line message if it is missing or
+    its arrays break a rule of validate_arrays."""
     key = dataset_key(name)
     extra_x = extra_y = None
     if key == "npz":
         x_train, y_train, x_test, y_test = _npz(name)
-        x_train, x_test = _to_uint8(x_train), _to_uint8(x_test)
-        num_classes = int(max(np.max(y_train), np.max(y_test))) + 1
     elif key == "digits":
         x_train, y_train, x_test, y_test = _digits()
     elif key == "synthetic":
@@ -225,22 +346,30 @@ def load_dataset(name, data_dir="data", download=False, device="cpu", svhn_extra
     else:
         tv_name = "svhn_extra" if (key == "svhn" and svhn_extra) else key
         x_train, y_train, x_test, y_test, extra_x, extra_y = _torchvision(tv_name, data_dir, download)
-    x_train, x_test = _nchw(x_train), _nchw(x_test)
-    y_train = torch.as_tensor(np.array(y_train), dtype=torch.int64)
-    y_test = torch.as_tensor(np.array(y_test), dtype=torch.int64)
-    if len(x_train) != len(y_train) or len(x_test) != len(y_test):
-        raise DataError(f"{name}: images and labels differ in length")
-    if x_train.shape[1:] != x_test.shape[1:]:
-        raise DataError(
-            f"{name}: train images {tuple(x_train.shape[1:])} and test images {tuple(x_test.shape[1:])} differ"
-        )
+    x_train, y_train, x_test, y_test = validate_arrays(
+        name, x_train, y_train, x_test, y_test, DATASETS[key]["num_classes"]
+    )
+    num_classes = DATASETS[key]["num_classes"] or int(y_train.max()) + 1
     num_labelable = len(x_train)
-    if extra_x is not None:
-        x_train = torch.cat([x_train, _nchw(extra_x)])
-        y_train = torch.cat([y_train, torch.as_tensor(np.asarray(extra_y), dtype=torch.int64)])
-    num_classes = DATASETS[key]["num_classes"] or num_classes
+    if extra_x is not None:  # SVHN's extra split (labels 0..9) or STL-10's unlabeled split (labels -1)
+        extra_x = check_images(extra_x, name, "the unlabeled / extra images")
+        if extra_x.shape[1:] != x_train.shape[1:]:
+            raise DataError(f"{name}: the unlabeled / extra images {extra_x.shape[1:]} differ from x_train's")
+        if key == "stl10":  # no labels: -1 marks them
+            extra_y = np.asarray(extra_y, dtype=np.int64)
+        else:
+            extra_y = check_labels(extra_y, name, "the extra labels", len(extra_x), "extra images")
+            if extra_y.max() >= num_classes:
+                raise DataError(
+                    f"{name}: an extra label is {extra_y.max()}, but the data set has {num_classes} classes"
+                )
+        x_train, y_train = np.concatenate([x_train, extra_x]), np.concatenate([y_train, extra_y])
+
+    def tensor(array):
+        return torch.from_numpy(array).to(device)
+
     return Dataset(
-        key, x_train.to(device), y_train.to(device), x_test.to(device), y_test.to(device), num_classes, num_labelable
+        key, tensor(x_train), tensor(y_train), tensor(x_test), tensor(y_test), num_classes, num_labelable, name
     )
 
 
@@ -279,7 +408,12 @@ def _xc_sparse(tokens, row, path, lineno, size, what):
         if not 0 <= index < size:
             raise DataError(f"{path}: line {lineno}: {what} {index} outside 0..{size - 1} (line 1's header)")
         if row is not None:
-            row[index] = value
+            with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused below
+                row[index] = value
+            if not np.isfinite(row[index]):  # nan, inf, or beyond float32's range
+                raise DataError(
+                    f"{path}: line {lineno}: {what} {index} has the value {value:g}; features must be finite"
+                )
         indices.append(index)
     return indices
 
@@ -336,11 +470,18 @@ def read_xc_features(path):
                 _xc_sparse(tokens, features[lineno - 2], path, lineno, num_features, "feature")
                 continue
             try:
-                values = np.array(tokens, dtype=np.float32)
+                with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused below
+                    values = np.array(tokens, dtype=np.float32)
             except ValueError:
                 raise DataError(f"{path}: line {lineno}: not {num_features} numbers") from None
             if len(values) != num_features:
                 raise DataError(f"{path}: line {lineno}: {len(values)} numbers, line 1 says K = {num_features}")
+            if not np.isfinite(values).all():  # nan, inf, or beyond float32's range
+                column = int(np.flatnonzero(~np.isfinite(values))[0])
+                raise DataError(
+                    f"{path}: line {lineno}: value {column + 1} is {tokens[column][:40]!r}, not finite; features "
+                    f"must be finite"
+                )
             features[lineno - 2] = values
         _xc_count(path, lineno, num_points)
     return features
