@@ -5,11 +5,13 @@ No algorithm and no evaluation rule lives here: each script states the number it
 
 import argparse
 import contextlib
+import fcntl
 import json
 import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 
@@ -43,6 +45,9 @@ def fail(message, code=1):
     rank meets the same error; only rank 0 prints it."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{os.path.basename(sys.argv[0]) or 'error'}: error: {message}", file=sys.stderr, flush=True)
+    discard_unfinished_run()
+    for run_dir in list(_locks):  # the process ends here; release now for a caller that goes on (tests, notebooks)
+        unlock_run_dir(run_dir)
     sys.exit(code)
 
 
@@ -176,22 +181,120 @@ class TrainClock:
         }
 
 
-def create_run_dir(runs_dir, run_name):
-    """Make a fresh run directory; an existing one is never reused or overwritten."""
-    run_dir = os.path.join(runs_dir, run_name)
-    if os.path.exists(run_dir):
-        fail(
+# ---------------------------------------------------------------------------------------------- run directories
+# A run directory is made only after everything that can fail has been checked, and it is never left half made: a new
+# run that fails before its first checkpoint (bad input found late, an exception, Ctrl-C) removes what it created. A
+# training process holds an exclusive lock on its run directory for its whole life (flock, released by the OS when the
+# process dies, however it dies), so a second process, e.g. a sweep rerun while an orphaned run still writes, is
+# refused instead of writing into the same directory.
+_unfinished = {"run_dir": None, "writer": None}  # the new run directory of this process until its first checkpoint
+_locks = {}  # run directory -> the open file descriptor holding its lock
+
+
+def run_name(text):
+    """argparse type of --run-name: a plain directory name, so the run stays inside --runs-dir."""
+    if not text or text in (".", "..") or "/" in text or (os.altsep and os.altsep in text) or "\0" in text:
+        raise argparse.ArgumentTypeError(f"must be a plain directory name (no '/', not '.' or '..'), got {text!r}")
+    return text
+
+
+def run_dir_problem(runs_dir, run_dir):
+    """Why a new run cannot be made at ``run_dir`` under ``runs_dir`` (one line), or None. Reads only."""
+    if os.path.lexists(run_dir):
+        if os.path.isdir(run_dir) and not os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+            return (
+                f"run directory {run_dir} already exists and holds no checkpoint (its run stopped before the first "
+                f"one, or another process is starting it): choose another --run-name, or, if no process uses it, "
+                f"remove it (rm -r {run_dir}) and start again; its arguments are in {run_dir}/args.json"
+            )
+        return (
             f"run directory {run_dir} already exists: choose another --run-name, or continue it with --resume {run_dir}"
         )
-    os.makedirs(run_dir)
+    parent = os.path.abspath(runs_dir)
+    while not os.path.lexists(parent):  # the nearest part of --runs-dir that exists must be a writable directory
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"--runs-dir {runs_dir}: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--runs-dir {runs_dir}: {parent} is not writable"
+    return None
+
+
+def lock_run_dir(run_dir, flag="--resume"):
+    """Hold an exclusive lock on ``run_dir`` until this process ends; one line and exit 1 when another process holds
+    it. Writes nothing: the lock is on the directory itself. Under torchrun rank 0 holds it for every rank."""
+    if run_dir in _locks or int(os.environ.get("RANK", "0")) != 0:
+        return
+    try:
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as error:
+        fail(f"{flag} {run_dir}: cannot open the run directory ({error.strerror})")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        fail(f"{flag} {run_dir}: another process is running in that run directory; wait for it or stop it first")
+    _locks[run_dir] = fd
+
+
+def unlock_run_dir(run_dir):
+    """Release the lock early (a process that runs several runs, such as the tests); the OS releases it at exit."""
+    fd = _locks.pop(run_dir, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def create_run_dir(runs_dir, run_name):
+    """Make a fresh run directory and lock it; an existing one is never reused or overwritten, and nothing is created
+    when the name is taken or --runs-dir is unusable (one line, exit 1). Until the run's first checkpoint, a failure
+    of this process removes the directory again (discard_unfinished_run)."""
+    run_dir = os.path.join(runs_dir, run_name)
+    problem = run_dir_problem(runs_dir, run_dir)
+    if problem:
+        fail(problem)
+    try:
+        os.makedirs(runs_dir, exist_ok=True)
+        os.mkdir(run_dir)  # not makedirs: of two processes racing for one name, exactly one gets it
+    except FileExistsError:
+        fail(run_dir_problem(runs_dir, run_dir) or f"run directory {run_dir} already exists")
+    except OSError as error:
+        fail(f"--runs-dir {runs_dir}: cannot create {run_dir} ({error.strerror})")
+    lock_run_dir(run_dir, "run directory")
+    _unfinished.update(run_dir=run_dir, writer=None)
     return run_dir
+
+
+def discard_unfinished_run():
+    """Remove this process's new run directory if the run fails before its first checkpoint (called by fail() and by
+    an exception that ends the process), so a failed start never leaves a half-made directory that blocks the name."""
+    run_dir, writer = _unfinished["run_dir"], _unfinished["writer"]
+    _unfinished.update(run_dir=None, writer=None)
+    if run_dir is None or os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+        return
+    if writer is not None:
+        with contextlib.suppress(Exception):
+            writer.close()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    unlock_run_dir(run_dir)
+
+
+def _discard_then_report(hook):
+    def excepthook(kind, value, traceback):
+        discard_unfinished_run()
+        hook(kind, value, traceback)
+
+    return excepthook
+
+
+sys.excepthook = _discard_then_report(sys.excepthook)  # an exception that ends the process, Ctrl-C included
 
 
 def open_run(args, script, split=None, checkpoint=None, dataset_name=None):
     """(run_dir, TensorBoard writer). A new run gets runs/<dataset>__<script>__<seed>__<unix time> (or --run-name),
-    its args.json and split.json (when the script has a ``split``); a resumed run reopens args.resume and purges the
-    events logged after its checkpoint's step (a crashed leg's; those at the step itself were written before the
-    checkpoint was saved). ``dataset_name``: the name in the run directory (default: --dataset's file name)."""
+    created and locked only now, after the data and flags were checked, with its args.json and split.json (when the
+    script has a ``split``); a resumed run reopens args.resume (locked by load_checkpoint) and purges the events
+    logged after its checkpoint's step (a crashed leg's; those at the step itself were written before the checkpoint
+    was saved). ``dataset_name``: the name in the run directory (default: --dataset's file name)."""
     from torch.utils.tensorboard import SummaryWriter  # here: the data helpers above must not need tensorboard
 
     if checkpoint is None:
@@ -204,6 +307,8 @@ def open_run(args, script, split=None, checkpoint=None, dataset_name=None):
     else:
         run_dir = args.resume
     writer = SummaryWriter(run_dir, purge_step=None if checkpoint is None else checkpoint["step"] + 1)
+    if checkpoint is None:
+        _unfinished["writer"] = writer
     writer.add_text("hyperparameters", hparams_table(args))
     return run_dir, writer
 
@@ -212,14 +317,29 @@ def write_json(path, obj):
     """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+        json.dump(strict_json(obj), f, indent=2, sort_keys=True, allow_nan=False)
     os.replace(tmp, path)
+
+
+def strict_json(obj):
+    """``obj`` with every NaN / infinity as None: strict JSON (RFC 8259) has no NaN, and readers such as jq or a
+    browser's JSON.parse reject Python's bare NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: strict_json(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(value) for value in obj]
+    return obj
 
 
 def save_checkpoint(path, state):
+    """torch.save atomically (temp file + rename). A run's first checkpoint.pt makes its directory worth keeping."""
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
+    if os.path.basename(path) == "checkpoint.pt" and os.path.dirname(path) == _unfinished["run_dir"]:
+        _unfinished.update(run_dir=None, writer=None)
 
 
 def save_run(run_dir, script, args, step, clock, **state):
@@ -232,9 +352,19 @@ def save_run(run_dir, script, args, step, clock, **state):
 
 
 def load_checkpoint(run_dir, script, flag="--resume"):
-    """Read RUN_DIR/checkpoint.pt written by ``script``; any problem is one line and exit 1, nothing is touched."""
+    """Read RUN_DIR/checkpoint.pt written by ``script``; any problem is one line and exit 1, nothing is touched. With
+    --resume the run directory is locked first, for the life of this process (lock_run_dir)."""
     path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isdir(run_dir):
+        fail(f"{flag} {run_dir}: no such run directory")
+    if flag == "--resume":
+        lock_run_dir(run_dir)  # before reading: a process still writing there is refused, not joined
     if not os.path.isfile(path):
+        if flag == "--resume" and os.path.isfile(os.path.join(run_dir, "args.json")):
+            fail(
+                f"{flag} {run_dir}: the run stopped before its first checkpoint, so there is nothing to continue; "
+                f"remove it (rm -r {run_dir}) and start it again (its arguments are in {run_dir}/args.json)"
+            )
         fail(f"{flag} {run_dir}: no checkpoint.pt in that directory")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -276,6 +406,26 @@ def resume_args(args, checkpoint, argv, overrides=("total_steps", "cuda", "compi
         flags = ["--" + name.replace("_", "-")] + (["--no-" + name] if name in ("cuda", "compile") else [])
         if any(a == flag or a.startswith(flag + "=") for a in argv for flag in flags):
             setattr(saved, name, getattr(args, name))
+    # Any other flag given with --resume would be ignored: refuse it when it differs from the saved run's value.
+    conflicts = []
+    for flag in dict.fromkeys(a.split("=", 1)[0] for a in argv if a.startswith("--")):
+        name = flag[2:].replace("-", "_")
+        if name not in vars(args) and name.startswith("no_"):
+            name = name[3:]
+        if (
+            name in vars(args)
+            and name != "resume"
+            and name not in overrides
+            and getattr(args, name) != vars(saved).get(name)
+        ):
+            conflicts.append(f"{flag} {getattr(args, name)} (the run has {vars(saved).get(name)})")
+    if conflicts:
+        allowed = ", ".join("--" + name.replace("_", "-") for name in overrides)
+        fail(
+            f"--resume {args.resume} continues the run with its saved arguments, and these differ from them: "
+            f"{'; '.join(conflicts)}. Only {allowed} may change; drop the others, or start a new run",
+            code=2,
+        )
     saved.resume = args.resume
     if checkpoint["step"] >= saved.total_steps:
         fail(
@@ -419,13 +569,15 @@ def progress_line(step, total_steps, sps, **values):
 
 
 def write_summary(writer, run_dir, summary, args, reported):
-    """summary.json (``summary`` plus the run's args) and TensorBoard's hparams entry holding the ``reported``
-    metrics (keys of ``summary``); closes the writer."""
-    summary = {**summary, "args": vars(args)}
+    """summary.json (``summary``, the CPU thread count its numbers were measured with, and the run's args) and
+    TensorBoard's hparams entry holding the ``reported`` metrics (keys of ``summary``); closes the writer. The thread
+    count belongs to a result: on the CPU it changes the summation order, so one seed's error differs between 1 and
+    2 threads."""
+    summary = {**summary, "cpu_threads": torch.get_num_threads(), "args": vars(args)}
     write_json(os.path.join(run_dir, "summary.json"), summary)
     writer.add_hparams(
         {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
-        {f"hparam/{key}": summary[key] for key in reported if summary[key] is not None},
+        {f"hparam/{key}": summary[key] for key in reported if summary[key] is not None and math.isfinite(summary[key])},
         run_name=".",
     )
     writer.close()
@@ -464,6 +616,7 @@ unit_interval = _number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 momentum = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
 ema_decay = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
 wrn_depth = _number(int, lambda v: v >= 10 and (v - 4) % 6 == 0, "6n + 4 >= 10")
+seed = _number(int, lambda v: 0 <= v < 2**32, "in [0, 2^32 - 1]")  # numpy's seed range
 
 
 def fill_defaults(args, table, key):

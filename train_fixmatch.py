@@ -113,9 +113,14 @@ def parse_args(argv=None):
     )
     positive, nonnegative = bookkeeping.positive_int, bookkeeping.nonnegative_int
     g = parser.add_argument_group("experiment")
-    g.add_argument("--seed", type=int, default=1, help="seed of the run; also picks the labeled subset")
+    g.add_argument("--seed", type=bookkeeping.seed, default=1, help="seed of the run; also picks the labeled subset")
     g.add_argument("--runs-dir", default="runs", help="where run directories are created")
-    g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__<script>__<seed>__<time>)")
+    g.add_argument(
+        "--run-name",
+        type=bookkeeping.run_name,
+        default=None,
+        help="run directory name (default <dataset>__<script>__<seed>__<time>)",
+    )
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     g.add_argument(
         "--stop-at",
@@ -360,7 +365,8 @@ def main():
     if args.resume:
         checkpoint = bookkeeping.load_checkpoint(args.resume, SCRIPT)
         stop_at = args.stop_at  # a leg's own stop, never the saved one
-        args = bookkeeping.resume_args(args, checkpoint, sys.argv[1:], legacy=False)
+        overrides = ("total_steps", "cuda", "compile", "stop_at")
+        args = bookkeeping.resume_args(args, checkpoint, sys.argv[1:], overrides, legacy=False)
         args.stop_at = stop_at
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     amp, memory_format = bookkeeping.precision(args, device)  # bf16 autocast on CUDA; the faster format (channels_last)
@@ -372,6 +378,7 @@ def main():
         args = resolve_defaults(args, data.name, data.num_classes)  # an .npz's classes: T
         if args.pad_to:
             data.x_train, data.x_test = pad_images(data.x_train, args.pad_to), pad_images(data.x_test, args.pad_to)
+        common.require_image_size(data, 3, "RandAugment's 3x3 sharpness filter (unpadded)")  # after --pad-to
         args = resolve_defaults(args, data.name, data.num_classes, data.image_size)  # the padded size: shift, stages
         split = common.make_ssl_split(
             data.y_train,

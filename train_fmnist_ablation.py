@@ -31,11 +31,14 @@ Choices the paper does not state (the defaults):
   to [-1, 1]. --ns3l-weight 1 (lambda_1 = 1, the paper's section 4.1.3 value for NS3L alone), no ramp-up.
 - Labeled images are not in the unlabeled stream (2,000 / 58,000 as in the paper); no validation split by default
   (the paper's "validation error" is the test error at the end of training); --num-valid N holds one out.
-- No --resume: a run takes one to two minutes on a CPU core.
+- --resume RUN_DIR continues a killed run from its checkpoint, written at the end of every epoch and of training
+  (weights, Adam, both samplers, every RNG, the running sums and the evaluation record): under --torch-deterministic
+  and the same thread count the resumed run equals the uninterrupted one bit for bit.
 """
 
 import argparse
 import math
+import sys
 import time
 
 import torch
@@ -53,9 +56,15 @@ NN_EXCLUDED = {"nn-exclude": 1, "nn-exclude-4": 4}  # how many nearest classes e
 def parse_args(argv=None):
     parser = bookkeeping.ArgumentParser(description=__doc__.split("\n")[0])
     g = parser.add_argument_group("experiment")
-    g.add_argument("--seed", type=int, default=1, help="seed of the run; also picks the labeled subset")
+    g.add_argument("--seed", type=bookkeeping.seed, default=1, help="seed of the run; also picks the labeled subset")
     g.add_argument("--runs-dir", default="runs", help="where run directories are created")
-    g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__<script>__<seed>__<time>)")
+    g.add_argument(
+        "--run-name",
+        type=bookkeeping.run_name,
+        default=None,
+        help="run directory name (default <dataset>__<script>__<seed>__<time>)",
+    )
+    g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
     g.add_argument(
         "--torch-deterministic",
@@ -68,7 +77,7 @@ def parse_args(argv=None):
         "--eval-every",
         type=bookkeeping.positive_int,
         default=None,
-        help="steps between test evaluations (default: 10 epochs)",
+        help="steps between test evaluations (default: 10 epochs); checkpoints are written every epoch",
     )
     g.add_argument("--log-every", type=bookkeeping.positive_int, default=100, help="steps between logged scalars")
     g = parser.add_argument_group("data")
@@ -243,6 +252,10 @@ def select_negatives(
 
 def main():
     args = parse_args()
+    checkpoint = None
+    if args.resume:
+        checkpoint = bookkeeping.load_checkpoint(args.resume, SCRIPT)
+        args = bookkeeping.resume_args(args, checkpoint, sys.argv[1:], overrides=("total_steps", "cuda"), legacy=False)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     bookkeeping.seed_everything(args.seed, args.torch_deterministic)
 
@@ -278,7 +291,7 @@ def main():
     args.eval_every = args.eval_every or 10 * steps_per_epoch
     normalize = common.Normalizer("scale")  # x / 127.5 - 1
 
-    run_dir, writer = bookkeeping.open_run(args, SCRIPT, split)
+    run_dir, writer = bookkeeping.open_run(args, SCRIPT, split, checkpoint)  # new run dir, or the resumed one
 
     # NEGATIVE PREPROCESSING: pixel-space nearest labeled example of every class, once, for the nn-* rules.
     unlabeled_idx = split.unlabeled.to(device)
@@ -313,7 +326,8 @@ def main():
             f"{nn_stats['nn_true_is_furthest']:.2f}%",
             flush=True,
         )
-        writer.add_scalar("charts/nn_preprocess_seconds", nn_seconds, 0)
+        if checkpoint is None:  # a resumed run computes it again and keeps its first leg's time (below)
+            writer.add_scalar("charts/nn_preprocess_seconds", nn_seconds, 0)
     position = torch.full((len(data.x_train),), -1, dtype=torch.long, device=device)
     position[unlabeled_idx] = torch.arange(len(unlabeled_idx), device=device)  # x_train index -> unlabeled row
 
@@ -336,10 +350,25 @@ def main():
     }
 
     valid_error, test_error, best_valid, test_at_best = None, float("nan"), None, None
-    clock, last_log_step = bookkeeping.TrainClock(device), 0  # training time and steps, without evaluation
+    start_step, last_log_step = 0, 0
+    clock = bookkeeping.TrainClock(device)  # training time and steps, without evaluation and checkpoints
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        labeled_batches.load_state_dict(checkpoint["labeled_sampler"])
+        unlabeled_batches.load_state_dict(checkpoint["unlabeled_sampler"])
+        bookkeeping.set_rng_state(checkpoint["rng"])
+        start_step, last_log_step = checkpoint["step"], checkpoint["last_log_step"]
+        sums = {name: value.to(device) for name, value in checkpoint["sums"].items()}  # the open log interval
+        totals = {name: value.to(device) for name, value in checkpoint["totals"].items()}
+        valid_error, test_error = checkpoint["valid_error"], checkpoint["test_error"]
+        best_valid, test_at_best = checkpoint["best_valid"], checkpoint["test_at_best"]
+        nn_seconds = checkpoint["nn_seconds"]  # the first leg's preprocessing time
+        clock = bookkeeping.TrainClock(device, checkpoint["train_time"], checkpoint.get("timed_steps", start_step))
+        print(f"resumed {run_dir} at step {start_step}")
     model.train()
     clock.start()
-    for step in range(args.total_steps):
+    for step in range(start_step, args.total_steps):
         # ALGO LOGIC: one forward pass over [labeled; unlabeled], cross-entropy + lambda_1 * NS3L
         labeled = next(labeled_batches)
         x, y = normalize(data.x_train[labeled]), data.y_train[labeled]
@@ -411,6 +440,29 @@ def main():
                 },
             )
             print(message, flush=True)
+            clock.start()
+        # CHECKPOINT: at the end of every epoch and of training, everything a bit-identical --resume needs
+        if done % steps_per_epoch == 0 or done == args.total_steps:
+            clock.pause()
+            bookkeeping.save_run(
+                run_dir,
+                SCRIPT,
+                args,
+                done,
+                clock,
+                model=model.state_dict(),
+                optimizer=optimizer.state_dict(),
+                labeled_sampler=labeled_batches.state_dict(),
+                unlabeled_sampler=unlabeled_batches.state_dict(),
+                last_log_step=last_log_step,
+                sums=sums,
+                totals=totals,
+                valid_error=valid_error,
+                test_error=test_error,
+                best_valid=best_valid,
+                test_at_best=test_at_best,
+                nn_seconds=nn_seconds,
+            )
             clock.start()
 
     wrong_share = (100.0 * totals["wrong"] / totals["negatives"]).item() if totals["negatives"] > 0 else None

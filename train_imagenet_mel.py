@@ -27,6 +27,14 @@ Two recipes fill the defaults (`--recipe`; every flag given on the command line 
 Both: beta 2 and gamma 0.01 (main.py:54-56; the report varies them and gives no values), SGD LR 0.1, Nesterov 0.9,
 weight decay 1e-4 (main.py:60, :113-114). The note (an earlier draft) says 64k / 200k and "DenseNet".
 
+Data: `train/` and `val/` are ImageFolder trees with the same class folders; the file listing and the split are
+checked before anything is written. Images are decoded only when sampled, never in a pass before training (over
+ImageNet's 1.28 M files that pass alone would take hours, and a cheap header check misses truncated files, which PIL
+finds only when it decodes). An unreadable image (corrupt, truncated, not an image) is skipped with one warning line
+naming it, once per file and loader process: in training the next image of its pool (labeled or unlabeled) takes its
+slot, and evaluation leaves it out, reporting errors over the readable images. `--crop-size` must be at least what the
+DenseNet's strides and pools leave a 1 x 1 map of (min_crop_size: 29 for the 4-block nets), a flag error (exit 2).
+
     python train_imagenet_mel.py --data-dir /data/imagenet
     torchrun --standalone --nproc_per_node 8 train_imagenet_mel.py --data-dir /data/imagenet --recipe code
 """
@@ -37,6 +45,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 
 import numpy as np
@@ -100,9 +109,16 @@ def parse_args(argv=None):
         help="the defaults of the flags marked 'recipe' below: 'paper' = the run behind the authors' table, "
         "'code' = their main.py (module docstring)",
     )
-    g.add_argument("--seed", type=int, default=1, help="seeds the split, the batch schedule and the model init")
+    g.add_argument(
+        "--seed", type=bookkeeping.seed, default=1, help="seeds the split, the batch schedule and the model init"
+    )
     g.add_argument("--runs-dir", default="runs", help="parent of the run directory")
-    g.add_argument("--run-name", default=None, help="default: <dataset>__imagenet_mel__<seed>__<unix time>")
+    g.add_argument(
+        "--run-name",
+        type=bookkeeping.run_name,
+        default=None,
+        help="default: <dataset>__imagenet_mel__<seed>__<unix time>",
+    )
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its checkpoint.pt")
     g.add_argument(
         "--init-from",
@@ -286,6 +302,12 @@ def parse_args(argv=None):
             blocks = ()
         if not blocks or min(blocks) < 1:
             parser.error(f"--block-config must be comma-separated integers >= 1, got {args.block_config!r}")
+    num_blocks = len(args.block_config.split(",")) if args.block_config else 4  # every torchvision DenseNet has 4
+    if args.crop_size < min_crop_size(num_blocks):
+        parser.error(
+            f"--crop-size must be >= {min_crop_size(num_blocks)} for a DenseNet of {num_blocks} dense blocks (its "
+            f"strides and pools shrink a smaller crop to nothing), got {args.crop_size}"
+        )
     return args
 
 
@@ -493,16 +515,75 @@ class LabeledRatioBatchSampler:
             yield [(int(i), bool(m)) for i, m in zip(indices[mine], mask[mine])]
 
 
-class SemiSupervisedView(torch.utils.data.Dataset):
-    """Indexed by (index, is_labeled); unlabeled images get target -1 (their label is dropped)."""
+class TolerantImageFolder(torchvision.datasets.ImageFolder):
+    """ImageFolder whose unreadable files give None instead of an exception, with one warning line naming the file
+    (once per file and loader process). Files are read only when sampled: a decode pass over ImageNet's 1.28 M files
+    before training would take longer than many runs, and a header check misses truncated files (PIL decodes lazily)."""
 
-    def __init__(self, image_folder):
+    warned = None  # paths already reported by this process
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        try:
+            sample = self.loader(path)  # PIL: open + convert("RGB"), i.e. a full decode
+        except Exception as error:  # corrupt, truncated, not an image, unreadable: UnidentifiedImageError, OSError, ...
+            self.warned = self.warned if self.warned is not None else set()
+            if path not in self.warned:
+                self.warned.add(path)
+                reason = str(error).splitlines()[0] if str(error) else ""
+                print(
+                    f"{os.path.basename(sys.argv[0]) or 'warning'}: warning: skipping unreadable image {path} "
+                    f"({type(error).__name__}{': ' + reason if reason else ''})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return None
+        if self.transform is not None:
+            sample = self.transform(sample)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return sample, target
+
+
+def readable_batch(items):
+    """collate_fn of the evaluation loaders: the batch without its unreadable images (None), or None if none is left."""
+    items = [item for item in items if item is not None]
+    return torch.utils.data.default_collate(items) if items else None
+
+
+class SemiSupervisedView(torch.utils.data.Dataset):
+    """Indexed by (index, is_labeled); unlabeled images get target -1 (their label is dropped). An unreadable image
+    (TolerantImageFolder) is replaced by the next readable one of the same pool (``pools``: sorted labeled and
+    unlabeled indices), so a labeled slot never takes an image from outside the labeled set."""
+
+    def __init__(self, image_folder, pools=None):
         self.image_folder = image_folder
+        self.pools = None if pools is None else [np.asarray(pool, dtype=np.int64) for pool in pools]
 
     def __getitem__(self, item):
         index, is_labeled = item
-        image, target = self.image_folder[index]
+        sample = self.image_folder[index]
+        if sample is None and self.pools is not None:
+            pool = self.pools[0 if is_labeled else 1]
+            start = int(np.searchsorted(pool, index))
+            for offset in range(1, min(len(pool), 100)):  # a long run of bad files is a damaged folder, not bad luck
+                sample = self.image_folder[int(pool[(start + offset) % len(pool)])]
+                if sample is not None:
+                    break
+        if sample is None:
+            raise RuntimeError(
+                f"image {index} of train/ and the next ones of its {'labeled' if is_labeled else 'unlabeled'} pool "
+                f"(up to 100) are unreadable: is the folder damaged?"
+            )
+        image, target = sample
         return image, (target if is_labeled else -1)
+
+
+def min_crop_size(num_blocks):
+    """The smallest input side torchvision's DenseNet keeps at least 1 x 1 to the end: the stem's 7 x 7 convolution and
+    3 x 3 max pool (stride 2, padded) each halve a side rounding up, each of the num_blocks - 1 transitions' 2 x 2
+    average pools halves it rounding down. 29 for the 4-block ImageNet nets, 5 for the 2-block test nets."""
+    return 4 * 2 ** (num_blocks - 1) - 3
 
 
 def train_transform(augmentation, crop_size, resize_size):
@@ -548,7 +629,7 @@ def load_image_folders(data_dir, crop_size, resize_size, augmentation="authors")
         if not os.path.isdir(path):
             bookkeeping.fail(f"{path} is not a directory (--data-dir needs ImageNet-style train/ and val/ folders)")
         try:
-            folders[split] = torchvision.datasets.ImageFolder(path, transform=train_tf if split == "train" else eval_tf)
+            folders[split] = TolerantImageFolder(path, transform=train_tf if split == "train" else eval_tf)
         except (FileNotFoundError, RuntimeError) as error:
             bookkeeping.fail(f"{path}: {error}".replace("\n", " "))
     if folders["train"].classes != folders["val"].classes:
@@ -593,14 +674,22 @@ def build_model(args, num_classes):
 @torch.no_grad()
 def evaluate(model, dataset, batch_size, num_workers, device, channels_last, rank, world_size):
     """Top-1 / top-5 error (%) and mean CE over `dataset`, sharded over the ranks (no padding) and summed; in exact
-    fp32 (autocast and TF32 off), as the authors' code evaluates."""
+    fp32 (autocast and TF32 off), as the authors' code evaluates. Unreadable images are left out (each named once by a
+    warning line): the numbers are over the readable ones."""
     model.eval()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(
-        shard, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
+        shard,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        collate_fn=readable_batch,
     )
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # count, top-1 correct, top-5 correct, CE sum
-    for images, targets in loader:
+    for batch in loader:
+        if batch is None:  # every image of this batch was unreadable (each named by a warning)
+            continue
+        images, targets = batch
         images = images.to(
             device, non_blocking=True, memory_format=torch.channels_last if channels_last else torch.preserve_format
         )
@@ -713,6 +802,17 @@ def main(argv=None):
         )
     steps_per_epoch = math.ceil((len(labeled_idx) + len(unlabeled_idx)) / args.batch_size)
     total_steps = args.total_steps or args.epochs * steps_per_epoch
+    checkpoint = None
+    if args.resume:  # the run's own length unless --total-steps extends it; a finished run is never run again
+        checkpoint, saved = read_checkpoint(args.resume, "--resume")
+        given = sys.argv[1:] if argv is None else list(argv)
+        if not any(a == "--total-steps" or a.startswith("--total-steps=") for a in given):
+            total_steps = saved.get("total_steps") or saved["epochs"] * steps_per_epoch
+        if checkpoint["step"] >= total_steps:
+            bookkeeping.fail(
+                f"--resume {args.resume}: the run already finished {checkpoint['step']} steps; pass --total-steps "
+                f"larger than that to extend it"
+            )
     eval_every = args.eval_every or steps_per_epoch
 
     # Warm start: read and check the other run's weights before anything is written.
@@ -726,10 +826,8 @@ def main(argv=None):
         del init_checkpoint  # the source's optimizer state is not needed
 
     # Run directory: rank 0 picks it, everyone learns it (or the error) by broadcast.
-    checkpoint = None
     if args.resume:
         run_dir = args.resume
-        checkpoint, saved = read_checkpoint(run_dir, "--resume")
         mismatched = [k for k in MUST_MATCH_ON_RESUME if saved.get(k) != getattr(args, k)]
         if mismatched:
             bookkeeping.fail(f"--resume needs the run's own settings; these differ: {', '.join(mismatched)}")
@@ -749,13 +847,9 @@ def main(argv=None):
         run_dir = run_dir[0]
         failed = [None]
         if is_main:
-            if os.path.exists(run_dir):
-                failed[0] = (
-                    f"run directory {run_dir} already exists: choose another --run-name, or continue it with --resume "
-                    f"{run_dir}"
-                )
-            else:
-                os.makedirs(run_dir)
+            failed[0] = bookkeeping.run_dir_problem(args.runs_dir, run_dir)  # taken, or --runs-dir unusable
+            if not failed[0]:
+                bookkeeping.create_run_dir(args.runs_dir, os.path.basename(run_dir))  # locked; removed if no checkpoint
                 bookkeeping.write_json(os.path.join(run_dir, "args.json"), vars(args) | {"world_size": world_size})
                 np.savez(
                     os.path.join(run_dir, "split.npz"), labeled=labeled_idx, unlabeled=unlabeled_idx, valid=valid_idx
@@ -819,7 +913,7 @@ def main(argv=None):
     )
     loader_generator = torch.Generator().manual_seed(args.seed * 1_000_003 + rank * 1_009 + start_step)
     train_loader = torch.utils.data.DataLoader(
-        SemiSupervisedView(train_folder),
+        SemiSupervisedView(train_folder, (labeled_idx, unlabeled_idx)),
         batch_sampler=sampler,
         num_workers=args.num_workers,
         pin_memory=use_cuda,

@@ -113,9 +113,14 @@ def parse_args(argv=None):
     )
     positive, nonnegative = bookkeeping.positive_int, bookkeeping.nonnegative_int
     g = parser.add_argument_group("experiment")
-    g.add_argument("--seed", type=int, default=1, help="seed of the run; also picks the labeled subset")
+    g.add_argument("--seed", type=bookkeeping.seed, default=1, help="seed of the run; also picks the labeled subset")
     g.add_argument("--runs-dir", default="runs", help="where run directories are created")
-    g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__<script>__<seed>__<time>)")
+    g.add_argument(
+        "--run-name",
+        type=bookkeeping.run_name,
+        default=None,
+        help="run directory name (default <dataset>__<script>__<seed>__<time>)",
+    )
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     bookkeeping.add_device_args(g)
     g.add_argument("--eval-every", type=positive, help=f"steps between evaluations, official 64 kimg ({TABLE})")
@@ -367,6 +372,8 @@ def main():
     # Data: every failure here is one line and happens before anything is written.
     try:
         data = common.load_dataset(args.dataset, args.data_dir, args.download, device, args.svhn_extra)
+        # the default shift is max(1, round(side / 8)): reflect padding by >= 1 px needs 2 px a side (--shift: below)
+        common.require_image_size(data, 2, "the random translation by 1 px or more (reflect padding)")
         if args.svhn_extra and data.name == "svhn":  # official svhn split: labels from train + extra (README.md:31)
             data.num_labelable = len(data.x_train)
         args = resolve_defaults(args, data.name, data.num_classes, data.image_size)  # what needs the data: T, shift

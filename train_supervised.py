@@ -72,9 +72,14 @@ def parse_args(argv=None):
         description=__doc__.split("\n")[0], epilog=bookkeeping.defaults_epilog(DEFAULTS, SOURCES)
     )
     g = parser.add_argument_group("experiment")
-    g.add_argument("--seed", type=int, default=1, help="seed of the run; also picks the labeled subset")
+    g.add_argument("--seed", type=bookkeeping.seed, default=1, help="seed of the run; also picks the labeled subset")
     g.add_argument("--runs-dir", default="runs", help="where run directories are created")
-    g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__<script>__<seed>__<time>)")
+    g.add_argument(
+        "--run-name",
+        type=bookkeeping.run_name,
+        default=None,
+        help="run directory name (default <dataset>__<script>__<seed>__<time>)",
+    )
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     bookkeeping.add_device_args(g)
     g.add_argument(
@@ -262,6 +267,8 @@ def main():
     # Data: every failure here is one line and happens before anything is written.
     try:
         data = common.load_dataset(args.dataset, args.data_dir, args.download, device, args.svhn_extra)
+        shift = common.augmentation_defaults(args.dataset)[1]  # augment's reflect padding folds offsets < a side only
+        common.require_image_size(data, shift + 1, f"the random translation by up to {shift} px (reflect padding)")
         args = resolve_defaults(args, data.name, data.num_classes)  # an .npz's T, now that its classes are known
         split = common.make_ssl_split(
             data.y_train,

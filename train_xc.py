@@ -54,7 +54,9 @@ AUTHORS_SPLIT_SEED = 36528475  # binarize-labels.py:68 (their validation / test 
 def parse_args(argv=None):
     parser = bookkeeping.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = parser.add_argument_group("experiment")
-    g.add_argument("--seed", type=int, default=1, help="seed of the training run (batches, negatives, init)")
+    g.add_argument(
+        "--seed", type=bookkeeping.seed, default=1, help="seed of the training run (batches, negatives, init)"
+    )
     g.add_argument(
         "--data-seed",
         type=int,
@@ -70,7 +72,12 @@ def parse_args(argv=None):
         help="continue the run in RUN_DIR from its last checkpoint (its arguments, its tree; --total-steps, "
         "--time-budget and --cuda may be given again)",
     )
-    g.add_argument("--run-name", default=None, help="run directory name (default <dataset>__xc__<seed>__<unix time>)")
+    g.add_argument(
+        "--run-name",
+        type=bookkeeping.run_name,
+        default=None,
+        help="run directory name (default <dataset>__xc__<seed>__<unix time>)",
+    )
     g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
     g.add_argument(
         "--torch-deterministic",
@@ -454,7 +461,6 @@ def load_dataset(args):
                 f"{path}: not an .npz with x_train, y_train, x_test, y_test "
                 f"({str(error).splitlines()[0] if str(error) else type(error).__name__})"
             )
-        x_train, x_test = x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)
     else:
         if args.test_data is None:
             bookkeeping.fail("a text-format --dataset needs --test-data (the held-out file in the same format)")
@@ -469,14 +475,11 @@ def load_dataset(args):
             bookkeeping.fail(
                 f"{args.test_data}: K = {x_test.shape[1]} differs from the training file's K = {x_train.shape[1]}"
             )
-    if len(x_train) != len(y_train) or len(x_test) != len(y_test) or x_train.shape[1] != x_test.shape[1]:
-        bookkeeping.fail(
-            f"{path}: inconsistent shapes x_train {x_train.shape}, y_train {y_train.shape}, x_test {x_test.shape}, "
-            f"y_test {y_test.shape}"
-        )
-    y_train, y_test, keep, num_classes = reindex_by_frequency(
-        np.asarray(y_train).astype(np.int64), np.asarray(y_test).astype(np.int64)
-    )
+    try:  # the rules every loader's arrays follow (common.validate_arrays): finite features, whole labels >= 0, ...
+        x_train, y_train, x_test, y_test = common.validate_arrays(path, x_train, y_train, x_test, y_test, features=True)
+    except common.DataError as error:
+        bookkeeping.fail(str(error))
+    y_train, y_test, keep, num_classes = reindex_by_frequency(y_train, y_test)
     x_test = x_test[keep]
     if num_classes < 2 or len(y_test) < 2:
         bookkeeping.fail(f"{path}: need at least 2 labels and 2 held-out points with labels seen in training")
@@ -535,6 +538,8 @@ def main(argv=None):
             f"--batch-size {args.batch_size} exceeds the {len(y_train)} training points (--sampling epochs)"
         )
     needs_tree = args.method in ("adversarial", "nce")
+    if needs_tree and checkpoint is None and args.aux_model is None and args.pca_dim > x_train.shape[1]:
+        bookkeeping.fail(f"--pca-dim {args.pca_dim} exceeds the {x_train.shape[1]} features of the data", code=2)
     tree = None
     if checkpoint is not None and needs_tree:  # the resumed run reuses its own fitted tree
         tree = load_tree(Path(args.resume) / "aux_tree.pt", num_classes, x_train.shape[1])

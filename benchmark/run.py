@@ -12,15 +12,24 @@ exists is skipped (an interrupted sweep resumes where it stopped); a run that di
 with ``--resume``; one that died before any checkpoint is started again. Each run's output goes to
 RUNS_DIR/<config>__seed<S>.log. The benchmark/paper/*.py scripts build their configurations with ``Config`` and call
 ``main`` here.
+
+Each run starts in its own process group. When the runner is interrupted (Ctrl-C, SIGTERM, SIGHUP) it starts no more
+runs, ends every running one (SIGTERM to its group, SIGKILL after 10 s) and exits 128 + the signal. A runner killed
+with SIGKILL cannot do that and its runs go on; each holds the lock on its run directory (bookkeeping.lock_run_dir),
+so a sweep started again meanwhile skips those runs with a message instead of writing into them or deleting them.
 """
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -147,8 +156,8 @@ def build_command(config, seed, runs_dir, python=sys.executable):
 
 
 def supports_resume(argv):
-    """Whether the training script of ``argv`` defines --resume (train_fmnist_ablation.py does not:
-    an interrupted run of theirs starts again)."""
+    """Whether the training script of ``argv`` defines --resume (every script of this project does; a user's own
+    script without it has its interrupted runs started again)."""
     script = next((a for a in argv if a.endswith(".py")), None)
     if script is None or not os.path.isfile(script):
         return False
@@ -201,12 +210,55 @@ def display(argv):
     return shlex.join(shown)
 
 
+def in_use(run_dir):
+    """Whether a live process holds the lock of ``run_dir`` (a training script holds it for its whole life)."""
+    try:
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+_running = {"stopping": False, "children": set(), "lock": threading.Lock()}
+
+
+def stop_runs(signum, frame):
+    """Signal handler: start no more runs, end the running ones (their whole process groups), exit 128 + signum."""
+    with _running["lock"]:
+        _running["stopping"] = True
+        children = list(_running["children"])
+    print(
+        f"run.py: {signal.Signals(signum).name}: stopping {len(children)} running run(s)", file=sys.stderr, flush=True
+    )
+    for child in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGTERM)
+    for child in children:
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    raise SystemExit(128 + signum)
+
+
 def execute(job, runs_dir, threads):
     config, seed, argv, state = job
     run_dir = os.path.join(runs_dir, run_name(config, seed))
     if os.path.exists(os.path.join(run_dir, "summary.json")):  # finished meanwhile (another runner): keep it
         print(f"{run_name(config, seed)}: already finished, skipped", flush=True)
         return 0
+    if in_use(run_dir):  # e.g. the run of an earlier runner that was killed with SIGKILL, still training
+        print(f"{run_name(config, seed)}: skipped, another process is running in {run_dir}", flush=True)
+        return 1
     if state == "new" and os.path.exists(run_dir):  # died before its first checkpoint: nothing worth keeping
         shutil.rmtree(run_dir)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONHASHSEED="0")
@@ -214,7 +266,17 @@ def execute(job, runs_dir, threads):
     with open(run_dir + ".log", "a") as log:
         log.write(f"$ {display(argv)}\n")
         log.flush()
-        code = subprocess.call(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        with _running["lock"]:
+            if _running["stopping"]:
+                return 1
+            # its own process group (session): a signal to the runner's group does not reach it, stop_runs ends it
+            child = subprocess.Popen(
+                argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            _running["children"].add(child)
+        code = child.wait()
+        with _running["lock"]:
+            _running["children"].discard(child)
     print(
         f"[{time.strftime('%H:%M:%S')}] {run_name(config, seed)}: exit {code} after {time.time() - start:.0f} s",
         flush=True,
@@ -286,8 +348,15 @@ def run_all(configs, seeds, runs_dir, workers=1, threads=1, dry_run=False):
         return 0
     os.makedirs(runs_dir, exist_ok=True)
     todo = [job for job in jobs if job[3] != "done"]
-    with ThreadPoolExecutor(workers) as pool:
-        codes = list(pool.map(lambda job: execute(job, runs_dir, threads), todo))
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
+    previous = {signum: signal.signal(signum, stop_runs) for signum in handled} if main_thread else {}
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            codes = list(pool.map(lambda job: execute(job, runs_dir, threads), todo))
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     failed = sum(code != 0 for code in codes)
     print(f"{len(todo) - failed} of {len(todo)} runs finished, {failed} failed -> {runs_dir}", flush=True)
     return failed

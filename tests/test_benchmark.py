@@ -225,12 +225,15 @@ def test_run_resumes_a_real_script_with_its_whole_command_and_refuses_another_bu
     capsys.readouterr()
     with pytest.raises(SystemExit, match="finished 20 steps, this sweep asks for 30"):
         run.main(argv[:2] + [argv[2].replace("--total-steps 20", "--total-steps 30")] + argv[3:])
-    # A script without --resume (train_fmnist_ablation.py) starts an interrupted run again instead of passing --resume.
-    fm = run.Config("fm", ["train_fmnist_ablation.py", "--epochs", "1"])
-    os.makedirs(os.path.join(runs, "fm__seed1"))
-    open(os.path.join(runs, "fm__seed1", "checkpoint.pt"), "w").close()
-    (job,) = run.plan([fm], [1], runs)
-    assert job[3] == "new" and "--resume" not in job[2]
+    # Every training script resumes (train_fmnist_ablation.py too); a command whose script has no --resume (a user's
+    # own) starts an interrupted run again instead of passing --resume.
+    own = os.path.join(runs, "own.py")
+    open(own, "w").write("print('no resume here')\n")
+    for name, script, state in (("fm", "train_fmnist_ablation.py", "resume"), ("own", own, "new")):
+        os.makedirs(os.path.join(runs, f"{name}__seed1"))
+        open(os.path.join(runs, f"{name}__seed1", "checkpoint.pt"), "w").close()
+        (job,) = run.plan([run.Config(name, [script, "--epochs", "1"])], [1], runs)
+        assert job[3] == state and ("--resume" in job[2]) == (state == "resume")
 
 
 def test_run_placeholders_name_this_seed_and_runs_dir():

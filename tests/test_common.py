@@ -267,6 +267,7 @@ def test_open_run_new_resumed_and_existing(tmp_path, capsys):
     for step in (5, 7):  # a crashed leg logged step 7 after its checkpoint at step 5
         writer.add_scalar("x", float(step), step)
     writer.close()
+    bookkeeping.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {"step": 5})  # a run worth keeping
     name = os.path.basename(run_dir)
     assert name.startswith("digits__sup__3__") and os.path.dirname(run_dir) == str(tmp_path)
     assert json.load(open(os.path.join(run_dir, "args.json")))["lr"] == 0.1
@@ -294,3 +295,4 @@ def test_open_run_new_resumed_and_existing(tmp_path, capsys):
         bookkeeping.open_run(args, "sup", split)
     assert exit_info.value.code == 1 and "already exists" in capsys.readouterr().err
     assert json.load(open(os.path.join(run_dir, "args.json")))["lr"] == 0.1
+    bookkeeping.unlock_run_dir(run_dir)

@@ -1,16 +1,19 @@
 """train_fmnist_ablation.py: the Debian idx loader on generated files, each negative-selection rule on hand-built
-cases, the NS3L loss, an end-to-end run of every rule on a few steps, and bad inputs."""
+cases, the NS3L loss, an end-to-end run of every rule on a few steps, a run killed with SIGKILL and resumed, and bad
+inputs."""
 
 import gzip
 import json
 import math
 import os
+import signal
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import read_scalars, run_script
+from conftest import ROOT, read_scalars, run_script
 
 import common
 import train_fmnist_ablation as fm
@@ -302,6 +305,113 @@ def test_subprocess_run_writes_the_run_directory(tmp_path):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir))
     summary = json.load(open(run_dir / "summary.json"))
     assert summary["args"]["negatives"] == "nn-exclude-4" and summary["steps_per_second"] > 0
+
+
+def assert_identical(a, b, where="checkpoint"):
+    """Nested dicts / lists of tensors and numbers: equal bit for bit (same dtype, same values, NaN == NaN)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, f"{where}: dtype / shape"
+        assert torch.equal(a, b) or (
+            a.is_floating_point() and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+        ), f"{where} differs"
+    else:
+        assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"
+
+
+def test_run_killed_with_sigkill_resumes_bit_identical_to_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    """One command run through, and the same command killed with SIGKILL between two checkpoints (a real subprocess,
+    after it logged step 10 of 150; checkpoints every epoch = 3 steps) and continued with --resume: the final weights,
+    Adam state, samplers, every RNG, the running sums and counters, the evaluation record, summary.json and every
+    TensorBoard scalar (SPS and timings aside) are equal bit for bit. Deterministic kernels and OMP_NUM_THREADS=1 in
+    both. nn-exclude draws its negatives from the global torch RNG at every step, so an RNG left unrestored changes
+    the weights. A resume of the finished run is refused in one line, and a new run of the same name points to
+    --resume."""
+    rng = np.random.RandomState(2)
+    x_train, y_train = learnable_images(200, rng)
+    x_test, y_test = learnable_images(50, rng)
+    npz = str(tmp_path / "tiny.npz")
+    np.savez(npz, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    runs = tmp_path / "runs"
+    command = [
+        *("--dataset", npz, "--negatives", "nn-exclude", "--num-negatives", "2", "--num-labeled", "60"),
+        *("--num-valid", "20", "--batch-size", "20", "--unlabeled-batch-size", "50", "--hidden", "16"),
+        *("--total-steps", "150", "--log-every", "2", "--eval-every", "4", "--no-cuda", "--torch-deterministic"),
+        *("--runs-dir", str(runs)),
+    ]
+    whole = run_script(SCRIPT, *command, "--run-name", "whole", cwd=str(tmp_path))
+    assert whole.returncode == 0, whole.stderr
+
+    # The same command, killed once it has logged step 10: its last checkpoint is at step 9 (or a later epoch end).
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0", OMP_NUM_THREADS="1")  # as run_script
+    with open(tmp_path / "killed.err", "w") as err:
+        killed = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, SCRIPT), *command, "--run-name", "legs"],
+            cwd=str(tmp_path),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+        for line in killed.stdout:
+            if line.startswith("step 10/150"):
+                killed.send_signal(signal.SIGKILL)
+                break
+        killed.stdout.close()
+        killed.wait(timeout=60)
+    assert killed.returncode == -signal.SIGKILL, (tmp_path / "killed.err").read_text()
+    legs = runs / "legs"
+    stopped = torch.load(legs / "checkpoint.pt", weights_only=True)
+    assert 9 <= stopped["step"] < 150 and stopped["step"] % 3 == 0 and not (legs / "summary.json").exists()
+
+    resumed = run_script(SCRIPT, "--resume", legs, cwd=str(tmp_path))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed {legs} at step {stopped['step']}" in resumed.stdout
+
+    # Weights, optimiser, samplers, RNG, sums, counters and the evaluation record of the final checkpoints.
+    a = torch.load(runs / "whole" / "checkpoint.pt", weights_only=True)
+    b = torch.load(legs / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 150 and a["timed_steps"] == b["timed_steps"] == 150
+    timing = ("args", "train_time", "nn_seconds")  # args differ in --run-name / --resume only (below)
+    assert_identical({k: v for k, v in a.items() if k not in timing}, {k: v for k, v in b.items() if k not in timing})
+    assert a["best_valid"] is not None and a["test_error"] == a["test_error"]  # the record was really kept
+
+    # summary.json, timings aside; the resumed run keeps its own arguments.
+    summaries = [json.load(open(runs / name / "summary.json")) for name in ("whole", "legs")]
+    for summary in summaries:
+        assert summary["steps"] == 150 and summary["steps_per_second"] > 0 and summary["nn_preprocess_seconds"] > 0
+        for key in ("steps_per_second", "train_seconds", "compile_seconds", "nn_preprocess_seconds"):
+            summary.pop(key)
+    assert summaries[0]["args"].pop("run_name") == "whole" and summaries[0]["args"].pop("resume") is None
+    assert summaries[1]["args"].pop("run_name") == "legs" and summaries[1]["args"].pop("resume") == str(legs)
+    assert summaries[0] == summaries[1]
+
+    # Every TensorBoard point, the killed leg's events after its checkpoint purged (the resumed leg wrote them again).
+    scalars = [read_scalars(runs / name) for name in ("whole", "legs")]
+    for tags in scalars:
+        tags.pop("charts/SPS")
+        assert len(tags.pop("charts/nn_preprocess_seconds")) == 1
+    assert scalars[0].keys() == scalars[1].keys() and "eval/valid_error" in scalars[0]
+    for tag in scalars[0]:
+        assert scalars[0][tag] == scalars[1][tag], tag
+    assert [step for step, _ in scalars[1]["losses/total"]] == list(range(2, 151, 2))
+
+    # A finished run is refused in one line and left untouched; its name is taken and points to --resume.
+    before = (legs / "summary.json").read_bytes()
+    again = run_script(SCRIPT, "--resume", legs, cwd=str(tmp_path))
+    assert again.returncode == 1 and len(again.stderr.strip().splitlines()) == 1
+    assert "already finished 150 steps" in again.stderr and (legs / "summary.json").read_bytes() == before
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *command, "--run-name", "legs"])
+    with pytest.raises(SystemExit) as exit_info:
+        fm.main()
+    assert exit_info.value.code == 1 and f"continue it with --resume {legs}" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------------ bad inputs

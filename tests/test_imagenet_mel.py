@@ -589,7 +589,7 @@ def test_init_from_another_run_loads_its_weights(image_folder, tmp_path, capsys)
         (runs / "mel", ["--seed", "2"], "their labels would leak"),
         (runs / "going", [], "has not finished"),
         (runs / "extending", [], "not the finished model"),
-        (tmp_path / "nowhere", [], "no checkpoint.pt"),
+        (tmp_path / "nowhere", [], "no such run directory"),
         (runs / "broken", [], "corrupt or unreadable"),
     ):
         code, err = refused(

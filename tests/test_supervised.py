@@ -253,4 +253,4 @@ def test_existing_run_and_corrupt_checkpoint_lose_nothing(tmp_path):
     assert open(os.path.join(run_dir, "checkpoint.pt"), "rb").read() == before["checkpoint.pt"][:1000]
     assert sorted(os.listdir(run_dir)) == sorted(before)
     result = run_script(SCRIPT, "--resume", tmp_path / "missing")
-    assert "no checkpoint" in _assert_one_line_failure(result)
+    assert "no such run directory" in _assert_one_line_failure(result)

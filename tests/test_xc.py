@@ -634,7 +634,7 @@ def test_resume_bad_input_is_one_line_and_loses_nothing(tmp_path, capsys):
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     for argv, message in (
         (["--resume", str(run_dir)], "already finished 5 steps"),
-        (["--resume", str(tmp_path / "nowhere")], "no checkpoint.pt"),
+        (["--resume", str(tmp_path / "nowhere")], "no such run directory"),
     ):
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:  # in this process: the refusal comes before any work
