@@ -196,12 +196,12 @@ def test_interval_means_scalars_progress_line_and_summary(tmp_path):
         on_disk
         == summary
         == {
-                "steps": 9,
-                "final_test_error": 1.5,
-                "best_valid_error": None,
-                "cpu_threads": bookkeeping.torch.get_num_threads(),  # what a CPU number depends on
-                "args": {"seed": 3, "dataset": "digits"},
-            }
+            "steps": 9,
+            "final_test_error": 1.5,
+            "best_valid_error": None,
+            "cpu_threads": bookkeeping.torch.get_num_threads(),  # what a CPU number depends on
+            "args": {"seed": 3, "dataset": "digits"},
+        }
     )
     assert writer.hparams == {"hparam/final_test_error": 1.5} and writer.closed
     assert not math.isnan(on_disk["final_test_error"])
