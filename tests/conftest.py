@@ -1,5 +1,9 @@
-"""Shared test helpers: run a training script as a subprocess and read its TensorBoard scalars."""
+"""Shared test helpers: run a training script as a subprocess (or, for a run that must be refused, in this process)
+and read its TensorBoard scalars."""
 
+import contextlib
+import importlib
+import io
 import os
 import subprocess
 import sys
@@ -47,6 +51,31 @@ def run_script(script, *args, cwd=None, timeout=600):
     )
 
 
+def refuse_here(script, *args):
+    """Run ``script``'s main() in this process, for input it must refuse before any training: the CompletedProcess a
+    subprocess would give (exit code, stdout, stderr), without a new interpreter's 2-3 s of imports. An uncaught
+    exception propagates, so a traceback still fails the test. The run-directory locks this call took are released."""
+    import torch
+
+    import bookkeeping
+
+    argv = [os.path.join(ROOT, script), *map(str, args)]
+    saved_argv, threads = sys.argv, torch.get_num_threads()
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    sys.argv = argv
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            importlib.import_module(script[: -len(".py")]).main()
+    except SystemExit as exit_info:
+        code = 0 if exit_info.code is None else exit_info.code if isinstance(exit_info.code, int) else 1
+    finally:
+        sys.argv = saved_argv
+        torch.set_num_threads(threads)
+        for run_dir in list(bookkeeping._locks):
+            bookkeeping.unlock_run_dir(run_dir)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
 def read_scalars(run_dir):
     """{tag: [(step, value), ...]} as TensorBoard shows ``run_dir``: all its event files read as one run, in order,
     with the purge a resumed run asks for applied."""
@@ -62,7 +91,7 @@ def tiny_args():
     return list(TINY)
 
 
-# The slowest files first (summed test time per file, --durations=0 on 2 cores, 2026-12-06): pytest-xdist (--dist loadfile)
+# The slowest files first (summed test time per file, --durations=0, 2 cores, 2026-12-06): pytest-xdist (loadfile)
 # hands files to its workers in collection order, so starting the long ones first keeps both workers busy to the end.
 SLOWEST_FIRST = [
     "test_compile.py",

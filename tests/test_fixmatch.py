@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import read_scalars, run_script
+from conftest import read_scalars, refuse_here, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -408,25 +408,25 @@ def test_bad_flags_rejected_with_one_line(argv, capsys):
 
 def test_bad_inputs_write_nothing_and_keep_what_is_on_disk(tmp_path):
     runs = tmp_path / "runs"
-    missing = run_script("train_fixmatch.py", *TINY, "--dataset", tmp_path / "nope.npz", "--runs-dir", runs)
+    missing = refuse_here("train_fixmatch.py", *TINY, "--dataset", tmp_path / "nope.npz", "--runs-dir", runs)
     assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
-    cutout = run_script("train_fixmatch.py", *TINY, "--cutout", "40", "--runs-dir", runs)
+    cutout = refuse_here("train_fixmatch.py", *TINY, "--cutout", "40", "--runs-dir", runs)
     assert cutout.returncode == 1 and "--cutout 40" in cutout.stderr and len(cutout.stderr.strip().splitlines()) == 1
     assert not runs.exists()
     (runs / "taken").mkdir(parents=True)
     (runs / "taken" / "keep.txt").write_text("mine")
-    taken = run_script("train_fixmatch.py", *TINY, "--runs-dir", runs, "--run-name", "taken", "--total-steps", "1")
+    taken = refuse_here("train_fixmatch.py", *TINY, "--runs-dir", runs, "--run-name", "taken", "--total-steps", "1")
     assert taken.returncode == 1 and len(taken.stderr.strip().splitlines()) == 1
     assert os.listdir(runs / "taken") == ["keep.txt"] and (runs / "taken" / "keep.txt").read_text() == "mine"
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    result = run_script("train_fixmatch.py", "--resume", corrupt)
+    result = refuse_here("train_fixmatch.py", "--resume", corrupt)
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1 and "corrupt" in result.stderr
     assert (corrupt / "checkpoint.pt").read_bytes() == b"not a checkpoint"
     finished = run_script("train_fixmatch.py", *TINY, "--runs-dir", runs, "--run-name", "done", "--total-steps", "1")
     assert finished.returncode == 0, finished.stderr
-    again = run_script("train_fixmatch.py", "--resume", runs / "done", "--no-cuda")
+    again = refuse_here("train_fixmatch.py", "--resume", runs / "done", "--no-cuda")
     assert again.returncode == 1 and "already finished" in again.stderr
 
 

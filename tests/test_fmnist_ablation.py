@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, read_scalars, run_script
+from conftest import ROOT, read_scalars, refuse_here, run_script
 
 import common
 import train_fmnist_ablation as fm
@@ -459,25 +459,15 @@ def test_bad_inputs_one_line_nonzero_nothing_written(argv, code, message, debian
 
 
 def test_bad_input_from_the_command_line_and_existing_run_untouched(tmp_path):
-    result = run_script(SCRIPT, "--threshold", "0", "--runs-dir", tmp_path / "runs", cwd=str(tmp_path))
+    result = refuse_here(SCRIPT, "--threshold", "0", "--runs-dir", tmp_path / "runs")
     assert result.returncode == 2 and "--threshold must be in (0, 1)" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "runs").exists()
     (tmp_path / "runs" / "taken").mkdir(parents=True)
     (tmp_path / "runs" / "taken" / "summary.json").write_text("{}")
-    result = run_script(
+    result = refuse_here(
         SCRIPT,
-        "--dataset",
-        "digits",
-        "--num-labeled",
-        "20",
-        "--run-name",
-        "taken",
-        "--runs-dir",
-        tmp_path / "runs",
-        "--total-steps",
-        "1",
-        "--no-cuda",
-        cwd=str(tmp_path),
+        *["--dataset", "digits", "--num-labeled", "20", "--run-name", "taken", "--runs-dir", tmp_path / "runs"],
+        *["--total-steps", "1", "--no-cuda"],
     )
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "already exists" in result.stderr

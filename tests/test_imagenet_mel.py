@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from conftest import refuse_here  # noqa: E402
+
 import train_imagenet_mel as mel  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "train_imagenet_mel.py")
@@ -310,26 +312,16 @@ def test_authors_augmentation_is_the_default_and_random_resized_crop_a_flag():
 
 def test_bad_data_rejected_before_writing(image_folder, tmp_path):
     runs = tmp_path / "runs"
-    missing = run_script(["--data-dir", str(tmp_path / "nowhere"), "--runs-dir", str(runs), *TINY_NET])
+    missing = refuse_here("train_imagenet_mel.py", "--data-dir", tmp_path / "nowhere", "--runs-dir", runs, *TINY_NET)
     assert missing.returncode != 0
     assert missing.stderr.strip().splitlines() == [
         f"train_imagenet_mel.py: error: {tmp_path / 'nowhere' / 'train'} is not a directory "
         "(--data-dir needs ImageNet-style train/ and val/ folders)"
     ]
-    too_many = run_script(
-        [
-            "--data-dir",
-            image_folder,
-            "--num-labeled",
-            "49",
-            "--num-unlabeled",
-            "0",
-            "--labeled-ratio",
-            "1",
-            "--runs-dir",
-            str(runs),
-            *TINY_NET,
-        ]
+    too_many = refuse_here(
+        "train_imagenet_mel.py",
+        *["--data-dir", image_folder, "--num-labeled", "49", "--num-unlabeled", "0", "--labeled-ratio", "1"],
+        *["--runs-dir", runs, *TINY_NET],
     )
     assert too_many.returncode != 0
     assert too_many.stderr.strip().splitlines() == [
@@ -463,7 +455,7 @@ def test_end_to_end_single_process_resume_and_no_overwrite(image_folder, tmp_pat
 
     # The same run name again: refused, nothing overwritten.
     before = (run_dir / "summary.json").read_text()
-    again = run_script([*common, "--total-steps", "20"])
+    again = refuse_here("train_imagenet_mel.py", *[*common, "--total-steps", "20"])
     assert again.returncode != 0 and "exists" in again.stderr
     assert (run_dir / "summary.json").read_text() == before
 
@@ -474,7 +466,9 @@ def test_end_to_end_single_process_resume_and_no_overwrite(image_folder, tmp_pat
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 25 and summary["steps_this_run"] == 5
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 25
-    changed = run_script([*common, "--total-steps", "30", "--mel-weight", "0.5", "--resume", str(run_dir)])
+    changed = refuse_here(
+        "train_imagenet_mel.py", *[*common, "--total-steps", "30", "--mel-weight", "0.5", "--resume", str(run_dir)]
+    )
     assert changed.returncode != 0 and "mel_weight" in changed.stderr
 
 

@@ -15,6 +15,8 @@ import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from conftest import refuse_here  # noqa: E402
+
 import train_mixmatch as mm  # noqa: E402
 import wrn  # noqa: E402
 
@@ -332,15 +334,17 @@ def test_bad_flags_rejected_with_one_line(argv, capsys):
 
 def test_bad_inputs_write_nothing(tmp_path):
     runs = tmp_path / "runs"
-    bad = run_script(TINY + ["--alpha", "-1", "--runs-dir", str(runs), "--run-name", "x"])
+    bad = refuse_here("train_mixmatch.py", *TINY + ["--alpha", "-1", "--runs-dir", str(runs), "--run-name", "x"])
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--alpha" in bad.stderr
-    missing = run_script(TINY + ["--dataset", str(tmp_path / "nope.npz"), "--runs-dir", str(runs)])
+    missing = refuse_here(
+        "train_mixmatch.py", *TINY + ["--dataset", str(tmp_path / "nope.npz"), "--runs-dir", str(runs)]
+    )
     assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
     assert not runs.exists()
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    result = run_script(["--resume", str(corrupt)])
+    result = refuse_here("train_mixmatch.py", *["--resume", str(corrupt)])
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1 and "corrupt" in result.stderr
     assert sorted(os.listdir(corrupt)) == ["checkpoint.pt"]
     assert (corrupt / "checkpoint.pt").read_bytes() == b"not a checkpoint"

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY, read_scalars, run_script
+from conftest import TINY, read_scalars, refuse_here, run_script
 
 import train_supervised as ts
 
@@ -232,7 +232,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, flags, message, monk
 
 
 def test_bad_input_on_the_command_line_is_one_line_and_writes_nothing(tmp_path):
-    result = run_script(SCRIPT, *TINY, "--runs-dir", tmp_path / "runs", "--dataset", "cifar10", "--data-dir", "nowhere")
+    result = refuse_here(
+        SCRIPT, *TINY, "--runs-dir", tmp_path / "runs", "--dataset", "cifar10", "--data-dir", "nowhere"
+    )
     assert "--download" in _assert_one_line_failure(result)
     assert not os.path.exists(tmp_path / "runs")
 
@@ -240,17 +242,17 @@ def test_bad_input_on_the_command_line_is_one_line_and_writes_nothing(tmp_path):
 def test_existing_run_and_corrupt_checkpoint_lose_nothing(tmp_path):
     run_dir = _run(tmp_path, "taken")
     before = {n: open(os.path.join(run_dir, n), "rb").read() for n in os.listdir(run_dir)}
-    result = run_script(SCRIPT, *TINY, "--runs-dir", tmp_path, "--run-name", "taken")
+    result = refuse_here(SCRIPT, *TINY, "--runs-dir", tmp_path, "--run-name", "taken")
     assert "already exists" in _assert_one_line_failure(result)
     assert {n: open(os.path.join(run_dir, n), "rb").read() for n in os.listdir(run_dir)} == before
-    result = run_script(SCRIPT, "--resume", run_dir)  # finished: nothing to continue, nothing to overwrite
+    result = refuse_here(SCRIPT, "--resume", run_dir)  # finished: nothing to continue, nothing to overwrite
     assert "already finished" in _assert_one_line_failure(result)
     assert {n: open(os.path.join(run_dir, n), "rb").read() for n in os.listdir(run_dir)} == before
     with open(os.path.join(run_dir, "checkpoint.pt"), "wb") as f:
         f.write(before["checkpoint.pt"][:1000])  # truncated
-    result = run_script(SCRIPT, "--resume", run_dir, "--total-steps", "30")
+    result = refuse_here(SCRIPT, "--resume", run_dir, "--total-steps", "30")
     assert "corrupt" in _assert_one_line_failure(result)
     assert open(os.path.join(run_dir, "checkpoint.pt"), "rb").read() == before["checkpoint.pt"][:1000]
     assert sorted(os.listdir(run_dir)) == sorted(before)
-    result = run_script(SCRIPT, "--resume", tmp_path / "missing")
+    result = refuse_here(SCRIPT, "--resume", tmp_path / "missing")
     assert "no such run directory" in _assert_one_line_failure(result)
