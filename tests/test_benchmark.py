@@ -493,8 +493,9 @@ import gpu_check  # noqa: E402
 
 def test_gpu_check_runs_each_kind_of_row_on_the_cpu_and_prints_its_table(tmp_path, capsys):
     """The whole check with --device cpu: each kind of row passes (finite errors, a checkpoint, and for a WRN script
-    the bit-exact resume under --torch-deterministic), one table. FixMatch stands for the WRN scripts: the others take
-    the same path (wrn_rows) with their own flags, which test_gpu_check_knows_every_wrn_script_and_its_images_per_step parses."""
+    the bit-exact resume under --torch-deterministic), one table. FixMatch stands for the WRN scripts: the others
+    take the same path (wrn_rows) with their own flags, which
+    test_gpu_check_knows_every_wrn_script_and_its_images_per_step parses."""
     code = gpu_check.main(
         [
             "--device",
