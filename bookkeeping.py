@@ -569,11 +569,12 @@ def progress_line(step, total_steps, sps, **values):
 
 
 def write_summary(writer, run_dir, summary, args, reported):
-    """summary.json (``summary``, the CPU thread count its numbers were measured with, and the run's args) and
-    TensorBoard's hparams entry holding the ``reported`` metrics (keys of ``summary``); closes the writer. The thread
-    count belongs to a result: on the CPU it changes the summation order, so one seed's error differs between 1 and
-    2 threads."""
-    summary = {**summary, "cpu_threads": torch.get_num_threads(), "args": vars(args)}
+    """summary.json (``summary``; ``reported_metric``, the key of the number the script reports, ``reported[0]``, which
+    benchmark/report.py --metric reported reads; the CPU thread count its numbers were measured with; the run's args)
+    and TensorBoard's hparams entry holding the ``reported`` metrics (keys of ``summary``); closes the writer. The
+    thread count belongs to a result: on the CPU it changes the summation order, so one seed's error differs between
+    1 and 2 threads."""
+    summary = {**summary, "reported_metric": reported[0], "cpu_threads": torch.get_num_threads(), "args": vars(args)}
     write_json(os.path.join(run_dir, "summary.json"), summary)
     writer.add_hparams(
         {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},

@@ -8,6 +8,14 @@ where one exists), and draw learning curves from the TensorBoard logs to a PNG.
 A run directory named ``<config>__seed<S>`` (what benchmark/run.py makes) belongs to configuration ``<config>``;
 any other run directory is its own configuration. Only runs with a summary.json count (unfinished runs are listed
 as such). The std is the sample standard deviation over seeds (n - 1), as papers report it; one seed shows "-".
+
+``--metric reported`` takes each run's own reported number (summary.json's ``reported_metric``: Protocol A the test
+error at the best validation error, MixMatch the median of the last 20 evaluations, FixMatch the median of the last
+``--median-of``), so one table can hold every script. With ``--baseline CONFIG`` (default: ``supervised`` when such a
+row exists) each row also gets its paired difference to that row: the same seed is the same labeled split, so the
+difference is taken seed by seed and reported as mean ± standard error (std / sqrt(n)) over the seeds both rows
+have. A second table gives each method's NS3L effect the same way: ``X+ns3l`` minus ``X``, and ``ns3l`` minus the
+baseline.
 """
 
 import argparse
@@ -21,6 +29,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 METRICS = (
+    "reported",
     "test_error_at_best_valid",
     "median_last20_test_error",
     "median_test_error",
@@ -57,6 +66,61 @@ def collect(runs_dir):
     return groups
 
 
+def seed_of(run):
+    """The seed of a summary dict: from its run directory's name (<config>__seed<S>), else from its args."""
+    match = SEED_SUFFIX.match(run["run"])
+    return int(match.group("seed")) if match else (run.get("args") or {}).get("seed")
+
+
+def value_of(run, metric):
+    """``run``'s number for ``metric``; "reported": the script's own (a summary written before summary.json named it
+    counts as Protocol A's test error at the best validation error)."""
+    if metric == "reported":
+        metric = run.get("reported_metric") or "test_error_at_best_valid"
+    value = run.get(metric)
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
+def paired(groups, name, base, metric):
+    """(mean, standard error or None, n) of ``name`` minus ``base`` seed by seed, over the seeds where both have a
+    finite value; (None, None, 0) when none."""
+    base_values = {seed_of(r): value_of(r, metric) for r in groups[base]["runs"]}
+    differences = []
+    for run in groups[name]["runs"]:
+        value, other = value_of(run, metric), base_values.get(seed_of(run))
+        if value is not None and other is not None:
+            differences.append(value - other)
+    if not differences:
+        return None, None, 0
+    se = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else None
+    return statistics.fmean(differences), se, len(differences)
+
+
+def fmt_paired(mean, se, n, digits=2):
+    if mean is None:
+        return "-"
+    return f"{mean:+.{digits}f} ± {se:.{digits}f} (n={n})" if se is not None else f"{mean:+.{digits}f} (n={n})"
+
+
+def ns3l_pairs(groups, baseline=None):
+    """[(method label, with NS3L, without)]: every ``X+ns3l`` row whose ``X`` row exists, and ``ns3l`` (NS3L alone)
+    against the baseline."""
+    pairs = [(name[: -len("+ns3l")], name, name[: -len("+ns3l")]) for name in groups if name.endswith("+ns3l")]
+    pairs = [p for p in pairs if p[2] in groups]
+    if "ns3l" in groups and baseline in groups:
+        pairs.insert(0, (baseline, "ns3l", baseline))
+    return pairs
+
+
+def ns3l_table(groups, metric, baseline=None, labels=None):
+    """Markdown table of each method's paired NS3L effect (negative: NS3L lowers the error)."""
+    labels = labels or {}
+    lines = ["| method | NS3L minus without, paired (%) |", "|---|---|"]
+    for method, with_ns3l, without in ns3l_pairs(groups, baseline):
+        lines.append(f"| {labels.get(method, method)} | {fmt_paired(*paired(groups, with_ns3l, without, metric))} |")
+    return "\n".join(lines) + "\n"
+
+
 def mean_std(values):
     """(mean, sample std or None for one value); non-finite values are dropped."""
     values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
@@ -71,23 +135,32 @@ def fmt(mean, std, digits=2):
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
 
 
-def table(groups, metric="test_error_at_best_valid", paper=None, order=None, labels=None):
-    """Markdown table: configuration | seeds | metric mean ± std | paper | steps/s | steps.
-    ``paper``: {config: (mean, std or None)}; ``order``: configuration names first in this order."""
+def table(groups, metric="test_error_at_best_valid", paper=None, order=None, labels=None, baseline=None):
+    """Markdown table: configuration | seeds | metric mean ± std | [metric] | [minus baseline] | paper | steps/s |
+    steps. ``paper``: {config: (mean, std or None)}; ``order``: configuration names first in this order;
+    ``baseline``: a configuration each row is compared with seed by seed (paired)."""
     paper, labels = paper or {}, labels or {}
     names = [n for n in (order or []) if n in groups] + [n for n in groups if n not in (order or [])]
     show_paper = any(n in paper for n in names)
-    header = ["configuration", "seeds", f"{metric} (%)"] + (["paper (%)"] if show_paper else []) + ["steps/s", "steps"]
+    baseline = baseline if baseline in groups else None
+    header = ["configuration", "seeds", f"{metric} (%)"] + (["metric"] if metric == "reported" else [])
+    header += [f"minus {labels.get(baseline, baseline)}, paired (%)"] if baseline else []
+    header += (["paper (%)"] if show_paper else []) + ["steps/s", "steps"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in names:
         runs = groups[name]["runs"]
-        mean, std = mean_std([r.get(metric) for r in runs])
+        mean, std = mean_std([value_of(r, metric) for r in runs])
         sps, _ = mean_std([r.get("steps_per_second") for r in runs])
         steps = sorted({r.get("steps") for r in runs if r.get("steps") is not None})
         seeds = str(len(runs)) + (
             f" (+{len(groups[name]['unfinished'])} unfinished)" if groups[name]["unfinished"] else ""
         )
         row = [labels.get(name, name), seeds, fmt(mean, std)]
+        if metric == "reported":
+            keys = sorted({r.get("reported_metric") or "test_error_at_best_valid" for r in runs})
+            row.append(", ".join(f"`{k}`" for k in keys) or "-")
+        if baseline:
+            row.append("" if name == baseline else fmt_paired(*paired(groups, name, baseline, metric)))
         if show_paper:
             row.append(fmt(*paper[name]) if name in paper else "")
         row += ["-" if sps is None else f"{sps:.2f}", "/".join(map(str, steps)) or "-"]
@@ -227,6 +300,12 @@ def main(argv=None, paper=None, order=None, labels=None):
     parser.add_argument("--output", default=None, help="also write the Markdown table here")
     parser.add_argument("--curves", default=None, help="PNG of learning curves (mean over seeds)")
     parser.add_argument("--tag", default="eval/test_error", help="TensorBoard scalar for --curves")
+    parser.add_argument(
+        "--baseline",
+        default="supervised",
+        help="configuration every row is compared with seed by seed (skipped when no such row); also the partner of "
+        "the 'ns3l' row in the NS3L-effect table",
+    )
     args = parser.parse_args(argv)
     try:
         groups = collect(args.runs_dir)
@@ -240,7 +319,9 @@ def main(argv=None, paper=None, order=None, labels=None):
         if unknown:
             parser.error(f"unknown suite {unknown[0]!r}: choose from {', '.join(run.SUITES)}")
         order = [c.name for name in args.suite for c in run.SUITES[name]()]
-    text = table(groups, args.metric, paper, order, labels)
+    text = table(groups, args.metric, paper, order, labels, args.baseline)
+    if ns3l_pairs(groups, args.baseline):
+        text += "\n" + ns3l_table(groups, args.metric, args.baseline, labels)
     print(text, end="")
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

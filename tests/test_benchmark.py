@@ -5,6 +5,7 @@ import importlib
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -40,6 +41,53 @@ def test_report_mean_and_sample_std_per_config(tmp_path):
     assert lines[0].startswith("| configuration | seeds | test_error_at_best_valid (%) | paper (%)")
     assert lines[2].startswith("| vat | 1 (+1 unfinished) | 20.00 |")  # order respected, one seed: no std
     assert "| ns3l | 3 | 12.00 ± 2.00 | 16.03 ± 0.05 | 4.00 | 100 |" in text  # sample std of 10, 12, 14 is 2
+
+
+def test_report_reported_metric_paired_differences_and_ns3l_effects(tmp_path, capsys):
+    """--metric reported takes each script's own number; the paired difference is taken seed by seed over the seeds
+    both rows have (hand-computed below), and the NS3L table pairs X+ns3l with X and ns3l with the baseline."""
+    runs = str(tmp_path)
+    for seed, sup, ns3l, mm, mm_ns3l in (
+        (1, 10.0, 8.0, 5.0, 4.0),
+        (2, 12.0, 11.0, 7.0, 7.5),
+        (3, 20.0, 15.0, 6.0, 4.0),
+    ):
+        write_summary(runs, f"supervised__seed{seed}", test_error_at_best_valid=sup, reported_metric=None)
+        write_summary(
+            runs, f"ns3l__seed{seed}", test_error_at_best_valid=ns3l, reported_metric="test_error_at_best_valid"
+        )
+        for name, value in (("mixmatch", mm), ("mixmatch+ns3l", mm_ns3l)):
+            write_summary(
+                runs,
+                f"{name}__seed{seed}",
+                median_last20_test_error=value,
+                test_error_at_best_valid=99.0,  # not the reported number: must not be read
+                reported_metric="median_last20_test_error",
+            )
+    write_summary(runs, "pi__seed1", test_error_at_best_valid=30.0, reported_metric="test_error_at_best_valid")
+    groups = report.collect(runs)
+    # ns3l - supervised per seed: -2, -1, -5 -> mean -8/3, sample std sqrt(13/3), s.e. sqrt(13/3)/sqrt(3) = 1.2019
+    mean, se, n = report.paired(groups, "ns3l", "supervised", "reported")
+    assert (mean, n) == (pytest.approx(-8 / 3), 3) and se == pytest.approx(math.sqrt(13 / 3) / math.sqrt(3))
+    # mixmatch - supervised: -5, -5, -14; only seed 1 for pi: no standard error
+    assert report.paired(groups, "mixmatch", "supervised", "reported")[:1] == (pytest.approx(-8.0),)
+    assert report.paired(groups, "pi", "supervised", "reported") == (pytest.approx(20.0), None, 1)
+    assert report.paired(groups, "mixmatch", "supervised", "test_error_at_best_valid")[0] == pytest.approx(99 - 14)
+    assert report.main([runs, "--metric", "reported"]) == 0
+    out = capsys.readouterr().out
+    assert "| ns3l | 3 | 11.33 ± 3.51 | `test_error_at_best_valid` | -2.67 ± 1.20 (n=3) |" in out
+    assert "| mixmatch | 3 | 6.00 ± 1.00 | `median_last20_test_error` | -8.00 ± 3.00 (n=3) |" in out
+    assert "| pi | 1 | 30.00 | `test_error_at_best_valid` | +20.00 (n=1) |" in out
+    # NS3L effects: mixmatch+ns3l - mixmatch per seed: -1, +0.5, -2 -> mean -5/6, s.e. stdev/sqrt(3)
+    effect = report.paired(groups, "mixmatch+ns3l", "mixmatch", "reported")
+    assert effect[0] == pytest.approx(-5 / 6) and effect[1] == pytest.approx(
+        statistics.stdev([-1, 0.5, -2]) / math.sqrt(3)
+    )
+    assert "| supervised | -2.67 ± 1.20 (n=3) |" in out and "| mixmatch | -0.83 ± 0.73 (n=3) |" in out
+    assert report.ns3l_pairs(groups, "supervised") == [
+        ("supervised", "ns3l", "supervised"),
+        ("mixmatch", "mixmatch+ns3l", "mixmatch"),
+    ]
 
 
 def test_report_ignores_non_finite_and_parses_paper_and_names():

@@ -199,6 +199,7 @@ def test_interval_means_scalars_progress_line_and_summary(tmp_path):
             "steps": 9,
             "final_test_error": 1.5,
             "best_valid_error": None,
+            "reported_metric": "final_test_error",
             "cpu_threads": bookkeeping.torch.get_num_threads(),  # what a CPU number depends on
             "args": {"seed": 3, "dataset": "digits"},
         }
