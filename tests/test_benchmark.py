@@ -189,6 +189,37 @@ def test_fixmatch_cpu_suite_differs_only_by_ns3l_and_parses():
     assert (args.batch_size, args.uratio, args.ns3l_weight, args.threshold, args.pad_to) == (16, 7, 4.0, 0.05, 32)
 
 
+def test_digits_few_labels_suite_has_every_row_and_each_script_parses_it():
+    """The laptop suite: the twelve rows the README's table names, every one on digits with 30 labels, and each
+    +ns3l row is its partner plus --ns3l only (so the paired NS3L effect compares one change)."""
+    import importlib
+
+    suite = run.digits_few_labels_suite()
+    names = [c.name for c in suite]
+    assert names == [
+        "supervised",
+        "pseudo-label",
+        "ns3l",
+        "vat",
+        "vat+entmin",
+        "vat+ns3l",
+        "pi",
+        "pi+ns3l",
+        "mixmatch",
+        "mixmatch+ns3l",
+        "fixmatch",
+        "fixmatch+ns3l",
+    ]
+    configs = {c.name: c.argv for c in suite}
+    for name, argv in configs.items():
+        if name.endswith("+ns3l"):
+            partner = configs[name[: -len("+ns3l")]]
+            assert argv[0] == partner[0] and sorted(argv[1:]) == sorted(partner[1:] + ["--ns3l"]), name
+        args = importlib.import_module(argv[0][: -len(".py")]).parse_args(argv[1:])
+        assert (args.dataset, args.num_labeled) == ("digits", 30), name
+    assert configs["ns3l"] == ["train_supervised.py", "--ns3l", *configs["supervised"][1:]]
+
+
 def test_run_executes_skips_finished_and_resumes(tmp_path, capsys):
     fake = tmp_path / "fake_train.py"  # a stand-in training script honouring the STYLE.md contract
     fake.write_text(
