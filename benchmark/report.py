@@ -102,21 +102,22 @@ def fmt_paired(mean, se, n, digits=2):
     return f"{mean:+.{digits}f} ± {se:.{digits}f} (n={n})" if se is not None else f"{mean:+.{digits}f} (n={n})"
 
 
-def ns3l_pairs(groups, baseline=None):
-    """[(method label, with NS3L, without)]: every ``X+ns3l`` row whose ``X`` row exists, and ``ns3l`` (NS3L alone)
-    against the baseline."""
-    pairs = [(name[: -len("+ns3l")], name, name[: -len("+ns3l")]) for name in groups if name.endswith("+ns3l")]
+def ns3l_pairs(groups, baseline=None, order=None):
+    """[(method label, with NS3L, without)]: every ``X+ns3l`` row whose ``X`` row exists (in ``order``, then the
+    rest), and ``ns3l`` (NS3L alone) against the baseline."""
+    names = [n for n in (order or []) if n in groups] + [n for n in groups if n not in (order or [])]
+    pairs = [(name[: -len("+ns3l")], name, name[: -len("+ns3l")]) for name in names if name.endswith("+ns3l")]
     pairs = [p for p in pairs if p[2] in groups]
     if "ns3l" in groups and baseline in groups:
         pairs.insert(0, (baseline, "ns3l", baseline))
     return pairs
 
 
-def ns3l_table(groups, metric, baseline=None, labels=None):
+def ns3l_table(groups, metric, baseline=None, labels=None, order=None):
     """Markdown table of each method's paired NS3L effect (negative: NS3L lowers the error)."""
     labels = labels or {}
     lines = ["| method | NS3L minus without, paired (%) |", "|---|---|"]
-    for method, with_ns3l, without in ns3l_pairs(groups, baseline):
+    for method, with_ns3l, without in ns3l_pairs(groups, baseline, order):
         lines.append(f"| {labels.get(method, method)} | {fmt_paired(*paired(groups, with_ns3l, without, metric))} |")
     return "\n".join(lines) + "\n"
 
@@ -321,7 +322,7 @@ def main(argv=None, paper=None, order=None, labels=None):
         order = [c.name for name in args.suite for c in run.SUITES[name]()]
     text = table(groups, args.metric, paper, order, labels, args.baseline)
     if ns3l_pairs(groups, args.baseline):
-        text += "\n" + ns3l_table(groups, args.metric, args.baseline, labels)
+        text += "\n" + ns3l_table(groups, args.metric, args.baseline, labels, order)
     print(text, end="")
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
