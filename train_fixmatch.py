@@ -10,7 +10,7 @@ T = 0.5 / num_classes, and -log(1 - sum of their probabilities) is taken on the 
     python train_fixmatch.py --dataset cifar10 --num-labeled 40 --ns3l
     python train_fixmatch.py --dataset digits --ns3l      # a CPU run of under a minute (digits defaults, --help)
 
-Point by point against the official code (google-research/fixmatch at d4985a1: fixmatch.py, ablation/ab_fixmatch_ra.py,
+Point by point against the official FixMatch (RA) (google-research/fixmatch at d4985a1: ablation/ab_fixmatch_ra.py,
 libml/{augment,data,models,train,utils}.py, third_party/auto_augment/augmentations.py; lines in docs/fidelity.md):
  1. Batches: 64 labeled (FLAGS.batch) + mu x 64 unlabeled with mu = 7 (uratio), each unlabeled image seen as a weak
     and a strong view. The unlabeled stream is the whole training set, the labeled images included
@@ -70,15 +70,15 @@ import wrn
 SCRIPT = "train_fixmatch"
 # ------------------------------------------------------------------------------------------- defaults per data set
 # One row per --dataset: a flag left unset takes its row's value in resolve_defaults(), the one place defaults are
-# resolved. The official defaults (fixmatch.py:165-176, ab_fixmatch_ra.py:150-161): confidence 0.95, wd 5e-4, wu 1,
+# resolved. The official defaults (ablation/ab_fixmatch_ra.py:150-161): confidence 0.95, wd 5e-4, wu 1,
 # filters 32 (width 2), repeat 4 (depth 28), uratio 7, batch 64, lr 0.03, train_kimg 2^16 (2^20 steps); EMA 0.999
-# (fixmatch.py:85), BN decay 0.999 (libml/models.py:66); an evaluation per report_kimg = 64 kimg = 1,024 steps
-# (libml/train.py:34). Labels: the README's example and fixmatch.py:173 (CIFAR-10 250), the README's list of splits
-# (CIFAR-100 10,000, STL-10 1,000). CIFAR-100: WRN-28-8 (filters 128) and wd 1e-3; STL-10: WRN-37-2, i.e. 4 stages
-# (FixMatch paper, section 4 and appendix B; the code's scales = ilog2(96) - 2 would be 5). Fashion-MNIST is padded to
-# 32 px (libml/data.py:78). digits and synthetic get a CPU run (this project's
-# choice, under a minute on two cores): WRN-10-2, batch 32 + 7 x 32, 1,000 steps, BN momentum 0.02, EMA 0.99, an
-# evaluation every 10 steps (the median of the last 20 then covers the last fifth of the run, as a CPU-sized grid).
+# (ab_fixmatch_ra.py:67), BN decay 0.999 (libml/models.py:66); an evaluation per report_kimg = 64 kimg = 1,024 steps
+# (libml/train.py:34). Labels: the README's example and ab_fixmatch_ra.py:158 (CIFAR-10 250), the README's list of
+# splits (CIFAR-100 10,000, STL-10 1,000). CIFAR-100: WRN-28-8 (filters 128) and wd 1e-3; STL-10: WRN-37-2, i.e. 4
+# stages (FixMatch paper, section 4 and appendix B; the code's scales = ilog2(96) - 2 would be 5). Fashion-MNIST is
+# padded to 32 px (libml/data.py:78). digits and synthetic get a CPU run (this project's choice, under a minute on
+# two cores): WRN-10-2, batch 32 + 7 x 32, 1,000 steps, BN momentum 0.02, EMA 0.99, an evaluation every 10 steps (the
+# median of the last 20 then covers the last fifth of the run, as a CPU-sized grid).
 # The tables, kept as tables by the formatter:
 # fmt: off
 PAPER = dict(num_labeled=250, num_valid=1, total_steps=1 << 20, eval_every=1024, batch_size=64, depth=28, width=2,
@@ -95,8 +95,8 @@ DEFAULTS = {
     "digits": PAPER | CPU | dict(num_labeled=100, num_valid=200),
     "synthetic": PAPER | CPU | dict(num_labeled=40, num_valid=50),
 }
-SOURCES = {"cifar10, svhn": "the official code's defaults (fixmatch.py, libml/*.py; docs/fidelity.md, file "
-                                   "and line)",
+SOURCES = {"cifar10, svhn": "the official code's defaults (ablation/ab_fixmatch_ra.py, libml/*.py; "
+                                   "docs/fidelity.md, file and line)",
            "cifar100, stl10": "the same with the FixMatch paper's models: CIFAR-100 WRN-28-8 and weight decay 1e-3, "
                               "STL-10 WRN-37-2 (4 stages) (section 4 and appendix B)",
            "fashion_mnist, mnist, npz": "the official schedule; Fashion-MNIST padded to 32 px as libml/data.py does",
@@ -260,7 +260,7 @@ def resolve_defaults(args, key, num_classes, image_size=None):
     if image_size:
         if args.shift is None:  # the official pad of 4 at 32 px, 12 at 96 px (STL-10)
             args.shift = max(1, round(image_size / 8))
-        if args.num_stages is None:  # official scales = ilog2(width) - 2, ilog2 rounding up (fixmatch.py:145, :157)
+        if args.num_stages is None:  # official scales = ilog2(width) - 2, rounding up (ab_fixmatch_ra.py:130, :142)
             args.num_stages = max(1, math.ceil(math.log2(image_size)) - 2)
     return args
 
@@ -315,8 +315,8 @@ def hidden_label_stats(y_hidden, pseudo_labels, mask, negatives=None):
 
 
 def optimizer_groups(model, weight_decay):
-    """The official L2 term wd x sum 1/2 ||w||^2 over 'kernel' variables (fixmatch.py:122) has the gradient wd x w on
-    conv and dense weights only: SGD's weight_decay on that group, none on biases and BN."""
+    """The official L2 term wd x sum 1/2 ||w||^2 over 'kernel' variables (ab_fixmatch_ra.py:107) has the gradient
+    wd x w on conv and dense weights only: SGD's weight_decay on that group, none on biases and BN."""
     kernels = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     ids = {id(p) for p in kernels}
     others = [p for p in model.parameters() if id(p) not in ids]

@@ -434,7 +434,7 @@ def test_help_names_the_official_sources(capsys):
     with pytest.raises(SystemExit):
         fm.parse_args(["--help"])
     out = capsys.readouterr().out
-    assert "WRN-28-8" in out and "fixmatch.py" in out and "(default: None)" not in out
+    assert "WRN-28-8" in out and "ab_fixmatch_ra.py" in out and "(default: None)" not in out
 
 
 def test_module_loss_helpers_use_float32_on_bf16_logits():
