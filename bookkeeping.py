@@ -29,10 +29,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line, '<prog>: error: <message>' on stderr and exit 2, without the usage block
-    (the full usage is one --help away), and whose --help shows every default."""
+    (the full usage is one --help away), and whose --help shows every default. Flags must be spelt out: an
+    abbreviation (--batch for --batch-size) is an error, so what a command line says is what the run records, and
+    --resume sees every flag given with it."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     def error(self, message):

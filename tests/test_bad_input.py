@@ -135,6 +135,7 @@ FLAG_CASES = [
     (["--run-name", ".."], "--run-name must be a plain directory name"),
     (["--run-name", "."], "--run-name must be a plain directory name"),
     (["--run-name", ""], "--run-name must be a plain directory name"),
+    (["--se", "1"], "unrecognized arguments: --se 1"),  # no abbreviations: --resume sees every flag as given
 ]
 
 
