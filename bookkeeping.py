@@ -40,15 +40,21 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         message = re.sub(r"^argument (-[-\w]+)(?:/\S+)?: must", r"\1 must", message)  # a validating type's message
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
+def one_line(message):
+    """``message`` on one line whatever it quotes: a newline or other control character (in a path, say) is escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message))
 
 
 def fail(message, code=1):
     """Print one clear line on stderr and exit non-zero (bad input never produces a traceback). Under torchrun every
     rank meets the same error; only rank 0 prints it."""
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{os.path.basename(sys.argv[0]) or 'error'}: error: {message}", file=sys.stderr, flush=True)
+        print(f"{os.path.basename(sys.argv[0]) or 'error'}: error: {one_line(message)}", file=sys.stderr, flush=True)
     discard_unfinished_run()
+    discard_resumed_leg()
     for run_dir in list(_locks):  # the process ends here; release now for a caller that goes on (tests, notebooks)
         unlock_run_dir(run_dir)
     sys.exit(code)
@@ -190,7 +196,9 @@ class TrainClock:
 # training process holds an exclusive lock on its run directory for its whole life (flock, released by the OS when the
 # process dies, however it dies), so a second process, e.g. a sweep rerun while an orphaned run still writes, is
 # refused instead of writing into the same directory.
-_unfinished = {"run_dir": None, "writer": None}  # the new run directory of this process until its first checkpoint
+_unfinished = {"run_dir": None, "writer": None, "created": []}  # this process's new run directory until its first
+# checkpoint, its TensorBoard writer and the folders of --runs-dir made for it
+_resumed = {"run_dir": None, "writer": None, "before": set()}  # a resumed run until its next checkpoint
 _locks = {}  # run directory -> the open file descriptor holding its lock
 
 
@@ -198,6 +206,14 @@ def run_name(text):
     """argparse type of --run-name: a plain directory name, so the run stays inside --runs-dir."""
     if not text or text in (".", "..") or "/" in text or (os.altsep and os.altsep in text) or "\0" in text:
         raise argparse.ArgumentTypeError(f"must be a plain directory name (no '/', not '.' or '..'), got {text!r}")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python as lone surrogates
+        raise argparse.ArgumentTypeError(f"must be valid UTF-8, got {text!r}") from None
+    if not text.isprintable():
+        raise argparse.ArgumentTypeError(f"must be printable (no newline, tab or control character), got {text!r}")
+    if size > 255:  # NAME_MAX of Linux and macOS file systems
+        raise argparse.ArgumentTypeError(f"must be at most 255 bytes long, got {size}")
     return text
 
 
@@ -255,23 +271,50 @@ def create_run_dir(runs_dir, run_name):
     problem = run_dir_problem(runs_dir, run_dir)
     if problem:
         fail(problem)
+    created = []  # the folders of --runs-dir made here, deepest first: removed again with a run that fails early
+    parent = os.path.abspath(runs_dir)
+    while not os.path.lexists(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
     try:
         os.makedirs(runs_dir, exist_ok=True)
         os.mkdir(run_dir)  # not makedirs: of two processes racing for one name, exactly one gets it
     except FileExistsError:
         fail(run_dir_problem(runs_dir, run_dir) or f"run directory {run_dir} already exists")
     except OSError as error:
+        _remove_empty(created)
         fail(f"--runs-dir {runs_dir}: cannot create {run_dir} ({error.strerror})")
     lock_run_dir(run_dir, "run directory")
-    _unfinished.update(run_dir=run_dir, writer=None)
+    _unfinished.update(run_dir=run_dir, writer=None, created=created)
     return run_dir
+
+
+def _remove_empty(folders):
+    for folder in folders:  # deepest first; a folder something else wrote into stays
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
+def discard_resumed_leg():
+    """Remove the event files a resumed run added since its checkpoint, when it fails before its next one: a refused
+    resume leaves the run directory as it was."""
+    run_dir, writer, before = _resumed["run_dir"], _resumed["writer"], _resumed["before"]
+    _resumed.update(run_dir=None, writer=None, before=set())
+    if run_dir is None:
+        return
+    with contextlib.suppress(Exception):
+        writer.close()
+    for name in set(os.listdir(run_dir)) - before:
+        if name.startswith("events.out.tfevents"):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(run_dir, name))
 
 
 def discard_unfinished_run():
     """Remove this process's new run directory if the run fails before its first checkpoint (called by fail() and by
     an exception that ends the process), so a failed start never leaves a half-made directory that blocks the name."""
-    run_dir, writer = _unfinished["run_dir"], _unfinished["writer"]
-    _unfinished.update(run_dir=None, writer=None)
+    run_dir, writer, created = _unfinished["run_dir"], _unfinished["writer"], _unfinished.get("created", [])
+    _unfinished.update(run_dir=None, writer=None, created=[])
     if run_dir is None or os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
         return
     if writer is not None:
@@ -279,14 +322,31 @@ def discard_unfinished_run():
             writer.close()
     shutil.rmtree(run_dir, ignore_errors=True)
     unlock_run_dir(run_dir)
+    _remove_empty(created)
 
 
 def _discard_then_report(hook):
     def excepthook(kind, value, traceback):
         discard_unfinished_run()
+        discard_resumed_leg()
+        if _out_of_memory(value):  # a size the machine cannot hold (a huge --width or batch): one line, not a traceback
+            print(
+                f"{os.path.basename(sys.argv[0]) or 'error'}: error: out of memory "
+                f"({one_line(str(value).splitlines()[0] if str(value) else kind.__name__)}); "
+                "use a smaller model or batch",
+                file=sys.stderr,
+                flush=True,
+            )
+            return  # the process then exits with status 1, as after any uncaught exception
         hook(kind, value, traceback)
 
     return excepthook
+
+
+def _out_of_memory(error):
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
 
 
 sys.excepthook = _discard_then_report(sys.excepthook)  # an exception that ends the process, Ctrl-C included
@@ -309,9 +369,12 @@ def open_run(args, script, split=None, checkpoint=None, dataset_name=None):
             split.save(os.path.join(run_dir, "split.json"))
     else:
         run_dir = args.resume
+        before = set(os.listdir(run_dir))
     writer = SummaryWriter(run_dir, purge_step=None if checkpoint is None else checkpoint["step"] + 1)
     if checkpoint is None:
         _unfinished["writer"] = writer
+    else:  # until its next checkpoint, a failure removes the event file this leg opened (its steps would be purged)
+        _resumed.update(run_dir=run_dir, writer=writer, before=before)
     writer.add_text("hyperparameters", hparams_table(args))
     return run_dir, writer
 
@@ -342,7 +405,9 @@ def save_checkpoint(path, state):
     torch.save(state, tmp)
     os.replace(tmp, path)
     if os.path.basename(path) == "checkpoint.pt" and os.path.dirname(path) == _unfinished["run_dir"]:
-        _unfinished.update(run_dir=None, writer=None)
+        _unfinished.update(run_dir=None, writer=None, created=[])
+    if os.path.basename(path) == "checkpoint.pt" and os.path.dirname(path) == _resumed["run_dir"]:
+        _resumed.update(run_dir=None, writer=None, before=set())
 
 
 def save_run(run_dir, script, args, step, clock, **state):
@@ -379,7 +444,21 @@ def load_checkpoint(run_dir, script, flag="--resume"):
         or not isinstance(checkpoint.get("args"), dict)
     ):
         fail(f"{flag} {run_dir}: checkpoint.pt was not written by {script}")
+    if not isinstance(checkpoint.get("step"), int) or checkpoint["step"] < 0:
+        fail(f"{flag} {run_dir}: checkpoint.pt has no valid step count")
     return checkpoint
+
+
+@contextlib.contextmanager
+def restoring(run_dir):
+    """Around a script's restore of its checkpoint's state: a checkpoint.pt that loads but does not fit (another
+    model's weights, a missing or mistyped entry) is one line and exit 1, and the resumed run keeps nothing of this
+    attempt (discard_unfinished_run removes the event file it opened)."""
+    try:
+        yield
+    except (KeyError, IndexError, RuntimeError, TypeError, ValueError, AttributeError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        fail(f"--resume {run_dir}: checkpoint.pt does not fit this run ({type(error).__name__}: {detail[:200]})")
 
 
 def resume_args(args, checkpoint, argv, overrides=("total_steps", "cuda", "compile"), legacy=True):
@@ -605,6 +684,9 @@ def _number(cast, test, rule):
         if not test(value):  # nan fails every comparison, so it never passes
             finite = "finite and " if math.isinf(value) else ""
             raise argparse.ArgumentTypeError(f"must be {finite}{rule}, got {text}")
+        limit = 2**31 - 1 if cast is int else 3.4e38  # a count; a float torch holds in float32 without overflow
+        if abs(value) > limit:
+            raise argparse.ArgumentTypeError(f"must be {rule} and at most {limit:,}, got {text}")
         return value
 
     parse.__name__ = rule  # what --help and argparse's messages call the type

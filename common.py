@@ -9,7 +9,6 @@ device with per-sample randomness drawn from the global torch RNG, so a seeded r
 import gzip
 import json
 import os
-import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -310,16 +309,22 @@ def _synthetic(num_classes=10, per_class=50, test_per_class=20, size=16):
     return x_train, y_train, x_test, y_test
 
 
-def _npz(path):
+def read_npz(path):
+    """x_train, y_train, x_test, y_test of an .npz file; DataError (one line) for anything numpy cannot read as one."""
     if not os.path.exists(path):
         raise DataError(f"{path} does not exist")
     try:
-        with np.load(path) as f:
+        f = np.load(path)  # allow_pickle stays False: an object array is refused, never unpickled
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise DataError(f"{path} holds one array (.npy), not an .npz archive of x_train, y_train, x_test, y_test")
+        with f:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
             if missing:
                 raise DataError(f"{path} lacks {', '.join(missing)} (needs x_train, y_train, x_test, y_test)")
             return f["x_train"], f["y_train"], f["x_test"], f["y_test"]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    except DataError:
+        raise
+    except (Exception, MemoryError) as error:  # whatever numpy raises on a file it cannot read: one line
         raise DataError(
             f"{path} is not a readable .npz file ({str(error).splitlines()[0] if str(error) else error!r})"
         ) from None
@@ -331,7 +336,7 @@ def load_dataset(name, data_dir="data", download=False, device="cpu", svhn_extra
     key = dataset_key(name)
     extra_x = extra_y = None
     if key == "npz":
-        x_train, y_train, x_test, y_test = _npz(name)
+        x_train, y_train, x_test, y_test = read_npz(name)
     elif key == "digits":
         x_train, y_train, x_test, y_test = _digits()
     elif key == "synthetic":

@@ -400,8 +400,6 @@ def main():
     bookkeeping.warn_bn_momentum(args.bn_momentum, args.total_steps)
     normalize = common.Normalizer("scale")  # official: x * 2 / 255 - 1, no whitening
 
-    run_dir, writer = bookkeeping.open_run(args, SCRIPT, split, checkpoint)  # new run dir, or the resumed one
-
     model = make_model(data.num_classes, args, data.channels).to(device, memory_format=memory_format)
     ema_model = copy.deepcopy(model).requires_grad_(False)  # TF EMA shadows start at the initial values
     optimizer = torch.optim.SGD(
@@ -412,16 +410,18 @@ def main():
     start_step, best_valid, test_at_best, evaluations = 0, float("inf"), float("nan"), []
     clock = bookkeeping.TrainClock(device)
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        ema_model.load_state_dict(checkpoint["ema_model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        labeled_batches.load_state_dict(checkpoint["labeled_sampler"])
-        unlabeled_batches.load_state_dict(checkpoint["unlabeled_sampler"])
-        bookkeeping.set_rng_state(checkpoint["rng"])
-        start_step, best_valid, test_at_best = checkpoint["step"], checkpoint["best_valid"], checkpoint["test_at_best"]
-        clock = bookkeeping.TrainClock(device, checkpoint["train_time"], checkpoint["timed_steps"])
-        evaluations = [tuple(e) for e in checkpoint["evaluations"]]
-        print(f"resumed {run_dir} at step {start_step}")
+        with bookkeeping.restoring(args.resume):  # a checkpoint that does not fit: one line, nothing kept
+            model.load_state_dict(checkpoint["model"])
+            ema_model.load_state_dict(checkpoint["ema_model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            labeled_batches.load_state_dict(checkpoint["labeled_sampler"])
+            unlabeled_batches.load_state_dict(checkpoint["unlabeled_sampler"])
+            bookkeeping.set_rng_state(checkpoint["rng"])
+            start_step, best_valid, test_at_best = (checkpoint[k] for k in ("step", "best_valid", "test_at_best"))
+            clock = bookkeeping.TrainClock(device, checkpoint["train_time"], checkpoint["timed_steps"])
+            evaluations = [tuple(e) for e in checkpoint["evaluations"]]
+            print(f"resumed {args.resume} at step {start_step}")
+    run_dir, writer = bookkeeping.open_run(args, SCRIPT, split, checkpoint)  # made (or reopened) only now
 
     def weak(indices):  # uint8 on the device: flip / pad-and-crop, a fresh draw per image
         return common.augment(data.x_train[indices], flip, shift)

@@ -291,8 +291,6 @@ def main():
     args.eval_every = args.eval_every or 10 * steps_per_epoch
     normalize = common.Normalizer("scale")  # x / 127.5 - 1
 
-    run_dir, writer = bookkeeping.open_run(args, SCRIPT, split, checkpoint)  # new run dir, or the resumed one
-
     # NEGATIVE PREPROCESSING: pixel-space nearest labeled example of every class, once, for the nn-* rules.
     unlabeled_idx = split.unlabeled.to(device)
     rank_of = None  # row in the unlabeled set -> classes by distance, nearest first
@@ -326,8 +324,6 @@ def main():
             f"{nn_stats['nn_true_is_furthest']:.2f}%",
             flush=True,
         )
-        if checkpoint is None:  # a resumed run computes it again and keeps its first leg's time (below)
-            writer.add_scalar("charts/nn_preprocess_seconds", nn_seconds, 0)
     position = torch.full((len(data.x_train),), -1, dtype=torch.long, device=device)
     position[unlabeled_idx] = torch.arange(len(unlabeled_idx), device=device)  # x_train index -> unlabeled row
 
@@ -353,19 +349,23 @@ def main():
     start_step, last_log_step = 0, 0
     clock = bookkeeping.TrainClock(device)  # training time and steps, without evaluation and checkpoints
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        labeled_batches.load_state_dict(checkpoint["labeled_sampler"])
-        unlabeled_batches.load_state_dict(checkpoint["unlabeled_sampler"])
-        bookkeeping.set_rng_state(checkpoint["rng"])
-        start_step, last_log_step = checkpoint["step"], checkpoint["last_log_step"]
-        sums = {name: value.to(device) for name, value in checkpoint["sums"].items()}  # the open log interval
-        totals = {name: value.to(device) for name, value in checkpoint["totals"].items()}
-        valid_error, test_error = checkpoint["valid_error"], checkpoint["test_error"]
-        best_valid, test_at_best = checkpoint["best_valid"], checkpoint["test_at_best"]
-        nn_seconds = checkpoint["nn_seconds"]  # the first leg's preprocessing time
-        clock = bookkeeping.TrainClock(device, checkpoint["train_time"], checkpoint.get("timed_steps", start_step))
-        print(f"resumed {run_dir} at step {start_step}")
+        with bookkeeping.restoring(args.resume):  # a checkpoint that does not fit: one line, nothing kept
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            labeled_batches.load_state_dict(checkpoint["labeled_sampler"])
+            unlabeled_batches.load_state_dict(checkpoint["unlabeled_sampler"])
+            bookkeeping.set_rng_state(checkpoint["rng"])
+            start_step, last_log_step = checkpoint["step"], checkpoint["last_log_step"]
+            sums = {name: value.to(device) for name, value in checkpoint["sums"].items()}  # the open log interval
+            totals = {name: value.to(device) for name, value in checkpoint["totals"].items()}
+            valid_error, test_error = checkpoint["valid_error"], checkpoint["test_error"]
+            best_valid, test_at_best = checkpoint["best_valid"], checkpoint["test_at_best"]
+            nn_seconds = checkpoint["nn_seconds"]  # the first leg's preprocessing time
+            clock = bookkeeping.TrainClock(device, checkpoint["train_time"], checkpoint.get("timed_steps", start_step))
+            print(f"resumed {args.resume} at step {start_step}")
+    run_dir, writer = bookkeeping.open_run(args, SCRIPT, split, checkpoint)  # made (or reopened) only now
+    if checkpoint is None and nn_seconds is not None:  # a resumed run keeps its first leg's time (restored above)
+        writer.add_scalar("charts/nn_preprocess_seconds", nn_seconds, 0)
     model.train()
     clock.start()
     for step in range(start_step, args.total_steps):

@@ -858,9 +858,7 @@ def main(argv=None):
             dist.broadcast_object_list(failed, src=0)
         if failed[0]:
             bookkeeping.fail(failed[0])
-    writer = SummaryWriter(run_dir) if is_main else None
     if is_main:
-        writer.add_text("hyperparameters", bookkeeping.hparams_table(args) + f"\n|world_size|{world_size}|")
         print(
             f"{run_dir}: {num_classes} classes, {len(labeled_idx)} labeled / {len(unlabeled_idx)} unlabeled / "
             f"{len(valid_idx)} valid / {len(val_folder)} test images, {steps_per_epoch} steps per epoch, "
@@ -889,12 +887,16 @@ def main(argv=None):
         if is_main:
             print(f"initialised the model from {args.init_from}", flush=True)
     if checkpoint is not None:
-        core.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start_step, best = checkpoint["step"], json.loads(checkpoint["best"])
-        torch.set_rng_state(checkpoint["torch_rng"])
-        if is_main:
-            print(f"resumed {run_dir} at step {start_step}", flush=True)
+        with bookkeeping.restoring(args.resume):  # a checkpoint that does not fit: one line, nothing kept
+            core.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            start_step, best = checkpoint["step"], json.loads(checkpoint["best"])
+            torch.set_rng_state(checkpoint["torch_rng"])
+            if is_main:
+                print(f"resumed {run_dir} at step {start_step}", flush=True)
+    writer = SummaryWriter(run_dir) if is_main else None  # opened only now: a refused resume writes nothing
+    if is_main:
+        writer.add_text("hyperparameters", bookkeeping.hparams_table(args) + f"\n|world_size|{world_size}|")
     if world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None)
     train_model = bookkeeping.compile_model(model, args, device)  # compiled around DDP, as PyTorch's DDP notes advise

@@ -286,8 +286,6 @@ def main():
     normalize = common.make_normalizer(data)
     uses_unlabeled = args.ns3l or args.pseudo_label or args.entmin
 
-    run_dir, writer = bookkeeping.open_run(args, SCRIPT, split, checkpoint)  # new run dir, or the resumed one
-
     model = wrn.WideResNet(data.num_classes, args.depth, args.width, data.channels, bn_momentum=args.bn_momentum).to(
         device, memory_format=memory_format
     )
@@ -297,14 +295,16 @@ def main():
     start_step, best_valid, test_at_best = 0, float("inf"), float("nan")
     clock = bookkeeping.TrainClock(device)  # training time and steps, without evaluation (and compilation)
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        labeled_batches.load_state_dict(checkpoint["labeled_sampler"])
-        unlabeled_batches.load_state_dict(checkpoint["unlabeled_sampler"])
-        bookkeeping.set_rng_state(checkpoint["rng"])
-        start_step, best_valid, test_at_best = checkpoint["step"], checkpoint["best_valid"], checkpoint["test_at_best"]
-        clock = bookkeeping.TrainClock(device, checkpoint["train_time"], checkpoint.get("timed_steps", start_step))
-        print(f"resumed {run_dir} at step {start_step}")
+        with bookkeeping.restoring(args.resume):  # a checkpoint that does not fit: one line, nothing kept
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            labeled_batches.load_state_dict(checkpoint["labeled_sampler"])
+            unlabeled_batches.load_state_dict(checkpoint["unlabeled_sampler"])
+            bookkeeping.set_rng_state(checkpoint["rng"])
+            start_step, best_valid, test_at_best = (checkpoint[k] for k in ("step", "best_valid", "test_at_best"))
+            clock = bookkeeping.TrainClock(device, checkpoint["train_time"], checkpoint.get("timed_steps", start_step))
+            print(f"resumed {args.resume} at step {start_step}")
+    run_dir, writer = bookkeeping.open_run(args, SCRIPT, split, checkpoint)  # made (or reopened) only now
 
     def augment(images):  # normalised images -> one stochastic view (fresh flip / shift / noise per sample and call)
         return common.augment(images, flip, shift, noise_std).contiguous(memory_format=memory_format)

@@ -454,13 +454,9 @@ def load_dataset(args):
             bookkeeping.fail(f"{name} {value}: file not found (--dataset takes 'planted', an .npz, or XC text files)")
     if path.suffix == ".npz":
         try:
-            with np.load(path) as data:
-                x_train, y_train, x_test, y_test = (data[key] for key in ("x_train", "y_train", "x_test", "y_test"))
-        except (KeyError, ValueError, OSError) as error:
-            bookkeeping.fail(
-                f"{path}: not an .npz with x_train, y_train, x_test, y_test "
-                f"({str(error).splitlines()[0] if str(error) else type(error).__name__})"
-            )
+            x_train, y_train, x_test, y_test = common.read_npz(str(path))
+        except common.DataError as error:
+            bookkeeping.fail(str(error))
     else:
         if args.test_data is None:
             bookkeeping.fail("a text-format --dataset needs --test-data (the held-out file in the same format)")
@@ -546,9 +542,6 @@ def main(argv=None):
     elif needs_tree and args.aux_model is not None:
         tree = load_tree(args.aux_model, num_classes, x_train.shape[1])
 
-    run_dir, writer = bookkeeping.open_run(args, "xc", checkpoint=checkpoint, dataset_name=dataset_name)
-    run_dir = Path(run_dir)
-
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
@@ -585,8 +578,7 @@ def main(argv=None):
                 f"auxiliary tree: reused {args.resume or args.aux_model} (fitted in {tree.fit_seconds:.1f} s, counted "
                 f"on the time axis)"
             )
-        if checkpoint is None:  # the run directory always holds its tree, so --resume never needs --aux-model's file
-            bookkeeping.save_checkpoint(str(run_dir / "aux_tree.pt"), tree.state_dict())
+        tree_state = tree.state_dict() if checkpoint is None else None  # saved with the run directory (below)
         tree = tree.to(device)
         time_offset = tree.fit_seconds
     correction = {
@@ -626,19 +618,25 @@ def main(argv=None):
     step, train_seconds = 0, 0.0
     order, position = torch.empty(0, dtype=torch.long, device=device), 0  # --sampling epochs: permutation, cursor
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step, train_seconds, history, best = (
-            checkpoint["step"],
-            checkpoint["train_seconds"],
-            checkpoint["history"],
-            checkpoint["best"],
-        )
-        order, position = checkpoint["order"].to(device), checkpoint["position"]
-        run_start = checkpoint["run_start"]
-        with open(run_dir / "eval_history.jsonl", "w") as handle:  # drop rows a crashed leg wrote after its checkpoint
-            handle.writelines(json.dumps(row) + "\n" for row in history)
+        with bookkeeping.restoring(args.resume):  # a checkpoint that does not fit: one line, nothing kept
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            step, train_seconds, history, best = (
+                checkpoint["step"],
+                checkpoint["train_seconds"],
+                checkpoint["history"],
+                checkpoint["best"],
+            )
+            order, position = checkpoint["order"].to(device), checkpoint["position"]
+            run_start = checkpoint["run_start"]
+    run_dir, writer = bookkeeping.open_run(args, "xc", checkpoint=checkpoint, dataset_name=dataset_name)  # only now
+    run_dir = Path(run_dir)
+    if checkpoint is not None:
+        with open(run_dir / "eval_history.jsonl", "w") as handle:  # drop the rows a crashed leg wrote after its
+            handle.writelines(json.dumps(row) + "\n" for row in history)  # checkpoint
         print(f"resumed {run_dir} at step {step}")
+    elif needs_tree:  # the run directory always holds its tree, so --resume never needs --aux-model's file
+        bookkeeping.save_checkpoint(str(run_dir / "aux_tree.pt"), tree_state)
 
     def run_evaluation(step, elapsed):
         walltime = run_start + elapsed

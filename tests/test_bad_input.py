@@ -18,6 +18,7 @@ import torch
 from conftest import ROOT, TINY
 
 import bookkeeping
+import common
 
 PROTOCOL_A = [*TINY, "--total-steps", "2", "--eval-every", "2", "--log-every", "1"]
 WRN = ["--dataset", "synthetic", "--depth", "10", "--width", "1", "--bn-momentum", "0.1", "--no-cuda"]
@@ -136,6 +137,8 @@ FLAG_CASES = [
     (["--run-name", "."], "--run-name must be a plain directory name"),
     (["--run-name", ""], "--run-name must be a plain directory name"),
     (["--se", "1"], "unrecognized arguments: --se 1"),  # no abbreviations: --resume sees every flag as given
+    (["--run-name", "a\nb"], "--run-name must be printable"),  # a newline would split the one line
+    (["--run-name", "x" * 256], "--run-name must be at most 255 bytes long, got 256"),
 ]
 
 
@@ -200,6 +203,31 @@ def test_resume_of_a_finished_or_unstarted_run_is_refused(
     refused(script, ["--resume", stopped, *data], 1, message, monkeypatch, capsys, tmp_path, finished_runs)
     nowhere = ["--resume", tmp_path / "nowhere", *data]
     refused(script, nowhere, 1, "no such run directory", monkeypatch, capsys, tmp_path)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_checkpoint_that_loads_but_does_not_fit_is_one_line_and_changes_nothing(
+    script, finished_runs, tmp_path, image_folder, monkeypatch, capsys
+):
+    """A checkpoint.pt torch can read whose content does not fit the run (an entry missing, another model's weights):
+    one line, exit 1, and the run directory exactly as it was (no event file from the refused leg)."""
+    import shutil
+
+    import torch
+
+    data = tiny(script, image_folder) if script == "train_imagenet_mel.py" else []
+    for case in ("no optimizer", "other weights"):
+        run_dir = tmp_path / case.replace(" ", "_")
+        shutil.copytree(finished_runs / script, run_dir)
+        checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+        if case == "no optimizer":
+            del checkpoint["optimizer"]
+        else:
+            name = next(iter(checkpoint["model"]))
+            checkpoint["model"][name] = torch.zeros(1)
+        torch.save(checkpoint, run_dir / "checkpoint.pt")
+        argv = ["--resume", run_dir, *data, "--total-steps", "3"]
+        refused(script, argv, 1, "checkpoint.pt does not fit this run", monkeypatch, capsys, tmp_path)
 
 
 RESUME_CONFLICTS = {  # a flag per script whose value differs from the saved run's
@@ -273,7 +301,7 @@ def test_a_failure_before_the_first_checkpoint_removes_the_new_run_dir(tmp_path,
     bookkeeping.write_json(os.path.join(run_dir, "args.json"), {})
     with pytest.raises(SystemExit):
         bookkeeping.fail("found late")
-    assert os.listdir(tmp_path / "runs") == [] and not bookkeeping._locks
+    assert not (tmp_path / "runs").exists() and not bookkeeping._locks  # the --runs-dir made for it goes too
     run_dir = bookkeeping.create_run_dir(str(tmp_path / "runs"), "kept")  # after its first checkpoint it stays
     bookkeeping.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {"step": 1})
     with pytest.raises(SystemExit):
@@ -403,3 +431,28 @@ def test_interrupted_runner_ends_its_runs_and_a_killed_ones_orphan_is_not_joined
         assert alive(orphan) and training_pid(run_dir) == orphan  # no second writer was started
     finally:
         os.kill(orphan, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------- limits and what numpy cannot read
+def test_numbers_past_what_torch_holds_are_flag_errors_and_messages_stay_one_line():
+    import argparse
+
+    for parse, text in ((bookkeeping.positive_float, "1e300"), (bookkeeping.positive_int, str(10**12))):
+        with pytest.raises(argparse.ArgumentTypeError, match="at most"):
+            parse(text)
+    assert bookkeeping.positive_float("3e38") == 3e38 and bookkeeping.positive_int(str(2**31 - 1)) == 2**31 - 1
+    assert bookkeeping.one_line("runs/a\nb\tc") == "runs/a\\nb\\tc"
+
+
+def test_an_npy_named_npz_and_an_out_of_memory_error_are_one_line(tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    os.rename(tmp_path / "one.npy", tmp_path / "one.npz")
+    with pytest.raises(common.DataError, match="holds one array"):
+        common.load_dataset(str(tmp_path / "one.npz"))
+    code = "import bookkeeping; raise MemoryError('Unable to allocate 8.00 TiB')"  # what a huge --width meets
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=ENV)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        "-c: error: out of memory (Unable to allocate 8.00 TiB); use a smaller model or batch"
+    ]
