@@ -12,7 +12,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -202,6 +204,13 @@ _resumed = {"run_dir": None, "writer": None, "before": set()}  # a resumed run u
 _locks = {}  # run directory -> the open file descriptor holding its lock
 
 
+def existing_path(text):
+    """argparse type of a path flag such as --resume: not empty (an empty string would read as 'not given')."""
+    if not text:
+        raise argparse.ArgumentTypeError("must be a path, got an empty string")
+    return text
+
+
 def run_name(text):
     """argparse type of --run-name: a plain directory name, so the run stays inside --runs-dir."""
     if not text or text in (".", "..") or "/" in text or (os.altsep and os.altsep in text) or "\0" in text:
@@ -298,6 +307,8 @@ def _remove_empty(folders):
 def discard_resumed_leg():
     """Remove the event files a resumed run added since its checkpoint, when it fails before its next one: a refused
     resume leaves the run directory as it was."""
+    if os.getpid() != _owner_pid:
+        return
     run_dir, writer, before = _resumed["run_dir"], _resumed["writer"], _resumed["before"]
     _resumed.update(run_dir=None, writer=None, before=set())
     if run_dir is None:
@@ -313,6 +324,8 @@ def discard_resumed_leg():
 def discard_unfinished_run():
     """Remove this process's new run directory if the run fails before its first checkpoint (called by fail() and by
     an exception that ends the process), so a failed start never leaves a half-made directory that blocks the name."""
+    if os.getpid() != _owner_pid:  # a forked child (a DataLoader worker) leaves its parent's run alone
+        return
     run_dir, writer, created = _unfinished["run_dir"], _unfinished["writer"], _unfinished.get("created", [])
     _unfinished.update(run_dir=None, writer=None, created=[])
     if run_dir is None or os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
@@ -325,10 +338,24 @@ def discard_unfinished_run():
     _remove_empty(created)
 
 
+class Terminated(BaseException):
+    """SIGTERM (kill, timeout, a cluster's scheduler) raised in the main thread, so it ends a run as Ctrl-C does."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def _discard_then_report(hook):
     def excepthook(kind, value, traceback):
+        if os.getpid() != _owner_pid:  # a forked worker (a DataLoader's) never removes its parent's run directory
+            return hook(kind, value, traceback)
         discard_unfinished_run()
         discard_resumed_leg()
+        if issubclass(kind, (KeyboardInterrupt, Terminated)):  # the run's choice to stop, not a bug: one line
+            what = "Ctrl-C" if issubclass(kind, KeyboardInterrupt) else "SIGTERM"
+            print(f"{os.path.basename(sys.argv[0]) or 'error'}: stopped by {what}", file=sys.stderr, flush=True)
+            return
         if _out_of_memory(value):  # a size the machine cannot hold (a huge --width or batch): one line, not a traceback
             print(
                 f"{os.path.basename(sys.argv[0]) or 'error'}: error: out of memory "
@@ -349,7 +376,10 @@ def _out_of_memory(error):
     )
 
 
+_owner_pid = os.getpid()
 sys.excepthook = _discard_then_report(sys.excepthook)  # an exception that ends the process, Ctrl-C included
+if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    signal.signal(signal.SIGTERM, _terminate)  # SIGTERM cleans up as Ctrl-C does (kill, timeout, Slurm)
 
 
 def open_run(args, script, split=None, checkpoint=None, dataset_name=None):

@@ -155,6 +155,9 @@ def check_labels(labels, source, name, count, of="images"):
         raise DataError(
             f"{source}: {name} has {int(negative.sum())} negative values ({_examples(labels[negative])}); {LABEL_RULE}"
         )
+    huge = labels > 2**31 - 1  # e.g. uint64 2^64 - 1, which int64 would turn into -1
+    if huge.any():
+        raise DataError(f"{source}: {name} has {int(huge.sum())} values above 2^31 - 1 ({_examples(labels[huge])})")
     return labels.astype(np.int64)
 
 
@@ -387,7 +390,7 @@ def load_dataset(name, data_dir="data", download=False, device="cpu", svhn_extra
 def _xc_header(handle, path, names):
     line = handle.readline()
     tokens = line.split()
-    if len(tokens) != len(names) or not all(token.isdigit() for token in tokens):
+    if len(tokens) != len(names) or not all(token.isascii() and token.isdigit() for token in tokens):
         raise DataError(
             f"{path}: line 1 must be '{' '.join(names)}' ({len(names)} whole numbers), got {line.strip()[:60]!r}"
         )

@@ -64,7 +64,13 @@ def parse_args(argv=None):
         default=None,
         help="run directory name (default <dataset>__<script>__<seed>__<time>)",
     )
-    g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    g.add_argument(
+        "--resume",
+        type=bookkeeping.existing_path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue RUN_DIR from its last checkpoint",
+    )
     g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
     g.add_argument(
         "--torch-deterministic",

@@ -119,7 +119,13 @@ def parse_args(argv=None):
         default=None,
         help="default: <dataset>__imagenet_mel__<seed>__<unix time>",
     )
-    g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its checkpoint.pt")
+    g.add_argument(
+        "--resume",
+        type=bookkeeping.existing_path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue RUN_DIR from its checkpoint.pt",
+    )
     g.add_argument(
         "--init-from",
         default=None,

@@ -121,7 +121,13 @@ def parse_args(argv=None):
         default=None,
         help="run directory name (default <dataset>__<script>__<seed>__<time>)",
     )
-    g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    g.add_argument(
+        "--resume",
+        type=bookkeeping.existing_path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue RUN_DIR from its last checkpoint",
+    )
     bookkeeping.add_device_args(g)
     g.add_argument("--eval-every", type=positive, help=f"steps between evaluations, official 64 kimg ({TABLE})")
     g.add_argument("--log-every", type=positive, default=100, help="steps between logged scalars")

@@ -67,6 +67,7 @@ def parse_args(argv=None):
     g.add_argument("--runs-dir", default="runs", help="parent directory of run directories")
     g.add_argument(
         "--resume",
+        type=bookkeeping.existing_path,
         default=None,
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its last checkpoint (its arguments, its tree; --total-steps, "

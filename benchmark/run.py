@@ -297,9 +297,14 @@ def execute(job, runs_dir, threads):
             if _running["stopping"]:
                 return 1
             # its own process group (session): a signal to the runner's group does not reach it, stop_runs ends it
-            child = subprocess.Popen(
-                argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            try:
+                child = subprocess.Popen(
+                    argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            except OSError as error:  # no such program, not executable: this run fails, the sweep goes on
+                log.write(f"run.py: cannot start {argv[0]}: {error.strerror}\n")
+                print(f"{run_name(config, seed)}: cannot start {argv[0]} ({error.strerror})", flush=True)
+                return 127
             _running["children"].add(child)
         code = child.wait()
         with _running["lock"]:
@@ -311,9 +316,27 @@ def execute(job, runs_dir, threads):
     return code
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Errors as one line on stderr, 'run.py: error: ...', exit 2 (the usage is one --help away), as the scripts."""
+
+    def error(self, message):
+        self.exit(2, f"run.py: error: {''.join(c if c.isprintable() else repr(c)[1:-1] for c in message)}\n")
+
+
+def seed(text):
+    """A seed numpy accepts, [0, 2^32 - 1], as the training scripts require."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number in [0, 2^32 - 1], got {text!r}") from None
+    if not 0 <= value <= 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2^32 - 1], got {text}")
+    return value
+
+
 def parse_args(argv=None, suites=SUITES):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    parser = OneLineParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--suite", choices=sorted(suites), help="a built-in set of configurations")
     parser.add_argument(
@@ -327,7 +350,7 @@ def parse_args(argv=None, suites=SUITES):
     parser.add_argument(
         "--only", nargs="+", default=None, help="run only these configuration names, in this order (within each seed)"
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--seeds", type=seed, nargs="+", default=[1, 2, 3])
     parser.add_argument("--workers", type=int, default=1, help="runs in parallel")
     parser.add_argument(
         "--threads",
@@ -344,9 +367,21 @@ def parse_args(argv=None, suites=SUITES):
         parser.error("give --suite or at least one --config NAME COMMAND")
     if args.workers < 1 or (args.threads is not None and args.threads < 1):
         parser.error("--workers and --threads must be >= 1")
-    for name, _ in args.config:
-        if not name or "__" in name or "/" in name or " " in name:
-            parser.error(f"configuration name {name!r} must be non-empty without spaces, '/' or '__'")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    names = [name for name, _ in args.config]
+    for name, command in args.config:
+        if not name or "__" in name or "/" in name or not name.isprintable() or any(c.isspace() for c in name):
+            parser.error(f"configuration name {name!r} must be non-empty, printable, without spaces, '/' or '__'")
+        if names.count(name) > 1:
+            parser.error(f"configuration name {name!r} is given twice (each names its runs and their logs)")
+        try:
+            if not shlex.split(command):
+                parser.error(f"--config {name}: the command is empty")
+        except ValueError as error:
+            parser.error(f"--config {name}: {error} in {command!r}")
+    if os.path.exists(args.runs_dir) and not os.path.isdir(args.runs_dir):
+        parser.error(f"--runs-dir {args.runs_dir} is not a directory")
     return args
 
 

@@ -442,6 +442,10 @@ def test_numbers_past_what_torch_holds_are_flag_errors_and_messages_stay_one_lin
             parse(text)
     assert bookkeeping.positive_float("3e38") == 3e38 and bookkeeping.positive_int(str(2**31 - 1)) == 2**31 - 1
     assert bookkeeping.one_line("runs/a\nb\tc") == "runs/a\\nb\\tc"
+    import numpy as np
+
+    with pytest.raises(common.DataError, match="above 2"):  # uint64 2^64 - 1 would become -1 as int64
+        common.check_labels(np.array([0, 2**64 - 1], dtype=np.uint64), "f.npz", "y_train", 2)
 
 
 def test_an_npy_named_npz_and_an_out_of_memory_error_are_one_line(tmp_path):
@@ -456,3 +460,20 @@ def test_an_npy_named_npz_and_an_out_of_memory_error_are_one_line(tmp_path):
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
         "-c: error: out of memory (Unable to allocate 8.00 TiB); use a smaller model or batch"
     ]
+
+
+def test_sigterm_before_the_first_checkpoint_removes_the_run_and_says_so_in_one_line(tmp_path):
+    """kill, timeout and cluster schedulers send SIGTERM: it ends a run as Ctrl-C does (no traceback, one line), and
+    a run stopped before its first checkpoint leaves no directory (nor the --runs-dir made for it) to block its name."""
+    command = [sys.executable, os.path.join(ROOT, "train_supervised.py"), *TINY, "--total-steps", "100000"]
+    command += ["--eval-every", "100000", "--runs-dir", str(tmp_path / "runs"), "--run-name", "a"]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: (tmp_path / "runs" / "a" / "args.json").exists())
+        time.sleep(1.0)  # training, long before the checkpoint at step 100,000
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert err.strip().splitlines()[-1:] == ["train_supervised.py: stopped by SIGTERM"] and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()

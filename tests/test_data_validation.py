@@ -111,7 +111,11 @@ IMAGE_CASES = [
     ("single-class", lambda: edit(good_arrays(), y_train=np.zeros(60, int), y_test=np.zeros(12, int)), "single class"),
     ("unseen-test-label", lambda: edit(good_arrays(), y_test=poke(good_arrays()["y_test"], 0, 3)), "never has (3)"),
     ("class-gap", lambda: edit(good_arrays(), y_train=np.arange(60) % 3 * 2), "no image of class 1"),
-    ("huge-label", lambda: edit(good_arrays(), y_train=poke(good_arrays()["y_train"], 0, 10**15)), "no image of class"),
+    (
+        "huge-label",
+        lambda: edit(good_arrays(), y_train=poke(good_arrays()["y_train"], 0, 10**15)),
+        "values above 2^31 - 1",
+    ),
     ("short-labels", lambda: edit(good_arrays(), y_train=good_arrays()["y_train"][:-1]), "59 labels for 60 images"),
     ("test-length", lambda: edit(good_arrays(), y_test=good_arrays()["y_test"][:5]), "5 labels for 12 images"),
     ("train-test-shapes", lambda: edit(good_arrays(), x_test=np.zeros((12, 10, 10), np.uint8)), "differ in shape"),
