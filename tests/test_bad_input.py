@@ -311,13 +311,16 @@ def test_a_failure_before_the_first_checkpoint_removes_the_new_run_dir(tmp_path,
 
 
 def test_an_exception_before_the_first_checkpoint_removes_the_new_run_dir(tmp_path):
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import bookkeeping; "
-        "bookkeeping.create_run_dir(sys.argv[2], 'r'); raise KeyboardInterrupt"
-    )
-    result = subprocess.run([sys.executable, "-c", code, ROOT, str(tmp_path)], capture_output=True, text=True)
-    assert result.returncode != 0 and "KeyboardInterrupt" in result.stderr
-    assert os.listdir(tmp_path) == []
+    """Ctrl-C: the directory goes and one line says why; a bug (any other exception) keeps its traceback."""
+    for raised, expected in (("KeyboardInterrupt", "-c: stopped by Ctrl-C"), ("ValueError('a bug')", "Traceback")):
+        code = (
+            "import sys; sys.path.insert(0, sys.argv[1]); import bookkeeping; "
+            f"bookkeeping.create_run_dir(sys.argv[2], 'r'); raise {raised}"
+        )
+        result = subprocess.run([sys.executable, "-c", code, ROOT, str(tmp_path)], capture_output=True, text=True)
+        assert result.returncode != 0 and expected in result.stderr, result.stderr
+        assert os.listdir(tmp_path) == []
+    assert result.stderr.strip().splitlines()[-1] == "ValueError: a bug"
 
 
 # ------------------------------------------------------------------------------------ real processes: the lock
