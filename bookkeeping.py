@@ -62,6 +62,26 @@ def fail(message, code=1):
     sys.exit(code)
 
 
+def add_run_args(group):
+    """The run flags every WRN script and the Fashion-MNIST ablation share: --seed (numpy's range), --runs-dir,
+    --run-name (a plain directory name) and --resume (a run directory)."""
+    group.add_argument("--seed", type=seed, default=1, help="seed of the run; also picks the labeled subset")
+    group.add_argument("--runs-dir", default="runs", help="where run directories are created")
+    group.add_argument(
+        "--run-name",
+        type=run_name,
+        default=None,
+        help="run directory name (default <dataset>__<script>__<seed>__<time>)",
+    )
+    group.add_argument(
+        "--resume",
+        type=existing_path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue RUN_DIR from its last checkpoint",
+    )
+
+
 def add_device_args(group, exact_fp32="Evaluation always runs in exact fp32"):
     """The device flags every WRN script shares: --cuda, --torch-deterministic, --bf16, --channels-last, --compile
     (resolved by precision(), compile_model() and seed_everything())."""

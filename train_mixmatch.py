@@ -113,21 +113,7 @@ def parse_args(argv=None):
     )
     positive, nonnegative = bookkeeping.positive_int, bookkeeping.nonnegative_int
     g = parser.add_argument_group("experiment")
-    g.add_argument("--seed", type=bookkeeping.seed, default=1, help="seed of the run; also picks the labeled subset")
-    g.add_argument("--runs-dir", default="runs", help="where run directories are created")
-    g.add_argument(
-        "--run-name",
-        type=bookkeeping.run_name,
-        default=None,
-        help="run directory name (default <dataset>__<script>__<seed>__<time>)",
-    )
-    g.add_argument(
-        "--resume",
-        type=bookkeeping.existing_path,
-        default=None,
-        metavar="RUN_DIR",
-        help="continue RUN_DIR from its last checkpoint",
-    )
+    bookkeeping.add_run_args(g)  # --seed, --runs-dir, --run-name, --resume
     bookkeeping.add_device_args(g)
     g.add_argument("--eval-every", type=positive, help=f"steps between evaluations, official 64 kimg ({TABLE})")
     g.add_argument("--log-every", type=positive, default=100, help="steps between logged scalars")
