@@ -183,14 +183,14 @@ def build_command(config, seed, runs_dir, python=sys.executable):
 
 
 def supports_resume(argv):
-    """Whether the training script of ``argv`` defines --resume (every script of this project does; a user's own
-    script without it has its interrupted runs started again)."""
+    """Whether the training script of ``argv`` defines --resume, itself or through bookkeeping.add_run_args (every
+    script of this project does; a user's own script without it has its interrupted runs started again)."""
     script = next((a for a in argv if a.endswith(".py")), None)
     if script is None or not os.path.isfile(script):
         return False
     with open(script) as f:
         text = f.read()
-    return '"--resume"' in text or "'--resume'" in text
+    return '"--resume"' in text or "'--resume'" in text or "bookkeeping.add_run_args(" in text
 
 
 def flag_value(argv, flag):
