@@ -469,6 +469,16 @@ def save_run(run_dir, script, args, step, clock, **state):
     save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), run | state)
 
 
+def restore_run(checkpoint, device, **stateful):
+    """The counterpart of save_run: load each object's state from the checkpoint entry of the same name (model=...,
+    optimizer=..., labeled_sampler=...), restore every RNG, and return the training clock where the run left it. Call
+    it inside ``restoring``, so a checkpoint that does not fit is one line."""
+    for key, obj in stateful.items():
+        obj.load_state_dict(checkpoint[key])
+    set_rng_state(checkpoint["rng"])
+    return TrainClock(device, checkpoint["train_time"], checkpoint.get("timed_steps", checkpoint["step"]))
+
+
 def load_checkpoint(run_dir, script, flag="--resume"):
     """Read RUN_DIR/checkpoint.pt written by ``script``; any problem is one line and exit 1, nothing is touched. With
     --resume the run directory is locked first, for the life of this process (lock_run_dir)."""

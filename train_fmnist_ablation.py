@@ -342,18 +342,20 @@ def main():
     clock = bookkeeping.TrainClock(device)  # training time and steps, without evaluation and checkpoints
     if checkpoint is not None:
         with bookkeeping.restoring(args.resume):  # a checkpoint that does not fit: one line, nothing kept
-            model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            labeled_batches.load_state_dict(checkpoint["labeled_sampler"])
-            unlabeled_batches.load_state_dict(checkpoint["unlabeled_sampler"])
-            bookkeeping.set_rng_state(checkpoint["rng"])
+            clock = bookkeeping.restore_run(
+                checkpoint,
+                device,
+                model=model,
+                optimizer=optimizer,
+                labeled_sampler=labeled_batches,
+                unlabeled_sampler=unlabeled_batches,
+            )
             start_step, last_log_step = checkpoint["step"], checkpoint["last_log_step"]
             sums = {name: value.to(device) for name, value in checkpoint["sums"].items()}  # the open log interval
             totals = {name: value.to(device) for name, value in checkpoint["totals"].items()}
             valid_error, test_error = checkpoint["valid_error"], checkpoint["test_error"]
             best_valid, test_at_best = checkpoint["best_valid"], checkpoint["test_at_best"]
             nn_seconds = checkpoint["nn_seconds"]  # the first leg's preprocessing time
-            clock = bookkeeping.TrainClock(device, checkpoint["train_time"], checkpoint.get("timed_steps", start_step))
             print(f"resumed {args.resume} at step {start_step}")
     run_dir, writer = bookkeeping.open_run(args, SCRIPT, split, checkpoint)  # made (or reopened) only now
     if checkpoint is None and nn_seconds is not None:  # a resumed run keeps its first leg's time (restored above)

@@ -395,14 +395,16 @@ def main():
     clock = bookkeeping.TrainClock(device)
     if checkpoint is not None:
         with bookkeeping.restoring(args.resume):  # a checkpoint that does not fit: one line, nothing kept
-            model.load_state_dict(checkpoint["model"])
-            ema_model.load_state_dict(checkpoint["ema_model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            labeled_batches.load_state_dict(checkpoint["labeled_sampler"])
-            unlabeled_batches.load_state_dict(checkpoint["unlabeled_sampler"])
-            bookkeeping.set_rng_state(checkpoint["rng"])
+            clock = bookkeeping.restore_run(
+                checkpoint,
+                device,
+                model=model,
+                ema_model=ema_model,
+                optimizer=optimizer,
+                labeled_sampler=labeled_batches,
+                unlabeled_sampler=unlabeled_batches,
+            )
             start_step, best_valid, test_at_best = (checkpoint[k] for k in ("step", "best_valid", "test_at_best"))
-            clock = bookkeeping.TrainClock(device, checkpoint["train_time"], checkpoint.get("timed_steps", start_step))
             if "evaluations" in checkpoint:
                 evaluations = [tuple(e) for e in checkpoint["evaluations"]]
             else:  # an older checkpoint kept only the errors, one per --eval-every steps, the last one at its step

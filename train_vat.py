@@ -387,13 +387,15 @@ def main():
     clock = bookkeeping.TrainClock(device)  # training time and steps, without evaluation (and compilation)
     if checkpoint is not None:
         with bookkeeping.restoring(args.resume):  # a checkpoint that does not fit: one line, nothing kept
-            model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            labeled_batches.load_state_dict(checkpoint["labeled_sampler"])
-            unlabeled_batches.load_state_dict(checkpoint["unlabeled_sampler"])
-            bookkeeping.set_rng_state(checkpoint["rng"])
+            clock = bookkeeping.restore_run(
+                checkpoint,
+                device,
+                model=model,
+                optimizer=optimizer,
+                labeled_sampler=labeled_batches,
+                unlabeled_sampler=unlabeled_batches,
+            )
             start_step, best_valid, test_at_best = (checkpoint[k] for k in ("step", "best_valid", "test_at_best"))
-            clock = bookkeeping.TrainClock(device, checkpoint["train_time"], checkpoint.get("timed_steps", start_step))
             print(f"resumed {args.resume} at step {start_step}")
     run_dir, writer = bookkeeping.open_run(args, SCRIPT, split, checkpoint)  # made (or reopened) only now
 
