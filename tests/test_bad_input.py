@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, refuse_here
 
 import bookkeeping
 import common
@@ -81,25 +81,15 @@ def main_of(script):
     return importlib.import_module(script[: -len(".py")]).main
 
 
-def call(script, argv, monkeypatch, capsys):
-    """Run ``script``'s main() in this process with ``argv``; (exit code or None, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
-    capsys.readouterr()
-    code = None
-    try:
-        main_of(script)()
-    except SystemExit as exit_info:
-        code = exit_info.code
-    finally:
-        for run_dir in list(bookkeeping._locks):  # the locks of this process's runs: the next call may resume them
-            bookkeeping.unlock_run_dir(run_dir)
-    out, err = capsys.readouterr()
-    return code, out, err
+def call(script, argv):
+    """Run ``script``'s main() in this process with ``argv`` (conftest.refuse_here); (exit code, stdout, stderr)."""
+    result = refuse_here(script, *argv)
+    return result.returncode, result.stdout, result.stderr
 
 
-def refused(script, argv, code, message, monkeypatch, capsys, *roots):
+def refused(script, argv, code, message, *roots):
     before = snapshot(*roots)
-    got, _, err = call(script, argv, monkeypatch, capsys)
+    got, _, err = call(script, argv)
     assert got == code, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and message in err, err
     assert err.startswith(f"{script}: error: "), err
@@ -144,9 +134,9 @@ FLAG_CASES = [
 
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("flags, message", FLAG_CASES)
-def test_bad_run_flags_are_one_line_and_exit_2(script, flags, message, tmp_path, image_folder, monkeypatch, capsys):
+def test_bad_run_flags_are_one_line_and_exit_2(script, flags, message, tmp_path, image_folder):
     argv = [*tiny(script, image_folder), "--runs-dir", tmp_path / "runs", *flags]
-    refused(script, argv, 2, message, monkeypatch, capsys, tmp_path)
+    refused(script, argv, 2, message, tmp_path)
     assert not (tmp_path / "runs").exists()
 
 
@@ -167,17 +157,15 @@ def runs_dir_cases(tmp_path):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_unusable_runs_dir_or_taken_name_is_one_line_and_changes_nothing(
-    script, tmp_path, image_folder, monkeypatch, capsys
-):
+def test_unusable_runs_dir_or_taken_name_is_one_line_and_changes_nothing(script, tmp_path, image_folder):
     for runs_dir, name, message in runs_dir_cases(tmp_path):
         argv = [*tiny(script, image_folder), "--runs-dir", runs_dir, "--run-name", name]
-        refused(script, argv, 1, message, monkeypatch, capsys, tmp_path)
+        refused(script, argv, 1, message, tmp_path)
     if os.geteuid() != 0:  # root writes anywhere, so only another user can see this refusal
         os.makedirs(tmp_path / "locked")
         os.chmod(tmp_path / "locked", 0o500)
         argv = [*tiny(script, image_folder), "--runs-dir", tmp_path / "locked" / "runs"]
-        refused(script, argv, 1, "is not writable", monkeypatch, capsys, tmp_path)
+        refused(script, argv, 1, "is not writable", tmp_path)
 
 
 def test_runs_dir_that_is_not_writable_is_refused_before_anything_is_made(tmp_path, monkeypatch):
@@ -190,24 +178,22 @@ def test_runs_dir_that_is_not_writable_is_refused_before_anything_is_made(tmp_pa
 
 # ------------------------------------------------------------------------------------------------------- --resume
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_resume_of_a_finished_or_unstarted_run_is_refused(
-    script, finished_runs, tmp_path, image_folder, monkeypatch, capsys
-):
+def test_resume_of_a_finished_or_unstarted_run_is_refused(script, finished_runs, tmp_path, image_folder):
     data = tiny(script, image_folder) if script == "train_imagenet_mel.py" else []  # it resumes with its command
     run_dir = finished_runs / script
-    refused(script, ["--resume", run_dir, *data], 1, "already finished", monkeypatch, capsys, finished_runs)
+    refused(script, ["--resume", run_dir, *data], 1, "already finished", finished_runs)
     stopped = tmp_path / "stopped"  # what a run killed before its first checkpoint leaves
     stopped.mkdir()
     (stopped / "args.json").write_text((run_dir / "args.json").read_text())
     message = f"remove it (rm -r {stopped}) and start it again"
-    refused(script, ["--resume", stopped, *data], 1, message, monkeypatch, capsys, tmp_path, finished_runs)
+    refused(script, ["--resume", stopped, *data], 1, message, tmp_path, finished_runs)
     nowhere = ["--resume", tmp_path / "nowhere", *data]
-    refused(script, nowhere, 1, "no such run directory", monkeypatch, capsys, tmp_path)
+    refused(script, nowhere, 1, "no such run directory", tmp_path)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_checkpoint_that_loads_but_does_not_fit_is_one_line_and_changes_nothing(
-    script, finished_runs, tmp_path, image_folder, monkeypatch, capsys
+    script, finished_runs, tmp_path, image_folder
 ):
     """A checkpoint.pt torch can read whose content does not fit the run (an entry missing, another model's weights):
     one line, exit 1, and the run directory exactly as it was (no event file from the refused leg)."""
@@ -227,7 +213,7 @@ def test_a_checkpoint_that_loads_but_does_not_fit_is_one_line_and_changes_nothin
             checkpoint["model"][name] = torch.zeros(1)
         torch.save(checkpoint, run_dir / "checkpoint.pt")
         argv = ["--resume", run_dir, *data, "--total-steps", "3"]
-        refused(script, argv, 1, "checkpoint.pt does not fit this run", monkeypatch, capsys, tmp_path)
+        refused(script, argv, 1, "checkpoint.pt does not fit this run", tmp_path)
 
 
 RESUME_CONFLICTS = {  # a flag per script whose value differs from the saved run's
@@ -242,20 +228,20 @@ RESUME_CONFLICTS = {  # a flag per script whose value differs from the saved run
 
 
 @pytest.mark.parametrize("script", RESUME_CONFLICTS)
-def test_resume_refuses_flags_that_differ_from_the_saved_run(script, finished_runs, monkeypatch, capsys):
+def test_resume_refuses_flags_that_differ_from_the_saved_run(script, finished_runs):
     flag = RESUME_CONFLICTS[script]
     argv = ["--resume", finished_runs / script, "--total-steps", "4", *flag]
-    err = refused(script, argv, 2, "continues the run with its saved arguments", monkeypatch, capsys, finished_runs)
+    err = refused(script, argv, 2, "continues the run with its saved arguments", finished_runs)
     assert flag[0] in err and "--total-steps" in err  # what differs, and what may change
     # The same flag at the saved value is no conflict: the refusal is about the value, not the flag.
     saved = json.loads((finished_runs / script / "args.json").read_text())
     name = flag[0][2:].replace("-", "_")
     same = [flag[0], str(saved[name])] if len(flag) == 2 else ([] if saved[name] else [f"--no-{flag[0][2:]}"])
-    _, _, err = call(script, ["--resume", finished_runs / script, *same], monkeypatch, capsys)
+    _, _, err = call(script, ["--resume", finished_runs / script, *same])
     assert "saved arguments" not in err and "already finished" in err
 
 
-def test_imagenet_resume_without_total_steps_keeps_the_runs_length(finished_runs, image_folder, monkeypatch, capsys):
+def test_imagenet_resume_without_total_steps_keeps_the_runs_length(finished_runs, image_folder):
     """Its recipe's length (90 epochs) is not the run's (2 steps): resuming the finished run is refused, not trained
     on to the recipe, and extending it needs --total-steps."""
     run_dir = finished_runs / "train_imagenet_mel.py"
@@ -263,7 +249,7 @@ def test_imagenet_resume_without_total_steps_keeps_the_runs_length(finished_runs
     flags = tiny("train_imagenet_mel.py", image_folder)
     at = flags.index("--total-steps")
     argv = ["--resume", run_dir, *flags[:at], *flags[at + 2 :]]  # its command without --total-steps 2
-    code, _, err = call("train_imagenet_mel.py", argv, monkeypatch, capsys)
+    code, _, err = call("train_imagenet_mel.py", argv)
     assert code == 1 and "already finished 2 steps" in err and snapshot(finished_runs) == before
 
 
@@ -281,10 +267,10 @@ def test_summaries_are_strict_json_without_nan(tmp_path):
     }
 
 
-def test_mixmatch_without_validation_writes_null_and_no_nan_hparam(tmp_path, monkeypatch, capsys):
+def test_mixmatch_without_validation_writes_null_and_no_nan_hparam(tmp_path):
     argv = [*SCRIPTS["train_mixmatch.py"], "--num-valid", "0", "--runs-dir", tmp_path, "--run-name", "r"]
-    code, _, err = call("train_mixmatch.py", argv, monkeypatch, capsys)
-    assert code is None, err
+    code, _, err = call("train_mixmatch.py", argv)
+    assert code == 0, err
     text = (tmp_path / "r" / "summary.json").read_text()
     assert "NaN" not in text and json.loads(text)["best_valid_error"] is None
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -296,7 +282,7 @@ def test_mixmatch_without_validation_writes_null_and_no_nan_hparam(tmp_path, mon
 
 
 # ------------------------------------------------------------------------- a run that fails before its checkpoint
-def test_a_failure_before_the_first_checkpoint_removes_the_new_run_dir(tmp_path, capsys):
+def test_a_failure_before_the_first_checkpoint_removes_the_new_run_dir(tmp_path):
     run_dir = bookkeeping.create_run_dir(str(tmp_path / "runs"), "r")
     bookkeeping.write_json(os.path.join(run_dir, "args.json"), {})
     with pytest.raises(SystemExit):
