@@ -33,6 +33,7 @@ METRICS = (
     "test_error_at_best_valid",
     "median_last20_test_error",
     "median_test_error",
+    "median_valid_error",
     "final_test_error",
     "best_valid_error",
     "final_valid_error",
@@ -196,6 +197,27 @@ def curve_means(runs_dir, groups, tag):
     return means
 
 
+def diagnostics_table(runs_dir, groups, tags, labels=None, order=None):
+    """Markdown table of TensorBoard scalars: per configuration and tag, the mean over its seeds (± std) of each
+    run's mean of the scalar over the whole run (every logged point counts once), e.g. a mask rate."""
+    labels = labels or {}
+    names = [n for n in (order or []) if n in groups] + [n for n in groups if n not in (order or [])]
+    header = ["configuration", "seeds"] + [f"`{tag}`, run mean" for tag in tags]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in names:
+        runs = groups[name]["runs"]
+        row = [labels.get(name, name), str(len(runs))]
+        for tag in tags:
+            means = [
+                statistics.fmean(v for _, v in c)
+                for c in (read_curve(os.path.join(runs_dir, r["run"]), tag) for r in runs)
+                if c
+            ]
+            row.append(fmt(*mean_std(means), digits=3) if means else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_curves(runs_dir, groups, path, tag="eval/test_error", labels=None, order=None):
     """One line per configuration: the mean over its seeds of ``tag``, in ``order`` (then the rest). matplotlib when
     installed (benchmark/requirements.txt), else a plain Pillow drawing, so a missing plotting library never loses the
@@ -302,6 +324,13 @@ def main(argv=None, paper=None, order=None, labels=None):
     parser.add_argument("--curves", default=None, help="PNG of learning curves (mean over seeds)")
     parser.add_argument("--tag", default="eval/test_error", help="TensorBoard scalar for --curves")
     parser.add_argument(
+        "--diagnostics",
+        nargs="+",
+        default=None,
+        metavar="TAG",
+        help="also a table of these TensorBoard scalars, each run's mean over the run (e.g. charts/mask_rate)",
+    )
+    parser.add_argument(
         "--baseline",
         default="supervised",
         help="configuration every row is compared with seed by seed (skipped when no such row); also the partner of "
@@ -323,6 +352,8 @@ def main(argv=None, paper=None, order=None, labels=None):
     text = table(groups, args.metric, paper, order, labels, args.baseline)
     if ns3l_pairs(groups, args.baseline):
         text += "\n" + ns3l_table(groups, args.metric, args.baseline, labels, order)
+    if args.diagnostics:
+        text += "\n" + diagnostics_table(args.runs_dir, groups, args.diagnostics, labels, order)
     print(text, end="")
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

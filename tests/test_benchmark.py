@@ -116,6 +116,9 @@ def test_report_cli_writes_markdown_and_curves(tmp_path):
     assert report.main([runs, "--output", out, "--curves", png, "--paper", "pi=17.12,0.19"]) == 0
     assert "| pi | 2 | 31.00 ± 1.41 | 17.12 ± 0.19 |" in open(out).read()
     assert os.path.getsize(png) > 1000
+    # --diagnostics: each run's mean of a scalar over the run, then mean ± std over seeds: (50, 52) -> 51 ± 1.414
+    assert report.main([runs, "--output", out, "--diagnostics", "eval/test_error", "charts/absent"]) == 0
+    assert "| pi | 2 | 51.000 ± 1.414 | - |" in open(out).read()
 
 
 def test_report_orders_rows_by_several_suites(tmp_path, capsys):

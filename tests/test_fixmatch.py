@@ -328,6 +328,8 @@ def check_run(run_dir, steps, ns3l, median_of=20):
     assert summary["steps"] == steps and summary["args"]["ns3l"] == ns3l
     tests = scalars["eval/test_error"]
     assert summary["median_test_error"] == pytest.approx(statistics.median(tests[-median_of:]))
+    valids = scalars["eval/valid_error"]  # the number settings are selected on: the same evaluations, validation set
+    assert summary["median_valid_error"] == pytest.approx(statistics.median(valids[-median_of:]))
     return scalars, summary
 
 
