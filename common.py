@@ -574,18 +574,20 @@ def make_ssl_split(labels, num_classes, num_labeled, num_valid, seed, num_labela
 
 class BatchSampler:
     """Infinite shuffled batches of indices from an index set, on the device: every index once per epoch, a fresh
-    permutation (global torch RNG) each epoch, batches straddle epoch boundaries. state_dict() makes resume exact."""
+    permutation each epoch, batches straddle epoch boundaries. The permutations come from the global torch RNG, or
+    from ``generator`` (a torch.Generator on the indices' device) so that other random draws do not move them.
+    state_dict() makes resume exact (it holds the generator's state too)."""
 
-    def __init__(self, indices, batch_size):
+    def __init__(self, indices, batch_size, generator=None):
         if len(indices) == 0:
             raise DataError("cannot sample batches from an empty index set")
-        self.indices, self.batch_size = indices, batch_size
+        self.indices, self.batch_size, self.generator = indices, batch_size, generator
         self.order = indices[:0]
         self.position = 0
 
     def __next__(self):
         while len(self.order) - self.position < self.batch_size:
-            perm = torch.randperm(len(self.indices), device=self.indices.device)
+            perm = torch.randperm(len(self.indices), device=self.indices.device, generator=self.generator)
             self.order = torch.cat([self.order[self.position :], self.indices[perm]])
             self.position = 0
         batch = self.order[self.position : self.position + self.batch_size]
@@ -596,10 +598,13 @@ class BatchSampler:
         return self
 
     def state_dict(self):
-        return {"order": self.order.cpu(), "position": self.position}
+        state = {"order": self.order.cpu(), "position": self.position}
+        return state | ({"generator": self.generator.get_state()} if self.generator is not None else {})
 
     def load_state_dict(self, state):
         self.order, self.position = state["order"].to(self.indices.device), int(state["position"])
+        if self.generator is not None and "generator" in state:
+            self.generator.set_state(state["generator"])
 
 
 # ----------------------------------------------------------------------------------------------------- preprocess

@@ -194,6 +194,34 @@ def test_batch_sampler_epochs_and_state():
     assert all(torch.equal(a, b) for a, b in zip(ahead, [next(resumed) for _ in range(3)]))
 
 
+def test_batch_sampler_with_its_own_generator_ignores_global_draws_and_resumes():
+    indices = torch.arange(10, 20)
+
+    def batches(global_draws):
+        sampler = common.BatchSampler(indices, 4, generator=torch.Generator().manual_seed(7))
+        out = []
+        for _ in range(6):
+            torch.rand(global_draws)  # another stream's draws in between (a row's negatives)
+            out.append(next(sampler))
+        return torch.cat(out), sampler
+
+    quiet, _ = batches(0)
+    busy, sampler = batches(1000)
+    assert torch.equal(quiet, busy)
+    global_order = common.BatchSampler(indices, 4)  # the global RNG stream does move with other draws
+    torch.manual_seed(0)
+    a = torch.cat([next(global_order) for _ in range(6)])
+    global_order = common.BatchSampler(indices, 4)
+    torch.manual_seed(0)
+    torch.rand(1000)
+    assert not torch.equal(a, torch.cat([next(global_order) for _ in range(6)]))
+    state = sampler.state_dict()  # the generator's state travels with the checkpoint
+    ahead = [next(sampler) for _ in range(4)]
+    resumed = common.BatchSampler(indices, 4, generator=torch.Generator().manual_seed(123))
+    resumed.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip(ahead, [next(resumed) for _ in range(4)]))
+
+
 # -------------------------------------------------------------------------------------------------- preprocessing
 def test_zca_whitens_its_fit_data():
     torch.manual_seed(0)

@@ -248,6 +248,34 @@ def test_every_rule_end_to_end_on_generated_debian_files(rule, flags, debian_fol
         assert summary["negatives_per_sample"] < 9
 
 
+def test_rows_of_a_seed_see_the_same_labeled_batches_and_report_the_mean_of_the_last_epochs(
+    debian_folder, tmp_path, monkeypatch
+):
+    """A row that draws unlabeled batches and random negatives but gives them no weight trains exactly as supervised:
+    the labeled batches, unlabeled batches and negatives are separate streams (with one global RNG the labeled order
+    of the second epoch on would differ). The reported number is the mean test error at the last --mean-of epochs."""
+    monkeypatch.setattr(common, "DEBIAN_FASHION_MNIST", debian_folder[0])
+    runs = str(tmp_path / "runs")
+    summaries, curves = {}, {}
+    for rule in ("supervised", "uniform"):
+        base = ["--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "none"), *TINY, "--mean-of", "2"]
+        summaries[rule] = run_in_process(
+            monkeypatch, runs, *base, "--negatives", rule, "--ns3l-weight", "0", "--runs-dir", runs, "--run-name", "run"
+        )
+        curves[rule] = read_scalars(os.path.join(runs, "run"))
+        os.rename(os.path.join(runs, "run"), os.path.join(runs, rule))
+    assert curves["supervised"]["losses/supervised"] == curves["uniform"]["losses/supervised"]
+    assert curves["supervised"]["eval/test_error"] == curves["uniform"]["eval/test_error"]
+    assert summaries["uniform"]["wrong_negative_share"] > 0  # it did draw negatives
+    # TINY: 40 labeled / batch 20 = 2 steps per epoch, 6 steps, --eval-every 3: evaluations at 3, 4 (epoch 2), 6
+    tests = dict(curves["uniform"]["eval/test_error"])
+    assert sorted(tests) == [3, 4, 6]
+    summary = summaries["uniform"]
+    assert summary["mean_of"] == 2 and summary["reported_metric"] == "mean_last_test_error"
+    assert summary["mean_last_test_error"] == pytest.approx((tests[4] + tests[6]) / 2)
+    assert summary["final_test_error"] == pytest.approx(tests[6])
+
+
 def test_epoch_unit_labeled_by_default_unlabeled_as_a_flag(debian_folder, tmp_path, monkeypatch):
     """'50 epochs' is undefined in the paper: passes over the labeled set (default) or over the unlabeled images."""
     monkeypatch.setattr(common, "DEBIAN_FASHION_MNIST", debian_folder[0])
@@ -502,7 +530,9 @@ def test_runner_table_has_every_paper_row_and_aggregates_seeds(tmp_path):
         (run_dir / "summary.json").write_text(
             json.dumps(
                 {
-                    "final_test_error": error,
+                    "mean_last_test_error": error,
+                    "final_test_error": error + 1.0,
+                    "mean_of": 10,
                     "wrong_negative_share": 0.0,
                     "negatives_per_sample": 3.0,
                     "nn_preprocess_seconds": None,
@@ -514,9 +544,9 @@ def test_runner_table_has_every_paper_row_and_aggregates_seeds(tmp_path):
         )
     text = runner.table(type("Args", (), {"runs_dir": str(tmp_path), "seeds": [1, 2, 3]})())
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
-    assert "| 15.20 ± 0.66 | 16.00 ± 1.41 | 2 | 3.00 | 0.00 ± 0.00 |" in rows["Oracle - 3"]
-    assert "| 17.25 ± 0.22 | - | 0 |" in rows["Supervised"]
-    assert "20 epochs = 800 steps" in text
+    assert "| 15.20 ± 0.66 | 16.00 ± 1.41 | 17.00 ± 1.41 | 2 | 3.00 | 0.00 ± 0.00 |" in rows["Oracle - 3"]
+    assert "| 17.25 ± 0.22 | - | - | 0 |" in rows["Supervised"]
+    assert "20 epochs = 800 steps" in text and "ends of its last 10 epochs" in text
     # the ordering claims: paired differences on the same seed, mean ± standard error, checked by hand
     for stem, errors in (
         ("supervised", (16.0, 17.0, 16.5)),
@@ -525,7 +555,7 @@ def test_runner_table_has_every_paper_row_and_aggregates_seeds(tmp_path):
     ):
         for seed, error in zip((1, 2, 3), errors):
             (tmp_path / f"{stem}__seed{seed}").mkdir()
-            (tmp_path / f"{stem}__seed{seed}" / "summary.json").write_text(json.dumps({"final_test_error": error}))
+            (tmp_path / f"{stem}__seed{seed}" / "summary.json").write_text(json.dumps({"mean_last_test_error": error}))
     text = runner.claims(type("Args", (), {"runs_dir": str(tmp_path), "seeds": [1, 2, 3]})())
     lines = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| ") and " − " in line}
     # uniform-1 - supervised = +1.0, +0.5, +2.0: mean 1.1667, std 0.7638, s.e. 0.4410, 2.6 s.e. in the claimed direction
@@ -537,11 +567,17 @@ def test_runner_table_has_every_paper_row_and_aggregates_seeds(tmp_path):
     only = tmp_path / "only"
     for seed, error in ((1, 15.0), (2, 16.0)):
         (only / f"oracle-3__seed{seed}").mkdir(parents=True)
-        (only / f"oracle-3__seed{seed}" / "summary.json").write_text(json.dumps({"final_test_error": error}))
+        (only / f"oracle-3__seed{seed}" / "summary.json").write_text(json.dumps({"mean_last_test_error": error}))
     assert " − " not in runner.claims(type("Args", (), {"runs_dir": str(only), "seeds": [1, 2]})())
     for seed in (1, 2):
         (only / f"oracle-1__seed{seed}").mkdir()
-        (only / f"oracle-1__seed{seed}" / "summary.json").write_text(json.dumps({"final_test_error": 15.0 + seed - 1}))
+        (only / f"oracle-1__seed{seed}" / "summary.json").write_text(
+            json.dumps({"mean_last_test_error": 15.0 + seed - 1})
+        )
     assert "| +0.00 ± 0.00 | +0.0 | no, within noise |" in runner.claims(
         type("Args", (), {"runs_dir": str(only), "seeds": [1, 2]})()
     )
+    # a run written before the mean of the last epochs existed is not mixed into a table: one line, exit
+    (only / "oracle-1__seed1" / "summary.json").write_text(json.dumps({"final_test_error": 15.0}))
+    with pytest.raises(SystemExit, match="oracle-1__seed1.*no mean_last_test_error"):
+        runner.claims(type("Args", (), {"runs_dir": str(only), "seeds": [1, 2]})())
