@@ -115,7 +115,8 @@ def fmnist_cpu_lr_control_suite(steps=FMNIST_CPU_STEPS, evals=FMNIST_CPU_EVALS, 
     ]
 
 
-# The CPU-scale comparison of issue 17: FixMatch vs FixMatch + NS3L (lambda_1 4, T 0.05, the script's defaults) on
+# The CPU-scale comparison of issue 17: FixMatch vs FixMatch + NS3L (lambda_1 4, the script's default until issue 28
+# selected 1 on validation, kept here so the table in docs/fixmatch_fmnist_cpu_table.md reruns as measured; T 0.05) on
 # Fashion-MNIST (padded to 32 px, as the official code), 250 labels, WRN-10-1, a batch of 16 + 7 x 16 (x 2 views),
 # 2,000 steps, BN momentum 0.01 and EMA 0.99 for the short run, an evaluation every 100 steps and the median of the
 # last 5 (the last quarter: the official median of 20 covers the last 2 % of a 1,024-evaluation run). 3 seeds took
@@ -128,7 +129,7 @@ def fixmatch_fmnist_cpu_suite(steps=FIXMATCH_CPU_STEPS):
     base += ["--num-labeled", "250", "--depth", "10", "--width", "1", "--batch-size", "16"]
     base += ["--total-steps", str(steps), "--eval-every", str(max(1, steps // 20)), "--median-of", "5"]
     base += ["--log-every", str(max(1, steps // 20)), "--bn-momentum", "0.01", "--ema-decay", "0.99", "--no-cuda"]
-    return [Config("fixmatch", base), Config("fixmatch+ns3l", base + ["--ns3l"])]
+    return [Config("fixmatch", base), Config("fixmatch+ns3l", base + ["--ns3l", "--ns3l-weight", "4"])]
 
 
 # The laptop suite of issue 28: scikit-learn's bundled digits (no download), where unlabeled data matter: a few labels

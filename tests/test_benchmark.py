@@ -180,7 +180,11 @@ def test_fixmatch_cpu_suite_differs_only_by_ns3l_and_parses():
     import train_fixmatch
 
     plain, ns3l = run.fixmatch_fmnist_cpu_suite()
-    assert (plain.name, ns3l.name) == ("fixmatch", "fixmatch+ns3l") and ns3l.argv == plain.argv + ["--ns3l"]
+    assert (plain.name, ns3l.name) == ("fixmatch", "fixmatch+ns3l") and ns3l.argv == plain.argv + [
+        "--ns3l",
+        "--ns3l-weight",
+        "4",
+    ]
     args = train_fixmatch.parse_args(ns3l.argv[1:])
     assert (args.dataset, args.num_labeled, args.total_steps, args.eval_every, args.median_of) == (
         "fashion_mnist",
@@ -461,6 +465,31 @@ def test_paper_recipes_resolve_to_the_corrected_protocol():
             )
             assert (a.depth, a.width, a.num_valid, a.exclude_labeled, a.median_of) == (28, 2, 1, False, 20)
             assert a.ns3l == (c.name == "fixmatch+ns3l") and str(a.num_labeled) == setting.split("-")[1]
+
+
+def test_paper_recipes_train_in_exact_fp32_unless_asked_for_bf16():
+    """The WRN commands get --no-bf16 (the original code is fp32; FixMatch's mask and pseudo-labels would come from bf16
+    logits), before the user's extra flags so that those still win; --bf16 leaves the scripts' default."""
+    import _paper
+
+    import train_fixmatch
+
+    fixmatch = importlib.import_module("fixmatch_cifar10").SETTINGS["cifar10-40"][1]
+    exact = _paper.with_precision(fixmatch, ["--total-steps", "8"])
+    assert exact.argv[-3:] == ["--no-bf16", "--total-steps", "8"] and exact.paper == fixmatch.paper
+    assert train_fixmatch.parse_args(exact.argv[1:]).bf16 is False
+    assert train_fixmatch.parse_args(_paper.with_precision(fixmatch, bf16=True).argv[1:]).bf16 is None  # CUDA: bf16
+    for table in ("table1_protocol_a", "table2_vat_combinations", "table3_mixmatch_cifar10", "fixmatch_cifar10"):
+        for configs in importlib.import_module(table).SETTINGS.values():
+            assert all("--no-bf16" in _paper.with_precision(c).argv for c in configs), table
+    xc = next(iter(importlib.import_module("xc_adversarial_negatives").SETTINGS.values()))[0]
+    assert _paper.with_precision(xc).argv == xc.argv  # train_xc.py has no bf16 flag
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmark", "paper", "fixmatch_cifar10.py"), "--seeds", "1"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0 and result.stdout.count("--no-bf16") == 6, result.stderr
 
 
 def test_paper_script_prints_commands_without_running(tmp_path):
