@@ -80,7 +80,7 @@ SCRIPT = "train_fixmatch"
 # padded to 32 px (libml/data.py:78). digits and synthetic get a CPU run (this project's choice): WRN-10-2, batch
 # 32 + 7 x 32, BN momentum 0.02, EMA 0.99; synthetic 1,000 steps with an evaluation every 10, digits 2,000 steps with
 # an evaluation every 20 (the median of the last 20 covers the last fifth of the run, as a CPU-sized grid). digits had
-# 1,000 steps until issue 28: with 30 labels (seed 1) a 1,000-step run ended at 11.7 % EMA test error, still falling,
+# 1,000 steps until 2026-12-06: with 30 labels (seed 1) a 1,000-step run ended at 11.7 % EMA test error, still falling,
 # where a 3,000-step run stood at 3.8 % at step 2,000 and 3.6 % at its end; so 2,000 steps, the length of the
 # Protocol A scripts' digits runs (the laptop suite in the README measures it over 5 seeds).
 # The tables, kept as tables by the formatter:
@@ -423,7 +423,7 @@ def main():
             )
             start_step, best_valid, test_at_best = (checkpoint[k] for k in ("step", "best_valid", "test_at_best"))
             evaluations = [tuple(e) for e in checkpoint["evaluations"]]
-            valid_evaluations = [tuple(e) for e in checkpoint.get("valid_evaluations", [])]  # absent before issue 28
+            valid_evaluations = [tuple(e) for e in checkpoint.get("valid_evaluations", [])]  # absent in older runs
             print(f"resumed {args.resume} at step {start_step}")
     run_dir, writer = bookkeeping.open_run(args, SCRIPT, split, checkpoint)  # made (or reopened) only now
 

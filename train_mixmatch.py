@@ -80,7 +80,7 @@ SCRIPT = "train_mixmatch"
 # 16,384 steps (warmup_kimg), WRN-28-2, BN decay 0.999 (libml/models.py:34) and EMA 0.999 (mixmatch.py:137). digits and
 # synthetic get a CPU run (this project's choice, a few minutes on two cores): WRN-10-2, 1,000 steps, BN momentum 0.01,
 # EMA 0.99. digits evaluates every 10 steps, so that the reported median of the last 20 covers the last fifth of the
-# run (steps 810-1,000), as FixMatch's digits row; with an evaluation every 250 steps (until issue 28) the median of
+# run (steps 810-1,000), as FixMatch's digits row; with an evaluation every 250 steps (until 2026-12-06) the median of
 # "the last 20" was the median of all four evaluations, the first at the end of the lambda_u ramp.
 # The tables, kept as tables by the formatter:
 # fmt: off

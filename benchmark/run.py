@@ -115,7 +115,7 @@ def fmnist_cpu_lr_control_suite(steps=FMNIST_CPU_STEPS, evals=FMNIST_CPU_EVALS, 
     ]
 
 
-# The CPU-scale comparison of issue 17: FixMatch vs FixMatch + NS3L (lambda_1 4, the script's default until issue 28
+# The CPU-scale comparison of issue 17: FixMatch vs FixMatch + NS3L (lambda_1 4, the script's default until 2026-12-06
 # selected 1 on validation, kept here so the table in docs/fixmatch_fmnist_cpu_table.md reruns as measured; T 0.05) on
 # Fashion-MNIST (padded to 32 px, as the official code), 250 labels, WRN-10-1, a batch of 16 + 7 x 16 (x 2 views),
 # 2,000 steps, BN momentum 0.01 and EMA 0.99 for the short run, an evaluation every 100 steps and the median of the

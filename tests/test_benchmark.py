@@ -467,29 +467,27 @@ def test_paper_recipes_resolve_to_the_corrected_protocol():
             assert a.ns3l == (c.name == "fixmatch+ns3l") and str(a.num_labeled) == setting.split("-")[1]
 
 
-def test_paper_recipes_train_in_exact_fp32_unless_asked_for_bf16():
-    """The WRN commands get --no-bf16 (the original code is fp32; FixMatch's mask and pseudo-labels would come from bf16
-    logits), before the user's extra flags so that those still win; --bf16 leaves the scripts' default."""
+def test_paper_recipes_train_in_exact_fp32_with_fp32():
+    """--fp32 gives the WRN commands --no-bf16 (the original code's arithmetic), before the user's extra flags so that
+    those still win; without it the scripts' default (bf16 autocast on CUDA) stays."""
     import _paper
 
     import train_fixmatch
 
     fixmatch = importlib.import_module("fixmatch_cifar10").SETTINGS["cifar10-40"][1]
-    exact = _paper.with_precision(fixmatch, ["--total-steps", "8"])
+    exact = _paper.with_precision(fixmatch, ["--total-steps", "8"], fp32=True)
     assert exact.argv[-3:] == ["--no-bf16", "--total-steps", "8"] and exact.paper == fixmatch.paper
     assert train_fixmatch.parse_args(exact.argv[1:]).bf16 is False
-    assert train_fixmatch.parse_args(_paper.with_precision(fixmatch, bf16=True).argv[1:]).bf16 is None  # CUDA: bf16
+    assert train_fixmatch.parse_args(_paper.with_precision(fixmatch).argv[1:]).bf16 is None  # CUDA: bf16
     for table in ("table1_protocol_a", "table2_vat_combinations", "table3_mixmatch_cifar10", "fixmatch_cifar10"):
         for configs in importlib.import_module(table).SETTINGS.values():
-            assert all("--no-bf16" in _paper.with_precision(c).argv for c in configs), table
+            assert all("--no-bf16" in _paper.with_precision(c, fp32=True).argv for c in configs), table
     xc = next(iter(importlib.import_module("xc_adversarial_negatives").SETTINGS.values()))[0]
-    assert _paper.with_precision(xc).argv == xc.argv  # train_xc.py has no bf16 flag
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmark", "paper", "fixmatch_cifar10.py"), "--seeds", "1"],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0 and result.stdout.count("--no-bf16") == 6, result.stderr
+    assert _paper.with_precision(xc, fp32=True).argv == xc.argv  # train_xc.py has no bf16 flag
+    script = os.path.join(ROOT, "benchmark", "paper", "fixmatch_cifar10.py")
+    for flags, count in (([], 0), (["--fp32"], 6)):
+        result = subprocess.run([sys.executable, script, "--seeds", "1", *flags], capture_output=True, text=True)
+        assert result.returncode == 0 and result.stdout.count("--no-bf16") == count, result.stderr
 
 
 def test_paper_script_prints_commands_without_running(tmp_path):

@@ -205,7 +205,7 @@ def test_official_defaults_and_the_data_sets_rows():
         10,
         32,
         0.99,
-    )  # 1,000 steps had not converged with 30 labels (issue 28)
+    )  # 1,000 steps had not converged with 30 labels (2026-12-06)
     # what only the (padded) image size decides: the crop padding and the official scales = log2(size) - 2
     assert fm.parse_args(["--dataset", "stl10"]).num_stages == 4  # the paper's WRN-37-2; the code's rule says 5
     for size, shift, stages in ((32, 4, 3), (28, 4, 3), (96, 12, 5), (8, 1, 1)):  # ilog2 rounds up (libml/utils.py)
