@@ -380,7 +380,8 @@ def main():
             valid_error, test_error = checkpoint["valid_error"], checkpoint["test_error"]
             best_valid, test_at_best = checkpoint["best_valid"], checkpoint["test_at_best"]
             nn_seconds = checkpoint["nn_seconds"]  # the first leg's preprocessing time
-            last_epochs = [tuple(e) for e in checkpoint.get("last_epochs", [])]
+            # a run extended with --total-steps keeps only the evaluations that are among its new last epochs
+            last_epochs = [tuple(e) for e in checkpoint.get("last_epochs", []) if e[0] > first_mean_step]
             if "negatives_rng" in checkpoint:  # absent in runs written before the streams were separated
                 negatives_rng.set_state(checkpoint["negatives_rng"])
             print(f"resumed {args.resume} at step {start_step}")
