@@ -276,6 +276,18 @@ def test_rows_of_a_seed_see_the_same_labeled_batches_and_report_the_mean_of_the_
     assert summary["final_test_error"] == pytest.approx(tests[6])
 
 
+def test_a_run_extended_by_resume_averages_only_its_new_last_epochs(debian_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "DEBIAN_FASHION_MNIST", debian_folder[0])
+    runs = str(tmp_path / "runs")
+    base = ["--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "none"), *TINY, "--mean-of", "2"]
+    first = run_in_process(monkeypatch, runs, *base, "--negatives", "uniform", "--runs-dir", runs, "--run-name", "run")
+    assert first["steps"] == 6 and first["mean_of"] == 2  # epochs 2 and 3 (steps 4, 6)
+    longer = run_in_process(monkeypatch, runs, "--resume", os.path.join(runs, "run"), "--total-steps", "10")
+    tests = dict(read_scalars(os.path.join(runs, "run"))["eval/test_error"])
+    assert longer["steps"] == 10 and longer["mean_of"] == 2  # epochs 4 and 5 (steps 8, 10), not step 4 or 6
+    assert longer["mean_last_test_error"] == pytest.approx((tests[8] + tests[10]) / 2)
+
+
 def test_epoch_unit_labeled_by_default_unlabeled_as_a_flag(debian_folder, tmp_path, monkeypatch):
     """'50 epochs' is undefined in the paper: passes over the labeled set (default) or over the unlabeled images."""
     monkeypatch.setattr(common, "DEBIAN_FASHION_MNIST", debian_folder[0])
