@@ -603,8 +603,19 @@ class BatchSampler:
 
     def load_state_dict(self, state):
         self.order, self.position = state["order"].to(self.indices.device), int(state["position"])
-        if self.generator is not None and "generator" in state:
-            self.generator.set_state(state["generator"])
+        if self.generator is not None:
+            restore_generator(self.generator, state.get("generator"), "the batch order")
+
+
+def restore_generator(generator, state, what):
+    """Set ``generator`` to a saved state. A state from another device type (a run resumed with --cuda / --no-cuda
+    changed) or none at all (a checkpoint from before the stream existed) cannot be restored: the generator keeps its
+    fresh seed and one line says the run continues on a new random stream, not bit for bit."""
+    if state is not None and state.numel() == generator.get_state().numel():
+        generator.set_state(state)
+        return True
+    print(f"note: {what} continues on a fresh random stream (the checkpoint has none for this device)", flush=True)
+    return False
 
 
 # ----------------------------------------------------------------------------------------------------- preprocess

@@ -104,8 +104,8 @@ SOURCES = {"cifar10, svhn": "the official code's defaults (ablation/ab_fixmatch_
            "cifar100, stl10": "the same with the FixMatch paper's models: CIFAR-100 WRN-28-8 and weight decay 1e-3, "
                               "STL-10 WRN-37-2 (4 stages) (section 4 and appendix B)",
            "fashion_mnist, mnist, npz": "the official schedule; Fashion-MNIST padded to 32 px as libml/data.py does",
-           "digits, synthetic": "a CPU run, this project's choice; digits 2,000 steps, where 30 labels have "
-                                "converged (1,000 had not: see the comment above DEFAULTS)",
+           "digits, synthetic": "a CPU run, this project's choice; digits 2,000 steps (with 30 labels 1,000 "
+                                "steps had not converged)",
            "every data set": "mu 7, tau 0.95, lambda_u 1, SGD Nesterov 0.9, LR 0.03 with cosine decay; NS3L: "
                              "T = 0.5 / classes, lambda_1 1 (a small CPU sweep, selected on validation; no paper gives "
                              "FixMatch values)"}
@@ -557,6 +557,8 @@ def main():
     test_errors = grid_test_errors(evaluations, args.eval_every, args.total_steps)
     median = statistics.median(test_errors[-args.median_of :]) if test_errors else float("nan")
     valid_errors = grid_test_errors(valid_evaluations, args.eval_every, args.total_steps)[-args.median_of :]
+    if len(valid_errors) < len(test_errors[-args.median_of :]):  # resumed from a checkpoint that kept no validation
+        valid_errors = []  # errors: no median over fewer evaluations than the test median's
     summary = bookkeeping.write_summary(
         writer,
         run_dir,

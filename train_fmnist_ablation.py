@@ -341,7 +341,7 @@ def main():
     model = SmallCNN(data.num_classes, data.channels, data.image_size, args.hidden).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)  # constant LR, no weight decay
     # Three random streams, each its own generator from --seed: a row's draws in one never move another's batches.
-    streams = [torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + k) for k in range(3)]
+    streams = [torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + k + 1) for k in range(3)]
     labeled_batches = common.BatchSampler(split.labeled.to(device), args.batch_size, generator=streams[0])
     unlabeled_batches = common.BatchSampler(unlabeled_idx, args.unlabeled_batch_size, generator=streams[1])
     negatives_rng = streams[2]
@@ -380,10 +380,14 @@ def main():
             valid_error, test_error = checkpoint["valid_error"], checkpoint["test_error"]
             best_valid, test_at_best = checkpoint["best_valid"], checkpoint["test_at_best"]
             nn_seconds = checkpoint["nn_seconds"]  # the first leg's preprocessing time
-            # a run extended with --total-steps keeps only the evaluations that are among its new last epochs
-            last_epochs = [tuple(e) for e in checkpoint.get("last_epochs", []) if e[0] > first_mean_step]
-            if "negatives_rng" in checkpoint:  # absent in runs written before the streams were separated
-                negatives_rng.set_state(checkpoint["negatives_rng"])
+            # a run extended with --total-steps keeps only the epoch ends that are among its new last epochs (an old
+            # final evaluation off the epoch grid is dropped)
+            last_epochs = [
+                tuple(e)
+                for e in checkpoint.get("last_epochs", [])
+                if e[0] > first_mean_step and (e[0] % steps_per_epoch == 0 or e[0] == args.total_steps)
+            ]
+            common.restore_generator(negatives_rng, checkpoint.get("negatives_rng"), "the random negatives")
             print(f"resumed {args.resume} at step {start_step}")
     run_dir, writer = bookkeeping.open_run(args, SCRIPT, split, checkpoint)  # made (or reopened) only now
     if checkpoint is None and nn_seconds is not None:  # a resumed run keeps its first leg's time (restored above)
@@ -456,7 +460,8 @@ def main():
             if len(split.valid):
                 valid_idx = split.valid.to(device)
                 valid_error = bookkeeping.error_rate(model, data.x_train[valid_idx], data.y_train[valid_idx], normalize)
-                if best_valid is None or valid_error < best_valid:
+                on_grid = done % args.eval_every == 0 or done == args.total_steps  # not the extra last-epoch ones
+                if on_grid and (best_valid is None or valid_error < best_valid):
                     best_valid, test_at_best = valid_error, test_error
                 message += f", valid error {valid_error:.2f}%"
             bookkeeping.write_scalars(

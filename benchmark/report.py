@@ -320,6 +320,7 @@ def main(argv=None, paper=None, order=None, labels=None):
         "--paper", nargs="+", default=None, metavar="NAME=MEAN[,STD]", help="the paper's figure for a configuration"
     )
     parser.add_argument("--suite", nargs="+", default=None, help="order the rows like these benchmark/run.py suites")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="only the runs of these seeds")
     parser.add_argument("--output", default=None, help="also write the Markdown table here")
     parser.add_argument("--curves", default=None, help="PNG of learning curves (mean over seeds)")
     parser.add_argument("--tag", default="eval/test_error", help="TensorBoard scalar for --curves")
@@ -339,6 +340,9 @@ def main(argv=None, paper=None, order=None, labels=None):
     args = parser.parse_args(argv)
     try:
         groups = collect(args.runs_dir)
+        if args.seeds is not None:
+            for group in groups.values():
+                group["runs"] = [r for r in group["runs"] if seed_of(r) in args.seeds]
         paper = {**(paper or {}), **parse_paper(args.paper)}
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))

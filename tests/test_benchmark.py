@@ -41,6 +41,8 @@ def test_report_mean_and_sample_std_per_config(tmp_path):
     assert lines[0].startswith("| configuration | seeds | test_error_at_best_valid (%) | paper (%)")
     assert lines[2].startswith("| vat | 1 (+1 unfinished) | 20.00 |")  # order respected, one seed: no std
     assert "| ns3l | 3 | 12.00 ± 2.00 | 16.03 ± 0.05 | 4.00 | 100 |" in text  # sample std of 10, 12, 14 is 2
+    write_summary(runs, "fixmatch__seed1", median_valid_error=3.5, median_test_error=4.0)  # FixMatch's selection number
+    assert "| fixmatch | 1 | 3.50 |" in report.table(report.collect(runs), metric="median_valid_error")
 
 
 def test_report_reported_metric_paired_differences_and_ns3l_effects(tmp_path, capsys):
@@ -119,6 +121,8 @@ def test_report_cli_writes_markdown_and_curves(tmp_path):
     # --diagnostics: each run's mean of a scalar over the run, then mean ± std over seeds: (50, 52) -> 51 ± 1.414
     assert report.main([runs, "--output", out, "--diagnostics", "eval/test_error", "charts/absent"]) == 0
     assert "| pi | 2 | 51.000 ± 1.414 | - |" in open(out).read()
+    assert report.main([runs, "--output", out, "--seeds", "2"]) == 0  # one seed: its number, no std
+    assert "| pi | 1 | 32.00 |" in open(out).read()
 
 
 def test_report_orders_rows_by_several_suites(tmp_path, capsys):

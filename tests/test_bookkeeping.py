@@ -84,7 +84,7 @@ def test_defaults_come_from_the_data_sets_row_and_a_given_flag_wins():
     assert train_vat.parse_args(["--dataset", "cifar10"]).vat_eps == 6.0
     assert train_vat.parse_args(["--dataset", "svhn"]).vat_eps == 1.0
     mm = train_mixmatch.parse_args(["--dataset", "digits"])
-    assert (mm.total_steps, mm.depth, mm.ema_decay, mm.eval_every, mm.rampup_steps) == (1000, 10, 0.99, 250, 250)
+    assert (mm.total_steps, mm.depth, mm.ema_decay, mm.eval_every, mm.rampup_steps) == (1000, 10, 0.99, 10, 250)
     for module in WRN_SCRIPTS:  # every data set has a row, and every row names only real flags
         flags = vars(module.parse_args([]))
         assert set(module.DEFAULTS) == {

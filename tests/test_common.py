@@ -194,7 +194,7 @@ def test_batch_sampler_epochs_and_state():
     assert all(torch.equal(a, b) for a, b in zip(ahead, [next(resumed) for _ in range(3)]))
 
 
-def test_batch_sampler_with_its_own_generator_ignores_global_draws_and_resumes():
+def test_batch_sampler_with_its_own_generator_ignores_global_draws_and_resumes(capsys):
     indices = torch.arange(10, 20)
 
     def batches(global_draws):
@@ -220,6 +220,11 @@ def test_batch_sampler_with_its_own_generator_ignores_global_draws_and_resumes()
     resumed = common.BatchSampler(indices, 4, generator=torch.Generator().manual_seed(123))
     resumed.load_state_dict(state)
     assert all(torch.equal(x, y) for x, y in zip(ahead, [next(resumed) for _ in range(4)]))
+    # a checkpoint without the stream (older, or another device's state): a fresh stream and one line that says so
+    fresh = common.BatchSampler(indices, 4, generator=torch.Generator().manual_seed(123))
+    fresh.load_state_dict({"order": state["order"], "position": state["position"], "generator": torch.zeros(16)})
+    assert "the batch order continues on a fresh random stream" in capsys.readouterr().out
+    assert torch.equal(next(fresh), ahead[0])  # the saved order of this epoch is kept; only later epochs differ
 
 
 # -------------------------------------------------------------------------------------------------- preprocessing

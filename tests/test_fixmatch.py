@@ -388,6 +388,8 @@ def test_end_to_end_ns3l_and_an_interrupted_run_resumes_exactly(monkeypatch, tmp
     # The evaluation record: the same steps, and the same test errors (a flat list: pytest.approx takes no pairs).
     assert [step for step, _ in b["evaluations"]] == [step for step, _ in a["evaluations"]] == [2, 4]
     assert [error for _, error in b["evaluations"]] == pytest.approx([error for _, error in a["evaluations"]])
+    assert [step for step, _ in b["valid_evaluations"]] == [2, 4]  # the validation record survives the stop too
+    assert [e for _, e in b["valid_evaluations"]] == pytest.approx([e for _, e in a["valid_evaluations"]])
 
 
 # ----------------------------------------------------------------------------------------------------- bad inputs

@@ -371,9 +371,9 @@ def test_run_killed_with_sigkill_resumes_bit_identical_to_the_uninterrupted_run(
     after it logged step 10 of 150; checkpoints every epoch = 3 steps) and continued with --resume: the final weights,
     Adam state, samplers, every RNG, the running sums and counters, the evaluation record, summary.json and every
     TensorBoard scalar (SPS and timings aside) are equal bit for bit. Deterministic kernels and OMP_NUM_THREADS=1 in
-    both. nn-exclude draws its negatives from the global torch RNG at every step, so an RNG left unrestored changes
-    the weights. A resume of the finished run is refused in one line, and a new run of the same name points to
-    --resume."""
+    both. nn-exclude draws its negatives from their own generator at every step, so a stream left unrestored changes
+    the weights; --mean-of 48 puts the kill inside the averaged last epochs, so their record must survive too. A
+    resume of the finished run is refused in one line, and a new run of the same name points to --resume."""
     rng = np.random.RandomState(2)
     x_train, y_train = learnable_images(200, rng)
     x_test, y_test = learnable_images(50, rng)
@@ -384,7 +384,7 @@ def test_run_killed_with_sigkill_resumes_bit_identical_to_the_uninterrupted_run(
         *("--dataset", npz, "--negatives", "nn-exclude", "--num-negatives", "2", "--num-labeled", "60"),
         *("--num-valid", "20", "--batch-size", "20", "--unlabeled-batch-size", "50", "--hidden", "16"),
         *("--total-steps", "150", "--log-every", "2", "--eval-every", "4", "--no-cuda", "--torch-deterministic"),
-        *("--runs-dir", str(runs)),
+        *("--mean-of", "48", "--runs-dir", str(runs)),
     ]
     whole = run_script(SCRIPT, *command, "--run-name", "whole", cwd=str(tmp_path))
     assert whole.returncode == 0, whole.stderr
