@@ -2,9 +2,10 @@
 Table 2 (Sohn et al. 2020, "FixMatch (RA)" row, error rate mean ± std over 5 folds). Every setting is a
 train_fixmatch.py default (the official google-research/fixmatch code: WRN-28-2, 64 labeled + 7 x 64 unlabeled,
 tau 0.95, lambda_u 1, SGD Nesterov 0.9, LR 0.03 with the 7/16 cosine, wd 5e-4, EMA 0.999, 2^20 steps, RandAugment +
-Cutout, 1 validation image); NS3L: T = 0.05, lambda_1 = 1 (a small CPU sweep selected on validation, docs/fixmatch_l1_sweep.md: no paper
-gives FixMatch + NS3L values, so that row has no reference number). Reported number: the median test error of the last 20
-evaluations (one per 1,024 steps, README and scripts/extract_accuracy.py of the official code), mean ± std over 5 seeds.
+Cutout, 1 validation image); NS3L: T = 0.05, lambda_1 = 1 (a small CPU sweep selected on validation,
+docs/fixmatch_l1_sweep.md: no paper gives FixMatch + NS3L values, so that row has no reference number). Reported
+number: the median test error of the last 20 evaluations (one per 1,024 steps, README and scripts/extract_accuracy.py
+of the official code), mean ± std over 5 seeds.
 A run is 2^20 steps of 960 images: about a day on one modern GPU.
 
     python benchmark/paper/fixmatch_cifar10.py [--run | --report]
