@@ -68,8 +68,12 @@ def parse_args():
     parser.add_argument("--mean-of", type=int, default=10, help="the reported number: mean over this many last epochs")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
-    parser.add_argument("--runs-dir", default=None, help="where the runs go (default runs/fmnist_table_e<EPOCHS>)")
-    parser.add_argument("--output", default=None, help="Markdown table (default docs/fmnist_table_e<EPOCHS>.md)")
+    parser.add_argument(
+        "--runs-dir", default=None, help="where the runs go (default runs/fmnist_table_e<EPOCHS>_mean<N>)"
+    )
+    parser.add_argument(
+        "--output", default=None, help="Markdown table (default docs/fmnist_table_e<EPOCHS>_mean<N>.md)"
+    )
     parser.add_argument("--rows", nargs="+", default=None, help="run-name stems of the rows to run (default: all)")
     parser.add_argument("--report-only", action="store_true", help="do not run anything; tabulate finished runs")
     parser.add_argument("extra", nargs="*", help="further flags for train_fmnist_ablation.py (after --)")
