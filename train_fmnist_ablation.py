@@ -256,7 +256,7 @@ def select_negatives(
     return draw_from(allowed, num_negatives, generator)
 
 
-def mean_of(evaluations):
+def mean_error(evaluations):
     """Mean test error of [(step, error)], NaN for none."""
     return sum(error for _, error in evaluations) / len(evaluations) if evaluations else float("nan")
 
@@ -456,7 +456,7 @@ def main():
             message = f"eval step {done}: test error {test_error:.2f}%"
             if in_mean:
                 last_epochs.append((done, test_error))
-                message += f", mean of the last {len(last_epochs)} epochs {mean_of(last_epochs):.2f}%"
+                message += f", mean of the last {len(last_epochs)} epochs {mean_error(last_epochs):.2f}%"
             if len(split.valid):
                 valid_idx = split.valid.to(device)
                 valid_error = bookkeeping.error_rate(model, data.x_train[valid_idx], data.y_train[valid_idx], normalize)
@@ -471,7 +471,7 @@ def main():
                     "eval/test_error": test_error,
                     "eval/valid_error": float("nan") if valid_error is None else valid_error,
                 }
-                | ({"eval/mean_last_test_error": mean_of(last_epochs)} if in_mean else {}),
+                | ({"eval/mean_last_test_error": mean_error(last_epochs)} if in_mean else {}),
             )
             print(message, flush=True)
             clock.start()
@@ -509,7 +509,7 @@ def main():
             "steps": args.total_steps,
             "epochs": args.total_steps / steps_per_epoch,
             **clock.summary(),
-            "mean_last_test_error": mean_of(last_epochs),
+            "mean_last_test_error": mean_error(last_epochs),
             "mean_of": len(last_epochs),  # epochs in the mean (fewer when the run has fewer)
             "final_test_error": test_error,
             "final_valid_error": valid_error,
@@ -530,7 +530,7 @@ def main():
     share = f"{wrong_share:.2f}%" if wrong_share is not None else "n/a"
     print(
         f"done: {args.negatives} {args.total_steps} steps, mean test error of the last {len(last_epochs)} epochs "
-        f"{mean_of(last_epochs):.2f}% (final {test_error:.2f}%), wrong negatives "
+        f"{mean_error(last_epochs):.2f}% (final {test_error:.2f}%), wrong negatives "
         f"{share}, {summary['steps_per_second'] or 0:.1f} steps/s -> {run_dir}"
     )
 

@@ -106,7 +106,7 @@ def fmt_paired(mean, se, n, digits=2):
 def ns3l_pairs(groups, baseline=None, order=None):
     """[(method label, with NS3L, without)]: every ``X+ns3l`` row whose ``X`` row exists (in ``order``, then the
     rest), and ``ns3l`` (NS3L alone) against the baseline."""
-    names = [n for n in (order or []) if n in groups] + [n for n in groups if n not in (order or [])]
+    names = ordered(groups, order)
     pairs = [(name[: -len("+ns3l")], name, name[: -len("+ns3l")]) for name in names if name.endswith("+ns3l")]
     pairs = [p for p in pairs if p[2] in groups]
     if "ns3l" in groups and baseline in groups:
@@ -121,6 +121,11 @@ def ns3l_table(groups, metric, baseline=None, labels=None, order=None):
     for method, with_ns3l, without in ns3l_pairs(groups, baseline, order):
         lines.append(f"| {labels.get(method, method)} | {fmt_paired(*paired(groups, with_ns3l, without, metric))} |")
     return "\n".join(lines) + "\n"
+
+
+def ordered(groups, order=None):
+    """The configuration names of ``groups``: those in ``order`` first, in that order, then the rest as found."""
+    return [n for n in (order or []) if n in groups] + [n for n in groups if n not in (order or [])]
 
 
 def mean_std(values):
@@ -142,7 +147,7 @@ def table(groups, metric="test_error_at_best_valid", paper=None, order=None, lab
     steps. ``paper``: {config: (mean, std or None)}; ``order``: configuration names first in this order;
     ``baseline``: a configuration each row is compared with seed by seed (paired)."""
     paper, labels = paper or {}, labels or {}
-    names = [n for n in (order or []) if n in groups] + [n for n in groups if n not in (order or [])]
+    names = ordered(groups, order)
     show_paper = any(n in paper for n in names)
     baseline = baseline if baseline in groups else None
     header = ["configuration", "seeds", f"{metric} (%)"] + (["metric"] if metric == "reported" else [])
@@ -201,7 +206,7 @@ def diagnostics_table(runs_dir, groups, tags, labels=None, order=None):
     """Markdown table of TensorBoard scalars: per configuration and tag, the mean over its seeds (± std) of each
     run's mean of the scalar over the whole run (every logged point counts once), e.g. a mask rate."""
     labels = labels or {}
-    names = [n for n in (order or []) if n in groups] + [n for n in groups if n not in (order or [])]
+    names = ordered(groups, order)
     header = ["configuration", "seeds"] + [f"`{tag}`, run mean" for tag in tags]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in names:
@@ -222,7 +227,7 @@ def plot_curves(runs_dir, groups, path, tag="eval/test_error", labels=None, orde
     """One line per configuration: the mean over its seeds of ``tag``, in ``order`` (then the rest). matplotlib when
     installed (benchmark/requirements.txt), else a plain Pillow drawing, so a missing plotting library never loses the
     figure."""
-    order = [n for n in (order or []) if n in groups] + [n for n in groups if n not in (order or [])]
+    order = ordered(groups, order)
     labels, means = labels or {}, curve_means(runs_dir, {n: groups[n] for n in order}, tag)
     try:
         import matplotlib
