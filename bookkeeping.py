@@ -5,14 +5,19 @@ No algorithm and no evaluation rule lives here: each script states the number it
 
 import argparse
 import contextlib
+import datetime
 import fcntl
 import json
 import math
 import os
+import platform
 import random
 import re
+import shlex
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -220,7 +225,7 @@ class TrainClock:
 # refused instead of writing into the same directory.
 _unfinished = {"run_dir": None, "writer": None, "created": []}  # this process's new run directory until its first
 # checkpoint, its TensorBoard writer and the folders of --runs-dir made for it
-_resumed = {"run_dir": None, "writer": None, "before": set()}  # a resumed run until its next checkpoint
+_resumed = {"run_dir": None, "writer": None, "before": set(), "run_info": None}  # a resumed run until its checkpoint
 _locks = {}  # run directory -> the open file descriptor holding its lock
 
 
@@ -329,8 +334,8 @@ def discard_resumed_leg():
     resume leaves the run directory as it was."""
     if os.getpid() != _owner_pid:
         return
-    run_dir, writer, before = _resumed["run_dir"], _resumed["writer"], _resumed["before"]
-    _resumed.update(run_dir=None, writer=None, before=set())
+    run_dir, writer, before, run_info = (_resumed[k] for k in ("run_dir", "writer", "before", "run_info"))
+    _resumed.update(run_dir=None, writer=None, before=set(), run_info=None)
     if run_dir is None:
         return
     with contextlib.suppress(Exception):
@@ -339,6 +344,12 @@ def discard_resumed_leg():
         if name.startswith("events.out.tfevents"):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(run_dir, name))
+    if run_info is not None:  # the leg's provenance record goes too: run_info.json as it was
+        with contextlib.suppress(OSError):
+            if run_info:
+                write_json(os.path.join(run_dir, RUN_INFO), run_info)
+            else:
+                os.remove(os.path.join(run_dir, RUN_INFO))
 
 
 def discard_unfinished_run():
@@ -407,7 +418,8 @@ def open_run(args, script, split=None, checkpoint=None, dataset_name=None):
     created and locked only now, after the data and flags were checked, with its args.json and split.json (when the
     script has a ``split``); a resumed run reopens args.resume (locked by load_checkpoint) and purges the events
     logged after its checkpoint's step (a crashed leg's; those at the step itself were written before the checkpoint
-    was saved). ``dataset_name``: the name in the run directory (default: --dataset's file name)."""
+    was saved). Either way the leg's provenance is appended to run_info.json (record_leg). ``dataset_name``: the name
+    in the run directory (default: --dataset's file name)."""
     from torch.utils.tensorboard import SummaryWriter  # here: the data helpers above must not need tensorboard
 
     if checkpoint is None:
@@ -420,13 +432,78 @@ def open_run(args, script, split=None, checkpoint=None, dataset_name=None):
     else:
         run_dir = args.resume
         before = set(os.listdir(run_dir))
+    device = (
+        "cuda" if getattr(args, "cuda", False) and torch.cuda.is_available() else "cpu"
+    )  # as the scripts resolve it
+    previous = record_leg(run_dir, 0 if checkpoint is None else checkpoint["step"], device)
     writer = SummaryWriter(run_dir, purge_step=None if checkpoint is None else checkpoint["step"] + 1)
     if checkpoint is None:
         _unfinished["writer"] = writer
     else:  # until its next checkpoint, a failure removes the event file this leg opened (its steps would be purged)
-        _resumed.update(run_dir=run_dir, writer=writer, before=before)
+        _resumed.update(run_dir=run_dir, writer=writer, before=before, run_info=previous)
     writer.add_text("hyperparameters", hparams_table(args))
     return run_dir, writer
+
+
+RUN_INFO = "run_info.json"
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def git_state(root=ROOT):
+    """{"commit": HEAD's hash, "dirty": whether tracked files differ from it} of the checkout at ``root``, or None for
+    both when it is not a git checkout or git is missing."""
+    try:
+        run = dict(cwd=root, capture_output=True, text=True, timeout=10, check=True)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], **run).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
+def provenance(device=None):
+    """What produced a run leg: code (git commit, uncommitted changes), command line, library versions, machine and
+    start time. ``device``: a torch.device; the CUDA device's name when it is one, else the CPU's."""
+    import torchvision
+
+    cuda = device is not None and torch.device(device).type == "cuda"
+    return {
+        **git_state(),
+        "command": shlex.join([os.path.basename(sys.executable)] + sys.argv),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "device": torch.cuda.get_device_name(device) if cuda else cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "host": socket.gethostname(),
+        "start_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def cpu_name():
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def record_leg(run_dir, start_step, device=None):
+    """Append this leg's provenance (and the step it starts from) to run_dir/run_info.json, {"legs": [...]}: a new run
+    writes the first record, each --resume adds one. Returns the file's previous content ({} when there was none),
+    for discard_resumed_leg."""
+    path = os.path.join(run_dir, RUN_INFO)
+    previous = {}
+    if os.path.exists(path):
+        with contextlib.suppress(OSError, ValueError), open(path) as f:
+            previous = json.load(f)
+    legs = list(previous.get("legs", [])) if isinstance(previous, dict) else []
+    write_json(path, {"legs": legs + [{"start_step": start_step, **provenance(device)}]})
+    return previous
 
 
 def write_json(path, obj):

@@ -900,6 +900,8 @@ def main(argv=None):
             torch.set_rng_state(checkpoint["torch_rng"])
             if is_main:
                 print(f"resumed {run_dir} at step {start_step}", flush=True)
+    if is_main:
+        bookkeeping.record_leg(run_dir, start_step, device)  # run_info.json: this leg's code, command and machine
     writer = SummaryWriter(run_dir) if is_main else None  # opened only now: a refused resume writes nothing
     if is_main:
         writer.add_text("hyperparameters", bookkeeping.hparams_table(args) + f"\n|world_size|{world_size}|")

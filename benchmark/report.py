@@ -67,6 +67,54 @@ def collect(runs_dir):
     return groups
 
 
+def provenance_of(runs_dir, run):
+    """{"code": ..., "libraries": ...} of every leg of one run, from its run_info.json (None for a run written before
+    run_info.json existed): the commit (+ "dirty" when it had uncommitted changes) and the library versions."""
+    path = os.path.join(runs_dir, run["run"], "run_info.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        legs = json.load(f).get("legs", [])
+    code = {f"{(leg.get('commit') or 'no git')[:10]}{' dirty' if leg.get('dirty') else ''}" for leg in legs}
+    libraries = {", ".join(f"{k} {leg.get(k)}" for k in ("python", "torch", "torchvision", "cuda")) for leg in legs}
+    return {"code": code, "libraries": libraries}
+
+
+def provenance_warnings(runs_dir, groups, order=None):
+    """Lines warning that the runs of one row, or of the whole table, come from different commits or library
+    versions, that some had uncommitted changes, or that some have no run_info.json to say."""
+    warnings, table = [], {"code": set(), "libraries": set()}
+    unknown, dirty = [], set()
+    for name in ordered(groups, order):
+        row = {"code": set(), "libraries": set()}
+        for run in groups[name]["runs"]:
+            info = provenance_of(runs_dir, run)
+            if info is None:
+                unknown.append(run["run"])
+                continue
+            for key in row:
+                row[key] |= info[key]
+            dirty |= {c for c in info["code"] if c.endswith(" dirty")}
+        for key, what in (("code", "commits"), ("libraries", "library versions")):
+            if len(row[key]) > 1:
+                warnings.append(
+                    f"warning: the runs of {name} come from {len(row[key])} {what}: {'; '.join(sorted(row[key]))}"
+                )
+            table[key] |= row[key]
+    for key, what in (("code", "commits"), ("libraries", "library versions")):
+        if len(table[key]) > 1:
+            warnings.append(
+                f"warning: this table's runs come from {len(table[key])} {what}: {'; '.join(sorted(table[key]))}"
+            )
+    if dirty:
+        warnings.append(f"warning: some runs ran with uncommitted changes ({', '.join(sorted(dirty))})")
+    if unknown:
+        warnings.append(
+            f"note: {len(unknown)} runs have no run_info.json (written before it existed), e.g. {unknown[0]}"
+        )
+    return warnings
+
+
 def seed_of(run):
     """The seed of a summary dict: from its run directory's name (<config>__seed<S>), else from its args."""
     match = SEED_SUFFIX.match(run["run"])
@@ -363,6 +411,8 @@ def main(argv=None, paper=None, order=None, labels=None):
         text += "\n" + ns3l_table(groups, args.metric, args.baseline, labels, order)
     if args.diagnostics:
         text += "\n" + diagnostics_table(args.runs_dir, groups, args.diagnostics, labels, order)
+    for line in provenance_warnings(args.runs_dir, groups, order):
+        print(f"report.py: {line}", file=sys.stderr)
     print(text, end="")
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

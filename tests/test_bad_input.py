@@ -116,6 +116,16 @@ def finished_runs(tmp_path_factory, image_folder):
     return runs
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_records_its_provenance_in_run_info(script, finished_runs):
+    """run_info.json: one record for the run's one leg, naming the command, the code and the libraries."""
+    legs = json.loads((finished_runs / script / "run_info.json").read_text())["legs"]
+    assert len(legs) == 1 and legs[0]["start_step"] == 0
+    assert f"{script} " in legs[0]["command"] and f"--run-name {script}" in legs[0]["command"]
+    assert legs[0]["torch"] == bookkeeping.torch.__version__ and legs[0]["device"]
+    assert "commit" in legs[0] and "dirty" in legs[0]
+
+
 # ------------------------------------------------------------------------------------------------ flags (exit 2)
 FLAG_CASES = [
     (["--seed", "-1"], "--seed must be in [0, 2^32 - 1], got -1"),

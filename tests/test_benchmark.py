@@ -782,3 +782,35 @@ def test_gpu_check_reads_an_idx_folder_as_given_and_rejects_unknown_scripts(tmp_
     assert "not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         gpu_check.main(["--device", "cpu", "--scripts", "train_vat"])
+
+
+def test_report_warns_when_runs_come_from_different_code_or_libraries(tmp_path, capsys):
+    runs = str(tmp_path / "runs")
+
+    def leg(commit, torch_version="2.14.1", dirty=False):
+        return {"commit": commit, "dirty": dirty, "python": "3.11.7", "torch": torch_version, "torchvision": "0.29.1"}
+
+    for name, legs in (
+        ("vat__seed1", [leg("a" * 40)]),
+        ("vat__seed2", [leg("a" * 40), leg("b" * 40)]),  # resumed under another commit
+        ("pi__seed1", [leg("a" * 40, torch_version="2.13.0")]),
+        ("pi__seed2", [leg("a" * 40, dirty=True)]),
+    ):
+        write_summary(runs, name, test_error_at_best_valid=10.0)
+        with open(os.path.join(runs, name, "run_info.json"), "w") as f:
+            json.dump({"legs": legs}, f)
+    write_summary(runs, "old__seed1", test_error_at_best_valid=10.0)  # written before run_info.json existed
+    assert report.main([runs]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert "report.py: warning: the runs of vat come from 2 commits: aaaaaaaaaa; bbbbbbbbbb" in err
+    assert any(line.startswith("report.py: warning: the runs of pi come from 2 commits") for line in err)
+    assert any("the runs of pi come from 2 library versions" in line and "torch 2.13.0" in line for line in err)
+    assert any(line.startswith("report.py: warning: this table's runs come from 3 commits") for line in err)
+    assert "report.py: warning: some runs ran with uncommitted changes (aaaaaaaaaa dirty)" in err
+    assert "report.py: note: 1 runs have no run_info.json (written before it existed), e.g. old__seed1" in err
+    one = str(tmp_path / "one")  # runs of one commit and one set of libraries: no warning
+    for seed in (1, 2):
+        write_summary(one, f"vat__seed{seed}", test_error_at_best_valid=10.0)
+        with open(os.path.join(one, f"vat__seed{seed}", "run_info.json"), "w") as f:
+            json.dump({"legs": [leg("c" * 40)]}, f)
+    assert report.main([one]) == 0 and capsys.readouterr().err == ""

@@ -206,3 +206,50 @@ def test_interval_means_scalars_progress_line_and_summary(tmp_path):
     )
     assert writer.hparams == {"hparam/final_test_error": 1.5} and writer.closed
     assert not math.isnan(on_disk["final_test_error"])
+
+
+# ---------------------------------------------------------------------------------------------------- provenance
+def test_git_state_names_the_commit_and_uncommitted_changes(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run(git + ["init", "-q"], check=True)
+    (repo / "a.py").write_text("x = 1\n")
+    subprocess.run(git + ["add", "a.py"], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "a"], check=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert bookkeeping.git_state(str(repo)) == {"commit": head, "dirty": False}
+    (repo / "new.txt").write_text("untracked files are not code changes\n")
+    assert bookkeeping.git_state(str(repo))["dirty"] is False
+    (repo / "a.py").write_text("x = 2\n")
+    assert bookkeeping.git_state(str(repo)) == {"commit": head, "dirty": True}
+    assert bookkeeping.git_state(str(tmp_path / "nowhere")) == {"commit": None, "dirty": None}
+
+
+def test_run_info_gets_a_record_per_leg_and_a_discarded_leg_leaves_it_as_it_was(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    monkeypatch.setattr(sys, "argv", ["train_x.py", "--seed", "3", "--run-name", "a b"])
+    assert bookkeeping.record_leg(str(run_dir), 0) == {}
+    first = json.loads((run_dir / "run_info.json").read_text())
+    leg = first["legs"][0]
+    assert leg["start_step"] == 0 and leg["command"].endswith("train_x.py --seed 3 --run-name 'a b'")
+    assert leg["torch"] == torch.__version__ and leg["cuda"] == torch.version.cuda and leg["host"]
+    assert leg["start_time"].endswith("+00:00") and leg["cpu_threads"] == torch.get_num_threads()
+    assert {"commit", "dirty", "python", "torchvision", "numpy", "cudnn", "device"} <= set(leg)
+    assert leg["commit"] == bookkeeping.git_state()["commit"]  # this checkout's HEAD (None outside git)
+    previous = bookkeeping.record_leg(str(run_dir), 40)  # a resumed leg appends
+    assert previous == first
+    assert [leg["start_step"] for leg in json.loads((run_dir / "run_info.json").read_text())["legs"]] == [0, 40]
+
+    class Writer:
+        def close(self):
+            pass
+
+    # the resumed leg fails before its next checkpoint: its record goes with its event file
+    monkeypatch.setitem(bookkeeping._resumed, "run_dir", str(run_dir))
+    monkeypatch.setitem(bookkeeping._resumed, "writer", Writer())
+    monkeypatch.setitem(bookkeeping._resumed, "before", set(os.listdir(run_dir)))
+    monkeypatch.setitem(bookkeeping._resumed, "run_info", previous)
+    bookkeeping.discard_resumed_leg()
+    assert json.loads((run_dir / "run_info.json").read_text()) == first

@@ -163,6 +163,8 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     losses = dict(read_scalars(part)["losses/total"])
     assert sorted(losses) == [5, 10, 15, 20] and losses[20] == dict(read_scalars(full)["losses/total"])[20]
     assert [s for s, _ in read_scalars(part)["eval/test_error"]] == [10, 20]  # the eval at the checkpoint survives
+    legs = json.load(open(os.path.join(part, "run_info.json")))["legs"]  # each leg's provenance, in order
+    assert [leg["start_step"] for leg in legs] == [0, 10] and "--resume" in legs[1]["command"]
 
 
 def test_learns_digits(tmp_path):
