@@ -814,3 +814,34 @@ def test_report_warns_when_runs_come_from_different_code_or_libraries(tmp_path, 
         with open(os.path.join(one, f"vat__seed{seed}", "run_info.json"), "w") as f:
             json.dump({"legs": [leg("c" * 40)]}, f)
     assert report.main([one]) == 0 and capsys.readouterr().err == ""
+
+
+# ----------------------------------------------------------------------------------------------------- evaluate.py
+def test_evaluate_reproduces_a_runs_final_test_error_and_refuses_other_runs(tmp_path, capsys):
+    """benchmark/evaluate.py rebuilds the model from a run's checkpoint (the EMA weights for FixMatch) and prints the
+    test error of the checkpoint's weights: equal to summary.json's final_test_error, with the per-class errors."""
+    import evaluate
+    from conftest import TINY, run_script
+
+    fixmatch = ["--dataset", "synthetic", "--depth", "10", "--width", "1", "--batch-size", "4", "--uratio", "2"]
+    fixmatch += ["--total-steps", "6", "--eval-every", "3", "--no-cuda", "--runs-dir", tmp_path]
+    for script, argv in (("train_supervised.py", [*TINY, "--runs-dir", tmp_path]), ("train_fixmatch.py", fixmatch)):
+        name = script[:-3]
+        result = run_script(script, *argv, "--run-name", name)
+        assert result.returncode == 0, result.stderr
+        assert evaluate.main([str(tmp_path / name), "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert report["weights"] == ("ema_model" if name == "train_fixmatch" else "model")
+        assert report["test_error"] == pytest.approx(summary["final_test_error"], abs=1e-9)
+        assert report["test_error"] == report["summary_final_test_error"]
+        assert sorted(report["per_class_error"]) == [str(c) for c in range(10)]  # synthetic: 10 classes
+        per_class = list(report["per_class_error"].values())
+        assert min(per_class) <= report["test_error"] <= max(per_class)
+    # an interrupted run (a checkpoint, no summary) is evaluated too; other runs are one line and exit 1
+    (tmp_path / "train_supervised" / "summary.json").unlink()
+    assert evaluate.main([str(tmp_path / "train_supervised")]) == 0
+    assert "test error" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 1 and "no checkpoint.pt" in capsys.readouterr().err
