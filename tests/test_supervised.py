@@ -258,3 +258,59 @@ def test_existing_run_and_corrupt_checkpoint_lose_nothing(tmp_path):
     assert sorted(os.listdir(run_dir)) == sorted(before)
     result = refuse_here(SCRIPT, "--resume", tmp_path / "missing")
     assert "no such run directory" in _assert_one_line_failure(result)
+
+
+# ----------------------------------------------------------------------------------------------- --track (W&B)
+def read_wandb_run(run_dir):
+    """(history rows, config) of the offline W&B run under run_dir/wandb: its run-<id>.wandb file is a LevelDB-style
+    log (a 7-byte header, then 32 KiB blocks of chunks with a 7-byte header: crc, length, type) of protobuf Records."""
+    import glob
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
+    data, pos, chunks, records = open(path, "rb").read(), 7, b"", []
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            break
+        chunks = chunk if kind in (1, 2) else chunks + chunk  # full / first, or middle / last
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            records.append(record)
+    history = [
+        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
+    config = {}  # the run record's config, then any later config updates
+    for r in records:
+        kind = r.WhichOneof("record_type")
+        updates = r.run.config.update if kind == "run" else r.config.update if kind == "config" else []
+        config.update({item.key: json.loads(item.value_json) for item in updates})
+    return history, config
+
+
+def test_track_mirrors_the_scalars_and_arguments_to_an_offline_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = _run(tmp_path, "tracked", "--ns3l", "--track", "--wandb-project-name", "ns3l-test")
+    history, config = read_wandb_run(run_dir)
+    losses = {row["global_step"]: row["losses/total"] for row in history if "losses/total" in row}
+    assert losses == pytest.approx(dict(read_scalars(run_dir)["losses/total"]))  # every logged point, same values
+    tests = {row["global_step"]: row["eval/test_error"] for row in history if "eval/test_error" in row}
+    assert tests == pytest.approx(dict(read_scalars(run_dir)["eval/test_error"]))
+    assert config["ns3l"] is True and config["wandb_project_name"] == "ns3l-test" and config["seed"] == 1
+
+
+def test_track_without_wandb_is_one_line_and_makes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    result = refuse_here(SCRIPT, *TINY, "--runs-dir", tmp_path / "runs", "--run-name", "t", "--track")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "--track needs wandb" in result.stderr and not (tmp_path / "runs").exists()
