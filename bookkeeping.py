@@ -85,17 +85,6 @@ def add_run_args(group):
         metavar="RUN_DIR",
         help="continue RUN_DIR from its last checkpoint",
     )
-    add_tracking_args(group)
-
-
-def add_tracking_args(group):
-    """CleanRL's experiment-tracking flags: --track logs the run's TensorBoard scalars and its arguments to Weights &
-    Biases as well (wandb is imported only then; WANDB_MODE=offline keeps the run on disk)."""
-    group.add_argument(
-        "--track", action="store_true", help="also log to Weights & Biases (sync_tensorboard; needs wandb installed)"
-    )
-    group.add_argument("--wandb-project-name", default="ns3l", help="the W&B project of --track")
-    group.add_argument("--wandb-entity", default=None, help="the W&B entity (team or user) of --track")
 
 
 def add_device_args(group, exact_fp32="Evaluation always runs in exact fp32"):
@@ -433,7 +422,6 @@ def open_run(args, script, split=None, checkpoint=None, dataset_name=None):
     in the run directory (default: --dataset's file name)."""
     from torch.utils.tensorboard import SummaryWriter  # here: the data helpers above must not need tensorboard
 
-    wandb = tracker(args)  # before anything is made: a missing wandb is one line
     if checkpoint is None:
         dataset_name = dataset_name or os.path.basename(args.dataset)
         run_name = args.run_name or f"{dataset_name}__{script}__{args.seed}__{int(time.time())}"
@@ -447,8 +435,6 @@ def open_run(args, script, split=None, checkpoint=None, dataset_name=None):
     device = (
         "cuda" if getattr(args, "cuda", False) and torch.cuda.is_available() else "cpu"
     )  # as the scripts resolve it
-    if wandb is not None:  # before the SummaryWriter, which sync_tensorboard patches, and before this leg's record
-        start_tracking(wandb, args, run_dir)
     previous = record_leg(run_dir, 0 if checkpoint is None else checkpoint["step"], device)
     writer = SummaryWriter(run_dir, purge_step=None if checkpoint is None else checkpoint["step"] + 1)
     if checkpoint is None:
@@ -518,43 +504,6 @@ def record_leg(run_dir, start_step, device=None):
     legs = list(previous.get("legs", [])) if isinstance(previous, dict) else []
     write_json(path, {"legs": legs + [{"start_step": start_step, **provenance(device)}]})
     return previous
-
-
-def tracker(args):
-    """The wandb module when the run asked for --track (None otherwise); a missing wandb is one line and exit 1."""
-    if not getattr(args, "track", False):
-        return None
-    try:
-        import wandb
-    except ImportError:
-        fail("--track needs wandb: pip install wandb==0.31.0 (the version the tests use), or run without --track")
-    return wandb
-
-
-def start_tracking(wandb, args, run_dir):
-    """One W&B run per run directory (its id derived from the directory, so a --resume continues it) that mirrors the
-    TensorBoard scalars (sync_tensorboard) and holds the arguments as its config; its files go in run_dir/wandb."""
-    run_id = re.sub(r"[^A-Za-z0-9_-]", "-", os.path.basename(os.path.abspath(run_dir)))[:64]
-    try:
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            name=os.path.basename(os.path.abspath(run_dir)),
-            id=run_id,
-            resume="allow",
-            dir=run_dir,
-            config=vars(args),
-            sync_tensorboard=True,
-        )
-    except Exception as error:  # no login, no network in online mode, a bad entity: one line, the run discarded
-        fail(f"--track: wandb.init failed ({type(error).__name__}: {error}); WANDB_MODE=offline keeps it on disk")
-
-
-def stop_tracking():
-    """Finish the W&B run of --track, if there is one (its last scalars are flushed)."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
 
 
 def write_json(path, obj):
@@ -852,7 +801,6 @@ def write_summary(writer, run_dir, summary, args, reported):
         run_name=".",
     )
     writer.close()
-    stop_tracking()
     return summary
 
 
