@@ -455,7 +455,8 @@ def git_state(root=ROOT):
     try:
         run = dict(cwd=root, capture_output=True, text=True, timeout=10, check=True)
         commit = subprocess.run(["git", "rev-parse", "HEAD"], **run).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout.strip())
+        status = ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"]  # no index.lock race
+        dirty = bool(subprocess.run(status, **run).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
     return {"commit": commit, "dirty": dirty}

@@ -1,15 +1,16 @@
 """Evaluate a saved run of any WRN script (train_supervised / vat / pi / mixmatch / fixmatch), finished or interrupted:
 rebuild the model from the arguments in its checkpoint, load the weights the method reports (the EMA model for
 MixMatch and FixMatch, the trained model for Protocol A), and print the test error and the error per class, in
-exact fp32 and inference mode.
+exact fp32, eval mode, without gradients.
 
     python benchmark/evaluate.py runs/digits__train_supervised__1__1733500000
     python benchmark/evaluate.py runs/paper/fixmatch/cifar10-40/fixmatch__seed1 --data-dir /data --json
 
 The data come as the run loaded them (--dataset, --svhn-extra, FixMatch's --pad-to) from --data-dir (default: the
-run's own). The weights are the checkpoint's, i.e. those of the last evaluation; for a finished run the test error
-equals summary.json's final_test_error (Protocol A's reported number is the test error at the best validation error,
-an earlier checkpoint that is not kept).
+run's own), on the run's device unless --cuda / --no-cuda says otherwise. The weights are the checkpoint's, i.e. those
+of the last evaluation; for a finished run evaluated on the device and software it ran on, the test error equals
+summary.json's final_test_error (checked on the CPU; Protocol A's reported number is the test error at the best
+validation error, an earlier checkpoint that is not kept).
 """
 
 import argparse
@@ -34,7 +35,12 @@ def parse_args(argv=None):
     parser = bookkeeping.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=bookkeeping.existing_path, help="a run directory with a checkpoint.pt")
     parser.add_argument("--data-dir", default=None, help="where the data set is (default: the run's --data-dir)")
-    parser.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
+    parser.add_argument(
+        "--cuda",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="use CUDA when available (default: as the run)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     return parser.parse_args(argv)
 
@@ -51,6 +57,8 @@ def read_run(run_dir):
         bookkeeping.fail(f"{run_dir}: checkpoint.pt is corrupt or unreadable ({type(error).__name__})")
     if script not in SCRIPTS:
         bookkeeping.fail(f"{run_dir}: checkpoint.pt was written by {script}, not one of the WRN scripts")
+    if not isinstance(checkpoint.get("args"), dict) or not isinstance(checkpoint.get("step"), int):
+        bookkeeping.fail(f"{run_dir}: checkpoint.pt has no saved arguments or step")
     return script, checkpoint
 
 
@@ -80,7 +88,8 @@ def main(argv=None):
     options = parse_args(argv)
     script, checkpoint = read_run(options.run_dir)
     args = argparse.Namespace(**checkpoint["args"])
-    device = torch.device("cuda" if options.cuda and torch.cuda.is_available() else "cpu")
+    cuda = getattr(args, "cuda", True) if options.cuda is None else options.cuda
+    device = torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
     try:
         data_dir = options.data_dir or args.data_dir
         if script == "train_fixmatch":
@@ -92,13 +101,19 @@ def main(argv=None):
             data = common.load_dataset(args.dataset, data_dir, False, device, getattr(args, "svhn_extra", False))
     except common.DataError as error:
         bookkeeping.fail(str(error))
-    model, normalize = build(script, args, data)
+    except AttributeError as error:  # a checkpoint of an older version lacks a setting
+        bookkeeping.fail(f"{options.run_dir}: the checkpoint lacks what this version needs (AttributeError: {error})")
     weights = "ema_model" if script in EMA else "model"
     try:
+        model, normalize = build(script, args, data)
+        _, memory_format = bookkeeping.precision(args, device)  # the run's memory format (its arithmetic's rounding)
         model.load_state_dict(checkpoint[weights])
-    except (KeyError, RuntimeError) as error:
+    except (AttributeError, KeyError, TypeError) as error:  # a checkpoint of an older version lacks a setting
+        bookkeeping.fail(
+            f"{options.run_dir}: the checkpoint lacks what this version needs ({type(error).__name__}: {error})"
+        )
+    except RuntimeError as error:
         bookkeeping.fail(f"{options.run_dir}: the {weights} weights do not fit the model ({type(error).__name__})")
-    _, memory_format = bookkeeping.precision(args, device)  # the run's memory format (its arithmetic's rounding)
     model = model.to(device, memory_format=memory_format)
     predicted = predictions(model, data.x_test, normalize, memory_format).cpu()
     truth = data.y_test.cpu()
@@ -114,9 +129,14 @@ def main(argv=None):
         "per_class_error": per_class,
     }
     summary_path = os.path.join(options.run_dir, "summary.json")
-    if os.path.exists(summary_path):
+    try:
         with open(summary_path) as f:
-            report["summary_final_test_error"] = json.load(f).get("final_test_error")
+            summary = json.load(f)
+    except (OSError, ValueError):
+        summary = {}  # an interrupted run, or an unreadable summary: nothing to compare with
+    final = summary.get("final_test_error") if isinstance(summary, dict) else None
+    if isinstance(final, (int, float)) and summary.get("steps") == checkpoint["step"]:  # the same weights' number
+        report["summary_final_test_error"] = final
     if options.json:
         print(json.dumps(bookkeeping.strict_json(report), sort_keys=True))
         return 0

@@ -68,16 +68,21 @@ def collect(runs_dir):
 
 
 def provenance_of(runs_dir, run):
-    """{"code": ..., "libraries": ...} of every leg of one run, from its run_info.json (None for a run written before
-    run_info.json existed): the commit (+ "dirty" when it had uncommitted changes) and the library versions."""
+    """{"code": ..., "libraries": ..., "dirty": ...} of every leg of one run, from its run_info.json (None for a run
+    without a readable one): the commits, the library versions and the commits run with uncommitted changes."""
     path = os.path.join(runs_dir, run["run"], "run_info.json")
-    if not os.path.exists(path):
+    try:
+        with open(path) as f:
+            legs = [leg for leg in json.load(f)["legs"] if isinstance(leg, dict)]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    with open(path) as f:
-        legs = json.load(f).get("legs", [])
-    code = {f"{(leg.get('commit') or 'no git')[:10]}{' dirty' if leg.get('dirty') else ''}" for leg in legs}
-    libraries = {", ".join(f"{k} {leg.get(k)}" for k in ("python", "torch", "torchvision", "cuda")) for leg in legs}
-    return {"code": code, "libraries": libraries}
+    code = {(leg.get("commit") or "no git")[:10] for leg in legs}
+    libraries = {", ".join(f"{k} {leg.get(k)}" for k in LIBRARIES) for leg in legs}
+    dirty = {(leg.get("commit") or "no git")[:10] for leg in legs if leg.get("dirty")}
+    return {"code": code, "libraries": libraries, "dirty": dirty}
+
+
+LIBRARIES = ("python", "torch", "torchvision", "numpy", "cuda", "cudnn")  # the versions run_info.json records
 
 
 def provenance_warnings(runs_dir, groups, order=None):
@@ -94,7 +99,7 @@ def provenance_warnings(runs_dir, groups, order=None):
                 continue
             for key in row:
                 row[key] |= info[key]
-            dirty |= {c for c in info["code"] if c.endswith(" dirty")}
+            dirty |= info["dirty"]
         for key, what in (("code", "commits"), ("libraries", "library versions")):
             if len(row[key]) > 1:
                 warnings.append(
@@ -107,11 +112,9 @@ def provenance_warnings(runs_dir, groups, order=None):
                 f"warning: this table's runs come from {len(table[key])} {what}: {'; '.join(sorted(table[key]))}"
             )
     if dirty:
-        warnings.append(f"warning: some runs ran with uncommitted changes ({', '.join(sorted(dirty))})")
+        warnings.append(f"warning: some runs ran with uncommitted changes to commit {', '.join(sorted(dirty))}")
     if unknown:
-        warnings.append(
-            f"note: {len(unknown)} runs have no run_info.json (written before it existed), e.g. {unknown[0]}"
-        )
+        warnings.append(f"note: {len(unknown)} runs have no readable run_info.json (older runs), e.g. {unknown[0]}")
     return warnings
 
 
