@@ -450,7 +450,8 @@ def main():
         # EVAL: the paper's table reports the final test error; the validation split, when there is one, is logged
         end_of_epoch = done % steps_per_epoch == 0 or done == args.total_steps
         in_mean = end_of_epoch and done > first_mean_step
-        if done % args.eval_every == 0 or done == args.total_steps or in_mean:
+        on_grid = done % args.eval_every == 0 or done == args.total_steps  # the --eval-every grid
+        if on_grid or in_mean:
             clock.pause()
             test_error = bookkeeping.error_rate(model, data.x_test, data.y_test, normalize)
             message = f"eval step {done}: test error {test_error:.2f}%"
@@ -460,7 +461,6 @@ def main():
             if len(split.valid):
                 valid_idx = split.valid.to(device)
                 valid_error = bookkeeping.error_rate(model, data.x_train[valid_idx], data.y_train[valid_idx], normalize)
-                on_grid = done % args.eval_every == 0 or done == args.total_steps  # not the extra last-epoch ones
                 if on_grid and (best_valid is None or valid_error < best_valid):
                     best_valid, test_at_best = valid_error, test_error
                 message += f", valid error {valid_error:.2f}%"

@@ -76,10 +76,10 @@ def provenance_of(runs_dir, run):
             legs = [leg for leg in json.load(f)["legs"] if isinstance(leg, dict)]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    code = {(leg.get("commit") or "no git")[:10] for leg in legs}
+    commits = [(leg.get("commit") or "no git")[:10] for leg in legs]
     libraries = {", ".join(f"{k} {leg.get(k)}" for k in LIBRARIES) for leg in legs}
-    dirty = {(leg.get("commit") or "no git")[:10] for leg in legs if leg.get("dirty")}
-    return {"code": code, "libraries": libraries, "dirty": dirty}
+    dirty = {commit for commit, leg in zip(commits, legs) if leg.get("dirty")}
+    return {"code": set(commits), "libraries": libraries, "dirty": dirty}
 
 
 LIBRARIES = ("python", "torch", "torchvision", "numpy", "cuda", "cudnn")  # the versions run_info.json records
