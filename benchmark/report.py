@@ -53,7 +53,7 @@ def collect(runs_dir):
         raise FileNotFoundError(f"{runs_dir} is not a directory")
     for name in sorted(os.listdir(runs_dir)):
         path = os.path.join(runs_dir, name)
-        if not os.path.isdir(path):
+        if not os.path.isdir(path) or name.startswith("."):  # .submitit: a cluster sweep's logs, not a run
             continue
         group = groups.setdefault(config_of(name), {"runs": [], "unfinished": []})
         summary_path = os.path.join(path, "summary.json")

@@ -271,17 +271,35 @@ def stop_runs(signum, frame):
     print(
         f"run.py: {signal.Signals(signum).name}: stopping {len(children)} running run(s)", file=sys.stderr, flush=True
     )
+    end_runs(children, grace=10)
+    raise SystemExit(128 + signum)
+
+
+def exited(child):
+    """Whether ``child`` has ended, without reaping it: a signal handler may run while the main thread is inside
+    ``child.wait()``, which holds the Popen's wait lock, so the handler must not wait on the Popen itself."""
+    if child.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped meanwhile
+        return True
+
+
+def end_runs(children, grace):
+    """SIGTERM to each run's process group (a run stops and keeps its last checkpoint), SIGKILL after ``grace`` s."""
     for child in children:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGTERM)
+    deadline = time.time() + grace
+    while not all(exited(child) for child in children) and time.time() < deadline:
+        time.sleep(0.1)
     for child in children:
-        try:
-            child.wait(timeout=10)
-        except subprocess.TimeoutExpired:
+        if not exited(child):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
-    raise SystemExit(128 + signum)
+    while not all(exited(child) for child in children):
+        time.sleep(0.1)
 
 
 def execute(job, runs_dir, threads):
@@ -323,11 +341,239 @@ def execute(job, runs_dir, threads):
     return code
 
 
+# --- Cluster sweeps (--backend slurm): one Slurm job array through submitit -------------------------------------
+# submitit (facebookincubator/submitit) renders the sbatch script, submits the array, pickles each task, and on the
+# signal Slurm sends before a time limit or at a preemption (USR2, --signal=USR2@90 in its sbatch text) calls the
+# task's ``checkpoint`` and requeues it; submitit-local / submitit-debug run the very same tasks on this machine.
+BACKENDS = ("local", "slurm", "submitit-local", "submitit-debug")
+SUBMITIT_DIR = ".submitit"  # in the runs directory: submitit's pickles and each task's stdout / stderr, by job id
+SUBMITTED = "submitted.json"  # in SUBMITIT_DIR: the job arrays submitted for this runs directory
+
+
+class Task:
+    """One run of a cluster sweep. It plans itself when it starts, as a local sweep does, so a task that was
+    requeued continues its run with ``--resume`` (the whole command again, see ``plan``), and a run that has finished
+    meanwhile is not run again. Returns the run's summary.json."""
+
+    def __init__(self, config, seed, runs_dir, threads):
+        self.config, self.seed, self.runs_dir, self.threads = config, seed, runs_dir, threads
+
+    def __call__(self):
+        (job,) = plan([self.config], [self.seed], self.runs_dir)
+        name = run_name(self.config, self.seed)
+        print(f"{name}: {job[3]}: {display(job[2])}", flush=True)
+        if job[3] != "done":
+            code = execute(job, self.runs_dir, self.threads)
+            if code != 0:
+                raise RuntimeError(f"{name} exited with status {code}; its log: {self.runs_dir}/{name}.log")
+        with open(os.path.join(self.runs_dir, name, "summary.json")) as f:
+            return json.load(f)
+
+    def checkpoint(self):
+        """Called by submitit when the task is preempted or reaches its time limit, before it is requeued: ends the
+        run (SIGTERM to its process group; it keeps its last checkpoint) and returns this task to run again."""
+        import submitit
+
+        with _running["lock"]:
+            _running["stopping"] = True
+            children = list(_running["children"])
+        end_runs(children, grace=60)
+        print(f"{run_name(self.config, self.seed)}: requeued, continues from its last checkpoint", flush=True)
+        return submitit.helpers.DelayedSubmission(Task(self.config, self.seed, self.runs_dir, self.threads))
+
+
+def add_cluster_args(parser):
+    """The sweep's backend and its Slurm settings (run.py and every benchmark/paper/*.py recipe)."""
+    group = parser.add_argument_group("where the runs go")
+    group.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="local",
+        help="local: a pool of --workers processes here; slurm: one Slurm job array through submitit (run on a login "
+        "node); submitit-local / submitit-debug: the same submitit tasks run here, as processes / in this process",
+    )
+    group.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's)")
+    group.add_argument("--gpus-per-task", type=int, default=1, help="GPUs of each run")
+    group.add_argument("--cpus-per-task", type=int, default=8, help="CPU cores of each run")
+    group.add_argument("--mem-gb", type=float, default=32, help="memory of each run in GB")
+    group.add_argument(
+        "--time",
+        type=int,
+        default=24 * 60,
+        help="time limit of each task in minutes; a run that needs longer is requeued and continues (--resume)",
+    )
+    group.add_argument("--max-running", type=int, default=32, help="tasks of the array running at once (Slurm's %%N)")
+    group.add_argument(
+        "--max-requeues", type=int, default=10, help="requeues after a time limit per task (preemptions: any number)"
+    )
+    group.add_argument(
+        "--slurm-extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other sbatch option, repeatable: --slurm-extra account=mylab --slurm-extra qos=high",
+    )
+    group.add_argument(
+        "--slurm-setup",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="a shell line each task runs first, repeatable: --slurm-setup 'source venv/bin/activate'",
+    )
+
+
+def check_cluster_args(parser, args):
+    """One line (exit 2) for a bad value; one line (exit 1) when the backend cannot run here. Nothing is written."""
+    args.prog = parser.prog  # names the script in submit's errors
+    for flag, minimum in (("gpus_per_task", 0), ("cpus_per_task", 1), ("time", 1), ("max_running", 1)):
+        if getattr(args, flag) < minimum:
+            parser.error(f"--{flag.replace('_', '-')} must be >= {minimum}, got {getattr(args, flag)}")
+    if args.max_requeues < 0 or not args.mem_gb > 0:
+        parser.error("--max-requeues must be >= 0 and --mem-gb > 0")
+    extra = {}
+    for item in args.slurm_extra:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not key.replace("-", "").replace("_", "").isalnum() or not value.isprintable():
+            parser.error(f"--slurm-extra {item!r}: expected KEY=VALUE, e.g. account=mylab")
+        extra[key] = value
+    args.slurm_extra = extra
+    for line in args.slurm_setup:
+        if not line.strip() or not line.isprintable():
+            parser.error(f"--slurm-setup {line!r}: expected one non-empty line")
+    if args.partition is not None and (not args.partition or not args.partition.isprintable()):
+        parser.error(f"--partition {args.partition!r} is not a partition name")
+    if args.backend == "local" or getattr(args, "dry_run", False):  # a dry run prints the commands on any machine
+        return
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        sys.exit(
+            f"{parser.prog}: error: --backend {args.backend} needs submitit: pip install -r benchmark/requirements.txt"
+        )
+    if args.backend == "slurm":
+        missing = [tool for tool in ("sbatch", "srun", "squeue") if shutil.which(tool) is None]
+        if missing:
+            sys.exit(
+                f"{parser.prog}: error: --backend slurm: {', '.join(missing)} not found, this is not a Slurm login "
+                "node (--backend submitit-local runs the same tasks here)"
+            )
+
+
+def make_executor(runs_dir, cluster, name):
+    """The submitit executor of ``cluster.backend``, its logs in RUNS_DIR/.submitit/<job id>."""
+    import submitit
+
+    # A task is pickled as run.Task, so the process that runs it imports this file: benchmark/ on its PYTHONPATH
+    # (this process's environment reaches local tasks and, through sbatch's default --export=ALL, Slurm's; the setup
+    # line below covers clusters that do not export it).
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.environ["PYTHONPATH"] = os.pathsep.join([here] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    folder = os.path.join(runs_dir, SUBMITIT_DIR, "%j")
+    if cluster.backend == "submitit-debug":
+        return submitit.DebugExecutor(folder)
+    if cluster.backend == "submitit-local":
+        executor = submitit.LocalExecutor(folder, max_num_timeout=cluster.max_requeues)
+        executor.update_parameters(timeout_min=cluster.time, gpus_per_node=cluster.gpus_per_task)
+        return executor
+    executor = submitit.SlurmExecutor(folder, max_num_timeout=cluster.max_requeues)
+    executor.update_parameters(
+        job_name=name,
+        partition=cluster.partition,
+        nodes=1,
+        ntasks_per_node=1,
+        gpus_per_node=cluster.gpus_per_task or None,
+        cpus_per_task=cluster.cpus_per_task,
+        mem=f"{cluster.mem_gb:g}GB",
+        time=cluster.time,
+        array_parallelism=cluster.max_running,
+        additional_parameters=dict(cluster.slurm_extra),
+        setup=list(cluster.slurm_setup) + [f"export PYTHONPATH={shlex.quote(here)}${{PYTHONPATH:+:$PYTHONPATH}}"],
+    )
+    return executor
+
+
+def still_queued(runs_dir):
+    """The job arrays submitted earlier for ``runs_dir`` that Slurm still has (pending or running)."""
+    try:
+        with open(os.path.join(runs_dir, SUBMITIT_DIR, SUBMITTED)) as f:
+            arrays = [entry["array"] for entry in json.load(f)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    if not arrays:
+        return []
+    out = subprocess.run(
+        ["squeue", "--noheader", "--format=%F", "--jobs=" + ",".join(arrays)], capture_output=True, text=True
+    ).stdout
+    return sorted({line.strip() for line in out.splitlines() if line.strip()} & set(arrays))
+
+
+def submit(todo, runs_dir, cluster):
+    """Submit the runs of ``todo`` through submitit. On Slurm: print the array's id and how to watch it, return 0;
+    on submitit-local / submitit-debug: wait for every task and return the number that failed."""
+    if not todo:
+        print(f"every run has finished, nothing to submit -> {runs_dir}", flush=True)
+        return 0
+    if cluster.backend == "slurm":
+        queued = still_queued(runs_dir)
+        if queued:  # its tasks would train the same runs twice
+            sys.exit(
+                f"{cluster.prog}: error: job array {', '.join(queued)} of {runs_dir} is still queued "
+                f"or running (squeue -j {','.join(queued)}); let it finish or scancel it, then submit again"
+            )
+    threads = cluster.threads or (cluster.cpus_per_task if cluster.backend == "slurm" else 1)
+    name = "ns3l-" + os.path.basename(os.path.normpath(runs_dir))
+    logs = os.path.join(runs_dir, SUBMITIT_DIR)
+    made = [path for path in (runs_dir, logs) if not os.path.exists(path)]
+    tasks = [Task(config, seed, runs_dir, threads) for config, seed, _, _ in todo]
+    try:
+        executor = make_executor(runs_dir, cluster, name)
+        with executor.batch():
+            jobs = [executor.submit(task) for task in tasks]
+    except Exception as error:  # sbatch refused it (a partition or account that does not exist...): one line
+        if made:  # nothing was submitted: what this call made goes again
+            shutil.rmtree(made[0], ignore_errors=True)
+        sys.exit(f"{cluster.prog}: error: submission failed: {one_line(error)}")
+    if cluster.backend == "slurm":
+        array = jobs[0].job_id.split("_")[0]
+        path = os.path.join(logs, SUBMITTED)
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            record = []
+        record.append({"array": array, "runs": [run_name(t.config, t.seed) for t in tasks], "time": time.time()})
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+        print(
+            f"submitted {len(jobs)} runs as Slurm job array {array} (tasks {array}_0 to {array}_{len(jobs) - 1}, "
+            f"at most {min(len(jobs), cluster.max_running)} at once)\n"
+            f"watch: squeue -j {array}; each run's output: {runs_dir}/<config>__seed<S>.log; submitit's: {logs}/\n"
+            f"when they finish: python benchmark/report.py {runs_dir} (submitting again skips finished runs and "
+            "resumes the others)",
+            flush=True,
+        )
+        return 0
+    failed = 0
+    for task, job in zip(tasks, jobs):
+        try:
+            job.result()
+        except Exception as error:  # submitit re-raises the task's error: this run failed, the others go on
+            failed += 1
+            print(f"{run_name(task.config, task.seed)}: failed ({one_line(error)})", flush=True)
+    print(f"{len(jobs) - failed} of {len(jobs)} runs finished, {failed} failed -> {runs_dir}", flush=True)
+    return failed
+
+
+def one_line(error):
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Errors as one line on stderr, 'run.py: error: ...', exit 2 (the usage is one --help away), as the scripts."""
 
     def error(self, message):
-        self.exit(2, f"run.py: error: {''.join(c if c.isprintable() else repr(c)[1:-1] for c in message)}\n")
+        self.exit(2, f"{self.prog}: error: {''.join(c if c.isprintable() else repr(c)[1:-1] for c in message)}\n")
 
 
 def seed(text):
@@ -343,7 +589,10 @@ def seed(text):
 
 def parse_args(argv=None, suites=SUITES):
     parser = OneLineParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False
+        prog="run.py",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--suite", choices=sorted(suites), help="a built-in set of configurations")
     parser.add_argument(
@@ -362,13 +611,14 @@ def parse_args(argv=None, suites=SUITES):
     parser.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="OMP_NUM_THREADS of each run (2 threads per run on a 2-core machine loaded by others ran "
-        "~10x slower than 1: OpenMP barriers wait on descheduled threads)",
+        default=None,
+        help="OMP_NUM_THREADS of each run (default: 1, on Slurm --cpus-per-task; 2 threads per run on a 2-core "
+        "machine loaded by others ran ~10x slower than 1: OpenMP barriers wait on descheduled threads)",
     )
     parser.add_argument("--runs-dir", default="runs/benchmark")
     parser.add_argument("--steps", type=int, default=None, help="step budget of the suite (suites that take one)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    add_cluster_args(parser)
     args = parser.parse_args(argv)
     if not args.suite and not args.config:
         parser.error("give --suite or at least one --config NAME COMMAND")
@@ -389,6 +639,7 @@ def parse_args(argv=None, suites=SUITES):
             parser.error(f"--config {name}: {error} in {command!r}")
     if os.path.exists(args.runs_dir) and not os.path.isdir(args.runs_dir):
         parser.error(f"--runs-dir {args.runs_dir} is not a directory")
+    check_cluster_args(parser, args)
     return args
 
 
@@ -407,22 +658,25 @@ def configs_from_args(args, suites=SUITES):
     return configs
 
 
-def run_all(configs, seeds, runs_dir, workers=1, threads=1, dry_run=False):
-    """Run (or with dry_run, print) every configuration x seed; returns the number of failed runs."""
+def run_all(configs, seeds, runs_dir, workers=1, threads=1, dry_run=False, cluster=None):
+    """Run (or with dry_run, print) every configuration x seed; returns the number of failed runs. With ``cluster``
+    (the settings of add_cluster_args, backend other than 'local') the runs go to submitit instead of the pool."""
     jobs = plan(configs, seeds, runs_dir)
     for config, seed, argv, state in jobs:
         prefix = "# done: " if state == "done" else ""
         print(prefix + display(argv), flush=True)
     if dry_run:
         return 0
-    os.makedirs(runs_dir, exist_ok=True)
     todo = [job for job in jobs if job[3] != "done"]
+    if cluster is not None and cluster.backend != "local":
+        return submit(todo, runs_dir, cluster)
+    os.makedirs(runs_dir, exist_ok=True)
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
     previous = {signum: signal.signal(signum, stop_runs) for signum in handled} if main_thread else {}
     try:
         with ThreadPoolExecutor(workers) as pool:
-            codes = list(pool.map(lambda job: execute(job, runs_dir, threads), todo))
+            codes = list(pool.map(lambda job: execute(job, runs_dir, threads or 1), todo))
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -434,7 +688,8 @@ def run_all(configs, seeds, runs_dir, workers=1, threads=1, dry_run=False):
 def main(argv=None, suites=SUITES):
     args = parse_args(argv, suites)
     configs = configs_from_args(args, suites)
-    return 1 if run_all(configs, args.seeds, args.runs_dir, args.workers, args.threads, args.dry_run) else 0
+    failed = run_all(configs, args.seeds, args.runs_dir, args.workers, args.threads, args.dry_run, cluster=args)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
     python benchmark/paper/<table>.py --report              # Markdown table of finished runs beside the paper
     python benchmark/paper/<table>.py --run -- --data-dir /data   # extra flags go to every training command
     python benchmark/paper/<table>.py --run --fp32          # exact fp32 arithmetic, as the original code bases
+    python benchmark/paper/<table>.py --run --backend slurm --partition gpu --time 1440   # one Slurm job array
 
 The WRN scripts train under bf16 autocast on CUDA by default (evaluation and VAT's r search are always exact fp32);
 the original code bases are fp32 throughout. In a 5-seed CPU comparison bf16 changed neither FixMatch's mask rate,
@@ -48,13 +49,15 @@ def paper_table(settings):
 
 
 def main(name, title, settings, seeds, argv=None, metric="test_error_at_best_valid"):
-    parser = argparse.ArgumentParser(description=title, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = run.OneLineParser(description=title, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--setting", nargs="+", choices=list(settings), default=list(settings))
     parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
     parser.add_argument("--only", nargs="+", default=None, help="configuration names to keep")
     parser.add_argument("--runs-dir", default=os.path.join("runs", "paper", name))
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS (CPU only; GPUs ignore it)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="OMP_NUM_THREADS of each run (default: 1, on Slurm --cpus-per-task)"
+    )
     parser.add_argument(
         "--fp32",
         action="store_true",
@@ -65,7 +68,10 @@ def main(name, title, settings, seeds, argv=None, metric="test_error_at_best_val
     action.add_argument("--run", action="store_true", help="run the commands (default: only print them)")
     action.add_argument("--report", action="store_true", help="tabulate finished runs beside the paper")
     parser.add_argument("extra", nargs="*", help="flags appended to every training command (after --)")
+    run.add_cluster_args(parser)
     args = parser.parse_args(argv)
+    if args.run:  # the backend's flags are checked only where they are used (printing needs no submitit)
+        run.check_cluster_args(parser, args)
     print(f"# {title}")
     failed = 0
     for setting in args.setting:
@@ -81,7 +87,9 @@ def main(name, title, settings, seeds, argv=None, metric="test_error_at_best_val
                 groups.setdefault(c.name, {"runs": [], "unfinished": []})
             print(report.table(groups, metric, paper=paper, order=[c.name for c in configs]), end="")
             continue
-        failed += run.run_all(configs, args.seeds, runs_dir, args.workers, args.threads, dry_run=not args.run)
+        failed += run.run_all(
+            configs, args.seeds, runs_dir, args.workers, args.threads, dry_run=not args.run, cluster=args
+        )
     if not args.run and not args.report:
         print("\n## the paper's numbers (test error %, mean ± std over 5 splits)\n")
         print(paper_table({s: settings[s] for s in args.setting}), end="")
