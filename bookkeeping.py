@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import datetime
 import fcntl
+import importlib.util
 import json
 import math
 import os
@@ -60,6 +61,7 @@ def fail(message, code=1):
     rank meets the same error; only rank 0 prints it."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{os.path.basename(sys.argv[0]) or 'error'}: error: {one_line(message)}", file=sys.stderr, flush=True)
+    stop_tracking(exit_code=code)
     discard_unfinished_run()
     discard_resumed_leg()
     for run_dir in list(_locks):  # the process ends here; release now for a caller that goes on (tests, notebooks)
@@ -85,6 +87,30 @@ def add_run_args(group):
         metavar="RUN_DIR",
         help="continue RUN_DIR from its last checkpoint",
     )
+    add_tracking_args(group)
+
+
+# Flags that change no result: a --resume may give them with other values than the run's (see resume_args).
+TRACKING = ("track", "wandb_project_name", "wandb_entity")
+
+
+class _TrackFlag(argparse.BooleanOptionalAction):
+    """--track / --no-track; --track checks at once that wandb is installed (one line, exit 1, before any data)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        if getattr(namespace, self.dest) and importlib.util.find_spec("wandb") is None:
+            fail("--track needs wandb: pip install wandb==0.31.0 (the version the tests use), or run without --track")
+
+
+def add_tracking_args(group):
+    """CleanRL's experiment tracking: --track also sends the run's TensorBoard scalars and its arguments to Weights &
+    Biases (wandb is imported only then; WANDB_MODE=offline keeps the W&B run on disk, in RUN_DIR/wandb)."""
+    group.add_argument(
+        "--track", action=_TrackFlag, default=False, help="also log to Weights & Biases (needs wandb installed)"
+    )
+    group.add_argument("--wandb-project-name", default="ns3l", help="the W&B project of --track")
+    group.add_argument("--wandb-entity", default=None, help="the W&B entity (team or user) of --track")
 
 
 def add_device_args(group, exact_fp32="Evaluation always runs in exact fp32"):
@@ -344,6 +370,8 @@ def discard_resumed_leg():
         if name.startswith("events.out.tfevents"):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(run_dir, name))
+        elif name == "wandb":  # --track given first on this leg
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
     if run_info is not None:  # the leg's provenance record goes too: run_info.json as it was
         with contextlib.suppress(OSError):
             if run_info:
@@ -381,6 +409,7 @@ def _discard_then_report(hook):
     def excepthook(kind, value, traceback):
         if os.getpid() != _owner_pid:  # a forked worker (a DataLoader's) never removes its parent's run directory
             return hook(kind, value, traceback)
+        stop_tracking(exit_code=1)  # W&B's files are complete before a discard removes them
         discard_unfinished_run()
         discard_resumed_leg()
         if issubclass(kind, (KeyboardInterrupt, Terminated)):  # the run's choice to stop, not a bug: one line
@@ -422,6 +451,7 @@ def open_run(args, script, split=None, checkpoint=None, dataset_name=None):
     in the run directory (default: --dataset's file name)."""
     from torch.utils.tensorboard import SummaryWriter  # here: the data helpers above must not need tensorboard
 
+    wandb = tracker(args)  # a resumed run that was tracked is tracked again: wandb must be here, checked first
     if checkpoint is None:
         dataset_name = dataset_name or os.path.basename(args.dataset)
         run_name = args.run_name or f"{dataset_name}__{script}__{args.seed}__{int(time.time())}"
@@ -436,11 +466,15 @@ def open_run(args, script, split=None, checkpoint=None, dataset_name=None):
         "cuda" if getattr(args, "cuda", False) and torch.cuda.is_available() else "cpu"
     )  # as the scripts resolve it
     previous = record_leg(run_dir, 0 if checkpoint is None else checkpoint["step"], device)
+    if checkpoint is not None:  # until its next checkpoint, a failure removes the files this leg added (see below)
+        _resumed.update(run_dir=run_dir, before=before, run_info=previous)
+    if wandb is not None:  # before the SummaryWriter: W&B follows the event files of writers made after its patch
+        start_tracking(wandb, args, run_dir)
     writer = SummaryWriter(run_dir, purge_step=None if checkpoint is None else checkpoint["step"] + 1)
     if checkpoint is None:
         _unfinished["writer"] = writer
-    else:  # until its next checkpoint, a failure removes the event file this leg opened (its steps would be purged)
-        _resumed.update(run_dir=run_dir, writer=writer, before=before, run_info=previous)
+    else:  # the event file this leg opened goes too (its steps would be purged)
+        _resumed["writer"] = writer
     writer.add_text("hyperparameters", hparams_table(args))
     return run_dir, writer
 
@@ -505,6 +539,64 @@ def record_leg(run_dir, start_step, device=None):
     legs = list(previous.get("legs", [])) if isinstance(previous, dict) else []
     write_json(path, {"legs": legs + [{"start_step": start_step, **provenance(device)}]})
     return previous
+
+
+def tracker(args):
+    """The wandb module when the run tracks (--track, or a resumed run that did), else None; one line without it."""
+    if not getattr(args, "track", False):
+        return None
+    try:
+        import wandb
+    except ImportError:
+        fail("--track needs wandb: pip install wandb==0.31.0 (the version the tests use), or resume with --no-track")
+    return wandb
+
+
+def start_tracking(wandb, args, run_dir):
+    """One W&B run per run directory: its id is drawn once and kept in RUN_DIR/wandb/run_id, so a --resume continues
+    the same W&B run. The run's arguments are its config; the scalars come from the TensorBoard event files of this
+    run directory (wandb.tensorboard.patch, save=False: W&B reads the scalars and copies no event file, so its own
+    files in RUN_DIR/wandb hold none for it to follow again). A failing wandb.init (no login, a bad entity) is one
+    line, and a new run directory goes with it."""
+    id_path = os.path.join(run_dir, "wandb", "run_id")
+    try:
+        with open(id_path) as f:
+            run_id = f.read().strip()
+    except OSError:
+        run_id = ""
+    if not re.fullmatch(r"[a-z0-9]{8}", run_id):
+        run_id = "".join(random.SystemRandom().choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))
+    hook = sys.excepthook
+    wandb.tensorboard.patch(root_logdir=run_dir, save=False)
+    try:
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            name=os.path.basename(os.path.abspath(run_dir)),
+            id=run_id,
+            resume="allow",
+            dir=run_dir,
+            config=vars(args),
+        )
+    except Exception as error:  # noqa: BLE001 (wandb raises many kinds): one line, the new run discarded
+        wandb.tensorboard.unpatch()
+        fail(f"--track: wandb.init failed ({type(error).__name__}: {error}); WANDB_MODE=offline keeps the run on disk")
+    finally:
+        sys.excepthook = hook  # wandb's own hook prints a traceback on Ctrl-C; ours finishes W&B (stop_tracking)
+    with open(id_path, "w") as f:
+        f.write(run_id + "\n")
+
+
+def stop_tracking(exit_code=0):
+    """Finish the W&B run of --track, if there is one: it reads the event files to their end first, so flush the
+    writer before. A run that fails is finished with exit code 1 (W&B shows it as failed)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is None or getattr(wandb, "run", None) is None:
+        return
+    with contextlib.suppress(Exception):
+        wandb.finish(exit_code=exit_code)
+    with contextlib.suppress(Exception):
+        wandb.tensorboard.unpatch()
 
 
 def write_json(path, obj):
@@ -622,8 +714,9 @@ def resume_args(args, checkpoint, argv, overrides=("total_steps", "cuda", "compi
     for name, value in vars(args).items():  # flags added later still need a value
         if name not in vars(saved):
             setattr(saved, name, value)
+    overrides = tuple(overrides) + TRACKING
     for name in overrides:
-        flags = ["--" + name.replace("_", "-")] + (["--no-" + name] if name in ("cuda", "compile") else [])
+        flags = ["--" + name.replace("_", "-")] + (["--no-" + name] if name in ("cuda", "compile", "track") else [])
         if any(a == flag or a.startswith(flag + "=") for a in argv for flag in flags):
             setattr(saved, name, getattr(args, name))
     # Any other flag given with --resume would be ignored: refuse it when it differs from the saved run's value.
@@ -796,6 +889,8 @@ def write_summary(writer, run_dir, summary, args, reported):
     1 and 2 threads."""
     summary = {**summary, "reported_metric": reported[0], "cpu_threads": torch.get_num_threads(), "args": vars(args)}
     write_json(os.path.join(run_dir, "summary.json"), summary)
+    writer.flush()
+    stop_tracking()  # before add_hparams, whose writer W&B would follow too (its hparam/ metrics a second time)
     writer.add_hparams(
         {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
         {f"hparam/{key}": summary[key] for key in reported if summary[key] is not None and math.isfinite(summary[key])},

@@ -79,6 +79,7 @@ def parse_args(argv=None):
         default=None,
         help="run directory name (default <dataset>__xc__<seed>__<unix time>)",
     )
+    bookkeeping.add_tracking_args(g)  # --track, --wandb-project-name, --wandb-entity
     g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
     g.add_argument(
         "--torch-deterministic",
