@@ -587,12 +587,14 @@ def start_tracking(wandb, args, run_dir):
         f.write(run_id + "\n")
 
 
-def stop_tracking(exit_code=0):
-    """Finish the W&B run of --track, if there is one: it reads the event files to their end first, so flush the
-    writer before. A run that fails is finished with exit code 1 (W&B shows it as failed)."""
+def stop_tracking(exit_code=0, writer=None):
+    """Finish the W&B run of --track, if there is one, after flushing ``writer`` (W&B reads the event files to their
+    end). A run that fails is finished with exit code 1 (W&B shows it as failed)."""
     wandb = sys.modules.get("wandb")
     if wandb is None or getattr(wandb, "run", None) is None:
         return
+    if writer is not None:
+        writer.flush()
     with contextlib.suppress(Exception):
         wandb.finish(exit_code=exit_code)
     with contextlib.suppress(Exception):
@@ -889,8 +891,7 @@ def write_summary(writer, run_dir, summary, args, reported):
     1 and 2 threads."""
     summary = {**summary, "reported_metric": reported[0], "cpu_threads": torch.get_num_threads(), "args": vars(args)}
     write_json(os.path.join(run_dir, "summary.json"), summary)
-    writer.flush()
-    stop_tracking()  # before add_hparams, whose writer W&B would follow too (its hparam/ metrics a second time)
+    stop_tracking(writer=writer)  # before add_hparams, whose writer W&B would follow too (its hparam/ metrics again)
     writer.add_hparams(
         {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
         {f"hparam/{key}": summary[key] for key in reported if summary[key] is not None and math.isfinite(summary[key])},

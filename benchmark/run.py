@@ -22,6 +22,7 @@ so a sweep started again meanwhile skips those runs with a message instead of wr
 import argparse
 import contextlib
 import fcntl
+import io
 import json
 import os
 import shlex
@@ -260,7 +261,8 @@ def in_use(run_dir):
         os.close(fd)
 
 
-_running = {"stopping": False, "children": set(), "lock": threading.Lock()}
+# RLock: a signal handler (stop_runs, Task.checkpoint) runs on the main thread, which may hold the lock already
+_running = {"stopping": False, "children": set(), "lock": threading.RLock()}
 
 
 def stop_runs(signum, frame):
@@ -280,6 +282,8 @@ def exited(child):
     ``child.wait()``, which holds the Popen's wait lock, so the handler must not wait on the Popen itself."""
     if child.returncode is not None:
         return True
+    if not hasattr(os, "waitid"):  # macOS before Python 3.13: poll (a wait in another thread reaps it meanwhile)
+        return child.poll() is not None
     try:
         return os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:  # reaped meanwhile
@@ -302,7 +306,10 @@ def end_runs(children, grace):
         time.sleep(0.1)
 
 
-def execute(job, runs_dir, threads):
+def execute(job, runs_dir, threads, ignore_usr2=False):
+    """Run one job in its own process group, its output appended to RUNS_DIR/<run>.log; its exit code. With
+    ``ignore_usr2`` (a Slurm task: Slurm sends --signal=USR2 to every process of the job step) the training process
+    ignores SIGUSR2 and the task decides what to do (Task.checkpoint)."""
     config, seed, argv, state = job
     run_dir = os.path.join(runs_dir, run_name(config, seed))
     if os.path.exists(os.path.join(run_dir, "summary.json")):  # finished meanwhile (another runner): keep it
@@ -322,18 +329,30 @@ def execute(job, runs_dir, threads):
             if _running["stopping"]:
                 return 1
             # its own process group (session): a signal to the runner's group does not reach it, stop_runs ends it
+            ignore = (lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN)) if ignore_usr2 else None  # kept by exec
             try:
                 child = subprocess.Popen(
-                    argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    argv,
+                    cwd=ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=ignore,
                 )
             except OSError as error:  # no such program, not executable: this run fails, the sweep goes on
                 log.write(f"run.py: cannot start {argv[0]}: {error.strerror}\n")
                 print(f"{run_name(config, seed)}: cannot start {argv[0]} ({error.strerror})", flush=True)
                 return 127
             _running["children"].add(child)
-        code = child.wait()
-        with _running["lock"]:
-            _running["children"].discard(child)
+        try:
+            code = child.wait()
+        except BaseException:  # Ctrl-C, a requeue's exit: the run is not left training on its own
+            end_runs([child], grace=60)
+            raise
+        finally:
+            with _running["lock"]:
+                _running["children"].discard(child)
     print(
         f"[{time.strftime('%H:%M:%S')}] {run_name(config, seed)}: exit {code} after {time.time() - start:.0f} s",
         flush=True,
@@ -363,7 +382,7 @@ class Task:
         name = run_name(self.config, self.seed)
         print(f"{name}: {job[3]}: {display(job[2])}", flush=True)
         if job[3] != "done":
-            code = execute(job, self.runs_dir, self.threads)
+            code = execute(job, self.runs_dir, self.threads, ignore_usr2=True)
             if code != 0:
                 raise RuntimeError(f"{name} exited with status {code}; its log: {self.runs_dir}/{name}.log")
         with open(os.path.join(self.runs_dir, name, "summary.json")) as f:
@@ -459,15 +478,13 @@ def check_cluster_args(parser, args):
             )
 
 
+BENCHMARK_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
 def make_executor(runs_dir, cluster, name):
     """The submitit executor of ``cluster.backend``, its logs in RUNS_DIR/.submitit/<job id>."""
     import submitit
 
-    # A task is pickled as run.Task, so the process that runs it imports this file: benchmark/ on its PYTHONPATH
-    # (this process's environment reaches local tasks and, through sbatch's default --export=ALL, Slurm's; the setup
-    # line below covers clusters that do not export it).
-    here = os.path.dirname(os.path.abspath(__file__))
-    os.environ["PYTHONPATH"] = os.pathsep.join([here] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     folder = os.path.join(runs_dir, SUBMITIT_DIR, "%j")
     if cluster.backend == "submitit-debug":
         return submitit.DebugExecutor(folder)
@@ -476,6 +493,7 @@ def make_executor(runs_dir, cluster, name):
         executor.update_parameters(timeout_min=cluster.time, gpus_per_node=cluster.gpus_per_task)
         return executor
     executor = submitit.SlurmExecutor(folder, max_num_timeout=cluster.max_requeues)
+    gb = cluster.mem_gb
     executor.update_parameters(
         job_name=name,
         partition=cluster.partition,
@@ -483,17 +501,55 @@ def make_executor(runs_dir, cluster, name):
         ntasks_per_node=1,
         gpus_per_node=cluster.gpus_per_task or None,
         cpus_per_task=cluster.cpus_per_task,
-        mem=f"{cluster.mem_gb:g}GB",
+        mem=f"{int(gb)}GB" if gb == int(gb) else f"{int(gb * 1024)}MB",  # Slurm takes whole numbers only
         time=cluster.time,
         array_parallelism=cluster.max_running,
         additional_parameters=dict(cluster.slurm_extra),
-        setup=list(cluster.slurm_setup) + [f"export PYTHONPATH={shlex.quote(here)}${{PYTHONPATH:+:$PYTHONPATH}}"],
+        # the task imports this file (it is pickled as run.Task): for clusters that do not export the environment
+        setup=[*cluster.slurm_setup, f"export PYTHONPATH={shlex.quote(BENCHMARK_DIR)}${{PYTHONPATH:+:$PYTHONPATH}}"],
     )
     return executor
 
 
-def still_queued(runs_dir):
-    """The job arrays submitted earlier for ``runs_dir`` that Slurm still has (pending or running)."""
+@contextlib.contextmanager
+def task_environment():
+    """benchmark/ on PYTHONPATH while submitting: a task is pickled as run.Task, and the process that runs it (a local
+    task, or a Slurm one through sbatch's default --export=ALL) must import this file."""
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([BENCHMARK_DIR] + ([saved] if saved else []))
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
+@contextlib.contextmanager
+def controller_output(path):
+    """With ``path``, the processes started meanwhile (submitit's local controllers) write their stdout and stderr to
+    it: a controller prints tracebacks when Ctrl-C reaches it, and the run's own output is in its .log anyway."""
+    if path is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    try:
+        yield
+    finally:
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+def still_queued(runs_dir, prog):
+    """The job arrays submitted earlier for ``runs_dir`` that Slurm still has (pending or running). An squeue that
+    fails (the controller unreachable) is one line and exit 1: a second array would train the same runs twice."""
     try:
         with open(os.path.join(runs_dir, SUBMITIT_DIR, SUBMITTED)) as f:
             arrays = [entry["array"] for entry in json.load(f)]
@@ -501,10 +557,25 @@ def still_queued(runs_dir):
         return []
     if not arrays:
         return []
-    out = subprocess.run(
-        ["squeue", "--noheader", "--format=%F", "--jobs=" + ",".join(arrays)], capture_output=True, text=True
-    ).stdout
-    return sorted({line.strip() for line in out.splitlines() if line.strip()} & set(arrays))
+    command = ["squeue", "--noheader", "--format=%F", "--jobs=" + ",".join(arrays)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        sys.exit(f"{prog}: error: {shlex.join(command)} failed ({error}); cannot tell whether {runs_dir} is queued")
+    if done.returncode != 0 and "invalid job id" not in done.stderr.lower():  # unknown ids: those arrays are gone
+        sys.exit(
+            f"{prog}: error: {shlex.join(command)} failed ({one_line(done.stderr or done.returncode)}); cannot tell "
+            f"whether an earlier array of {runs_dir} is still queued"
+        )
+    return sorted({line.strip() for line in done.stdout.splitlines() if line.strip()} & set(arrays))
+
+
+def first_missing(path):
+    """The topmost directory of ``path`` (itself included) that does not exist yet, or None."""
+    missing, path = None, os.path.abspath(path)
+    while not os.path.exists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
 
 
 def submit(todo, runs_dir, cluster):
@@ -514,7 +585,7 @@ def submit(todo, runs_dir, cluster):
         print(f"every run has finished, nothing to submit -> {runs_dir}", flush=True)
         return 0
     if cluster.backend == "slurm":
-        queued = still_queued(runs_dir)
+        queued = still_queued(runs_dir, cluster.prog)
         if queued:  # its tasks would train the same runs twice
             sys.exit(
                 f"{cluster.prog}: error: job array {', '.join(queued)} of {runs_dir} is still queued "
@@ -523,16 +594,26 @@ def submit(todo, runs_dir, cluster):
     threads = cluster.threads or (cluster.cpus_per_task if cluster.backend == "slurm" else 1)
     name = "ns3l-" + os.path.basename(os.path.normpath(runs_dir))
     logs = os.path.join(runs_dir, SUBMITIT_DIR)
-    made = [path for path in (runs_dir, logs) if not os.path.exists(path)]
+    made = first_missing(logs)
+    before = set(os.listdir(logs)) if made is None else set()
     tasks = [Task(config, seed, runs_dir, threads) for config, seed, _, _ in todo]
+    said = io.StringIO()  # submitit prints a refused sbatch's own message too: one line is ours
     try:
-        executor = make_executor(runs_dir, cluster, name)
-        with executor.batch():
-            jobs = [executor.submit(task) for task in tasks]
+        os.makedirs(logs, exist_ok=True)
+        local = os.path.join(logs, "controllers.log") if cluster.backend == "submitit-local" else None
+        with task_environment(), contextlib.redirect_stderr(said), controller_output(local):
+            executor = make_executor(runs_dir, cluster, name)
+            with executor.batch():
+                jobs = [executor.submit(task) for task in tasks]
     except Exception as error:  # sbatch refused it (a partition or account that does not exist...): one line
-        if made:  # nothing was submitted: what this call made goes again
-            shutil.rmtree(made[0], ignore_errors=True)
+        if made is not None:  # nothing was submitted: what this call made goes again
+            shutil.rmtree(made, ignore_errors=True)
+        else:
+            for entry in set(os.listdir(logs)) - before:
+                path = os.path.join(logs, entry)
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
         sys.exit(f"{cluster.prog}: error: submission failed: {one_line(error)}")
+    sys.stderr.write(said.getvalue())
     if cluster.backend == "slurm":
         array = jobs[0].job_id.split("_")[0]
         path = os.path.join(logs, SUBMITTED)
@@ -544,9 +625,10 @@ def submit(todo, runs_dir, cluster):
         record.append({"array": array, "runs": [run_name(t.config, t.seed) for t in tasks], "time": time.time()})
         with open(path, "w") as f:
             json.dump(record, f, indent=1)
+        what = f"job array {array} (tasks {array}_0 to {array}_{len(jobs) - 1}" if len(jobs) > 1 else f"job {array}"
         print(
-            f"submitted {len(jobs)} runs as Slurm job array {array} (tasks {array}_0 to {array}_{len(jobs) - 1}, "
-            f"at most {min(len(jobs), cluster.max_running)} at once)\n"
+            f"submitted {len(jobs)} run{'s' if len(jobs) > 1 else ''} as Slurm {what}"
+            f"{f', at most {min(len(jobs), cluster.max_running)} at once)' if len(jobs) > 1 else ''}\n"
             f"watch: squeue -j {array}; each run's output: {runs_dir}/<config>__seed<S>.log; submitit's: {logs}/\n"
             f"when they finish: python benchmark/report.py {runs_dir} (submitting again skips finished runs and "
             "resumes the others)",
@@ -554,12 +636,22 @@ def submit(todo, runs_dir, cluster):
         )
         return 0
     failed = 0
-    for task, job in zip(tasks, jobs):
-        try:
-            job.result()
-        except Exception as error:  # submitit re-raises the task's error: this run failed, the others go on
-            failed += 1
-            print(f"{run_name(task.config, task.seed)}: failed ({one_line(error)})", flush=True)
+    try:
+        for task, job in zip(tasks, jobs):
+            try:
+                job.result()
+            except Exception as error:  # submitit re-raises the task's error: this run failed, the others go on
+                failed += 1
+                print(f"{run_name(task.config, task.seed)}: failed ({one_line(error)})", flush=True)
+    except KeyboardInterrupt:  # the tasks get SIGINT and end their runs (execute); then one line
+        for job in jobs:
+            with contextlib.suppress(Exception):
+                job.cancel(check=False)
+        for job in jobs:
+            with contextlib.suppress(Exception):
+                job.wait()
+        print(f"{cluster.prog}: stopped by Ctrl-C", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     print(f"{len(jobs) - failed} of {len(jobs)} runs finished, {failed} failed -> {runs_dir}", flush=True)
     return failed
 
@@ -693,4 +785,8 @@ def main(argv=None, suites=SUITES):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the module ``run``, not ``__main__``: a cluster task is pickled as run.Task, by reference (a class of
+    # __main__ would be pickled by value, with the lock of _running).
+    import run
+
+    sys.exit(run.main())

@@ -2,10 +2,12 @@
 PATH keeps the script submitit renders), and the same tasks run for real through submitit's local executor (real
 processes, one of them preempted mid-run and requeued) and its debug executor (in this process)."""
 
+import glob
 import json
 import os
 import signal
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -20,17 +22,23 @@ import run  # noqa: E402
 pytest.importorskip("submitit")  # in requirements-dev.txt; without it only these tests are skipped
 
 # A real run short enough for a test, long enough to be preempted between its first checkpoint and its end.
-DIGITS = "python train_supervised.py --dataset digits --total-steps 200 --eval-every 20 --log-every 50 --no-cuda"
+DIGITS = "python train_supervised.py --dataset digits --total-steps 400 --eval-every 20 --log-every 50 --no-cuda"
 
 
-def fake_slurm(tmp_path, monkeypatch, job_id=4242, queued=""):
-    """sbatch / srun / squeue stand-ins on PATH: sbatch answers as Slurm does, squeue prints ``queued``."""
+def fake_slurm(tmp_path, monkeypatch, job_id=4242, queued="", squeue_status=0):
+    """sbatch / srun / squeue stand-ins on PATH: sbatch keeps its script and answers as Slurm does; squeue records its
+    arguments in squeue_args and prints ``queued``."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     scripts = {
         "sbatch": f'#!/bin/sh\ncp "$1" {tmp_path}/sbatch_{job_id}.sh\necho "Submitted batch job {job_id}"\n',
         "srun": "#!/bin/sh\nexit 0\n",
-        "squeue": f"#!/bin/sh\nprintf '{queued}'\n",
+        "squeue": f"#!/bin/sh\necho \"$@\" > {tmp_path}/squeue_args\nprintf '{queued}'\n"
+        + (
+            f"echo 'squeue: error: Unable to contact slurm controller' >&2\nexit {squeue_status}\n"
+            if squeue_status
+            else ""
+        ),
     }
     for name, text in scripts.items():
         (bin_dir / name).write_text(text)
@@ -82,15 +90,40 @@ def test_slurm_submission_renders_one_throttled_array_and_refuses_a_second_while
     with pytest.raises(SystemExit) as stop:
         run.main(argv + ["--runs-dir", runs])
     assert "job array 4242" in str(stop.value.code) and "still queued or running" in str(stop.value.code)
+    assert (tmp_path / "squeue_args").read_text().split() == ["--noheader", "--format=%F", "--jobs=4242"]
     assert sorted(os.listdir(f"{runs}/.submitit")) == before and not (tmp_path / "sbatch_4243.sh").exists()
 
     # Once it has left the queue, submitting again sends only the runs that have not finished.
     fake_slurm(tmp_path, monkeypatch, job_id=4243)
     os.makedirs(f"{runs}/a__seed1")
     with open(f"{runs}/a__seed1/summary.json", "w") as f:
-        json.dump({"steps": 200}, f)
+        json.dump({"steps": 400}, f)
     assert run.main(argv + ["--runs-dir", runs]) == 0
     assert "#SBATCH --array=0-2%2" in (tmp_path / "sbatch_4243.sh").read_text()
+
+    # An squeue that fails cannot tell whether an array is queued: one line, nothing submitted.
+    fake_slurm(tmp_path, monkeypatch, job_id=4244, squeue_status=1)
+    with pytest.raises(SystemExit) as stop:
+        run.main(argv + ["--runs-dir", runs])
+    assert "Unable to contact slurm controller" in stop.value.code and "\n" not in stop.value.code
+    assert not (tmp_path / "sbatch_4244.sh").exists()
+
+
+def test_the_script_itself_submits_tasks_that_load_as_run_task(tmp_path, monkeypatch):
+    fake_slurm(tmp_path, monkeypatch, job_id=77)
+    runs = tmp_path / "runs"
+    command = [sys.executable, os.path.join(ROOT, "benchmark", "run.py"), *SLURM, "--mem-gb", "1.5"]
+    command += ["--config", "a", DIGITS, "--seeds", "1", "--runs-dir", str(runs)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert "submitted 1 run as Slurm job 77\n" in done.stdout
+    assert "#SBATCH --mem=1536MB" in (tmp_path / "sbatch_77.sh").read_text()  # Slurm takes whole numbers only
+    import submitit
+
+    (pickle,) = glob.glob(f"{runs}/.submitit/77/77_submitted.pkl")
+    task = submitit.helpers.DelayedSubmission.load(pickle).function
+    assert type(task).__module__ == "run" and task.config.name == "a"  # by reference: the task process imports run
+    assert "PYTHONPATH" not in os.environ or os.path.join(ROOT, "benchmark") not in os.environ["PYTHONPATH"]
 
 
 def test_a_paper_recipe_takes_the_same_flags(tmp_path, monkeypatch, capsys):
@@ -131,17 +164,22 @@ def test_slurm_backend_refuses_a_machine_without_slurm_and_bad_flags_in_one_line
     assert not runs.exists()
 
 
-def test_a_refused_submission_leaves_nothing(tmp_path, monkeypatch):
+def test_a_refused_submission_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
     fake_slurm(tmp_path, monkeypatch)
-    (tmp_path / "bin" / "sbatch").write_text(
-        "#!/bin/sh\necho 'sbatch: error: invalid partition specified: gpu' >&2\nexit 1\n"
-    )
-    runs = tmp_path / "runs"
-    with pytest.raises(SystemExit) as stop:
-        run.main(SLURM + ["--config", "a", DIGITS, "--runs-dir", str(runs)])
-    assert str(stop.value.code).startswith("run.py: error: submission failed: ")
-    assert "invalid partition" in str(stop.value.code) and "\n" not in str(stop.value.code)
-    assert not runs.exists()
+    runs = tmp_path / "table" / "cifar10-40"  # as a recipe's: two directories made for it
+    assert run.main(SLURM + ["--config", "a", DIGITS, "--runs-dir", str(runs)]) == 0  # an earlier array
+    before = {p: os.path.getmtime(p) for p in glob.glob(f"{tmp_path}/table/**", recursive=True)}
+    refused = "#!/bin/sh\necho 'sbatch: error: invalid partition specified: gpu' >&2\nexit 1\n"
+    (tmp_path / "bin" / "sbatch").write_text(refused)
+    for where in (runs, tmp_path / "fresh" / "cifar10-40"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:
+            run.main(SLURM + ["--config", "a", DIGITS, "--config", "b", DIGITS, "--runs-dir", str(where)])
+        assert str(stop.value.code).startswith("run.py: error: submission failed: ")
+        assert "invalid partition" in str(stop.value.code) and "\n" not in str(stop.value.code)
+        assert capsys.readouterr().err == ""  # submitit's own print of sbatch's message is not shown twice
+    assert {p: os.path.getmtime(p) for p in glob.glob(f"{tmp_path}/table/**", recursive=True)} == before
+    assert not (tmp_path / "fresh").exists()
 
 
 def processes():
@@ -180,9 +218,10 @@ def test_local_executor_requeues_a_preempted_task_to_the_numbers_of_an_uninterru
     # Slurm's warning before a time limit or at a preemption: SIGUSR2 to the task (the submitit process that started
     # the training run), which submitit turns into Task.checkpoint and a requeue.
     table = processes()
-    training = [pid for pid, (_, cmd) in table.items() if "--run-name preempted__seed3" in cmd and "train_" in cmd]
+    training = [pid for pid, (_, cmd) in table.items() if f"--runs-dir {runs} --run-name preempted__seed3" in cmd]
     assert len(training) == 1
-    os.kill(table[training[0]][0], signal.SIGUSR2)
+    for pid in (table[training[0]][0], training[0]):  # Slurm signals every process of the job step
+        os.kill(pid, signal.SIGUSR2)
     sweep.join(timeout=300)
     assert not sweep.is_alive() and result["code"] == 0
     assert "2 of 2 runs finished, 0 failed" in capsys.readouterr().out
@@ -204,7 +243,7 @@ def test_local_executor_requeues_a_preempted_task_to_the_numbers_of_an_uninterru
 
 def test_debug_executor_runs_the_tasks_here_and_counts_a_failed_one(tmp_path, capsys):
     runs = str(tmp_path / "runs")
-    short = DIGITS.replace("--total-steps 200", "--total-steps 20")
+    short = DIGITS.replace("--total-steps 400", "--total-steps 20")
     argv = ["--backend", "submitit-debug", "--runs-dir", runs, "--seeds", "1"]
     argv += ["--config", "ok", short, "--config", "broken", short + " --lr -1"]
     assert run.main(argv) == 1
