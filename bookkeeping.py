@@ -251,7 +251,13 @@ class TrainClock:
 # refused instead of writing into the same directory.
 _unfinished = {"run_dir": None, "writer": None, "created": []}  # this process's new run directory until its first
 # checkpoint, its TensorBoard writer and the folders of --runs-dir made for it
-_resumed = {"run_dir": None, "writer": None, "before": set(), "run_info": None}  # a resumed run until its checkpoint
+_resumed = {
+    "run_dir": None,
+    "writer": None,
+    "before": set(),
+    "run_info": None,
+    "wandb": None,
+}  # a resumed run until its checkpoint
 _locks = {}  # run directory -> the open file descriptor holding its lock
 
 
@@ -360,8 +366,10 @@ def discard_resumed_leg():
     resume leaves the run directory as it was."""
     if os.getpid() != _owner_pid:
         return
-    run_dir, writer, before, run_info = (_resumed[k] for k in ("run_dir", "writer", "before", "run_info"))
-    _resumed.update(run_dir=None, writer=None, before=set(), run_info=None)
+    run_dir, writer, before, run_info, tracked = (
+        _resumed[k] for k in ("run_dir", "writer", "before", "run_info", "wandb")
+    )
+    _resumed.update(run_dir=None, writer=None, before=set(), run_info=None, wandb=None)
     if run_dir is None:
         return
     with contextlib.suppress(Exception):
@@ -372,12 +380,36 @@ def discard_resumed_leg():
                 os.remove(os.path.join(run_dir, name))
         elif name == "wandb":  # --track given first on this leg
             shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+    if tracked is not None and "wandb" in before:  # a tracked run's W&B folder as it was: this leg's files go
+        restore_listing(os.path.join(run_dir, "wandb"), tracked)
     if run_info is not None:  # the leg's provenance record goes too: run_info.json as it was
         with contextlib.suppress(OSError):
             if run_info:
                 write_json(os.path.join(run_dir, RUN_INFO), run_info)
             else:
                 os.remove(os.path.join(run_dir, RUN_INFO))
+
+
+def listing(folder):
+    """{name: the link's target, or None for a file or folder} of ``folder``'s entries ({} when it does not exist)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return {}
+    path = os.path.join
+    return {n: os.readlink(path(folder, n)) if os.path.islink(path(folder, n)) else None for n in names}
+
+
+def restore_listing(folder, before):
+    """Remove the entries of ``folder`` that ``before`` (a listing) lacks and point its links back where they were."""
+    for name, target in listing(folder).items():
+        path = os.path.join(folder, name)
+        with contextlib.suppress(OSError):
+            if name not in before:
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            elif before[name] is not None and target != before[name]:
+                os.remove(path)
+                os.symlink(before[name], path)
 
 
 def discard_unfinished_run():
@@ -467,10 +499,13 @@ def open_run(args, script, split=None, checkpoint=None, dataset_name=None):
     )  # as the scripts resolve it
     previous = record_leg(run_dir, 0 if checkpoint is None else checkpoint["step"], device)
     if checkpoint is not None:  # until its next checkpoint, a failure removes the files this leg added (see below)
-        _resumed.update(run_dir=run_dir, before=before, run_info=previous)
+        _resumed.update(
+            run_dir=run_dir, before=before, run_info=previous, wandb=listing(os.path.join(run_dir, "wandb"))
+        )
     if wandb is not None:  # before the SummaryWriter: W&B follows the event files of writers made after its patch
         start_tracking(wandb, args, run_dir)
     writer = SummaryWriter(run_dir, purge_step=None if checkpoint is None else checkpoint["step"] + 1)
+    _tracking["writer"] = writer if wandb is not None else None  # flushed before W&B finishes, however the run ends
     if checkpoint is None:
         _unfinished["writer"] = writer
     else:  # the event file this leg opened goes too (its steps would be purged)
@@ -587,18 +622,33 @@ def start_tracking(wandb, args, run_dir):
         f.write(run_id + "\n")
 
 
+_tracking = {"writer": None}
+
+
 def stop_tracking(exit_code=0, writer=None):
     """Finish the W&B run of --track, if there is one, after flushing ``writer`` (W&B reads the event files to their
     end). A run that fails is finished with exit code 1 (W&B shows it as failed)."""
     wandb = sys.modules.get("wandb")
     if wandb is None or getattr(wandb, "run", None) is None:
         return
+    writer = writer or _tracking["writer"]
+    _tracking["writer"] = None
     if writer is not None:
-        writer.flush()
-    with contextlib.suppress(Exception):
-        wandb.finish(exit_code=exit_code)
-    with contextlib.suppress(Exception):
-        wandb.tensorboard.unpatch()
+        with contextlib.suppress(Exception):
+            writer.flush()
+    main = threading.current_thread() is threading.main_thread()
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in stops} if main and exit_code else {}
+    try:  # a failing run: a second Ctrl-C / SIGTERM while W&B finishes (it may upload) cannot cut the cleanup short
+        with contextlib.suppress(Exception):
+            wandb.finish(exit_code=exit_code)
+        with contextlib.suppress(BaseException):  # W&B's own exit hook off: a dead wandb-core is no traceback
+            wandb.teardown(exit_code)
+        with contextlib.suppress(Exception):
+            wandb.tensorboard.unpatch()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def write_json(path, obj):

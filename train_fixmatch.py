@@ -425,6 +425,9 @@ def main():
             evaluations = [tuple(e) for e in checkpoint["evaluations"]]
             valid_evaluations = [tuple(e) for e in checkpoint.get("valid_evaluations", [])]  # absent in older runs
             print(f"resumed {args.resume} at step {start_step}")
+    end = min(args.total_steps, args.stop_at or args.total_steps)
+    if end <= start_step:
+        bookkeeping.fail(f"--stop-at {args.stop_at} must be after the checkpoint's step {start_step}")
     run_dir, writer = bookkeeping.open_run(args, SCRIPT, split, checkpoint)  # made (or reopened) only now
 
     def weak(indices):  # uint8 on the device: flip / pad-and-crop, a fresh draw per image
@@ -445,9 +448,6 @@ def main():
     model.train()
     last_log_step = start_step
     clock.start()
-    end = min(args.total_steps, args.stop_at or args.total_steps)
-    if end <= start_step:
-        bookkeeping.fail(f"--stop-at {args.stop_at} must be after the checkpoint's step {start_step}")
     for step in range(start_step, end):
         # ALGO LOGIC: one pass over [labeled; weak; strong], pseudo-labels from the weak view, SGD, EMA
         labeled_idx, unlabeled_idx = next(labeled_batches), next(unlabeled_batches)

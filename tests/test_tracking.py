@@ -2,6 +2,7 @@
 RUN_DIR/wandb/offline-run-*/run-<id>.wandb, which these tests read back record by record."""
 
 import glob
+import importlib.util
 import json
 import os
 import signal
@@ -13,7 +14,9 @@ import time
 import pytest
 from conftest import ROOT, TINY, read_scalars, refuse_here, run_script
 
-pytest.importorskip("wandb")  # in requirements-dev.txt; the Quickstart's install does not need it
+needs_wandb = pytest.mark.skipif(  # in requirements-dev.txt; the Quickstart's install does not need it
+    importlib.util.find_spec("wandb") is None, reason="wandb is not installed"
+)
 
 SCRIPT = "train_supervised.py"
 
@@ -68,6 +71,7 @@ ABLATION += ["--unlabeled-batch-size", "100", "--hidden", "16", "--no-cuda"]
 FMNIST = os.path.isdir("/usr/share/datasets/fashion-mnist")
 
 
+@needs_wandb
 @pytest.mark.parametrize(
     "script,flags,tag",
     [
@@ -100,6 +104,21 @@ def test_track_sends_every_scalar_once_and_the_arguments(tmp_path, script, flags
     assert not glob.glob(str(run_dir / "wandb" / "**" / "events.out.tfevents*"), recursive=True)  # nothing to re-read
 
 
+def children(pid):
+    """The pids whose parent is ``pid`` (from /proc): W&B's wandb-core service of a tracked run."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+@needs_wandb
 def test_a_stopped_tracked_run_is_one_line_and_its_resume_continues_the_same_wandb_run(tmp_path):
     run_dir = tmp_path / "t"
     argv = [sys.executable, os.path.join(ROOT, SCRIPT), *TINY, "--runs-dir", str(tmp_path), "--run-name", "t"]
@@ -133,8 +152,61 @@ def test_a_stopped_tracked_run_is_one_line_and_its_resume_continues_the_same_wan
         assert json.load(f)["args"]["track"] is False
 
 
-def test_track_without_wandb_is_one_line_before_anything_is_made(tmp_path, monkeypatch):
+@needs_wandb
+def test_a_tracked_run_stopped_with_its_wandb_service_is_one_line(tmp_path):
+    """As Slurm or a process-group kill does: SIGTERM to the run and to W&B's wandb-core at once."""
+    argv = [sys.executable, os.path.join(ROOT, SCRIPT), *TINY, "--runs-dir", str(tmp_path), "--run-name", "t"]
+    argv += ["--track", "--total-steps", "5000", "--eval-every", "10"]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "t" / "checkpoint.pt").exists() and time.time() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    service = children(child.pid)
+    assert service, "wandb-core runs beside a tracked run"
+    for pid in [child.pid, *service]:
+        os.kill(pid, signal.SIGTERM)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 1 and err.strip().splitlines() == ["train_supervised.py: stopped by SIGTERM"], err
+    assert (tmp_path / "t" / "checkpoint.pt").exists()
+
+
+def test_track_without_wandb_is_one_line_before_the_data_are_read(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: find_spec and import both fail
-    result = refuse_here(SCRIPT, *TINY, "--runs-dir", tmp_path / "runs", "--run-name", "t", "--track")
+    missing = tmp_path / "missing.npz"  # read after parsing: its error would come first if wandb were checked later
+    result = refuse_here(SCRIPT, *TINY, "--dataset", missing, "--runs-dir", tmp_path / "runs", "--track")
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert "--track needs wandb: pip install wandb==0.31.0" in result.stderr and not (tmp_path / "runs").exists()
+
+
+@needs_wandb
+def test_a_refused_resume_of_a_tracked_run_leaves_its_wandb_folder_as_it_was(tmp_path, monkeypatch):
+    result = run_script(SCRIPT, *TINY, "--runs-dir", tmp_path, "--run-name", "t", "--track")
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "t"
+
+    def snapshot():
+        return {
+            path: os.readlink(path)
+            if os.path.islink(path)
+            else open(path, "rb").read()
+            if os.path.isfile(path)
+            else "dir"
+            for path in glob.glob(str(run_dir / "**"), recursive=True)
+        }
+
+    before = snapshot()
+    import wandb
+
+    def failing_init(**kwargs):  # what a failing wandb.init leaves: a new run folder, latest-run pointed at it
+        folder = os.path.join(kwargs["dir"], "wandb", "run-20990101_000000-" + kwargs["id"])
+        os.makedirs(os.path.join(folder, "logs"))
+        os.remove(os.path.join(kwargs["dir"], "wandb", "latest-run"))
+        os.symlink(os.path.basename(folder), os.path.join(kwargs["dir"], "wandb", "latest-run"))
+        raise RuntimeError("no route to the W&B server")
+
+    monkeypatch.setattr(wandb, "init", failing_init)
+    refused = refuse_here(SCRIPT, "--resume", run_dir, "--total-steps", "40")
+    assert refused.returncode == 1 and "--track: wandb.init failed (RuntimeError" in refused.stderr, refused.stderr
+    assert refused.stderr.count("\n") == 1
+    assert snapshot() == before
