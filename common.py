@@ -875,3 +875,72 @@ def rand_augment(images, num_ops=2, magnitude=10, probability=0.5, cutout=None, 
         box = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
         images = torch.where(box, torch.full_like(images, FILL), images)
     return images
+
+
+# ---------------------------------------------------------------------------------- RandAugment as USB runs it
+# FreeMatch's published numbers come from USB (microsoft/Semi-supervised-learning), whose strong view is its own
+# RandAugment (semilearn/datasets/augmentation/randaugment.py:184-202, RandAugment(3, 5) in
+# semilearn/datasets/cv_datasets/cifar.py:55): three ops drawn with replacement from the same 14 (augment_list,
+# :145-162), every one applied, each at a magnitude drawn uniformly from its range (:198; the m = 5 is unused), then
+# Cutout of a side drawn uniformly from [0, 0.5] x the image side (:200-201), filled with (125, 123, 114). The affine
+# ops leave PIL's default black outside the image.
+USB_RANGES = {
+    "brightness": (0.05, 0.95), "color": (0.05, 0.95), "contrast": (0.05, 0.95), "sharpness": (0.05, 0.95),
+    "posterize": (4, 8), "rotate": (-30, 30), "shear_x": (-0.3, 0.3), "shear_y": (-0.3, 0.3), "solarize": (0, 256),
+    "translate_x": (-0.3, 0.3), "translate_y": (-0.3, 0.3),
+}  # fmt: skip
+USB_CUTOUT_FILL = (125, 123, 114)
+
+
+def usb_strength(op, value, image_size):
+    """USB's magnitude ``value`` (drawn in USB_RANGES[op]) as the strength colour_op / affine_matrices take: Posterize
+    keeps int(v) bits (at least 1, :47-50), a translation moves v x the image side in px (:80-85), the others use v
+    as it is (factor, degrees, shear, solarize threshold)."""
+    if op == "posterize":
+        return torch.floor(value).clamp_min(1)
+    if op in ("translate_x", "translate_y"):
+        return value * image_size
+    return value
+
+
+def usb_cutout_box(v, x0, y0, h, w):
+    """The (N, 1, H, W) mask of CutoutAbs (:124-142) for side ``v`` px and centre draws x0, y0 in (1, w] / (1, h]
+    (np.random.uniform(w) draws between w and its default high 1): the corner int(max(0, x0 - v / 2)), the far corner
+    min(w, corner + v), PIL's rectangle filling both corners' pixels. A side of 0 draws nothing (:117-118)."""
+    left, top = torch.floor((x0 - v / 2).clamp_min(0)), torch.floor((y0 - v / 2).clamp_min(0))
+    right, bottom = torch.minimum(left + v, torch.full_like(v, w)), torch.minimum(top + v, torch.full_like(v, h))
+    cols = torch.arange(w, device=v.device, dtype=v.dtype)[None, :]
+    rows = torch.arange(h, device=v.device, dtype=v.dtype)[None, :]
+    in_cols = (cols >= left[:, None]) & (cols <= right[:, None])
+    in_rows = (rows >= top[:, None]) & (rows <= bottom[:, None])
+    return ((in_rows[:, :, None] & in_cols[:, None, :]) & (v > 0)[:, None, None])[:, None]
+
+
+def usb_rand_augment(images, num_ops=3, generator=None):
+    """USB's RandAugment + Cutout on a uint8 batch (N, C, H, W), every image its own draw, batched as rand_augment:
+    ``num_ops`` ops drawn with replacement, each always applied at a uniform magnitude in its range, then a Cutout of
+    side uniform in [0, 0.5] x the side. Grey images take the fill's first value."""
+    n, c, h, w = images.shape
+    device = images.device
+
+    def uniform():
+        return torch.rand(n, device=device, generator=generator, dtype=torch.float64)
+
+    for _ in range(num_ops):
+        ops = torch.randint(0, len(RANDAUGMENT_OPS), (n,), device=device, generator=generator)
+        u = uniform()
+        strength = {
+            op: usb_strength(op, low + (high - low) * u, w if op == "translate_x" else h)
+            for op, (low, high) in USB_RANGES.items()
+        }
+        affine_strength = torch.zeros(n, dtype=torch.float64, device=device)
+        for op in AFFINE_OPS:
+            affine_strength = torch.where(ops == RANDAUGMENT_OPS.index(op), strength[op], affine_strength)
+        images = warp_affine(images, affine_matrices(ops, affine_strength, torch.ones_like(u), h, w), fill=0)
+        for i, op in enumerate(RANDAUGMENT_OPS):
+            if op not in AFFINE_OPS and op != "identity":
+                images = torch.where((ops == i).view(-1, 1, 1, 1), colour_op(images, op, strength.get(op, u)), images)
+    v = uniform() * 0.5 * w  # Cutout(img, v): v x img.size[0] px
+    x0, y0 = 1 + (w - 1) * uniform(), 1 + (h - 1) * uniform()
+    fill = torch.tensor(USB_CUTOUT_FILL[:c] if c == 3 else USB_CUTOUT_FILL[:1] * c, device=device, dtype=torch.uint8)
+    return torch.where(usb_cutout_box(v, x0, y0, h, w), fill.view(1, c, 1, 1).expand_as(images), images)

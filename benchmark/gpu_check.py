@@ -7,7 +7,7 @@ device defaults (bf16 autocast, channels_last, torch.compile), and this prints o
     python benchmark/gpu_check.py --device cpu --steps 6 --depth 10 --width 1   # the logic, on a CPU (the test suite)
 
 Per WRN script (train_supervised --ns3l, train_vat --ns3l, train_pi --ns3l, train_mixmatch --ns3l, train_fixmatch
---ns3l), on a synthetic 32x32x3 .npz written here (no download, no network):
+--ns3l, train_freematch --ns3l), on a synthetic 32x32x3 .npz written here (no download, no network):
   1. ``--steps`` steps at the paper's batch sizes with the defaults (compiled): steps/s, images/s, peak GPU memory,
      compile time (the first step, which compiles, is outside steps/s), and checks: exit 0, finite losses in
      summary.json, an evaluation, a checkpoint.
@@ -42,10 +42,11 @@ WRN_SCRIPTS = {  # script -> (flags, images drawn per step given its batch flags
     "train_pi.py": (["--ns3l"], lambda a: a["batch_size"] + a["unlabeled_batch_size"]),
     "train_mixmatch.py": (["--ns3l"], lambda a: a["batch_size"] * (1 + a["k_augment"])),
     "train_fixmatch.py": (["--ns3l"], lambda a: a["batch_size"] * (1 + 2 * a["uratio"])),
+    "train_freematch.py": (["--ns3l"], lambda a: a["batch_size"] * (1 + 2 * a["uratio"])),
 }
 # Scripts whose LR schedule depends on --total-steps (FixMatch's cosine): the first leg of the resume check runs to the
 # full length and leaves early with --stop-at, so both legs follow the uninterrupted run's schedule.
-STOP_AT_SCRIPTS = {"train_fixmatch.py"}
+STOP_AT_SCRIPTS = {"train_fixmatch.py", "train_freematch.py"}
 OTHER_SCRIPTS = ["train_fmnist_ablation.py", "train_xc.py", "train_imagenet_mel.py"]
 CHECKPOINT_KEYS = ("model", "ema_model")
 

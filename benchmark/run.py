@@ -162,6 +162,8 @@ def digits_few_labels_suite(num_labeled=DIGITS_FEW_LABELS):
         Config("mixmatch+ns3l", ["train_mixmatch.py", "--ns3l", *base]),
         Config("fixmatch", ["train_fixmatch.py", *base]),
         Config("fixmatch+ns3l", ["train_fixmatch.py", "--ns3l", *base]),
+        Config("freematch", ["train_freematch.py", "--reported", "median_test_error", *base]),
+        Config("freematch+ns3l", ["train_freematch.py", "--reported", "median_test_error", "--ns3l", *base]),
     ]
 
 

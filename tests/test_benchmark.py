@@ -201,7 +201,7 @@ def test_fixmatch_cpu_suite_differs_only_by_ns3l_and_parses():
 
 
 def test_digits_few_labels_suite_has_every_row_and_each_script_parses_it():
-    """The laptop suite: the twelve rows the README's table names, every one on digits with 30 labels, and each
+    """The laptop suite: the fourteen rows the README's table names, every one on digits with 30 labels, and each
     +ns3l row is its partner plus --ns3l only (so the paired NS3L effect compares one change)."""
     import importlib
 
@@ -220,6 +220,8 @@ def test_digits_few_labels_suite_has_every_row_and_each_script_parses_it():
         "mixmatch+ns3l",
         "fixmatch",
         "fixmatch+ns3l",
+        "freematch",
+        "freematch+ns3l",
     ]
     configs = {c.name: c.argv for c in suite}
     for name, argv in configs.items():
@@ -229,6 +231,9 @@ def test_digits_few_labels_suite_has_every_row_and_each_script_parses_it():
         args = importlib.import_module(argv[0][: -len(".py")]).parse_args(argv[1:])
         assert (args.dataset, args.num_labeled) == ("digits", 30), name
     assert configs["ns3l"] == ["train_supervised.py", "--ns3l", *configs["supervised"][1:]]
+    import train_freematch  # FreeMatch's rows report the median of the last 20, FixMatch's rule, not USB's best
+
+    assert train_freematch.parse_args(configs["freematch"][1:]).reported == "median_test_error"
 
 
 def test_run_executes_skips_finished_and_resumes(tmp_path, capsys):
@@ -392,6 +397,7 @@ PAPER_SCRIPTS = [
     "xc_adversarial_negatives",
     "imagenet_mel_note",
     "fixmatch_cifar10",
+    "freematch_cifar10",
 ]
 
 
@@ -424,6 +430,24 @@ def test_paper_numbers_match_the_paper():
         "cifar10-250": [(5.07, 0.65), None],
         "cifar10-4000": [(4.26, 0.05), None],
     }
+    freematch = importlib.import_module("freematch_cifar10").SETTINGS  # USB results/classic_cv.csv:18
+    assert {s: [c.paper for c in cs] for s, cs in freematch.items()} == {
+        "cifar10-40": [(4.97, 0.09), None],
+        "cifar10-250": [(4.85, 0.10), None],
+        "cifar10-4000": [(4.14, 0.19), None],
+    }
+    import train_freematch
+
+    for setting, configs in freematch.items():
+        for c in configs:
+            a = train_freematch.parse_args(c.argv[1:])
+            assert (a.total_steps, a.eval_every, a.reported, a.strong_augment) == (
+                1 << 20,
+                5120,
+                "best_test_error",
+                "usb",
+            )
+            assert a.ns3l == (c.name == "freematch+ns3l") and str(a.num_labeled) == setting.split("-")[1]
 
 
 def test_paper_recipes_resolve_to_the_corrected_protocol():
@@ -746,6 +770,7 @@ def test_gpu_check_knows_every_wrn_script_and_its_images_per_step():
         "train_pi.py": 100,
         "train_mixmatch.py": 192,
         "train_fixmatch.py": 480,  # the synthetic row: 32 labeled + 2 views x 7 x 32 unlabeled
+        "train_freematch.py": 480,
     }
     assert set(gpu_check.WRN_SCRIPTS) == set(expected)
     for script, (flags, images_per_step) in gpu_check.WRN_SCRIPTS.items():

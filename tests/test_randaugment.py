@@ -146,3 +146,73 @@ def test_each_op_is_drawn_and_applied_half_the_time():
     out = common.rand_augment(batch, num_ops=1, cutout=0, generator=torch.Generator().manual_seed(5))
     changed = (out != batch).flatten(1).any(1).float().mean().item()
     assert 0.35 < changed < 0.55
+
+
+# ------------------------------------------------------------------ USB's RandAugment (FreeMatch's strong view)
+def usb_pil(image, op, v):
+    """USB's op on one image, as semilearn/datasets/augmentation/randaugment.py:16-112 writes it (PIL)."""
+    import PIL.ImageEnhance
+    import PIL.ImageOps
+
+    pil = Image.fromarray(
+        image.permute(1, 2, 0).numpy().squeeze(-1) if image.shape[0] == 1 else image.permute(1, 2, 0).numpy()
+    )
+    out = {
+        "brightness": lambda: PIL.ImageEnhance.Brightness(pil).enhance(v),
+        "color": lambda: PIL.ImageEnhance.Color(pil).enhance(v),
+        "contrast": lambda: PIL.ImageEnhance.Contrast(pil).enhance(v),
+        "sharpness": lambda: PIL.ImageEnhance.Sharpness(pil).enhance(v),
+        "posterize": lambda: PIL.ImageOps.posterize(pil, max(1, int(v))),
+        "solarize": lambda: PIL.ImageOps.solarize(pil, v),
+        "rotate": lambda: pil.rotate(v),
+        "shear_x": lambda: pil.transform(pil.size, Image.AFFINE, (1, v, 0, 0, 1, 0)),
+        "shear_y": lambda: pil.transform(pil.size, Image.AFFINE, (1, 0, 0, v, 1, 0)),
+        "translate_x": lambda: pil.transform(pil.size, Image.AFFINE, (1, 0, v * pil.size[0], 0, 1, 0)),
+        "translate_y": lambda: pil.transform(pil.size, Image.AFFINE, (1, 0, 0, 0, 1, v * pil.size[1])),
+    }[op]()
+    array = np.array(out)
+    return torch.from_numpy(array[..., None] if array.ndim == 2 else array).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("op", sorted(common.USB_RANGES))
+def test_usb_ops_match_usbs_pil_code_at_magnitudes_across_their_range(op):
+    """Colour ops: within one grey level of PIL (torchvision's arithmetic truncates where PIL rounds, as for
+    FixMatch's ops); affine ops: exact but for a sample point on a pixel boundary (one row at most)."""
+    batch = images()
+    low, high = common.USB_RANGES[op]
+    index = torch.full((len(batch),), common.RANDAUGMENT_OPS.index(op))
+    for u in (0.0, 0.13, 0.5, 0.77, 0.999):
+        v = low + (high - low) * u
+        strength = common.usb_strength(op, torch.full((len(batch),), v, dtype=torch.float64), 32)
+        if op in common.AFFINE_OPS:
+            out = common.warp_affine(
+                batch, common.affine_matrices(index, strength, torch.ones(len(batch)).double(), 32, 32), fill=0
+            )
+        else:
+            out = common.colour_op(batch, op, strength)
+        expected = torch.stack([usb_pil(image, op, v) for image in batch])
+        if op in common.AFFINE_OPS:
+            assert (out != expected).any(1).float().mean().item() <= 32 / 1024, (op, v)
+        else:
+            assert (out.int() - expected.int()).abs().max() <= 1, (op, v)
+
+
+def test_usb_cutout_is_pils_rectangle_and_usb_draws_every_op():
+    import PIL.ImageDraw
+
+    for v, x0, y0 in [(0.0, 5.0, 5.0), (3.7, 1.2, 31.9), (16.0, 20.5, 2.0), (11.2, 31.99, 17.3), (9.9, 16.0, 16.0)]:
+        box = common.usb_cutout_box(
+            torch.tensor([v]).double(), torch.tensor([x0]).double(), torch.tensor([y0]).double(), 32, 32
+        )
+        canvas = Image.new("L", (32, 32), 0)
+        if v > 0:  # CutoutAbs, :128-141
+            left, top = int(max(0, x0 - v / 2.0)), int(max(0, y0 - v / 2.0))
+            PIL.ImageDraw.Draw(canvas).rectangle((left, top, min(32, left + v), min(32, top + v)), 255)
+        assert torch.equal(box[0, 0], torch.from_numpy(np.array(canvas) > 0)), (v, x0, y0)
+    # every image gets its three ops and a Cutout whose side is uniform in [0, 16] px at 32 px
+    flat = torch.full((4000, 3, 32, 32), 60, dtype=torch.uint8)
+    out = common.usb_rand_augment(flat, generator=torch.Generator().manual_seed(0))
+    filled = (out == torch.tensor(common.USB_CUTOUT_FILL, dtype=torch.uint8).view(1, 3, 1, 1)).all(1).sum((1, 2))
+    side = filled.float().sqrt()
+    assert side.max() <= 17 and 6.5 < side.mean() < 9.5  # mean side ~ 8 px (+ PIL's inclusive corner, - clipping)
+    assert (out != flat).any(1).flatten(1).any(1).float().mean() > 0.9  # almost every image changes

@@ -27,7 +27,14 @@ import report  # noqa: E402
 import run  # noqa: E402
 
 Config = run.Config
-EXACT_FP32 = ("train_supervised.py", "train_vat.py", "train_pi.py", "train_mixmatch.py", "train_fixmatch.py")
+EXACT_FP32 = (
+    "train_supervised.py",
+    "train_vat.py",
+    "train_pi.py",
+    "train_mixmatch.py",
+    "train_fixmatch.py",
+    "train_freematch.py",
+)
 
 
 def with_precision(config, extra=(), fp32=False):
