@@ -21,8 +21,10 @@ lines in docs/fidelity.md):
  3. Strong view: its own weak draw, then USB's RandAugment(3, 5): 3 ops with replacement, every one applied at a
     magnitude drawn uniformly in its range, then Cutout of a side uniform in [0, 0.5] x the side, grey (125, 123, 114)
     (common.usb_rand_augment, batched on the device). --strong-augment fixmatch gives FixMatch's official RA instead.
- 4. WRN-28-2, BN momentum 0.001, leaky ReLU 0.1 (semilearn/nets/wrn/wrn.py); STL-10 4 stages, CIFAR-100 also
-    WRN-28-2 with weight decay 1e-3 (the configurations).
+ 4. USB's WRN-28-2 (semilearn/nets/wrn/wrn.py: BN momentum 0.001 and eps 1e-5, leaky ReLU 0.1, a biased first
+    convolution, the raw input into conv1 where a stage's width changes): wrn.py's layout="usb", checked against a
+    transcription. STL-10 wrn_var_37_2 (4 stages, the first of stride 2); CIFAR-100 also WRN-28-2, weight decay 1e-3
+    (the configurations). SVHN is train + extra, the labels drawn from both (svhn.py).
  5. One forward pass of [labeled; weak; strong] in training mode (use_cat: True).
  6. Self-adaptive thresholds (FreeMatchThresholingHook, utils.py): from the detached weak softmax p of the batch,
     time_p <- m time_p + (1 - m) mean(max p), p_model <- m p_model + (1 - m) mean(p), label_hist <- m label_hist
@@ -41,12 +43,12 @@ lines in docs/fidelity.md):
 --ns3l: loss + lambda_1 x mean over the unlabeled rows of -log(1 - sum_{k: p_weak,k < T} p_strong,k), every row (no
 mask), T = 0.5 / num_classes; --ns3l-threshold class-adaptive uses T_k = T x C x p_model_k instead (FreeMatch's
 class-wise mean probability: T at the uniform start, lower for a class the model rarely predicts).
-Where this port differs: the WRN is wrn.py's (BN eps 1e-3 everywhere where USB's blocks use 1e-5, no bias on the first
-convolution where USB has one, a truncated Glorot-normal classifier where USB's is plain Glorot-normal); STL-10's
-4-stage WRN is not checked against USB's wrn_var_37_2; the labeled subset is a class-balanced draw by seed as USB's
-split_ssl_data, but not the same draw; epochs are full permutations; the colour ops floor where PIL rounds (within
-one grey level); on CUDA the training pass runs under bf16 autocast and torch.compile (USB: fp32, amp off); --no-bf16
-restores fp32; evaluation is always exact fp32.
+Where this port differs: the labeled subset is a class-balanced draw by seed as USB's split_ssl_data, but not the
+same draw, and STL-10's labeled images are in its unlabeled set once where USB adds them a second time; epochs are
+full permutations drawn by seed (USB's sampler reshuffles by epoch number and cuts its epochs at 1,024 steps); the
+colour ops floor where PIL rounds (within one grey level); on CUDA the training pass runs under bf16 autocast and
+torch.compile (USB: fp32, amp off; --no-bf16 restores fp32, and the recipe's --fp32 passes it); evaluation is always
+exact fp32. A --stop-at between evaluations only saves a checkpoint, so the legs evaluate as one run.
 """
 
 import argparse
@@ -73,13 +75,14 @@ SCRIPT = "train_freematch"
 # 2,000 steps with an evaluation every 20, 200 validation images.
 # fmt: off
 PAPER = dict(num_labeled=40, num_valid=0, total_steps=1 << 20, eval_every=5120, batch_size=64, depth=28, width=2,
-             weight_decay=5e-4, bn_momentum=0.001, ema_decay=0.999, pad_to=0, clip_threshold=False)
+             weight_decay=5e-4, bn_momentum=0.001, ema_decay=0.999, pad_to=0, clip_threshold=False, svhn_extra=False,
+             first_stride=1)
 CPU = dict(total_steps=1000, eval_every=10, batch_size=32, depth=10, bn_momentum=0.02, ema_decay=0.99)
 DEFAULTS = {
     "cifar10": PAPER,
     "cifar100": PAPER | dict(num_labeled=400, weight_decay=1e-3),
-    "svhn": PAPER | dict(clip_threshold=True),
-    "stl10": PAPER | dict(num_stages=4),
+    "svhn": PAPER | dict(clip_threshold=True, svhn_extra=True),
+    "stl10": PAPER | dict(num_stages=4, first_stride=2),
     "fashion_mnist": PAPER | dict(pad_to=32),
     "mnist": PAPER | dict(pad_to=32),
     "npz": PAPER,
@@ -137,6 +140,10 @@ def parse_args(argv=None):
     g.add_argument("--shift", type=nonnegative, help="crop padding in px of the weak view (default size / 8: USB's 4)")
     g.add_argument("--pad-to", type=nonnegative, help=f"pad smaller images with black to this size first ({TABLE})")
     g.add_argument(
+        "--svhn-extra", action=argparse.BooleanOptionalAction, default=None, help="SVHN: train + the 531k extra "
+        f"images, labels drawn from both, as USB's svhn.py ({TABLE})"
+    )  # fmt: skip
+    g.add_argument(
         "--strong-augment", choices=("usb", "fixmatch"), default="usb", help="usb: USB's RandAugment(3, 5) + random "
         "Cutout (FreeMatch's published runs); fixmatch: FixMatch's official RA (2 ops at p 0.5, Cutout 16)"
     )  # fmt: skip
@@ -151,6 +158,9 @@ def parse_args(argv=None):
     g.add_argument("--depth", type=bookkeeping.wrn_depth, help=f"WRN depth, 6n + 4 ({TABLE})")
     g.add_argument("--width", type=positive, help=f"WRN widening factor, USB wrn_28_2: 2 ({TABLE})")
     g.add_argument("--num-stages", type=positive, help="WRN stages (default ceil(log2(image size)) - 2; STL-10 4)")
+    g.add_argument(
+        "--first-stride", type=positive, help=f"stride of the first stage (STL-10 2: wrn_var_37_2) ({TABLE})"
+    )
     g.add_argument("--bn-momentum", type=bookkeeping.momentum, help=f"BatchNorm running-stat momentum ({TABLE})")
     g = parser.add_argument_group("freematch")
     g.add_argument("--lambda-u", type=rate, default=1.0, help="weight of the pseudo-label loss (ulb_loss_ratio)")
@@ -338,9 +348,17 @@ def pad_images(images, size):
 
 
 def make_model(num_classes, args, channels):
-    """USB's wrn_28_2 (nets/wrn/wrn.py: no bias in the residual convolutions): wrn.py's WRN."""
+    """USB's wrn_28_2 (nets/wrn/wrn.py), or wrn_var_37_2 for STL-10 (wrn_var.py: 4 stages, the first of stride 2):
+    wrn.py's WRN in USB's layout."""
     return wrn.WideResNet(
-        num_classes, args.depth, args.width, channels, num_stages=args.num_stages, bn_momentum=args.bn_momentum
+        num_classes,
+        args.depth,
+        args.width,
+        channels,
+        num_stages=args.num_stages,
+        bn_momentum=args.bn_momentum,
+        layout="usb",
+        first_stride=args.first_stride,
     )
 
 
@@ -359,7 +377,10 @@ def main():
 
     # Data: every failure here is one line and happens before anything is written.
     try:
-        data = common.load_dataset(args.dataset, args.data_dir, args.download, device)
+        extra = bool(args.svhn_extra) and common.dataset_key(args.dataset) == "svhn"
+        data = common.load_dataset(args.dataset, args.data_dir, args.download, device, extra)
+        if extra:  # USB's svhn.py:80-93: train + extra, and the labeled images drawn from both
+            data.num_labelable = len(data.x_train)
         args = resolve_defaults(args, data.name, data.num_classes)
         if args.pad_to:
             data.x_train, data.x_test = pad_images(data.x_train, args.pad_to), pad_images(data.x_test, args.pad_to)
@@ -481,36 +502,38 @@ def main():
             )
             sums, last_log_step = {}, done
         # EVAL: the EMA model; reported: the best test error (USB's best_eval_acc), also the median of the last ones
-        if done % args.eval_every == 0 or done == end:
+        evaluate = done % args.eval_every == 0 or done == args.total_steps  # a --stop-at only saves: the legs
+        if evaluate or done == end:  # evaluate as one uninterrupted run would
             clock.pause()
-            valid_x, valid_y = data.x_train[split.valid.to(device)], data.y_train[split.valid.to(device)]
-            valid_error = (
-                bookkeeping.error_rate(ema_model, valid_x, valid_y, normalize, memory_format=memory_format)
-                if len(valid_x)
-                else float("nan")
-            )
-            test_error = bookkeeping.error_rate(
-                ema_model, data.x_test, data.y_test, normalize, memory_format=memory_format
-            )
-            evaluations.append((done, test_error))
-            valid_evaluations.append((done, valid_error))
-            best_test = min(best_test, test_error)
-            median = statistics.median([e for _, e in evaluations][-args.median_of :])
-            bookkeeping.write_scalars(
-                writer,
-                done,
-                {
-                    "eval/valid_error": valid_error,
-                    "eval/test_error": test_error,
-                    "eval/best_test_error": best_test,
-                    "eval/median_test_error": median,
-                },
-            )
-            print(
-                f"eval step {done}: EMA valid error {valid_error:.2f}% test error {test_error:.2f}%, best "
-                f"{best_test:.2f}%, median of last {min(args.median_of, len(evaluations))}: {median:.2f}%",
-                flush=True,
-            )
+            if evaluate:
+                valid_x, valid_y = data.x_train[split.valid.to(device)], data.y_train[split.valid.to(device)]
+                valid_error = (
+                    bookkeeping.error_rate(ema_model, valid_x, valid_y, normalize, memory_format=memory_format)
+                    if len(valid_x)
+                    else float("nan")
+                )
+                test_error = bookkeeping.error_rate(
+                    ema_model, data.x_test, data.y_test, normalize, memory_format=memory_format
+                )
+                evaluations.append((done, test_error))
+                valid_evaluations.append((done, valid_error))
+                best_test = min(best_test, test_error)
+                median = statistics.median([e for _, e in evaluations][-args.median_of :])
+                bookkeeping.write_scalars(
+                    writer,
+                    done,
+                    {
+                        "eval/valid_error": valid_error,
+                        "eval/test_error": test_error,
+                        "eval/best_test_error": best_test,
+                        "eval/median_test_error": median,
+                    },
+                )
+                print(
+                    f"eval step {done}: EMA valid error {valid_error:.2f}% test error {test_error:.2f}%, best "
+                    f"{best_test:.2f}%, median of last {min(args.median_of, len(evaluations))}: {median:.2f}%",
+                    flush=True,
+                )
             bookkeeping.save_run(
                 run_dir,
                 SCRIPT,

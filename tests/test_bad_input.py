@@ -31,6 +31,10 @@ SCRIPTS = {  # script: the flags of a tiny run that works (the imagenet one adds
         *WRN,
         *("--batch-size", "4", "--uratio", "2", "--total-steps", "2", "--eval-every", "2", "--log-every", "1"),
     ],
+    "train_freematch.py": [
+        *WRN,
+        *("--batch-size", "4", "--uratio", "2", "--total-steps", "2", "--eval-every", "2", "--log-every", "1"),
+    ],
     "train_fmnist_ablation.py": [
         *("--dataset", "synthetic", "--num-labeled", "40", "--total-steps", "2", "--log-every", "1"),
         *("--eval-every", "2", "--batch-size", "20", "--unlabeled-batch-size", "40", "--hidden", "8", "--no-cuda"),
@@ -232,6 +236,7 @@ RESUME_CONFLICTS = {  # a flag per script whose value differs from the saved run
     "train_pi.py": ["--depth", "16"],
     "train_mixmatch.py": ["--depth", "16"],
     "train_fixmatch.py": ["--lambda-u", "2"],
+    "train_freematch.py": ["--fairness-weight", "0.5"],
     "train_fmnist_ablation.py": ["--lr", "0.5"],
     "train_xc.py": ["--method", "uniform"],
 }

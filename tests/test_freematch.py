@@ -112,7 +112,7 @@ def test_freematch_losses_update_first_then_mask_and_the_pseudo_label_is_detache
     assert float(new["time_p"]) == pytest.approx(float(expected_state["time_p"]))
     assert torch.equal(mask, fm.freematch_mask(probs, expected_state))  # the mask uses this batch's update
     expected = (F.cross_entropy(logits_strong, logits_weak.argmax(1), reduction="none") * mask).mean()
-    assert float(loss_xeu) == pytest.approx(float(expected))
+    assert loss_xeu.item() == pytest.approx(expected.item())
     assert float(loss_xe) == pytest.approx(float(F.cross_entropy(logits_x, labels)))
     (loss_xeu + loss_fair).backward()
     assert logits_weak.grad is None and logits_strong.grad is not None
@@ -252,3 +252,123 @@ def test_help_names_usbs_configurations(capsys):
         fm.parse_args(["--help"])
     out = capsys.readouterr().out
     assert "config/classic_cv/freematch" in out and "digits" in out
+
+
+# ------------------------------------------------------------------------------------------- USB's network, transcribed
+class UsbBasicBlock(torch.nn.Module):
+    """semilearn/nets/wrn/wrn.py:30-56 (and wrn_var.py's identical copy), as written there."""
+
+    def __init__(self, in_planes, out_planes, stride, activate_before_residual=False):
+        super().__init__()
+        nn = torch.nn
+        self.bn1 = nn.BatchNorm2d(in_planes, momentum=0.001)
+        self.relu1 = nn.LeakyReLU(negative_slope=0.1, inplace=True)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes, momentum=0.001)
+        self.relu2 = nn.LeakyReLU(negative_slope=0.1, inplace=True)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.equalInOut = in_planes == out_planes
+        self.convShortcut = (
+            (not self.equalInOut)
+            and nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, padding=0, bias=False)
+            or None
+        )
+        self.activate_before_residual = activate_before_residual
+
+    def forward(self, x):
+        if not self.equalInOut and self.activate_before_residual:
+            x = self.relu1(self.bn1(x))
+        else:
+            out = self.relu1(self.bn1(x))
+        out = self.relu2(self.bn2(self.conv1(out if self.equalInOut else x)))
+        out = self.conv2(out)
+        return torch.add(x if self.equalInOut else self.convShortcut(x), out)
+
+
+class UsbWideResNet(torch.nn.Module):
+    """wrn.py:76-139 (3 blocks) and wrn_var.py's WideResNetVar (4 blocks), as written there."""
+
+    def __init__(self, first_stride, num_classes, depth=28, widen_factor=2, blocks=3):
+        super().__init__()
+        nn = torch.nn
+        channels = [16] + [16 * widen_factor * 2**s for s in range(blocks)]
+        n = (depth - 4) // 6
+        self.conv1 = nn.Conv2d(3, channels[0], kernel_size=3, stride=1, padding=1, bias=True)
+        stages = []
+        for b in range(blocks):
+            units = [
+                UsbBasicBlock(channels[b] if i == 0 else channels[b + 1], channels[b + 1],
+                              (first_stride if b == 0 else 2) if i == 0 else 1, activate_before_residual=b == 0)
+                for i in range(n)
+            ]  # fmt: skip
+            stages.append(nn.Sequential(*units))
+        self.blocks = nn.Sequential(*stages)
+        self.bn1 = nn.BatchNorm2d(channels[-1], momentum=0.001, eps=0.001)
+        self.relu = nn.LeakyReLU(negative_slope=0.1, inplace=False)
+        self.classifier = nn.Linear(channels[-1], num_classes)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.blocks(self.conv1(x))))
+        return self.classifier(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+@pytest.mark.parametrize("stages,first_stride,size", [(3, 1, 32), (4, 2, 48)])
+def test_the_usb_layout_computes_usbs_network(stages, first_stride, size):
+    """Our weights loaded into USB's WRN (wrn_28_2; wrn_var_37_2 for STL-10: 4 stages, first stride 2) give the same
+    logits, in training mode (batch statistics) and in evaluation mode: the same wiring, BN eps and strides."""
+    ours = wrn.WideResNet(10, 10, 2, 3, num_stages=stages, layout="usb", first_stride=first_stride)
+    theirs = UsbWideResNet(first_stride, 10, depth=10, widen_factor=2, blocks=stages)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert [v.shape for v in a.values()] == [v.shape for v in b.values()]  # registration order matches
+    theirs.load_state_dict(dict(zip(b, a.values())))
+    x = torch.randn(6, 3, size, size)
+    for mode in (True, False):
+        ours.train(mode)
+        theirs.train(mode)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+    assert [m.eps for m in ours.modules() if isinstance(m, torch.nn.BatchNorm2d)][:2] == [1e-5, 1e-5]
+    oliver = wrn.WideResNet(10, 10, 2, 3, num_stages=stages)  # the default layout differs: conv1 sees BN-lReLU(x)
+    oliver.load_state_dict({k: v for k, v in a.items() if k != "stem.bias"}, strict=False)
+    assert not torch.allclose(oliver.eval()(x), ours.eval()(x), atol=1e-3)
+
+
+def test_the_fairness_term_takes_the_thresholds_updated_with_this_batch():
+    logits_weak, logits_strong = torch.randn(16, 4) * 3, torch.randn(16, 4) * 3
+    s = state(0.2, [0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1])
+    out = fm.freematch_losses(torch.randn(2, 4), torch.tensor([0, 1]), logits_weak, logits_strong, s, 0.5, False)
+    loss_fair, mask, new = out[2], out[5], out[6]
+    assert float(loss_fair) == pytest.approx(
+        float(fm.fairness_loss(mask, logits_strong, new["p_model"], new["label_hist"]))
+    )
+    assert float(loss_fair) != pytest.approx(
+        float(fm.fairness_loss(mask, logits_strong, s["p_model"], s["label_hist"]))
+    )
+
+
+def test_svhn_is_train_plus_extra_with_labels_from_both_and_stl10_strides_first(monkeypatch):
+    args = fm.parse_args(["--dataset", "svhn"])
+    assert args.svhn_extra is True and fm.parse_args(["--dataset", "cifar10"]).svhn_extra is False
+    assert fm.parse_args(["--dataset", "stl10"]).first_stride == 2 and args.first_stride == 1
+    seen = {}
+
+    def loader(name, data_dir, download, device, svhn_extra=False):
+        seen["extra"] = svhn_extra
+        raise common.DataError("stop here")
+
+    monkeypatch.setattr(common, "load_dataset", loader)
+    for flags, extra in ((["--dataset", "svhn"], True), (["--dataset", "svhn", "--no-svhn-extra"], False)):
+        monkeypatch.setattr(sys, "argv", ["train_freematch.py", *flags, "--no-cuda"])
+        with pytest.raises(SystemExit):
+            fm.main()
+        assert seen["extra"] is extra
+
+
+def test_a_stop_between_evaluations_only_saves_and_the_legs_equal_one_run(tmp_path):
+    argv = [*TINY, "--total-steps", "6", "--eval-every", "2", "--runs-dir", tmp_path]
+    assert run_script("train_freematch.py", *argv, "--run-name", "whole").returncode == 0
+    first = run_script("train_freematch.py", *argv, "--run-name", "legs", "--stop-at", "3")
+    assert first.returncode == 0 and "eval step 3" not in first.stdout, first.stdout
+    assert run_script("train_freematch.py", "--resume", tmp_path / "legs").returncode == 0
+    a, b = (json.load(open(tmp_path / name / "summary.json")) for name in ("whole", "legs"))
+    assert (a["best_test_error"], a["median_test_error"]) == (b["best_test_error"], b["median_test_error"])
+    assert read_scalars(tmp_path / "whole")["eval/test_error"] == read_scalars(tmp_path / "legs")["eval/test_error"]

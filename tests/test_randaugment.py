@@ -216,3 +216,13 @@ def test_usb_cutout_is_pils_rectangle_and_usb_draws_every_op():
     side = filled.float().sqrt()
     assert side.max() <= 17 and 6.5 < side.mean() < 9.5  # mean side ~ 8 px (+ PIL's inclusive corner, - clipping)
     assert (out != flat).any(1).flatten(1).any(1).float().mean() > 0.9  # almost every image changes
+
+
+@pytest.mark.parametrize("op", ["translate_x", "translate_y"])
+def test_usb_translations_scale_with_their_own_side_on_a_wide_image(op):
+    batch = torch.randint(0, 256, (4, 3, 16, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    index = torch.full((4,), common.RANDAUGMENT_OPS.index(op))
+    v = 0.25
+    strength = common.usb_strength(op, torch.full((4,), v, dtype=torch.float64), 40 if op == "translate_x" else 16)
+    out = common.warp_affine(batch, common.affine_matrices(index, strength, torch.ones(4).double(), 16, 40), fill=0)
+    assert torch.equal(out, torch.stack([usb_pil(image, op, v) for image in batch]))
