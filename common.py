@@ -8,8 +8,10 @@ device with per-sample randomness drawn from the global torch RNG, so a seeded r
 
 import gzip
 import json
+import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -512,6 +514,140 @@ def read_xc_labels(path):
 
 
 # ------------------------------------------------------------------------------------------------------------ split
+# ------------------------------------------------------------------------------ train_xc.py's data sets
+AUTHORS_SPLIT_SEED = 36528475  # binarize-labels.py:68 (their validation / test split of the held-out points)
+
+
+def reindex_by_frequency(y_train, y_heldout):
+    """Label ids sorted by descending training frequency (ties by id); held-out points whose label never occurs in
+    training are dropped (Bamler & Mandt 2020, 'Extreme Classification via Adversarial Softmax
+    Approximation', ICLR, experiments section). Returns new y_train, new y_heldout, mask of kept held-out points, C."""
+    ids, counts = np.unique(y_train, return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    mapping = {int(label): new for new, label in enumerate(ids[order])}
+    keep = np.array([int(label) in mapping for label in y_heldout], dtype=bool)
+    new_train = np.array([mapping[int(label)] for label in y_train], dtype=np.int64)
+    new_heldout = np.array([mapping[int(label)] for label in y_heldout[keep]], dtype=np.int64)
+    return new_train, new_heldout, keep, len(ids)
+
+
+class PlantedHierarchy:
+    """Synthetic labels with a planted hierarchy (this project's CPU-sized check of the paper's claim): C labels on the
+    leaves of a complete binary tree of depth D = ceil(log2 C), randomly permuted; class mean mu_y = sum_{l=1..D} r^l
+    g_(ancestor at depth l), g ~ N(0, I_K), r = 0.4^(1/D); x ~ N(mu_y, I); prior pi_y proportional to (y + 1)^-0.5. The
+    Bayes posterior is linear with w*_y = mu_y, b*_y = log pi_y - |mu_y|^2 / 2, the ceiling on reachable
+    log-likelihood."""
+
+    def __init__(self, num_classes, num_features, generator):
+        depth = max(1, math.ceil(math.log2(num_classes)))
+        ratio = 0.4 ** (1.0 / depth)
+        leaves = torch.arange(2**depth)
+        means = torch.zeros(2**depth, num_features)
+        for level in range(1, depth + 1):
+            offsets = torch.randn(2**level, num_features, generator=generator)
+            means += ratio**level * offsets[leaves >> (depth - level)]
+        self.means = means[torch.randperm(2**depth, generator=generator)[:num_classes]]
+        prior = (torch.arange(num_classes, dtype=torch.float64) + 1.0) ** -0.5
+        self.log_prior = (prior / prior.sum()).log().float()
+        self.cdf = (prior / prior.sum()).cumsum(0).float()
+
+    def to(self, device):
+        self.means, self.log_prior, self.cdf = self.means.to(device), self.log_prior.to(device), self.cdf.to(device)
+        return self
+
+    def sample(self, num_points, generator=None):
+        uniform = torch.rand(num_points, device=self.cdf.device, generator=generator)
+        labels = torch.searchsorted(self.cdf, uniform).clamp_max(len(self.cdf) - 1)
+        noise = torch.randn(num_points, self.means.shape[1], device=self.cdf.device, generator=generator)
+        return self.means[labels] + noise, labels
+
+    def bayes_scores(self, x):
+        return x @ self.means.T + self.log_prior - 0.5 * (self.means**2).sum(1)
+
+
+def xc_heldout_split(num_points, data_seed):
+    """The authors' split of the held-out points (those whose label occurs in training) into validation and test
+    (binarize-labels.py:68-72): a np.random.RandomState(36528475) permutation, the first round(0.2 n) for
+    validation. --data-seed shifts the seed; 0 gives the authors' split."""
+    order = np.random.RandomState(AUTHORS_SPLIT_SEED + data_seed).permutation(num_points)
+    num_valid = min(max(1, round(0.2 * num_points)), num_points - 1)
+    return order[:num_valid], order[num_valid:]
+
+
+def read_xc_file_pair(features_path, labels_path):
+    """(features, labels) of one split, from one XC-repository file or a feature file + label file."""
+    if labels_path is None:
+        features, labels, _ = read_xc_repository(features_path)
+    else:
+        features = read_xc_features(features_path)
+        labels, _ = read_xc_labels(labels_path)
+        if len(labels) != len(features):
+            raise DataError(f"{labels_path}: {len(labels)} points, but {features_path} has {len(features)}")
+    keep = labels >= 0  # points without a label are dropped (the authors' files have none)
+    return features[keep], labels[keep]
+
+
+def load_xc_dataset(dataset, labels, test_data, test_labels, data_seed, eval_size, test_size, num_classes=None,
+                    num_features=None, planted_train_size=None):  # fmt: skip
+    """train_xc.py's data: (name, x_train, y_train, {"valid": (x, y), "test": (x, y)}, num_classes, planted or None) on
+    the CPU, from 'planted' (PlantedHierarchy with num_classes, num_features), an .npz or XC text files (one file per
+    split, or a feature file + label file; labels reindexed by training frequency, held-out points split by
+    xc_heldout_split). For planted, (x_train, y_train) is the fixed sample the tree and label counts are fitted on.
+    Raises DataError with one line."""
+    generator = torch.Generator().manual_seed(data_seed)
+    if dataset == "planted":
+        planted = PlantedHierarchy(num_classes, num_features, generator)
+        x_train, y_train = planted.sample(planted_train_size or 16 * num_classes, generator)
+        heldout = {split: planted.sample(eval_size, generator) for split in ("valid", "test")}
+        return "planted", x_train, y_train, heldout, num_classes, planted
+    path = Path(dataset)
+    for name, value in (
+        ("--dataset", dataset),
+        ("--labels", labels),
+        ("--test-data", test_data),
+        ("--test-labels", test_labels),
+    ):
+        if value is not None and not Path(value).is_file():
+            raise DataError(f"{name} {value}: file not found (--dataset takes 'planted', an .npz, or XC text files)")
+    if path.suffix == ".npz":
+        x_train, y_train, x_test, y_test = read_npz(str(path))
+    else:
+        if test_data is None:
+            raise DataError("a text-format --dataset needs --test-data (the held-out file in the same format)")
+        if (labels is None) != (test_labels is None):
+            raise DataError("--labels and --test-labels go together (feature file + label file for each split)")
+        try:
+            x_train, y_train = read_xc_file_pair(dataset, labels)
+            x_test, y_test = read_xc_file_pair(test_data, test_labels)
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not a text file") from None
+        if x_test.shape[1] != x_train.shape[1]:
+            raise DataError(
+                f"{test_data}: K = {x_test.shape[1]} differs from the training file's K = {x_train.shape[1]}"
+            )
+    # the rules every loader's arrays follow (validate_arrays): finite features, whole labels >= 0, ...
+    x_train, y_train, x_test, y_test = validate_arrays(path, x_train, y_train, x_test, y_test, features=True)
+    y_train, y_test, keep, num_classes = reindex_by_frequency(y_train, y_test)
+    x_test = x_test[keep]
+    if num_classes < 2 or len(y_test) < 2:
+        raise DataError(f"{path}: need at least 2 labels and 2 held-out points with labels seen in training")
+    valid, test = xc_heldout_split(len(y_test), data_seed)
+
+    def to_tensor(idx):
+        return torch.as_tensor(x_test[idx], dtype=torch.float32), torch.as_tensor(y_test[idx])
+
+    # The authors evaluate the whole test split and subsample only validation (their evaluation scripts).
+    heldout = {"valid": to_tensor(valid[:eval_size]), "test": to_tensor(test[:test_size])}
+    return (
+        path.stem,
+        torch.as_tensor(x_train, dtype=torch.float32),
+        torch.as_tensor(y_train),
+        heldout,
+        num_classes,
+        None,
+    )
+
+
 @dataclass
 class Split:
     labeled: torch.Tensor  # indices into x_train

@@ -15,6 +15,29 @@ adversarial-negative-sampling) file by file in docs/fidelity.md, with the deviat
         --test-data tst_ft_mat_dense.txt --test-labels tst_lbl_mat.txt            # the authors' XML-CNN files
     python train_xc.py --dataset train.txt --test-data test.txt                    # XC repository one-file format
     python train_xc.py --resume runs/<run> --total-steps 100000                    # continue or extend a run
+
+Flags (parse_args lists them one per line; defaults' sources in docs/fidelity.md):
+- Data. --dataset 'planted' is this project's planted-hierarchy benchmark (common.PlantedHierarchy); --data-seed
+  seeds it and the held-out split, so different --seed train on the same data (file data: 0 is the authors' split,
+  binarize-labels.py:68-72, 20 % validation / 80 % test). --labels / --test-labels: the label matrices ('N C' header,
+  'l:1 ...' lines) of a feature matrix ('N K' header, dense rows or 'f:v' tokens): the authors' XML-CNN pair
+  trn_ft_mat_dense.txt + trn_lbl_mat.txt, or the repository's trn_X_Xf.txt + trn_X_Y.txt. --planted-train-size: the
+  fixed sample the tree and the label counts are fitted on (the main model sees fresh samples every step).
+  --eval-size: validation points evaluated; test points only for planted (file data: the whole test split, as the
+  authors evaluate it, unless --test-size).
+- Optimisation. --lr / --reg default per method to the paper's Table 1 (--table1-column: the Amazon-670K or
+  Wikipedia-500K column; they differ for uniform and NCE), softmax to Appendix A.2. --init glorot is the authors'
+  Glorot-uniform (supervised_model.py:23-30: w ~ U(+-sqrt(6 / (C + K))), b ~ U(+-sqrt(3 / C))); zero starts NCE's b at
+  -log C. --sampling epochs: a fresh permutation every epoch, the last partial batch dropped (the authors' saved runs:
+  1646 steps per epoch on Wikipedia-500K); replacement: i.i.d. --bias-init inverse-aux (adversarial): b_y starts at
+  -mean log p_n(y|x) over y's training points, the authors' only saved adversarial configuration
+  (load_and_evaluate_model.py:35); other methods keep --init's start (abstract_main_model.py:499).
+- Tree. --pca-dim k after standardising every feature (the authors' pca.ipynb); --tree-split halves: two equal halves
+  (paper Section 3; fit_aux_model.jl:161-162), packed: the left child first (this project's earlier layout);
+  --tree-reg: the node prior (lambda_n / 2) x (real labels under the node) x ||(w, b)||^2 (fit_aux_model.jl:128, 134,
+  294-298); --tree-max-rounds caps the re-splits (the paper re-splits until no label changes side).
+- Time. --time-budget counts tree fit + training, evaluation excluded; --clock process uses this process's CPU time,
+  which a shared machine's load does not inflate; --resume takes --total-steps, --time-budget and --cuda again.
 """
 
 import argparse
@@ -48,216 +71,58 @@ PAPER_DEFAULTS = {
 # fmt: on
 ADAGRAD_INIT = 1e-8  # the authors' --adagrad_init (optimizer.py:48, :91), on their loss summed over the batch
 
-AUTHORS_SPLIT_SEED = 36528475  # binarize-labels.py:68 (their validation / test split of the held-out points)
-
 
 def parse_args(argv=None):
+    """The flags, one per line; where a default comes from is in the module docstring (Flags) and docs/fidelity.md."""
     parser = bookkeeping.ArgumentParser(description=__doc__.split("\n\n")[0])
+    pos, nonneg, rate = bookkeeping.positive_int, bookkeeping.nonnegative_int, bookkeeping.nonnegative_float
+    onoff = argparse.BooleanOptionalAction
     g = parser.add_argument_group("experiment")
     g.add_argument(
         "--seed", type=bookkeeping.seed, default=1, help="seed of the training run (batches, negatives, init)"
     )
-    g.add_argument(
-        "--data-seed",
-        type=int,
-        default=0,
-        help="seed of the planted problem and of the held-out split, so different --seed train on the same data (file "
-        "data: 0 is the authors' split)",
-    )
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the planted problem and the held-out split")
     g.add_argument("--runs-dir", default="runs", help="parent directory of run directories")
-    g.add_argument(
-        "--resume",
-        type=bookkeeping.existing_path,
-        default=None,
-        metavar="RUN_DIR",
-        help="continue the run in RUN_DIR from its last checkpoint (its arguments, its tree; --total-steps, "
-        "--time-budget and --cuda may be given again)",
-    )
-    g.add_argument(
-        "--run-name",
-        type=bookkeeping.run_name,
-        default=None,
-        help="run directory name (default <dataset>__xc__<seed>__<unix time>)",
-    )
+    g.add_argument("--resume", type=bookkeeping.existing_path, metavar="RUN_DIR", help="continue RUN_DIR (its tree)")
+    g.add_argument("--run-name", type=bookkeeping.run_name, help="default <dataset>__xc__<seed>__<unix time>")
     bookkeeping.add_tracking_args(g)  # --track, --wandb-project-name, --wandb-entity
-    g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
-    g.add_argument(
-        "--torch-deterministic",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="torch.backends.cudnn.deterministic",
-    )
-    g.add_argument(
-        "--threads", type=bookkeeping.nonnegative_int, default=0, help="torch CPU threads (0 = torch's default)"
-    )
-    g.add_argument(
-        "--clock",
-        default="wall",
-        choices=("wall", "process"),
-        help="clock of the time axis and --time-budget: wall (the paper's) or this process's CPU time, which a shared "
-        "machine's load does not inflate",
-    )
+    g.add_argument("--cuda", action=onoff, default=True, help="use CUDA when available")
+    g.add_argument("--torch-deterministic", action=onoff, default=True, help="torch.backends.cudnn.deterministic")
+    g.add_argument("--threads", type=nonneg, default=0, help="torch CPU threads (0 = torch's default)")
+    g.add_argument("--clock", default="wall", choices=("wall", "process"), help="the time axis' clock (see Flags)")
     g = parser.add_argument_group("data")
-    g.add_argument(
-        "--dataset",
-        default="planted",
-        help="'planted' (this project's planted-hierarchy benchmark, see PlantedHierarchy), an .npz with x_train, "
-        "y_train, x_test, y_test, or a training file in the Extreme Classification Repository text format",
-    )
-    g.add_argument(
-        "--labels",
-        default=None,
-        help="label matrix of --dataset ('N C' header, 'l:1 ...' lines) when --dataset is a feature matrix ('N K' "
-        "header, dense rows or 'f:v' tokens): the authors' XML-CNN pair trn_ft_mat_dense.txt + trn_lbl_mat.txt, "
-        "or the repository's trn_X_Xf.txt + trn_X_Y.txt",
-    )
-    g.add_argument(
-        "--test-data",
-        default=None,
-        help="held-out file in the same format as --dataset (required with a text --dataset); split 20%% validation / "
-        "80%% test with the authors' seed (binarize-labels.py:68-72)",
-    )
-    g.add_argument("--test-labels", default=None, help="label matrix of --test-data (with --labels)")
-    g.add_argument(
-        "--num-classes",
-        type=bookkeeping.positive_int,
-        default=2**14,
-        help="planted: number of labels C (docs/xc.md uses 2^10..2^17)",
-    )
-    g.add_argument("--num-features", type=bookkeeping.positive_int, default=32, help="planted: feature dimension K")
-    g.add_argument(
-        "--planted-train-size",
-        type=bookkeeping.positive_int,
-        default=None,
-        help="planted: size of the fixed sample the tree and the label counts are fitted on (default 16 x C); the main "
-        "model sees fresh samples every step",
-    )
-    g.add_argument(
-        "--eval-size",
-        type=bookkeeping.positive_int,
-        default=2000,
-        help="points of the fixed held-out sample per split: validation always; test only for planted (file data: the "
-        "whole test split, as the authors evaluate it, unless --test-size)",
-    )
-    g.add_argument(
-        "--test-size",
-        type=bookkeeping.positive_int,
-        default=None,
-        help="file data: cap the test split at this many points (default: all of it)",
-    )
+    g.add_argument("--dataset", default="planted", help="'planted', an .npz, or an XC-repository text file")
+    g.add_argument("--labels", help="label matrix of --dataset when that is a feature matrix (see Flags)")
+    g.add_argument("--test-data", help="held-out file in --dataset's format; 20%% validation / 80%% test")
+    g.add_argument("--test-labels", help="label matrix of --test-data (with --labels)")
+    g.add_argument("--num-classes", type=pos, default=2**14, help="planted: labels C (docs/xc.md: 2^10..2^17)")
+    g.add_argument("--num-features", type=pos, default=32, help="planted: feature dimension K")
+    g.add_argument("--planted-train-size", type=pos, help="planted: the tree's fixed fitting sample (default 16 C)")
+    g.add_argument("--eval-size", type=pos, default=2000, help="held-out points per split evaluated (see Flags)")
+    g.add_argument("--test-size", type=pos, help="file data: cap the test split (default: all of it)")
     g = parser.add_argument_group("optimisation")
-    g.add_argument(
-        "--method", default="adversarial", choices=METHODS, help="negative sampling scheme (paper Section 5 baselines)"
-    )
-    g.add_argument(
-        "--total-steps",
-        type=bookkeeping.positive_int,
-        default=3000,
-        help="training steps (3000 at C = 2^12: docs/xc.md)",
-    )
-    g.add_argument(
-        "--time-budget",
-        type=bookkeeping.nonnegative_float,
-        default=0.0,
-        help="stop when tree fit + training time (evaluation excluded) exceeds this many seconds; 0 = no limit",
-    )
-    g.add_argument(
-        "--batch-size", type=bookkeeping.positive_int, default=1000, help="positives per step (authors' saved run)"
-    )
-    g.add_argument(
-        "--num-negatives", type=bookkeeping.positive_int, default=10, help="negatives per positive (authors' saved run)"
-    )
-    g.add_argument(
-        "--table1-column",
-        choices=("amazon", "wikipedia"),
-        default="amazon",
-        help="which column of the paper's Table 1 gives the default --lr / --reg per method (they differ for uniform "
-        "and NCE)",
-    )
-    g.add_argument(
-        "--lr",
-        type=bookkeeping.positive_float,
-        default=None,
-        help="Adagrad learning rate (default per method: paper Table 1, --table1-column; softmax Appendix A.2)",
-    )
-    g.add_argument(
-        "--reg",
-        type=bookkeeping.nonnegative_float,
-        default=None,
-        help="lambda of eq. 6 (default per method as for --lr)",
-    )
-    g.add_argument(
-        "--init",
-        choices=("glorot", "zero"),
-        default="glorot",
-        help="start of w and b: the authors' Glorot-uniform (supervised_model.py:23-30: w ~ U(+-sqrt(6 / (C + K))), "
-        "b ~ U(+-sqrt(3 / C)), near zero) or exact zeros (then NCE's b starts at -log C, so labels it never "
-        "sampled do not outrank trained ones)",
-    )
-    g.add_argument(
-        "--sampling",
-        choices=("epochs", "replacement"),
-        default="epochs",
-        help="file data: minibatches from a fresh permutation every epoch, the last partial batch dropped (what the "
-        "authors' saved runs did: 1646 steps per epoch on Wikipedia-500K), or i.i.d. with replacement",
-    )
-    g.add_argument(
-        "--bias-init",
-        choices=("inverse-aux", "zero"),
-        default="inverse-aux",
-        help="adversarial: start b_y at -mean log p_n(y|x) over y's training points, the authors' only saved "
-        "adversarial configuration (load_and_evaluate_model.py:35, initialize_to_inverse_aux); 'zero' "
-        "keeps --init's. Other methods keep --init's start (initialize_to_inverse_aux defaults to off, "
-        "abstract_main_model.py:499)",
-    )
+    g.add_argument("--method", default="adversarial", choices=METHODS, help="negatives (paper Section 5 baselines)")
+    g.add_argument("--total-steps", type=pos, default=3000, help="training steps (3000 at C = 2^12: docs/xc.md)")
+    g.add_argument("--time-budget", type=rate, default=0.0, help="stop after tree fit + training seconds; 0 = none")
+    g.add_argument("--batch-size", type=pos, default=1000, help="positives per step (authors' saved run)")
+    g.add_argument("--num-negatives", type=pos, default=10, help="negatives per positive (authors' saved run)")
+    g.add_argument("--table1-column", choices=("amazon", "wikipedia"), default="amazon", help="--lr/--reg column")
+    g.add_argument("--lr", type=bookkeeping.positive_float, help="Adagrad LR (default per method: paper Table 1)")
+    g.add_argument("--reg", type=rate, help="lambda of eq. 6 (default per method: paper Table 1)")
+    g.add_argument("--init", choices=("glorot", "zero"), default="glorot", help="start of w, b (supervised_model.py)")
+    g.add_argument("--sampling", choices=("epochs", "replacement"), default="epochs", help="file data's batches")
+    g.add_argument("--bias-init", choices=("inverse-aux", "zero"), default="inverse-aux", help="adversarial's b")
     g = parser.add_argument_group("auxiliary tree")
-    g.add_argument(
-        "--aux-model", default=None, help="reuse a tree saved by an earlier run (aux_tree.pt) instead of fitting one"
-    )
-    g.add_argument(
-        "--pca-dim",
-        type=bookkeeping.positive_int,
-        default=16,
-        help="k, whitened PCA dimension of the tree (paper Section 5), after standardising every feature (the authors' "
-        "pca.ipynb)",
-    )
-    g.add_argument(
-        "--tree-split",
-        choices=("halves", "packed"),
-        default="halves",
-        help="labels of a node: two equal halves (paper Section 3; the authors' initial split, "
-        "fit_aux_model.jl:161-162), or fill the left child first (this project's earlier layout)",
-    )
-    g.add_argument(
-        "--tree-reg",
-        type=bookkeeping.nonnegative_float,
-        default=0.1,
-        help="lambda_n (paper Section 5); the node prior is (lambda_n / 2) x (real labels under the node) x ||(w, "
-        "b)||^2, as the authors' fit_aux_model.jl:128,134,294-298",
-    )
-    g.add_argument(
-        "--tree-newton-steps",
-        type=bookkeeping.positive_int,
-        default=4,
-        help="Newton steps per node between two re-splits",
-    )
-    g.add_argument(
-        "--tree-max-rounds",
-        type=bookkeeping.positive_int,
-        default=4,
-        help="cap on re-split rounds per level (the paper re-splits until no label changes side)",
-    )
+    g.add_argument("--aux-model", help="reuse a tree saved by an earlier run (aux_tree.pt) instead of fitting one")
+    g.add_argument("--pca-dim", type=pos, default=16, help="k, the tree's whitened PCA dimension (paper Section 5)")
+    g.add_argument("--tree-split", choices=("halves", "packed"), default="halves", help="a node's initial split")
+    g.add_argument("--tree-reg", type=rate, default=0.1, help="lambda_n (paper Section 5; fit_aux_model.jl:128)")
+    g.add_argument("--tree-newton-steps", type=pos, default=4, help="Newton steps per node between two re-splits")
+    g.add_argument("--tree-max-rounds", type=pos, default=4, help="cap on re-split rounds per level")
     g = parser.add_argument_group("cadence")
-    g.add_argument(
-        "--eval-every", type=bookkeeping.positive_int, default=500, help="evaluate every N steps (and at the end)"
-    )
-    g.add_argument(
-        "--eval-every-seconds",
-        type=bookkeeping.nonnegative_float,
-        default=0.0,
-        help="also evaluate every X seconds of training time; 0 = off",
-    )
-    g.add_argument("--log-every", type=bookkeeping.positive_int, default=100, help="log training scalars every N steps")
+    g.add_argument("--eval-every", type=pos, default=500, help="evaluate every N steps (and at the end)")
+    g.add_argument("--eval-every-seconds", type=rate, default=0.0, help="also every X s of training time; 0 = off")
+    g.add_argument("--log-every", type=pos, default=100, help="log training scalars every N steps")
     args = parser.parse_args(argv)
 
     if args.dataset == "planted" and args.num_classes < 2:
@@ -266,54 +131,6 @@ def parse_args(argv=None):
     args.lr = default_lr if args.lr is None else args.lr
     args.reg = default_reg if args.reg is None else args.reg
     return args
-
-
-# ---------------------------------------------------------------------------------------------- data
-def reindex_by_frequency(y_train, y_heldout):
-    """Label ids sorted by descending training frequency (ties by id); held-out points whose label never occurs in
-    training are dropped (Bamler & Mandt 2020, 'Extreme Classification via Adversarial Softmax
-    Approximation', ICLR, experiments section). Returns new y_train, new y_heldout, mask of kept held-out points, C."""
-    ids, counts = np.unique(y_train, return_counts=True)
-    order = np.argsort(-counts, kind="stable")
-    mapping = {int(label): new for new, label in enumerate(ids[order])}
-    keep = np.array([int(label) in mapping for label in y_heldout], dtype=bool)
-    new_train = np.array([mapping[int(label)] for label in y_train], dtype=np.int64)
-    new_heldout = np.array([mapping[int(label)] for label in y_heldout[keep]], dtype=np.int64)
-    return new_train, new_heldout, keep, len(ids)
-
-
-class PlantedHierarchy:
-    """Synthetic labels with a planted hierarchy (this project's CPU-sized check of the paper's claim): C labels on the
-    leaves of a complete binary tree of depth D = ceil(log2 C), randomly permuted; class mean mu_y = sum_{l=1..D} r^l
-    g_(ancestor at depth l), g ~ N(0, I_K), r = 0.4^(1/D); x ~ N(mu_y, I); prior pi_y proportional to (y + 1)^-0.5. The
-    Bayes posterior is linear with w*_y = mu_y, b*_y = log pi_y - |mu_y|^2 / 2, the ceiling on reachable
-    log-likelihood."""
-
-    def __init__(self, num_classes, num_features, generator):
-        depth = max(1, math.ceil(math.log2(num_classes)))
-        ratio = 0.4 ** (1.0 / depth)
-        leaves = torch.arange(2**depth)
-        means = torch.zeros(2**depth, num_features)
-        for level in range(1, depth + 1):
-            offsets = torch.randn(2**level, num_features, generator=generator)
-            means += ratio**level * offsets[leaves >> (depth - level)]
-        self.means = means[torch.randperm(2**depth, generator=generator)[:num_classes]]
-        prior = (torch.arange(num_classes, dtype=torch.float64) + 1.0) ** -0.5
-        self.log_prior = (prior / prior.sum()).log().float()
-        self.cdf = (prior / prior.sum()).cumsum(0).float()
-
-    def to(self, device):
-        self.means, self.log_prior, self.cdf = self.means.to(device), self.log_prior.to(device), self.cdf.to(device)
-        return self
-
-    def sample(self, num_points, generator=None):
-        uniform = torch.rand(num_points, device=self.cdf.device, generator=generator)
-        labels = torch.searchsorted(self.cdf, uniform).clamp_max(len(self.cdf) - 1)
-        noise = torch.randn(num_points, self.means.shape[1], device=self.cdf.device, generator=generator)
-        return self.means[labels] + noise, labels
-
-    def bayes_scores(self, x):
-        return x @ self.means.T + self.log_prior - 0.5 * (self.means**2).sum(1)
 
 
 # ---------------------------------------------------------------------------------------------- main model and losses
@@ -414,88 +231,16 @@ def evaluate(model, x, y, correction, chunk_size):
     return metrics
 
 
-def heldout_split(num_points, data_seed):
-    """The authors' split of the held-out points (those whose label occurs in training) into validation and test
-    (binarize-labels.py:68-72): a np.random.RandomState(36528475) permutation, the first round(0.2 n) for
-    validation. --data-seed shifts the seed; 0 gives the authors' split."""
-    order = np.random.RandomState(AUTHORS_SPLIT_SEED + data_seed).permutation(num_points)
-    num_valid = min(max(1, round(0.2 * num_points)), num_points - 1)
-    return order[:num_valid], order[num_valid:]
-
-
-def read_file_pair(args, features_path, labels_path):
-    """(features, labels) of one split, from one XC-repository file or a feature file + label file."""
-    if labels_path is None:
-        features, labels, _ = common.read_xc_repository(features_path)
-    else:
-        features = common.read_xc_features(features_path)
-        labels, _ = common.read_xc_labels(labels_path)
-        if len(labels) != len(features):
-            raise common.DataError(f"{labels_path}: {len(labels)} points, but {features_path} has {len(features)}")
-    keep = labels >= 0  # points without a label are dropped (the authors' files have none)
-    return features[keep], labels[keep]
-
-
 def load_dataset(args):
-    """Returns (name, x_train, y_train, {"valid": (x, y), "test": (x, y)}, num_classes, planted or None) on the CPU.
-    For planted, (x_train, y_train) is the fixed sample the tree and label counts are fitted on."""
-    generator = torch.Generator().manual_seed(args.data_seed)
-    if args.dataset == "planted":
-        planted = PlantedHierarchy(args.num_classes, args.num_features, generator)
-        x_train, y_train = planted.sample(args.planted_train_size or 16 * args.num_classes, generator)
-        heldout = {split: planted.sample(args.eval_size, generator) for split in ("valid", "test")}
-        return "planted", x_train, y_train, heldout, args.num_classes, planted
-    path = Path(args.dataset)
-    for name, value in (
-        ("--dataset", args.dataset),
-        ("--labels", args.labels),
-        ("--test-data", args.test_data),
-        ("--test-labels", args.test_labels),
-    ):
-        if value is not None and not Path(value).is_file():
-            bookkeeping.fail(f"{name} {value}: file not found (--dataset takes 'planted', an .npz, or XC text files)")
-    if path.suffix == ".npz":
-        try:
-            x_train, y_train, x_test, y_test = common.read_npz(str(path))
-        except common.DataError as error:
-            bookkeeping.fail(str(error))
-    else:
-        if args.test_data is None:
-            bookkeeping.fail("a text-format --dataset needs --test-data (the held-out file in the same format)")
-        if (args.labels is None) != (args.test_labels is None):
-            bookkeeping.fail("--labels and --test-labels go together (feature file + label file for each split)")
-        try:
-            x_train, y_train = read_file_pair(args, args.dataset, args.labels)
-            x_test, y_test = read_file_pair(args, args.test_data, args.test_labels)
-        except (common.DataError, UnicodeDecodeError) as error:
-            bookkeeping.fail(str(error) if isinstance(error, common.DataError) else f"{path}: not a text file")
-        if x_test.shape[1] != x_train.shape[1]:
-            bookkeeping.fail(
-                f"{args.test_data}: K = {x_test.shape[1]} differs from the training file's K = {x_train.shape[1]}"
-            )
-    try:  # the rules every loader's arrays follow (common.validate_arrays): finite features, whole labels >= 0, ...
-        x_train, y_train, x_test, y_test = common.validate_arrays(path, x_train, y_train, x_test, y_test, features=True)
+    """Returns (name, x_train, y_train, {"valid": (x, y), "test": (x, y)}, num_classes, planted or None) on the CPU
+    (common.load_xc_dataset); a data problem is one line and exit 1."""
+    try:
+        return common.load_xc_dataset(
+            args.dataset, args.labels, args.test_data, args.test_labels, args.data_seed, args.eval_size,
+            args.test_size, args.num_classes, args.num_features, args.planted_train_size,
+        )  # fmt: skip
     except common.DataError as error:
         bookkeeping.fail(str(error))
-    y_train, y_test, keep, num_classes = reindex_by_frequency(y_train, y_test)
-    x_test = x_test[keep]
-    if num_classes < 2 or len(y_test) < 2:
-        bookkeeping.fail(f"{path}: need at least 2 labels and 2 held-out points with labels seen in training")
-    valid, test = heldout_split(len(y_test), args.data_seed)
-
-    def to_tensor(idx):
-        return torch.as_tensor(x_test[idx], dtype=torch.float32), torch.as_tensor(y_test[idx])
-
-    # The authors evaluate the whole test split and subsample only validation (their evaluation scripts).
-    heldout = {"valid": to_tensor(valid[: args.eval_size]), "test": to_tensor(test[: args.test_size])}
-    return (
-        path.stem,
-        torch.as_tensor(x_train, dtype=torch.float32),
-        torch.as_tensor(y_train),
-        heldout,
-        num_classes,
-        None,
-    )
 
 
 def load_tree(path, num_classes, num_features):

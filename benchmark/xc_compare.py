@@ -25,6 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
 import train_xc as xc  # noqa: E402
 import xc_tree  # noqa: E402
 
@@ -269,7 +270,7 @@ def timing(args):
     ]
     for num_classes in args.timing_classes:
         generator = torch.Generator().manual_seed(0)
-        planted = xc.PlantedHierarchy(num_classes, 32, generator)
+        planted = common.PlantedHierarchy(num_classes, 32, generator)
         x, y = planted.sample(args.timing_train_per_class * num_classes, generator)
         tree = xc_tree.fit_tree(x, y, num_classes, clock=clock)
         xb, yb = planted.sample(1000, generator)

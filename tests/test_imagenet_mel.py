@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from conftest import refuse_here  # noqa: E402
 
+import imagenet_mel_parts as parts  # noqa: E402
 import train_imagenet_mel as mel  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "train_imagenet_mel.py")
@@ -296,16 +297,18 @@ def test_authors_augmentation_is_the_default_and_random_resized_crop_a_flag():
 
     args = mel.parse_args(["--data-dir", "x"])
     assert args.augmentation == "authors" and args.torch_deterministic is False  # fast by default, as the authors
-    authors = mel.train_transform("authors", 224, 256)
+    authors = parts.train_transform("authors", 224, 256)
     kinds = [type(t) for t in authors.transforms]
     assert kinds[:3] == [v2.Resize, v2.RandomCrop, v2.RandomHorizontalFlip] and v2.ToImage in kinds
     assert any(isinstance(t, v2.ToDtype) and t.scale for t in authors.transforms)
-    assert type(mel.train_transform("random-resized-crop", 224, 256).transforms[0]) is v2.RandomResizedCrop
+    assert type(parts.train_transform("random-resized-crop", 224, 256).transforms[0]) is v2.RandomResizedCrop
     image = Image.fromarray(np.full((300, 400, 3), 255, dtype=np.uint8))
-    for transform in (authors, mel.eval_transform(224, 256)):
+    for transform in (authors, parts.eval_transform(224, 256)):
         out = transform(image)
         assert out.shape == (3, 224, 224) and out.dtype == torch.float32
-        torch.testing.assert_close(out[:, 0, 0], (1 - torch.tensor(mel.IMAGENET_MEAN)) / torch.tensor(mel.IMAGENET_STD))
+        torch.testing.assert_close(
+            out[:, 0, 0], (1 - torch.tensor(parts.IMAGENET_MEAN)) / torch.tensor(parts.IMAGENET_STD)
+        )
     # Resize(256) keeps the aspect: the short side becomes 256, so a 224 crop of a 300x400 image never rescales more
     assert authors.transforms[0].size == [256] or authors.transforms[0].size == 256
 

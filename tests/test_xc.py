@@ -40,7 +40,7 @@ def run(args, cwd, check=True):
 def small_tree():
     """A tree fitted on planted data with C = 37 (not a power of two: 64 leaves, 27 of them padding)."""
     generator = torch.Generator().manual_seed(0)
-    planted = xc.PlantedHierarchy(37, 8, generator)
+    planted = common.PlantedHierarchy(37, 8, generator)
     x, y = planted.sample(3000, generator)
     return xc_tree.fit_tree(x, y, 37, pca_dim=4), planted, x, y
 
@@ -122,7 +122,7 @@ def test_tree_node_optimum_has_the_authors_half_lambda_prior():
     """At a fitted node, grad of sum log sigma(zeta theta.z1) - (lambda / 2) |Y| ||theta||^2 vanishes (the authors'
     Newton step, fit_aux_model.jl:128,134: gradient -lambda theta, not -2 lambda theta)."""
     generator = torch.Generator().manual_seed(4)
-    planted = xc.PlantedHierarchy(2, 5, generator)
+    planted = common.PlantedHierarchy(2, 5, generator)
     x, y = planted.sample(400, generator)
     tree = xc_tree.fit_tree(x, y, 2, pca_dim=3, reg=3.0, newton_steps=50, max_rounds=10)
     z1 = torch.cat([tree.whiten(x), torch.ones(len(x), 1)], 1).double()
@@ -135,7 +135,7 @@ def test_tree_node_optimum_has_the_authors_half_lambda_prior():
 def test_tree_features_are_standardised_before_pca():
     """pca.ipynb: PCA of the correlation matrix, so rescaling a feature changes nothing; z is whitened."""
     generator = torch.Generator().manual_seed(5)
-    planted = xc.PlantedHierarchy(16, 6, generator)
+    planted = common.PlantedHierarchy(16, 6, generator)
     x, y = planted.sample(2000, generator)
     scale = torch.tensor([1.0, 100.0, 0.01, 1.0, 7.0, 1.0])
     a = xc_tree.fit_tree(x, y, 16, pca_dim=3)
@@ -150,7 +150,7 @@ def test_tree_features_are_standardised_before_pca():
 def test_power_of_two_and_tiny_label_sets():
     generator = torch.Generator().manual_seed(2)
     for num_classes in (2, 3, 16):
-        planted = xc.PlantedHierarchy(num_classes, 6, generator)
+        planted = common.PlantedHierarchy(num_classes, 6, generator)
         x, y = planted.sample(500, generator)
         tree = xc_tree.fit_tree(x, y, num_classes, pca_dim=3)
         log_prob = tree.log_prob_all(tree.whiten(x[:20]))
@@ -257,7 +257,7 @@ def test_repository_format_reader_and_reindexing(tmp_path):
     x, y, num_labels = common.read_xc_repository(tmp_path / "train.txt")
     assert num_labels == 10 and y.tolist() == [3, -1, 5, 3, 5, 5]  # smallest label kept, -1: no label
     assert x.shape == (6, 5) and x[0].tolist() == [1.5, 0, 0, 0, -2.0] and x[2, 2] == 0.25 and not x[3].any()
-    new_train, new_test, keep, num_classes = xc.reindex_by_frequency(y[y >= 0], np.array([3, 8, 5]))
+    new_train, new_test, keep, num_classes = common.reindex_by_frequency(y[y >= 0], np.array([3, 8, 5]))
     assert num_classes == 2 and new_train.tolist() == [1, 0, 1, 0, 0]  # label 5 (3 points) becomes 0
     assert keep.tolist() == [True, False, True] and new_test.tolist() == [1, 0]  # label 8 unseen in training
 
@@ -298,16 +298,16 @@ def test_readers_reject_malformed_files_with_one_line(tmp_path, reader, content,
 
 def test_heldout_split_is_the_authors(tmp_path):
     """binarize-labels.py:68-72: RandomState(36528475).permutation, first round(0.2 n) validation."""
-    valid, test = xc.heldout_split(1003, 0)
+    valid, test = common.xc_heldout_split(1003, 0)
     order = np.random.RandomState(36528475).permutation(1003)
     assert valid.tolist() == order[:201].tolist() and test.tolist() == order[201:].tolist()
-    assert xc.heldout_split(1003, 1)[0].tolist() != valid.tolist()
+    assert common.xc_heldout_split(1003, 1)[0].tolist() != valid.tolist()
 
 
 @pytest.mark.parametrize("dense", [True, False])
 def test_end_to_end_on_a_feature_and_label_file_pair(tmp_path, dense):
     generator = torch.Generator().manual_seed(5)
-    planted = xc.PlantedHierarchy(12, 5, generator)
+    planted = common.PlantedHierarchy(12, 5, generator)
     x_train, y_train = planted.sample(400, generator)
     x_test, y_test = planted.sample(60, generator)
 
@@ -379,7 +379,7 @@ def test_missing_data_file_is_one_line_and_writes_nothing(tmp_path):
 
 def test_inverse_aux_bias_is_minus_the_mean_log_pn_of_each_label():
     generator = torch.Generator().manual_seed(0)
-    planted = xc.PlantedHierarchy(8, 4, generator)
+    planted = common.PlantedHierarchy(8, 4, generator)
     x, y = planted.sample(400, generator)
     tree = xc_tree.fit_tree(x, y, 8, pca_dim=3)
     bias = xc.inverse_aux_bias(tree, x, y, 8, chunk=7)  # several chunks
@@ -397,7 +397,7 @@ def test_inverse_aux_bias_is_minus_the_mean_log_pn_of_each_label():
 def test_file_data_is_evaluated_on_the_whole_test_split(tmp_path):
     """The authors evaluate the full test set and subsample only validation; --eval-size caps validation only."""
     generator = torch.Generator().manual_seed(3)
-    planted = xc.PlantedHierarchy(8, 4, generator)
+    planted = common.PlantedHierarchy(8, 4, generator)
     x_train, y_train = planted.sample(400, generator)
     x_test, y_test = planted.sample(3000, generator)
     np.savez(
@@ -417,7 +417,7 @@ def test_file_data_is_evaluated_on_the_whole_test_split(tmp_path):
 
 def test_end_to_end_npz_reuse_tree_and_never_overwrite(tmp_path):
     generator = torch.Generator().manual_seed(3)
-    planted = xc.PlantedHierarchy(20, 6, generator)
+    planted = common.PlantedHierarchy(20, 6, generator)
     x_train, y_train = planted.sample(600, generator)
     x_test, y_test = planted.sample(100, generator)
     np.savez(
@@ -427,7 +427,7 @@ def test_end_to_end_npz_reuse_tree_and_never_overwrite(tmp_path):
         x_test=x_test.numpy(),
         y_test=y_test.numpy(),
     )
-    common = [
+    argv_common = [
         "--dataset",
         str(tmp_path / "tiny.npz"),
         "--total-steps",
@@ -441,7 +441,7 @@ def test_end_to_end_npz_reuse_tree_and_never_overwrite(tmp_path):
         "--pca-dim",
         "3",
     ]
-    run([*common, "--run-name", "first"], tmp_path)
+    run([*argv_common, "--run-name", "first"], tmp_path)
     run_dir = tmp_path / "runs" / "first"
     for name in ("args.json", "summary.json", "checkpoint.pt", "aux_tree.pt", "eval_history.jsonl"):
         assert (run_dir / name).is_file(), name
@@ -478,7 +478,7 @@ def test_end_to_end_npz_reuse_tree_and_never_overwrite(tmp_path):
     assert checkpoint["step"] == 30 and checkpoint["model"]["weight.weight"].shape == (20, 6)
 
     # the saved tree is reused, and its fitting time still counts on the time axis
-    run([*common, "--run-name", "second", "--aux-model", str(run_dir / "aux_tree.pt")], tmp_path)
+    run([*argv_common, "--run-name", "second", "--aux-model", str(run_dir / "aux_tree.pt")], tmp_path)
     second = json.loads((tmp_path / "runs" / "second" / "summary.json").read_text())
     second_tree = torch.load(tmp_path / "runs" / "second" / "aux_tree.pt", weights_only=True)  # kept for --resume
     assert torch.equal(second_tree["theta"], torch.load(run_dir / "aux_tree.pt", weights_only=True)["theta"])
@@ -486,7 +486,7 @@ def test_end_to_end_npz_reuse_tree_and_never_overwrite(tmp_path):
 
     # an existing run directory is never overwritten
     before = (run_dir / "summary.json").read_bytes()
-    result = run([*common, "--run-name", "first", "--method", "uniform"], tmp_path, check=False)
+    result = run([*argv_common, "--run-name", "first", "--method", "uniform"], tmp_path, check=False)
     assert result.returncode != 0 and "already exists" in result.stderr
     assert (run_dir / "summary.json").read_bytes() == before
 
@@ -554,7 +554,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, method, data):
     uninterrupted 30-step run: same negatives and batches (CPU / CUDA RNG restored), same fitted tree (reused)."""
     if data == "npz":
         generator = torch.Generator().manual_seed(3)
-        planted = xc.PlantedHierarchy(20, 6, generator)
+        planted = common.PlantedHierarchy(20, 6, generator)
         (x_train, y_train), (x_test, y_test) = planted.sample(600, generator), planted.sample(100, generator)
         np.savez(
             tmp_path / "d.npz",
