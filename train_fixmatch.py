@@ -114,129 +114,68 @@ TABLE = "per --dataset, see the table below"
 
 
 def parse_args(argv=None):
+    rate, unit = bookkeeping.nonnegative_float, bookkeeping.open_unit
     parser = bookkeeping.ArgumentParser(
         description=__doc__.split("\n")[0], epilog=bookkeeping.defaults_epilog(DEFAULTS, SOURCES)
     )
     positive, nonnegative = bookkeeping.positive_int, bookkeeping.nonnegative_int
     g = parser.add_argument_group("experiment")
     bookkeeping.add_run_args(g)  # --seed, --runs-dir, --run-name, --resume
-    g.add_argument(
-        "--stop-at",
-        type=positive,
-        default=None,
-        metavar="STEP",
-        help="leave after STEP steps with a checkpoint (a job's time limit; a run is ~a day on one GPU) and continue "
-        "later with --resume; the LR schedule still follows --total-steps, so the legs equal one uninterrupted run",
-    )
+    g.add_argument("--stop-at", type=positive, default=None, metavar="STEP", help="leave after STEP steps with a "
+                   "checkpoint (a job's time limit; a run is ~a day on one GPU) and continue later with --resume; the "
+                   "LR schedule still follows --total-steps, so the legs equal one uninterrupted run")  # fmt: skip
     bookkeeping.add_device_args(g)
     g.add_argument("--eval-every", type=positive, help=f"steps between evaluations, official 64 kimg ({TABLE})")
-    g.add_argument(
-        "--median-of",
-        type=positive,
-        default=20,
-        help="the reported number is the median test error of this many last evaluations (official 20)",
-    )
+    g.add_argument("--median-of", type=positive, default=20, help="the reported number is the median test error of "
+                   "this many last evaluations (official 20)")  # fmt: skip
     g.add_argument("--log-every", type=positive, default=100, help="steps between logged scalars")
     g = parser.add_argument_group("data")
-    g.add_argument(
-        "--dataset",
-        default="cifar10",
-        help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz (x_train, y_train, x_test, y_test)",
-    )
+    g.add_argument("--dataset", default="cifar10", help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz "
+                   "(x_train, y_train, x_test, y_test)")  # fmt: skip
     g.add_argument("--data-dir", default="data", help="torchvision data root")
     g.add_argument("--download", action="store_true", help="let torchvision download the data set")
     g.add_argument("--num-labeled", type=positive, help=f"labeled images ({TABLE})")
     g.add_argument("--num-valid", type=nonnegative, help=f"validation images; the official runs hold out 1 ({TABLE})")
-    g.add_argument(
-        "--exclude-labeled",
-        action="store_true",
-        help="keep the labeled images out of the unlabeled stream (official: the unlabeled stream is the whole "
-        "training set)",
-    )
-    g.add_argument(
-        "--shift",
-        type=nonnegative,
-        help="random-crop padding in px of the weak view (official: 4 at 32 px, 12 on STL-10; default image size / 8)",
-    )
-    g.add_argument(
-        "--pad-to",
-        type=nonnegative,
-        help=f"pad smaller images with black to this size first; 0 = never (official: Fashion-MNIST to 32) ({TABLE})",
-    )
+    g.add_argument("--exclude-labeled", action="store_true", help="keep the labeled images out of the unlabeled stream "
+                   "(official: the unlabeled stream is the whole training set)")  # fmt: skip
+    g.add_argument("--shift", type=nonnegative, help="random-crop padding in px of the weak view (official: 4 at 32 "
+                   "px, 12 on STL-10; default image size / 8)")  # fmt: skip
+    g.add_argument("--pad-to", type=nonnegative, help="pad smaller images with black to this size first; 0 = never "
+                   f"(official: Fashion-MNIST to 32) ({TABLE})")  # fmt: skip
     g = parser.add_argument_group("optimisation")
     g.add_argument("--total-steps", type=positive, help=f"training steps; official 2^20 ({TABLE})")
     g.add_argument("--batch-size", type=positive, help=f"labeled images per step, official 64 ({TABLE})")
-    g.add_argument(
-        "--uratio", type=positive, default=7, help="mu: unlabeled images per step = mu x --batch-size (official 7)"
-    )
-    g.add_argument(
-        "--lr",
-        type=bookkeeping.positive_float,
-        default=0.03,
-        help="SGD learning rate before the cosine decay lr cos(7 pi k / 16 K) (official)",
-    )
-    g.add_argument(
-        "--weight-decay",
-        type=bookkeeping.nonnegative_float,
-        help=f"L2 wd x sum 1/2 ||w||^2 on conv and dense kernels, in the loss as the official code ({TABLE})",
-    )
+    g.add_argument("--uratio", type=positive, default=7, help="mu: unlabeled images per step = mu x --batch-size "
+                   "(official 7)")  # fmt: skip
+    g.add_argument("--lr", type=bookkeeping.positive_float, default=0.03, help="SGD learning rate before the cosine "
+                   "decay lr cos(7 pi k / 16 K) (official)")  # fmt: skip
+    g.add_argument("--weight-decay", type=rate, help="L2 wd x sum 1/2 ||w||^2 on conv and dense kernels, in the loss "
+                   f"as the official code ({TABLE})")  # fmt: skip
     g.add_argument("--ema-decay", type=bookkeeping.ema_decay, help=f"EMA of the weights, used for evaluation ({TABLE})")
     g.add_argument("--depth", type=bookkeeping.wrn_depth, help=f"WRN depth, 6n + 4 ({TABLE})")
     g.add_argument("--width", type=positive, help=f"WRN widening factor: 2 = official 32 filters, 8 = 128 ({TABLE})")
-    g.add_argument(
-        "--num-stages", type=positive, help="WRN stages, official scales (default ceil(log2(image size)) - 2; STL-10 4)"
-    )
-    g.add_argument(
-        "--bn-momentum",
-        type=bookkeeping.momentum,
-        help=f"BatchNorm running-stat momentum; 0.001 = TF's decay 0.999 ({TABLE})",
-    )
+    g.add_argument("--num-stages", type=positive, help="WRN stages, official scales (default ceil(log2(image size)) - "
+                   "2; STL-10 4)")  # fmt: skip
+    g.add_argument("--bn-momentum", type=bookkeeping.momentum, help="BatchNorm running-stat momentum; 0.001 = TF's "
+                   f"decay 0.999 ({TABLE})")  # fmt: skip
     g = parser.add_argument_group("fixmatch")
-    g.add_argument(
-        "--confidence",
-        type=bookkeeping.unit_interval,
-        default=0.95,
-        help="tau: a pseudo-label counts where the weak view's max probability is >= tau (official)",
-    )
-    g.add_argument(
-        "--lambda-u", type=bookkeeping.nonnegative_float, default=1.0, help="weight of the pseudo-label loss (wu)"
-    )
-    g.add_argument(
-        "--randaugment-ops", type=nonnegative, default=2, help="RandAugment ops per strong view (official nops)"
-    )
-    g.add_argument(
-        "--randaugment-magnitude",
-        type=positive,
-        default=10,
-        help="levels are drawn from 1..magnitude - 1 (official randint(1, 10))",
-    )
-    g.add_argument(
-        "--cutout",
-        type=nonnegative,
-        default=None,
-        help="Cutout side in px of the strong view (default: the official 16, half the side on images under 32 px)",
-    )
+    g.add_argument("--confidence", type=bookkeeping.unit_interval, default=0.95, help="tau: a pseudo-label counts "
+                   "where the weak view's max probability is >= tau (official)")  # fmt: skip
+    g.add_argument("--lambda-u", type=rate, default=1.0, help="weight of the pseudo-label loss (wu)")
+    g.add_argument("--randaugment-ops", type=nonnegative, default=2, help="RandAugment ops per strong view (official "
+                   "nops)")  # fmt: skip
+    g.add_argument("--randaugment-magnitude", type=positive, default=10, help="levels are drawn from 1..magnitude - 1 "
+                   "(official randint(1, 10))")  # fmt: skip
+    g.add_argument("--cutout", type=nonnegative, default=None, help="Cutout side in px of the strong view (default: "
+                   "the official 16, half the side on images under 32 px)")  # fmt: skip
     g = parser.add_argument_group("ns3l")
     g.add_argument("--ns3l", action="store_true", help="add the NS3L loss on the unlabeled images")
-    g.add_argument(
-        "--ns3l-weight",
-        type=bookkeeping.nonnegative_float,
-        default=1.0,
-        help="lambda_1 (a small CPU sweep selected on validation, docs/fixmatch_l1_sweep.md; no paper gives "
-        "FixMatch values)",
-    )
-    g.add_argument(
-        "--threshold",
-        type=bookkeeping.open_unit,
-        help="T: classes whose weak-view probability is below it are negatives (default 0.5 / num_classes, the "
-        "NS3L paper's MixMatch setting)",
-    )
-    g.add_argument(
-        "--ns3l-view",
-        choices=("strong", "weak"),
-        default="strong",
-        help="the logits the NS3L loss is taken on (the negatives always come from the detached weak view)",
-    )
+    g.add_argument("--ns3l-weight", type=rate, default=1.0, help="lambda_1 (a small CPU sweep selected on validation, "
+                   "docs/fixmatch_l1_sweep.md; no paper gives FixMatch values)")  # fmt: skip
+    g.add_argument("--threshold", type=unit, help="T: classes whose weak-view probability is below it are negatives "
+                   "(default 0.5 / num_classes, the NS3L paper's MixMatch setting)")  # fmt: skip
+    g.add_argument("--ns3l-view", choices=("strong", "weak"), default="strong", help="the logits the NS3L loss is "
+                   "taken on (the negatives always come from the detached weak view)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.randaugment_magnitude < 2:
         parser.error(

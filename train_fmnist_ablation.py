@@ -62,99 +62,50 @@ NN_EXCLUDED = {"nn-exclude": 1, "nn-exclude-4": 4}  # how many nearest classes e
 
 
 def parse_args(argv=None):
+    pos, nonneg, rate, unit, onoff = (
+        bookkeeping.positive_int,
+        bookkeeping.nonnegative_int,
+        bookkeeping.nonnegative_float,
+        bookkeeping.open_unit,
+        argparse.BooleanOptionalAction,
+    )
     parser = bookkeeping.ArgumentParser(description=__doc__.split("\n")[0])
     g = parser.add_argument_group("experiment")
     bookkeeping.add_run_args(g)  # --seed, --runs-dir, --run-name, --resume
-    g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
-    g.add_argument(
-        "--torch-deterministic",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, no benchmark): "
-        "bit-reproducible on the same machine and software, slower on GPU",
-    )
-    g.add_argument(
-        "--eval-every",
-        type=bookkeeping.positive_int,
-        default=None,
-        help="steps between test evaluations (default: 10 epochs); checkpoints are written every epoch",
-    )
-    g.add_argument("--log-every", type=bookkeeping.positive_int, default=100, help="steps between logged scalars")
-    g.add_argument(
-        "--mean-of",
-        type=bookkeeping.positive_int,
-        default=10,
-        help="the reported number is the mean test error at the ends of this many last epochs (the paper: the end)",
-    )
+    g.add_argument("--cuda", action=onoff, default=True, help="use CUDA when available")
+    g.add_argument("--torch-deterministic", action=onoff, default=False, help="deterministic kernels "
+                   "(torch.use_deterministic_algorithms, cuDNN deterministic, no benchmark): bit-reproducible on the "
+                   "same machine and software, slower on GPU")  # fmt: skip
+    g.add_argument("--eval-every", type=pos, default=None, help="steps between test evaluations (default: 10 epochs); "
+                   "checkpoints are written every epoch")  # fmt: skip
+    g.add_argument("--log-every", type=pos, default=100, help="steps between logged scalars")
+    g.add_argument("--mean-of", type=pos, default=10, help="the reported number is the mean test error at the ends of "
+                   "this many last epochs (the paper: the end)")  # fmt: skip
     g = parser.add_argument_group("data")
-    g.add_argument(
-        "--dataset",
-        default="fashion_mnist",
-        help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz (x_train, y_train, x_test, y_test)",
-    )
+    g.add_argument("--dataset", default="fashion_mnist", help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz "
+                   "(x_train, y_train, x_test, y_test)")  # fmt: skip
     g.add_argument("--data-dir", default="data", help="torchvision data root (else Debian's dataset-fashion-mnist)")
     g.add_argument("--download", action="store_true", help="let torchvision download the data set")
-    g.add_argument(
-        "--num-labeled", type=bookkeeping.positive_int, default=2000, help="labeled images (paper Table 5: 2,000)"
-    )
-    g.add_argument(
-        "--num-valid",
-        type=bookkeeping.nonnegative_int,
-        default=0,
-        help="validation images held out of train (paper: none)",
-    )
+    g.add_argument("--num-labeled", type=pos, default=2000, help="labeled images (paper Table 5: 2,000)")
+    g.add_argument("--num-valid", type=nonneg, default=0, help="validation images held out of train (paper: none)")
     g = parser.add_argument_group("optimisation")
-    g.add_argument(
-        "--epochs", type=bookkeeping.positive_int, default=50, help="epochs of --epoch-unit (paper Table 5: 50)"
-    )
-    g.add_argument(
-        "--epoch-unit",
-        choices=("labeled", "unlabeled"),
-        default="labeled",
-        help="what an epoch passes over, which the paper does not define: 'labeled' (the 2,000 labeled images; "
-        "2,000 steps for 50 epochs) or 'unlabeled' (the 58,000 unlabeled images; 29x the steps)",
-    )
-    g.add_argument(
-        "--total-steps", type=bookkeeping.positive_int, default=None, help="overrides --epochs: optimiser steps"
-    )
-    g.add_argument(
-        "--batch-size", type=bookkeeping.positive_int, default=50, help="labeled images per step (Oliver et al.: 50)"
-    )
-    g.add_argument(
-        "--unlabeled-batch-size",
-        type=bookkeeping.positive_int,
-        default=50,
-        help="unlabeled images per step (Oliver et al.: 50)",
-    )
-    g.add_argument(
-        "--lr",
-        type=bookkeeping.positive_float,
-        default=1e-3,
-        help="Adam learning rate (framework default; paper: not given)",
-    )
-    g.add_argument(
-        "--hidden", type=bookkeeping.positive_int, default=128, help="width of the CNN's hidden linear layer"
-    )
+    g.add_argument("--epochs", type=pos, default=50, help="epochs of --epoch-unit (paper Table 5: 50)")
+    g.add_argument("--epoch-unit", choices=("labeled", "unlabeled"), default="labeled", help="what an epoch passes "
+                   "over, which the paper does not define: 'labeled' (the 2,000 labeled images; 2,000 steps for 50 "
+                   "epochs) or 'unlabeled' (the 58,000 unlabeled images; 29x the steps)")  # fmt: skip
+    g.add_argument("--total-steps", type=pos, default=None, help="overrides --epochs: optimiser steps")
+    g.add_argument("--batch-size", type=pos, default=50, help="labeled images per step (Oliver et al.: 50)")
+    g.add_argument("--unlabeled-batch-size", type=pos, default=50, help="unlabeled images per step (Oliver et al.: 50)")
+    g.add_argument("--lr", type=bookkeeping.positive_float, default=0.001, help="Adam learning rate (framework "
+                   "default; paper: not given)")  # fmt: skip
+    g.add_argument("--hidden", type=pos, default=128, help="width of the CNN's hidden linear layer")
     g = parser.add_argument_group("ns3l")
     g.add_argument("--negatives", choices=RULES, default="threshold", help="how negative labels are chosen (row)")
-    g.add_argument(
-        "--num-negatives",
-        type=bookkeeping.positive_int,
-        default=1,
-        help="P: negatives per unlabeled image (uniform, nn-*, oracle; ignored by threshold/supervised)",
-    )
-    g.add_argument(
-        "--threshold",
-        type=bookkeeping.open_unit,
-        default=0.03,
-        help="T for --negatives threshold (Table 5: 0.03, 0.05)",
-    )
-    g.add_argument(
-        "--ns3l-weight", type=bookkeeping.nonnegative_float, default=1.0, help="lambda_1 (paper section 4.1.3: 1)"
-    )
-    g.add_argument(
-        "--nn-chunk", type=bookkeeping.positive_int, default=4096, help="unlabeled images per nearest-neighbour block"
-    )
+    g.add_argument("--num-negatives", type=pos, default=1, help="P: negatives per unlabeled image (uniform, nn-*, "
+                   "oracle; ignored by threshold/supervised)")  # fmt: skip
+    g.add_argument("--threshold", type=unit, default=0.03, help="T for --negatives threshold (Table 5: 0.03, 0.05)")
+    g.add_argument("--ns3l-weight", type=rate, default=1.0, help="lambda_1 (paper section 4.1.3: 1)")
+    g.add_argument("--nn-chunk", type=pos, default=4096, help="unlabeled images per nearest-neighbour block")
     args = parser.parse_args(argv)
 
     try:

@@ -111,6 +111,7 @@ TABLE = "per --dataset, see the table below"
 
 
 def parse_args(argv=None):
+    rate, unit = bookkeeping.nonnegative_float, bookkeeping.open_unit
     parser = bookkeeping.ArgumentParser(
         description=__doc__.split("\n")[0], epilog=bookkeeping.defaults_epilog(DEFAULTS, SOURCES)
     )
@@ -121,82 +122,48 @@ def parse_args(argv=None):
     g.add_argument("--eval-every", type=positive, help=f"steps between evaluations, official 64 kimg ({TABLE})")
     g.add_argument("--log-every", type=positive, default=100, help="steps between logged scalars")
     g = parser.add_argument_group("data")
-    g.add_argument(
-        "--dataset",
-        default="cifar10",
-        help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz (x_train, y_train, x_test, y_test)",
-    )
+    g.add_argument("--dataset", default="cifar10", help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz "
+                   "(x_train, y_train, x_test, y_test)")  # fmt: skip
     g.add_argument("--data-dir", default="data", help="torchvision data root")
     g.add_argument("--download", action="store_true", help="let torchvision download the data set")
-    g.add_argument(
-        "--svhn-extra",
-        action="store_true",
-        help="SVHN + extra as the official runs/table7.sh: the 531k 'extra' images join train, the labeled "
-        "and validation images are drawn from train + extra, and --alpha defaults to 0.25",
-    )
+    g.add_argument("--svhn-extra", action="store_true", help="SVHN + extra as the official runs/table7.sh: the 531k "
+                   "'extra' images join train, the labeled and validation images are drawn from train + extra, and "
+                   "--alpha defaults to 0.25")  # fmt: skip
     g.add_argument("--num-labeled", type=positive, help=f"labeled images ({TABLE})")
     g.add_argument("--num-valid", type=nonnegative, help=f"validation images; the official runs hold out 1 ({TABLE})")
-    g.add_argument(
-        "--include-labeled",
-        action="store_true",
-        help="also put the labeled images in the unlabeled stream (official create_split.py does not)",
-    )
-    g.add_argument(
-        "--shift",
-        type=nonnegative,
-        help="random-crop padding in px (official: 4 at 32 px, 12 on STL-10; default image size / 8)",
-    )
+    g.add_argument("--include-labeled", action="store_true", help="also put the labeled images in the unlabeled stream "
+                   "(official create_split.py does not)")  # fmt: skip
+    g.add_argument("--shift", type=nonnegative, help="random-crop padding in px (official: 4 at 32 px, 12 on STL-10; "
+                   "default image size / 8)")  # fmt: skip
     g = parser.add_argument_group("optimisation")
-    g.add_argument(
-        "--total-steps",
-        type=positive,
-        help=f"training steps; --total-steps 1048576 is the MixMatch paper's 2^16 kimg ({TABLE})",
-    )
+    g.add_argument("--total-steps", type=positive, help="training steps; --total-steps 1048576 is the MixMatch paper's "
+                   f"2^16 kimg ({TABLE})")  # fmt: skip
     g.add_argument("--batch-size", type=positive, default=64, help="labeled images per step, = unlabeled (official 64)")
-    g.add_argument(
-        "--lr", type=bookkeeping.positive_float, default=0.002, help="Adam learning rate, constant (official)"
-    )
-    g.add_argument(
-        "--weight-decay",
-        type=bookkeeping.nonnegative_float,
-        default=0.02,
-        help="decoupled decay w <- w (1 - wd lr) on conv / dense kernels after each step (official wd)",
-    )
+    g.add_argument("--lr", type=bookkeeping.positive_float, default=0.002, help="Adam learning rate, constant "
+                   "(official)")  # fmt: skip
+    g.add_argument("--weight-decay", type=rate, default=0.02, help="decoupled decay w <- w (1 - wd lr) on conv / dense "
+                   "kernels after each step (official wd)")  # fmt: skip
     g.add_argument("--ema-decay", type=bookkeeping.ema_decay, help=f"EMA of the weights, used for evaluation ({TABLE})")
     g.add_argument("--depth", type=bookkeeping.wrn_depth, help=f"WRN depth, 6n + 4 ({TABLE})")
     g.add_argument("--width", type=positive, default=2, help="WRN widening factor (official 32 filters = width 2)")
     g.add_argument("--num-stages", type=positive, help=f"WRN stages, official --scales ({TABLE})")
-    g.add_argument(
-        "--bn-momentum",
-        type=bookkeeping.momentum,
-        help=f"BatchNorm running-stat momentum; 0.001 = TF's decay 0.999 ({TABLE})",
-    )
+    g.add_argument("--bn-momentum", type=bookkeeping.momentum, help="BatchNorm running-stat momentum; 0.001 = TF's "
+                   f"decay 0.999 ({TABLE})")  # fmt: skip
     g = parser.add_argument_group("mixmatch")
     g.add_argument("--k-augment", type=positive, default=2, help="augmentations per unlabeled image (official nu = 2)")
-    g.add_argument(
-        "--temperature", type=bookkeeping.positive_float, default=0.5, help="sharpening temperature T (official)"
-    )
-    g.add_argument(
-        "--alpha",
-        type=bookkeeping.positive_float,
-        help="Beta(alpha, alpha) of mixup (default 0.75, official --beta in runs/table*.sh; 0.25 with "
-        "--svhn-extra, runs/table7.sh)",
-    )
-    g.add_argument("--lambda-u", type=bookkeeping.nonnegative_float, help=f"weight of the L2 loss ({TABLE})")
+    g.add_argument("--temperature", type=bookkeeping.positive_float, default=0.5, help="sharpening temperature T "
+                   "(official)")  # fmt: skip
+    g.add_argument("--alpha", type=bookkeeping.positive_float, help="Beta(alpha, alpha) of mixup (default 0.75, "
+                   "official --beta in runs/table*.sh; 0.25 with --svhn-extra, runs/table7.sh)")  # fmt: skip
+    g.add_argument("--lambda-u", type=rate, help=f"weight of the L2 loss ({TABLE})")
     g.add_argument("--rampup-steps", type=nonnegative, help=f"linear ramp of lambda_u, official 1024 kimg ({TABLE})")
     g = parser.add_argument_group("ns3l")
     g.add_argument("--ns3l", action="store_true", help="add the NS3L loss on X' and U' (NS3L paper section 4.3)")
-    g.add_argument(
-        "--ns3l-weight",
-        type=bookkeeping.nonnegative_float,
-        help="lambda_1 (NS3L 4.4: CIFAR-10 5 below 4000 labels, 10 at 4000; SVHN, STL-10 and others 2)",
-    )
-    g.add_argument(
-        "--threshold",
-        type=bookkeeping.open_unit,
-        help="T: mixed-target probabilities below it are negatives (default 0.5 / num_classes: 0.05 for 10 "
-        "classes, NS3L 4.4; divided by 10 for CIFAR-100 as the paper does for Protocol A)",
-    )
+    g.add_argument("--ns3l-weight", type=rate, help="lambda_1 (NS3L 4.4: CIFAR-10 5 below 4000 labels, 10 at 4000; "
+                   "SVHN, STL-10 and others 2)")  # fmt: skip
+    g.add_argument("--threshold", type=unit, help="T: mixed-target probabilities below it are negatives (default 0.5 / "
+                   "num_classes: 0.05 for 10 classes, NS3L 4.4; divided by 10 for CIFAR-100 as the paper does for "
+                   "Protocol A)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.batch_size < max(2, args.k_augment + 1):
         parser.error(

@@ -74,97 +74,54 @@ TABLE = "per --dataset, see the table below"
 
 
 def parse_args(argv=None):
+    pos, nonneg, rate, unit = (
+        bookkeeping.positive_int,
+        bookkeeping.nonnegative_int,
+        bookkeeping.nonnegative_float,
+        bookkeeping.open_unit,
+    )
     parser = bookkeeping.ArgumentParser(
         description=__doc__.split("\n")[0], epilog=bookkeeping.defaults_epilog(DEFAULTS, SOURCES)
     )
     g = parser.add_argument_group("experiment")
     bookkeeping.add_run_args(g)  # --seed, --runs-dir, --run-name, --resume
     bookkeeping.add_device_args(g)
-    g.add_argument(
-        "--eval-every", type=bookkeeping.positive_int, help=f"steps between evaluations and checkpoints ({TABLE})"
-    )
-    g.add_argument("--log-every", type=bookkeeping.positive_int, default=100, help="steps between logged scalars")
+    g.add_argument("--eval-every", type=pos, help=f"steps between evaluations and checkpoints ({TABLE})")
+    g.add_argument("--log-every", type=pos, default=100, help="steps between logged scalars")
     g = parser.add_argument_group("data")
-    g.add_argument(
-        "--dataset",
-        default="cifar10",
-        help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz (x_train, y_train, x_test, y_test)",
-    )
+    g.add_argument("--dataset", default="cifar10", help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz "
+                   "(x_train, y_train, x_test, y_test)")  # fmt: skip
     g.add_argument("--data-dir", default="data", help="torchvision data root")
     g.add_argument("--download", action="store_true", help="let torchvision download the data set")
-    g.add_argument(
-        "--svhn-extra", action="store_true", help="SVHN: add the 531k 'extra' images to the unlabeled stream"
-    )
-    g.add_argument("--num-labeled", type=bookkeeping.positive_int, help=f"labeled images ({TABLE})")
-    g.add_argument(
-        "--num-valid",
-        type=bookkeeping.positive_int,
-        help=f"validation images held out of train; the reported test error is taken at the best "
-        f"validation error ({TABLE})",
-    )
-    g.add_argument(
-        "--include-labeled",
-        action="store_true",
-        help="also put the labeled images in the unlabeled stream, as Oliver et al.'s TF data provider does "
-        "(default: disjoint sets, as the NS3L paper counts them and the PyTorch port builds them)",
-    )
+    g.add_argument("--svhn-extra", action="store_true", help="SVHN: add the 531k 'extra' images to the unlabeled "
+                   "stream")  # fmt: skip
+    g.add_argument("--num-labeled", type=pos, help=f"labeled images ({TABLE})")
+    g.add_argument("--num-valid", type=pos, help="validation images held out of train; the reported test error is "
+                   f"taken at the best validation error ({TABLE})")  # fmt: skip
+    g.add_argument("--include-labeled", action="store_true", help="also put the labeled images in the unlabeled "
+                   "stream, as Oliver et al.'s TF data provider does (default: disjoint sets, as the NS3L paper counts "
+                   "them and the PyTorch port builds them)")  # fmt: skip
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--total-steps", type=bookkeeping.positive_int, help=f"training steps ({TABLE})")
-    g.add_argument(
-        "--batch-size",
-        type=bookkeeping.positive_int,
-        default=50,
-        help="labeled images per step (Oliver et al.: 50 + 50)",
-    )
-    g.add_argument(
-        "--unlabeled-batch-size",
-        type=bookkeeping.positive_int,
-        help="unlabeled images per step (default: = --batch-size)",
-    )
-    g.add_argument(
-        "--lr",
-        type=bookkeeping.positive_float,
-        help="Adam learning rate (default: 3e-4 Pi-model, Oliver et al. Table 5; 6e-4 with --ns3l, NS3L paper 4.4)",
-    )
-    g.add_argument("--lr-decay-step", type=bookkeeping.nonnegative_int, help=f"step of the LR decay ({TABLE})")
-    g.add_argument(
-        "--lr-decay-factor",
-        type=bookkeeping.nonnegative_float,
-        default=0.2,
-        help="LR multiplier at --lr-decay-step (Oliver et al.)",
-    )
-    g.add_argument(
-        "--rampup-steps",
-        type=bookkeeping.nonnegative_int,
-        help=f"exp(-5(1-t)^2) ramp of the unlabeled weights ({TABLE})",
-    )
+    g.add_argument("--total-steps", type=pos, help=f"training steps ({TABLE})")
+    g.add_argument("--batch-size", type=pos, default=50, help="labeled images per step (Oliver et al.: 50 + 50)")
+    g.add_argument("--unlabeled-batch-size", type=pos, help="unlabeled images per step (default: = --batch-size)")
+    g.add_argument("--lr", type=bookkeeping.positive_float, help="Adam learning rate (default: 3e-4 Pi-model, Oliver "
+                   "et al. Table 5; 6e-4 with --ns3l, NS3L paper 4.4)")  # fmt: skip
+    g.add_argument("--lr-decay-step", type=nonneg, help=f"step of the LR decay ({TABLE})")
+    g.add_argument("--lr-decay-factor", type=rate, default=0.2, help="LR multiplier at --lr-decay-step (Oliver et al.)")
+    g.add_argument("--rampup-steps", type=nonneg, help=f"exp(-5(1-t)^2) ramp of the unlabeled weights ({TABLE})")
     g.add_argument("--depth", type=bookkeeping.wrn_depth, help=f"WRN depth, 6n + 4 ({TABLE})")
-    g.add_argument("--width", type=bookkeeping.positive_int, default=2, help="WRN widening factor")
-    g.add_argument(
-        "--bn-momentum",
-        type=bookkeeping.momentum,
-        help=f"BatchNorm running-stat momentum; 0.001 = TF's decay 0.999 ({TABLE})",
-    )
+    g.add_argument("--width", type=pos, default=2, help="WRN widening factor")
+    g.add_argument("--bn-momentum", type=bookkeeping.momentum, help="BatchNorm running-stat momentum; 0.001 = TF's "
+                   f"decay 0.999 ({TABLE})")  # fmt: skip
     g = parser.add_argument_group("pi-model")
-    g.add_argument(
-        "--pi-weight",
-        type=bookkeeping.nonnegative_float,
-        default=20.0,
-        help="maximum consistency weight, reached after the ramp-up (Oliver et al. Table 5: 20)",
-    )
+    g.add_argument("--pi-weight", type=rate, default=20.0, help="maximum consistency weight, reached after the ramp-up "
+                   "(Oliver et al. Table 5: 20)")  # fmt: skip
     g = parser.add_argument_group("ns3l")
     g.add_argument("--ns3l", action="store_true", help="add the NS3L loss (paper Algorithm 1)")
-    g.add_argument(
-        "--ns3l-weight",
-        type=bookkeeping.nonnegative_float,
-        default=1.0,
-        help="lambda_1 (NS3L paper 4.4: 1, also for Pi + NS3L)",
-    )
-    g.add_argument(
-        "--threshold",
-        type=bookkeeping.open_unit,
-        help="T: classes below it are negatives (default 0.4 / num_classes: 0.04 for 10, 0.004 for 100)",
-    )
+    g.add_argument("--ns3l-weight", type=rate, default=1.0, help="lambda_1 (NS3L paper 4.4: 1, also for Pi + NS3L)")
+    g.add_argument("--threshold", type=unit, help="T: classes below it are negatives (default 0.4 / num_classes: 0.04 "
+                   "for 10, 0.004 for 100)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         key = common.dataset_key(args.dataset)

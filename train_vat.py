@@ -85,127 +85,69 @@ TABLE = "per --dataset, see the table below"
 
 
 def parse_args(argv=None):
+    pos, nonneg, rate, unit = (
+        bookkeeping.positive_int,
+        bookkeeping.nonnegative_int,
+        bookkeeping.nonnegative_float,
+        bookkeeping.open_unit,
+    )
     parser = bookkeeping.ArgumentParser(
         description=__doc__.split("\n")[0], epilog=bookkeeping.defaults_epilog(DEFAULTS, SOURCES)
     )
     g = parser.add_argument_group("experiment")
     bookkeeping.add_run_args(g)  # --seed, --runs-dir, --run-name, --resume
     bookkeeping.add_device_args(g, exact_fp32="Evaluation and VAT's r search always run in exact fp32")
-    g.add_argument(
-        "--eval-every", type=bookkeeping.positive_int, help=f"steps between evaluations and checkpoints ({TABLE})"
-    )
-    g.add_argument("--log-every", type=bookkeeping.positive_int, default=100, help="steps between logged scalars")
+    g.add_argument("--eval-every", type=pos, help=f"steps between evaluations and checkpoints ({TABLE})")
+    g.add_argument("--log-every", type=pos, default=100, help="steps between logged scalars")
     g = parser.add_argument_group("data")
-    g.add_argument(
-        "--dataset",
-        default="cifar10",
-        help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz (x_train, y_train, x_test, y_test)",
-    )
+    g.add_argument("--dataset", default="cifar10", help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz "
+                   "(x_train, y_train, x_test, y_test)")  # fmt: skip
     g.add_argument("--data-dir", default="data", help="torchvision data root")
     g.add_argument("--download", action="store_true", help="let torchvision download the data set")
-    g.add_argument(
-        "--svhn-extra", action="store_true", help="SVHN: add the 531k 'extra' images to the unlabeled stream"
-    )
-    g.add_argument("--num-labeled", type=bookkeeping.positive_int, help=f"labeled images ({TABLE})")
-    g.add_argument(
-        "--num-valid",
-        type=bookkeeping.positive_int,
-        help=f"validation images held out of train; the reported test error is taken at the best "
-        f"validation error ({TABLE})",
-    )
-    g.add_argument(
-        "--include-labeled",
-        action="store_true",
-        help="also put the labeled images in the unlabeled stream, as Oliver et al.'s TF data provider does "
-        "(default: disjoint sets, as the NS3L paper counts them and the PyTorch port builds them)",
-    )
+    g.add_argument("--svhn-extra", action="store_true", help="SVHN: add the 531k 'extra' images to the unlabeled "
+                   "stream")  # fmt: skip
+    g.add_argument("--num-labeled", type=pos, help=f"labeled images ({TABLE})")
+    g.add_argument("--num-valid", type=pos, help="validation images held out of train; the reported test error is "
+                   f"taken at the best validation error ({TABLE})")  # fmt: skip
+    g.add_argument("--include-labeled", action="store_true", help="also put the labeled images in the unlabeled "
+                   "stream, as Oliver et al.'s TF data provider does (default: disjoint sets, as the NS3L paper counts "
+                   "them and the PyTorch port builds them)")  # fmt: skip
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--total-steps", type=bookkeeping.positive_int, help=f"training steps ({TABLE})")
-    g.add_argument(
-        "--batch-size",
-        type=bookkeeping.positive_int,
-        default=50,
-        help="labeled images per step (Oliver et al.: 50 + 50)",
-    )
-    g.add_argument(
-        "--unlabeled-batch-size",
-        type=bookkeeping.positive_int,
-        help="unlabeled images per step (default: = --batch-size)",
-    )
-    g.add_argument(
-        "--lr",
-        type=bookkeeping.positive_float,
-        help="Adam learning rate (default: 3e-3 for VAT, VAT + EntMin and VAT + PL, Oliver et al. Table 5; "
-        "6e-4 with --ns3l, NS3L paper 4.4; 3e-3 with --ns3l on CIFAR-100, NS3L paper 4.4)",
-    )
-    g.add_argument("--lr-decay-step", type=bookkeeping.nonnegative_int, help=f"step of the LR decay ({TABLE})")
-    g.add_argument(
-        "--lr-decay-factor",
-        type=bookkeeping.nonnegative_float,
-        default=0.2,
-        help="LR multiplier at --lr-decay-step (Oliver et al.)",
-    )
-    g.add_argument(
-        "--rampup-steps",
-        type=bookkeeping.nonnegative_int,
-        help=f"exp(-5(1-t)^2) ramp of the unlabeled weights ({TABLE})",
-    )
+    g.add_argument("--total-steps", type=pos, help=f"training steps ({TABLE})")
+    g.add_argument("--batch-size", type=pos, default=50, help="labeled images per step (Oliver et al.: 50 + 50)")
+    g.add_argument("--unlabeled-batch-size", type=pos, help="unlabeled images per step (default: = --batch-size)")
+    g.add_argument("--lr", type=bookkeeping.positive_float, help="Adam learning rate (default: 3e-3 for VAT, VAT + "
+                   "EntMin and VAT + PL, Oliver et al. Table 5; 6e-4 with --ns3l, NS3L paper 4.4; 3e-3 with --ns3l on "
+                   "CIFAR-100, NS3L paper 4.4)")  # fmt: skip
+    g.add_argument("--lr-decay-step", type=nonneg, help=f"step of the LR decay ({TABLE})")
+    g.add_argument("--lr-decay-factor", type=rate, default=0.2, help="LR multiplier at --lr-decay-step (Oliver et al.)")
+    g.add_argument("--rampup-steps", type=nonneg, help=f"exp(-5(1-t)^2) ramp of the unlabeled weights ({TABLE})")
     g.add_argument("--depth", type=bookkeeping.wrn_depth, help=f"WRN depth, 6n + 4 ({TABLE})")
-    g.add_argument("--width", type=bookkeeping.positive_int, default=2, help="WRN widening factor")
-    g.add_argument(
-        "--bn-momentum",
-        type=bookkeeping.momentum,
-        help=f"BatchNorm running-stat momentum; 0.001 = TF's decay 0.999 ({TABLE})",
-    )
+    g.add_argument("--width", type=pos, default=2, help="WRN widening factor")
+    g.add_argument("--bn-momentum", type=bookkeeping.momentum, help="BatchNorm running-stat momentum; 0.001 = TF's "
+                   f"decay 0.999 ({TABLE})")  # fmt: skip
     g = parser.add_argument_group("vat")
-    g.add_argument(
-        "--vat-weight",
-        type=bookkeeping.nonnegative_float,
-        help="lambda_2, ramped (default 0.3, Oliver et al. Table 5 / NS3L paper 4.4; 0.6 with --ns3l on "
-        "CIFAR-100, NS3L paper 4.4)",
-    )
+    g.add_argument("--vat-weight", type=rate, help="lambda_2, ramped (default 0.3, Oliver et al. Table 5 / NS3L paper "
+                   "4.4; 0.6 with --ns3l on CIFAR-100, NS3L paper 4.4)")  # fmt: skip
     g.add_argument("--vat-eps", type=bookkeeping.positive_float, help=f"L2 norm of r_adv per image ({TABLE})")
-    g.add_argument(
-        "--vat-xi", type=bookkeeping.positive_float, default=1e-6, help="norm of the probe d (Oliver et al. / VAT code)"
-    )
-    g.add_argument(
-        "--vat-iterations", type=bookkeeping.positive_int, default=1, help="power iterations (Oliver et al.: 1)"
-    )
-    g.add_argument(
-        "--vat-kl",
-        choices=("oliver", "miyato"),
-        default="oliver",
-        help="loss direction: 'oliver' KL(p(x + r_adv) || p(x)), Oliver et al.'s forward_kl (their weight 0.3 "
-        "was tuned for it); 'miyato' KL(p(x) || p(x + r_adv)), Miyato et al.'s",
-    )
+    g.add_argument("--vat-xi", type=bookkeeping.positive_float, default=1e-6, help="norm of the probe d (Oliver et "
+                   "al. / VAT code)")  # fmt: skip
+    g.add_argument("--vat-iterations", type=pos, default=1, help="power iterations (Oliver et al.: 1)")
+    g.add_argument("--vat-kl", choices=("oliver", "miyato"), default="oliver", help="loss direction: 'oliver' KL(p(x + "
+                   "r_adv) || p(x)), Oliver et al.'s forward_kl (their weight 0.3 was tuned for it); 'miyato' KL(p(x) "
+                   "|| p(x + r_adv)), Miyato et al.'s")  # fmt: skip
     g = parser.add_argument_group("entropy minimisation / pseudo-label")
     g.add_argument("--entmin", action="store_true", help="VAT + EntMin (Oliver et al.)")
-    g.add_argument(
-        "--entmin-weight",
-        type=bookkeeping.nonnegative_float,
-        default=0.1,
-        help="entropy weight, not ramped (Oliver et al.)",
-    )
+    g.add_argument("--entmin-weight", type=rate, default=0.1, help="entropy weight, not ramped (Oliver et al.)")
     g.add_argument("--pseudo-label", action="store_true", help="VAT + Pseudo-Label (NS3L paper Table 2)")
-    g.add_argument(
-        "--pl-threshold", type=bookkeeping.open_unit, default=0.95, help="confidence for a pseudo-label (Oliver et al.)"
-    )
-    g.add_argument(
-        "--pl-weight",
-        type=bookkeeping.nonnegative_float,
-        default=1.0,
-        help="Pseudo-Label weight (Oliver et al.'s PL alone; the NS3L paper does not give its VAT + PL values)",
-    )
+    g.add_argument("--pl-threshold", type=unit, default=0.95, help="confidence for a pseudo-label (Oliver et al.)")
+    g.add_argument("--pl-weight", type=rate, default=1.0, help="Pseudo-Label weight (Oliver et al.'s PL alone; the "
+                   "NS3L paper does not give its VAT + PL values)")  # fmt: skip
     g = parser.add_argument_group("ns3l")
     g.add_argument("--ns3l", action="store_true", help="VAT + NS3L (paper section 4.3)")
-    g.add_argument(
-        "--ns3l-weight", type=bookkeeping.nonnegative_float, default=0.3, help="lambda_1 with VAT (NS3L paper 4.4: 0.3)"
-    )
-    g.add_argument(
-        "--threshold",
-        type=bookkeeping.open_unit,
-        help="T: classes below it are negatives (default 0.4 / num_classes: 0.04 for 10, 0.004 for 100)",
-    )
+    g.add_argument("--ns3l-weight", type=rate, default=0.3, help="lambda_1 with VAT (NS3L paper 4.4: 0.3)")
+    g.add_argument("--threshold", type=unit, help="T: classes below it are negatives (default 0.4 / num_classes: 0.04 "
+                   "for 10, 0.004 for 100)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         key = common.dataset_key(args.dataset)
