@@ -351,7 +351,7 @@ def check_init_source(init_from, init_checkpoint, model_shapes, labeled_idx):
         )
 
 
-def create_shared_run_dir(args, script, world_size, labeled_idx, unlabeled_idx, valid_idx):
+def create_shared_run_dir(args, script, is_main, world_size, labeled_idx, unlabeled_idx, valid_idx):
     """A new run's directory: rank 0 picks the name (runs/<data>__<script>__<seed>__<unix time> or --run-name),
     creates and locks it with args.json and split.npz (removed again if the run fails before its first checkpoint);
     every rank learns the name, or the one-line error (a name taken, an unusable --runs-dir), by broadcast."""
@@ -362,7 +362,7 @@ def create_shared_run_dir(args, script, world_size, labeled_idx, unlabeled_idx, 
         dist.broadcast_object_list(run_dir, src=0)
     run_dir = run_dir[0]
     failed = [None]
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main:
         failed[0] = bookkeeping.run_dir_problem(args.runs_dir, run_dir)
         if not failed[0]:
             bookkeeping.create_run_dir(args.runs_dir, os.path.basename(run_dir))

@@ -118,7 +118,9 @@ MUST_MATCH_ON_RESUME = (
 def parse_args(argv=None):
     """The flags, one per line; 'recipe' marks a default taken from RECIPES (the module docstring says where each
     value comes from). Checks across flags follow the table."""
-    parser = bookkeeping.ArgumentParser(description=__doc__.split("\n\n")[0])
+    rows = [f"  {n}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in r.items()) for n, r in RECIPES.items()]
+    epilog = "\n".join(["the 'recipe' flags' defaults per --recipe (sources: the module docstring):", *rows])
+    parser = bookkeeping.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=epilog)
     pos, nonneg, rate = bookkeeping.positive_int, bookkeeping.nonnegative_int, bookkeeping.nonnegative_float
     onoff = argparse.BooleanOptionalAction
     g = parser.add_argument_group("experiment")
@@ -129,8 +131,10 @@ def parse_args(argv=None):
     g.add_argument("--resume", type=bookkeeping.existing_path, metavar="RUN_DIR", help="continue RUN_DIR")
     g.add_argument("--init-from", metavar="RUN_DIR", help="start from a finished run's weights (ignored on --resume)")
     g.add_argument("--cuda", action=onoff, default=True, help="use CUDA if available")
-    g.add_argument("--torch-deterministic", action=onoff, default=False, help="cuDNN deterministic, no benchmark")
-    g.add_argument("--bf16", action=onoff, default=True, help="bf16 autocast + channels_last on CUDA")
+    g.add_argument(
+        "--torch-deterministic", action=onoff, default=False, help="cuDNN deterministic, no benchmark (main.py:106)"
+    )
+    g.add_argument("--bf16", action=onoff, default=True, help="bf16 autocast + channels_last on CUDA (not the CPU)")
     g.add_argument(
         "--compile", action=onoff, default=None, help="torch.compile the training pass (default: on for CUDA)"
     )
@@ -159,12 +163,12 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=pos, help="global batch, split over the DDP processes (recipe)")
     g.add_argument("--lr", type=bookkeeping.positive_float, default=0.1, help="authors' main.py:60")
     g.add_argument("--lr-step-epochs", type=pos, help="LR / 10 every this many epochs (recipe)")
-    g.add_argument("--momentum", type=bookkeeping.ema_decay, default=0.9, help="Nesterov momentum (main.py:113)")
+    g.add_argument("--momentum", type=bookkeeping.ema_decay, default=0.9, help="Nesterov momentum (main.py:113-114)")
     g.add_argument("--weight-decay", type=rate, default=1e-4, help="authors' main.py:114")
     g = parser.add_argument_group("MEL / NBEL / locality")
     g.add_argument("--mel-weight", type=rate, help="alpha, eq. 4 (recipe)")
-    g.add_argument("--nbel-weight", type=rate, default=2.0, help="beta, eq. 4 (main.py:54)")
-    g.add_argument("--loc-weight", type=rate, default=0.01, help="gamma, eq. 4 (main.py:56)")
+    g.add_argument("--nbel-weight", type=rate, default=2.0, help="beta, eq. 4 (main.py:56)")
+    g.add_argument("--loc-weight", type=rate, default=0.01, help="gamma, eq. 4 (main.py:54)")
     g.add_argument("--loc-weighting", choices=["max", "prob"], help="max: the top class's CAM (note 2.3); prob: "
                    "every class's, weighted by its probability (train.py:99) (recipe)")  # fmt: skip
     g.add_argument("--nbel-on-mean-logits", action=onoff, help="-H(softmax(mean logits)) as losses.py:42, not the "
@@ -404,7 +408,7 @@ def main(argv=None):
         ):
             bookkeeping.fail(f"train/ in {args.data_dir} no longer gives the split saved in {run_dir}")
     else:  # rank 0 makes it (args.json, split.npz), every rank learns its name or the error
-        run_dir = create_shared_run_dir(args, SCRIPT, world_size, labeled_idx, unlabeled_idx, valid_idx)
+        run_dir = create_shared_run_dir(args, SCRIPT, is_main, world_size, labeled_idx, unlabeled_idx, valid_idx)
     if is_main:
         print(
             f"{run_dir}: {num_classes} classes, {len(labeled_idx)} labeled / {len(unlabeled_idx)} unlabeled / "

@@ -68,41 +68,48 @@ TABLE = "per --dataset, see the table below"
 
 
 def parse_args(argv=None):
-    """The flags, one per line; a default marked (table) comes from DEFAULTS, printed with its sources by --help."""
+    pos, nonneg, rate, unit = (
+        bookkeeping.positive_int,
+        bookkeeping.nonnegative_int,
+        bookkeeping.nonnegative_float,
+        bookkeeping.open_unit,
+    )
     parser = bookkeeping.ArgumentParser(
         description=__doc__.split("\n")[0], epilog=bookkeeping.defaults_epilog(DEFAULTS, SOURCES)
     )
-    pos, nonneg, rate, unit = (bookkeeping.positive_int, bookkeeping.nonnegative_int, bookkeeping.nonnegative_float,
-                               bookkeeping.open_unit)  # fmt: skip
     g = parser.add_argument_group("experiment")
-    bookkeeping.add_run_args(g)  # --seed, --runs-dir, --run-name, --resume, --track
+    bookkeeping.add_run_args(g)  # --seed, --runs-dir, --run-name, --resume
     bookkeeping.add_device_args(g)
     g.add_argument("--eval-every", type=pos, help=f"steps between evaluations and checkpoints ({TABLE})")
     g.add_argument("--log-every", type=pos, default=100, help="steps between logged scalars")
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar10", help=f"{', '.join(common.DATASET_NAMES)} or an .npz path")
+    g.add_argument("--dataset", default="cifar10", help=f"{', '.join(common.DATASET_NAMES)} or a path to an .npz "
+                   "(x_train, y_train, x_test, y_test)")  # fmt: skip
     g.add_argument("--data-dir", default="data", help="torchvision data root")
     g.add_argument("--download", action="store_true", help="let torchvision download the data set")
-    g.add_argument("--svhn-extra", action="store_true", help="SVHN: the 531k 'extra' images join the unlabeled stream")
+    g.add_argument("--svhn-extra", action="store_true", help="SVHN: add the 531k 'extra' images to the unlabeled "
+                   "stream")  # fmt: skip
     g.add_argument("--num-labeled", type=pos, help=f"labeled images ({TABLE})")
-    g.add_argument(
-        "--num-valid", type=pos, help=f"validation images; the test error at the best one is reported ({TABLE})"
-    )
-    g.add_argument("--include-labeled", action="store_true", help="the labeled images in the unlabeled stream too "
-                   "(Oliver et al.'s TF provider; default: disjoint, as the NS3L paper counts them)")  # fmt: skip
+    g.add_argument("--num-valid", type=pos, help="validation images held out of train; the reported test error is "
+                   f"taken at the best validation error ({TABLE})")  # fmt: skip
+    g.add_argument("--include-labeled", action="store_true", help="also put the labeled images in the unlabeled "
+                   "stream, as Oliver et al.'s TF data provider does (default: disjoint sets, as the NS3L paper counts "
+                   "them and the PyTorch port builds them)")  # fmt: skip
     g = parser.add_argument_group("optimisation")
     g.add_argument("--total-steps", type=pos, help=f"training steps ({TABLE})")
-    g.add_argument("--batch-size", type=pos, help="labeled images per step (default 50 + 50 unlabeled with an "
-                   "unlabeled loss; 100 for supervised, Oliver et al.'s dataset_mode=labeled)")  # fmt: skip
+    g.add_argument("--batch-size", type=pos, help="labeled images per step (default: 50, with 50 unlabeled, when "
+                   "--pseudo-label / --entmin / --ns3l is on; 100 for the supervised baseline, Oliver et al.'s "
+                   "dataset_mode=labeled)")  # fmt: skip
     g.add_argument("--unlabeled-batch-size", type=pos, help="unlabeled images per step (default: = --batch-size)")
-    g.add_argument("--lr", type=bookkeeping.positive_float, help="Adam LR (default: 3e-3; 6e-4 with --ns3l, 3e-4 "
-                   "with --pseudo-label: NS3L paper / Oliver et al.)")  # fmt: skip
+    g.add_argument("--lr", type=bookkeeping.positive_float, help="Adam learning rate (default, NS3L paper / Oliver et "
+                   "al.: 3e-3 supervised, 6e-4 with --ns3l, 3e-4 with --pseudo-label)")  # fmt: skip
     g.add_argument("--lr-decay-step", type=nonneg, help=f"step of the LR decay ({TABLE})")
     g.add_argument("--lr-decay-factor", type=rate, default=0.2, help="LR multiplier at --lr-decay-step (Oliver et al.)")
     g.add_argument("--rampup-steps", type=nonneg, help=f"exp(-5(1-t)^2) ramp of the unlabeled weights ({TABLE})")
     g.add_argument("--depth", type=bookkeeping.wrn_depth, help=f"WRN depth, 6n + 4 ({TABLE})")
     g.add_argument("--width", type=pos, default=2, help="WRN widening factor")
-    g.add_argument("--bn-momentum", type=bookkeeping.momentum, help=f"0.001 = TF's BN decay 0.999 ({TABLE})")
+    g.add_argument("--bn-momentum", type=bookkeeping.momentum, help="BatchNorm running-stat momentum; 0.001 = TF's "
+                   f"decay 0.999 ({TABLE})")  # fmt: skip
     g = parser.add_argument_group("pseudo-label / entropy minimisation")
     g.add_argument("--pseudo-label", action="store_true", help="add Pseudo-Label (Lee 2013)")
     g.add_argument("--pl-threshold", type=unit, default=0.95, help="confidence for a pseudo-label (Oliver et al.)")
@@ -112,9 +119,11 @@ def parse_args(argv=None):
     g = parser.add_argument_group("ns3l")
     g.add_argument("--ns3l", action="store_true", help="add the NS3L loss (paper Algorithm 1)")
     g.add_argument("--ns3l-weight", type=rate, default=1.0, help="lambda_1 (NS3L paper 4.4: 1)")
-    g.add_argument("--threshold", type=unit, help="T: negatives below it (default 0.4 / classes: 0.04 for 10)")
-    g.add_argument("--ns3l-extra-pass", action="store_true", help="NS3L on a fresh forward pass of the batch, BN "
-                   "statistics frozen, as the authors' ns3l.py (one more forward pass per step)")  # fmt: skip
+    g.add_argument("--threshold", type=unit, help="T: classes below it are negatives (default 0.4 / num_classes: 0.04 "
+                   "for 10, 0.004 for 100)")  # fmt: skip
+    g.add_argument("--ns3l-extra-pass", action="store_true", help="compute NS3L on a new forward pass of the whole "
+                   "batch, freshly augmented, with frozen BN statistics (authors' released ns3l.py); costs one more "
+                   "forward pass per step")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         key = common.dataset_key(args.dataset)

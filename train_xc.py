@@ -74,7 +74,8 @@ ADAGRAD_INIT = 1e-8  # the authors' --adagrad_init (optimizer.py:48, :91), on th
 
 def parse_args(argv=None):
     """The flags, one per line; where a default comes from is in the module docstring (Flags) and docs/fidelity.md."""
-    parser = bookkeeping.ArgumentParser(description=__doc__.split("\n\n")[0])
+    flags = "Flags (" + __doc__.split("Flags (", 1)[1]  # where the defaults come from, under the flags in --help
+    parser = bookkeeping.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=flags)
     pos, nonneg, rate = bookkeeping.positive_int, bookkeeping.nonnegative_int, bookkeeping.nonnegative_float
     onoff = argparse.BooleanOptionalAction
     g = parser.add_argument_group("experiment")

@@ -38,8 +38,21 @@ def script(code_root, name, *args, cwd):
     return result
 
 
-def test_an_xc_run_of_the_old_code_resumes_to_an_uninterrupted_new_run(old_code, tmp_path):
+@pytest.mark.parametrize("data", ["planted", "npz"])
+def test_an_xc_run_of_the_old_code_resumes_to_an_uninterrupted_new_run(old_code, tmp_path, data):
+    """Both data paths: the planted problem, and a file data set (the moved loader: validate_arrays,
+    reindex_by_frequency, the authors' held-out split)."""
     flags = ["--dataset", "planted", "--num-classes", "50", "--num-features", "6", "--eval-size", "200"]
+    if data == "npz":
+        import numpy as np
+
+        generator = torch.Generator().manual_seed(3)
+        means = torch.randn(20, 6, generator=generator) * 2
+        y = torch.randint(0, 20, (700,), generator=generator)
+        x = means[y] + torch.randn(700, 6, generator=generator)
+        np.savez(tmp_path / "d.npz", x_train=x[:600].numpy(), y_train=y[:600].numpy(), x_test=x[600:].numpy(),
+                 y_test=y[600:].numpy())  # fmt: skip
+        flags = ["--dataset", tmp_path / "d.npz"]
     flags += ["--batch-size", "32", "--eval-every", "10", "--log-every", "5", "--pca-dim", "3", "--threads", "1"]
     flags += ["--runs-dir", tmp_path / "runs"]
     script(old_code, "train_xc.py", *flags, "--total-steps", "10", "--run-name", "old", cwd=tmp_path)
