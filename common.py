@@ -840,6 +840,16 @@ def augment(x, flip=False, shift=0, noise_std=0.0):
     return x
 
 
+def pad_images(images, size):
+    """uint8 (N, C, H, W) padded with black (0) evenly to size x size, as FixMatch's record_parse_mnist pads 28 -> 32
+    (train_fixmatch.py and train_freematch.py, --pad-to); images already that large are returned as they are."""
+    _, _, h, w = images.shape
+    if size <= max(h, w):
+        return images
+    top, left = (size - h) // 2, (size - w) // 2
+    return F.pad(images, (left, size - w - left, top, size - h - top))
+
+
 def augmentation_defaults(dataset_name):
     """Protocol A augmentation of a data set: (flip, shift, noise_std)."""
     info = DATASETS[dataset_key(dataset_name)]

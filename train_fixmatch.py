@@ -276,15 +276,6 @@ def grid_test_errors(evaluations, eval_every, total_steps):
     return [error for step, error in evaluations if step % eval_every == 0 or step == total_steps]
 
 
-def pad_images(images, size):
-    """uint8 (N, C, H, W) padded with black (0) evenly to size x size, as record_parse_mnist pads 28 -> 32."""
-    _, _, h, w = images.shape
-    if size <= max(h, w):
-        return images
-    top, left = (size - h) // 2, (size - w) // 2
-    return F.pad(images, (left, size - w - left, top, size - h - top))
-
-
 def make_model(num_classes, args, channels):
     """Official ResNet classifier (libml/models.py:62-98): the WRN of wrn.py with conv biases."""
     return wrn.WideResNet(
@@ -316,7 +307,7 @@ def main():
         data = common.load_dataset(args.dataset, args.data_dir, args.download, device)
         args = resolve_defaults(args, data.name, data.num_classes)  # an .npz's classes: T
         if args.pad_to:
-            data.x_train, data.x_test = pad_images(data.x_train, args.pad_to), pad_images(data.x_test, args.pad_to)
+            data.x_train, data.x_test = (common.pad_images(x, args.pad_to) for x in (data.x_train, data.x_test))
         common.require_image_size(data, 3, "RandAugment's 3x3 sharpness filter (unpadded)")  # after --pad-to
         args = resolve_defaults(args, data.name, data.num_classes, data.image_size)  # the padded size: shift, stages
         split = common.make_ssl_split(

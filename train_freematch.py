@@ -338,13 +338,10 @@ class MeanStd:
         return (x.float() / 255.0 - self.mean) / self.std
 
 
-def pad_images(images, size):
-    """uint8 (N, C, H, W) padded with black (0) evenly to size x size."""
-    _, _, h, w = images.shape
-    if size <= max(h, w):
-        return images
-    top, left = (size - h) // 2, (size - w) // 2
-    return F.pad(images, (left, size - w - left, top, size - h - top))
+def input_normalizer(name, channels, device):
+    """USB's normalisation of data set ``name`` (MEAN_STD), 0.5 / 0.5 per channel for the others."""
+    mean, std = MEAN_STD.get(name, ((0.5,) * channels, (0.5,) * channels))
+    return MeanStd(mean, std, device)
 
 
 def make_model(num_classes, args, channels):
@@ -383,7 +380,7 @@ def main():
             data.num_labelable = len(data.x_train)
         args = resolve_defaults(args, data.name, data.num_classes)
         if args.pad_to:
-            data.x_train, data.x_test = pad_images(data.x_train, args.pad_to), pad_images(data.x_test, args.pad_to)
+            data.x_train, data.x_test = (common.pad_images(x, args.pad_to) for x in (data.x_train, data.x_test))
         common.require_image_size(data, 3, "RandAugment's 3x3 sharpness filter (unpadded)")
         args = resolve_defaults(args, data.name, data.num_classes, data.image_size)
         split = common.make_ssl_split(
@@ -401,8 +398,7 @@ def main():
     if args.shift >= data.image_size:
         bookkeeping.fail(f"--shift {args.shift} must be smaller than the image size {data.image_size}")
     bookkeeping.warn_bn_momentum(args.bn_momentum, args.total_steps)
-    mean, std = MEAN_STD.get(data.name, ((0.5,) * data.channels, (0.5,) * data.channels))
-    normalize = MeanStd(mean, std, device)
+    normalize = input_normalizer(data.name, data.channels, device)
 
     model = make_model(data.num_classes, args, data.channels).to(device, memory_format=memory_format)
     ema_model = copy.deepcopy(model).requires_grad_(False)  # USB's EMA starts at the initial weights

@@ -1,17 +1,16 @@
-"""Evaluate a saved run of any WRN script (train_supervised / vat / pi / mixmatch / fixmatch), finished or interrupted:
-rebuild the model from the arguments in its checkpoint, load the weights the method reports (the EMA model for
-MixMatch and FixMatch, the trained model for Protocol A), and print the test error and the error per class, in
-exact fp32, eval mode, without gradients.
+"""Evaluate a saved run of any WRN script (train_supervised / vat / pi / mixmatch / fixmatch / freematch), finished or
+interrupted: rebuild the model from the arguments in its checkpoint, load the weights the method reports (the EMA
+model for MixMatch, FixMatch and FreeMatch, the trained model for Protocol A), and print the test error and the error
+per class, in exact fp32, eval mode, without gradients.
 
     python benchmark/evaluate.py runs/digits__train_supervised__1__1733500000
     python benchmark/evaluate.py runs/paper/fixmatch/cifar10-40/fixmatch__seed1 --data-dir /data --json
 
-The data come as the run loaded them (--dataset, --svhn-extra, FixMatch's --pad-to) from --data-dir (default: the
-run's own), on the run's device unless --cuda / --no-cuda says otherwise. The weights are the checkpoint's, i.e. those
-of the last evaluation; for a finished run evaluated on the device and software it ran on, the test error equals
-summary.json's final_test_error (checked on the CPU; Protocol A's reported number is the test error at the best
-validation error, an earlier checkpoint that is not kept).
-"""
+The data come as the run loaded them (--dataset, --svhn-extra, FixMatch's and FreeMatch's --pad-to) from --data-dir
+(default: the run's own), on the run's device unless --cuda / --no-cuda says otherwise. The weights are the
+checkpoint's, i.e. those of the last evaluation; for a finished run evaluated on the device and software it ran on, the
+test error equals summary.json's final_test_error (checked on the CPU; Protocol A's reported number is the test error at
+the best validation error, an earlier checkpoint that is not kept)."""
 
 import argparse
 import json
@@ -27,8 +26,9 @@ import bookkeeping  # noqa: E402
 import common  # noqa: E402
 import wrn  # noqa: E402
 
-SCRIPTS = ("train_supervised", "train_vat", "train_pi", "train_mixmatch", "train_fixmatch")
-EMA = ("train_mixmatch", "train_fixmatch")  # the methods that report their EMA model
+SCRIPTS = ("train_supervised", "train_vat", "train_pi", "train_mixmatch", "train_fixmatch", "train_freematch")
+EMA = ("train_mixmatch", "train_fixmatch", "train_freematch")  # the methods that report their EMA model
+PADDED = ("train_fixmatch", "train_freematch")  # --pad-to
 
 
 def parse_args(argv=None):
@@ -64,6 +64,11 @@ def read_run(run_dir):
 
 def build(script, args, data):
     """The script's model for ``data`` and its input normalisation, as the training run built them."""
+    if script == "train_freematch":  # USB's WRN layout and per-data-set mean / std
+        module = __import__(script)
+        return module.make_model(data.num_classes, args, data.channels), module.input_normalizer(
+            data.name, data.channels, data.x_test.device
+        )
     if script in EMA:
         module = __import__(script)  # the official-code models: conv biases, leaky ReLU, their own stage count
         return module.make_model(data.num_classes, args, data.channels), common.Normalizer("scale")
@@ -92,13 +97,9 @@ def main(argv=None):
     device = torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
     try:
         data_dir = options.data_dir or args.data_dir
-        if script == "train_fixmatch":
-            data = common.load_dataset(args.dataset, data_dir, False, device)
-            if args.pad_to:
-                pad = __import__(script).pad_images
-                data.x_train, data.x_test = pad(data.x_train, args.pad_to), pad(data.x_test, args.pad_to)
-        else:
-            data = common.load_dataset(args.dataset, data_dir, False, device, getattr(args, "svhn_extra", False))
+        data = common.load_dataset(args.dataset, data_dir, False, device, getattr(args, "svhn_extra", False))
+        if script in PADDED and args.pad_to:
+            data.x_train, data.x_test = (common.pad_images(x, args.pad_to) for x in (data.x_train, data.x_test))
     except common.DataError as error:
         bookkeeping.fail(str(error))
     except AttributeError as error:  # a checkpoint of an older version lacks a setting

@@ -854,14 +854,15 @@ def test_evaluate_reproduces_a_runs_final_test_error_and_refuses_other_runs(tmp_
 
     fixmatch = ["--dataset", "synthetic", "--depth", "10", "--width", "1", "--batch-size", "4", "--uratio", "2"]
     fixmatch += ["--total-steps", "6", "--eval-every", "3", "--no-cuda", "--runs-dir", tmp_path]
-    for script, argv in (("train_supervised.py", [*TINY, "--runs-dir", tmp_path]), ("train_fixmatch.py", fixmatch)):
+    runs = [("train_supervised.py", [*TINY, "--runs-dir", tmp_path]), ("train_fixmatch.py", fixmatch)]
+    for script, argv in [*runs, ("train_freematch.py", fixmatch)]:
         name = script[:-3]
         result = run_script(script, *argv, "--run-name", name)
         assert result.returncode == 0, result.stderr
         assert evaluate.main([str(tmp_path / name), "--json"]) == 0
         report = json.loads(capsys.readouterr().out)
         summary = json.loads((tmp_path / name / "summary.json").read_text())
-        assert report["weights"] == ("ema_model" if name == "train_fixmatch" else "model")
+        assert report["weights"] == ("model" if name == "train_supervised" else "ema_model")
         assert report["test_error"] == pytest.approx(summary["final_test_error"], abs=1e-9)
         assert report["test_error"] == report["summary_final_test_error"]
         assert sorted(report["per_class_error"]) == [str(c) for c in range(10)]  # synthetic: 10 classes

@@ -160,11 +160,11 @@ def test_ema_update_matches_formula_and_copies_bn_statistics():
 
 def test_pad_images_pads_black_around_the_centre():
     images = torch.full((2, 1, 28, 28), 200, dtype=torch.uint8)
-    padded = fm.pad_images(images, 32)
+    padded = common.pad_images(images, 32)
     assert padded.shape == (2, 1, 32, 32) and padded.dtype == torch.uint8
     assert torch.equal(padded[:, :, 2:30, 2:30], images)
     assert int(padded.sum()) == 200 * 2 * 28 * 28  # the 2-px border is 0
-    assert fm.pad_images(images, 28) is images and fm.pad_images(images, 0) is images
+    assert common.pad_images(images, 28) is images and common.pad_images(images, 0) is images
 
 
 def test_grid_test_errors_keep_the_grid_and_the_end():
